@@ -1,0 +1,24 @@
+# Two commands matter: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test faults bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/run_demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info executor/*.egg-info .pytest_cache

@@ -1,0 +1,77 @@
+"""Translation of a validated job spec into a Batch ``Job``: pure functions, no I/O.
+
+The Cloud Function calls ``build_job``; the tests check its output against real ``batch_v1`` types.
+"""
+
+from __future__ import annotations
+
+import re
+
+from google.cloud import batch_v1
+from google.protobuf import duration_pb2
+
+from .protocol import NO_RETRY_EXIT_CODES, DeploymentSettings, JobSpec, worker_environment
+
+_LABEL_INVALID = re.compile(r"[^a-z0-9_-]")
+
+
+def sanitize_label_value(value: str) -> str:
+    """GCP label values: lowercase letters, digits, '_' and '-', at most 63 characters."""
+    return _LABEL_INVALID.sub("-", value.lower())[:63]
+
+
+def job_labels(spec: JobSpec) -> dict[str, str]:
+    return {
+        "covalent-dispatch-id": sanitize_label_value(spec.dispatch_id),
+        "covalent-node-id": str(spec.node_id),
+        "created-by": "covalent-gcpbatch",
+    }
+
+
+def build_task_spec(spec: JobSpec, *, bucket: str, job_id: str) -> batch_v1.TaskSpec:
+    """One container runnable (the worker image's entrypoint runs the task), sized and bounded.
+
+    Retries are for infrastructure failures only: the worker's own failure codes and Batch's max
+    run duration code are listed in a FAIL_TASK lifecycle policy, so a task that raised is never
+    re-run; anything else non-zero (preemption, VM loss) is retried ``retries`` times.
+    """
+    return batch_v1.TaskSpec(
+        runnables=[batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri=spec.container_image_uri))],
+        compute_resource=batch_v1.ComputeResource(
+            cpu_milli=round(spec.vcpus * 1000),
+            memory_mib=spec.memory_mb,
+        ),
+        max_run_duration=duration_pb2.Duration(seconds=spec.time_limit_s),
+        max_retry_count=spec.retries,
+        lifecycle_policies=[
+            batch_v1.LifecyclePolicy(
+                action=batch_v1.LifecyclePolicy.Action.FAIL_TASK,
+                action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=list(NO_RETRY_EXIT_CODES)),
+            )
+        ],
+        environment=batch_v1.Environment(variables=worker_environment(bucket, job_id)),
+    )
+
+
+def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSettings) -> batch_v1.Job:
+    """The Batch job for one task: one task group of one task, logs to Cloud Logging, and a
+    notification to the deployment's topic on every job state change."""
+    allocation = batch_v1.AllocationPolicy(location=batch_v1.AllocationPolicy.LocationPolicy(allowed_locations=[f"regions/{settings.region}"]))
+    if settings.job_service_account:
+        allocation.service_account = batch_v1.ServiceAccount(email=settings.job_service_account)
+    return batch_v1.Job(
+        task_groups=[batch_v1.TaskGroup(task_spec=build_task_spec(spec, bucket=bucket, job_id=job_id), task_count=1)],
+        allocation_policy=allocation,
+        labels=job_labels(spec),
+        logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
+        notifications=[
+            batch_v1.JobNotification(
+                pubsub_topic=settings.topic_path,
+                message=batch_v1.JobNotification.Message(type_=batch_v1.JobNotification.Type.JOB_STATE_CHANGED),
+            )
+        ],
+    )
+
+
+def job_parent(settings: DeploymentSettings) -> str:
+    return f"projects/{settings.project_id}/locations/{settings.region}"

@@ -1,0 +1,430 @@
+"""The contract between the hops: executor -> GCS -> function -> Batch -> worker -> Pub/Sub.
+
+Everything two hops must agree on lives here and nowhere else:
+
+* the GCS object layout of one task (task, result, error record, stdout, stderr under one prefix);
+* the job spec the executor attaches to the task object as custom metadata;
+* the deterministic Batch job id;
+* the environment the function hands the worker;
+* the deployment settings the function enforces;
+* parsing of the Pub/Sub messages Batch publishes (and the function's rejections).
+
+This module is imported by the Cloud Function too (``functions/`` holds a symlink to it), so it
+depends on nothing but the standard library and pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROTOCOL_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Object layout
+# ---------------------------------------------------------------------------------------------
+
+#: Every object this plugin writes lives under this prefix; the function ignores the rest.
+TASKS_PREFIX = "covalent-gcpbatch/"
+TASK_OBJECT = "task.pkl"
+RESULT_OBJECT = "result.pkl"
+ERROR_OBJECT = "error.json"
+STDOUT_OBJECT = "stdout.log"
+STDERR_OBJECT = "stderr.log"
+
+#: The object metadata key that carries the JSON job spec.
+SPEC_METADATA_KEY = "gcpbatch-spec"
+#: Cloud Storage limits all custom metadata of an object to 8 KiB.
+MAX_METADATA_BYTES = 8 * 1024
+
+JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class TaskObjects:
+    """Names of the objects of one task: everything sits under ``covalent-gcpbatch/<job id>/``."""
+
+    job_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{TASKS_PREFIX}{self.job_id}/"
+
+    @property
+    def task(self) -> str:
+        return self.prefix + TASK_OBJECT
+
+    @property
+    def result(self) -> str:
+        return self.prefix + RESULT_OBJECT
+
+    @property
+    def error(self) -> str:
+        return self.prefix + ERROR_OBJECT
+
+    @property
+    def stdout(self) -> str:
+        return self.prefix + STDOUT_OBJECT
+
+    @property
+    def stderr(self) -> str:
+        return self.prefix + STDERR_OBJECT
+
+    def all(self) -> tuple[str, ...]:
+        return (self.task, self.result, self.error, self.stdout, self.stderr)
+
+
+def job_id_of_task_object(object_name: str) -> str | None:
+    """The job id if ``object_name`` is a task object (``covalent-gcpbatch/<job id>/task.pkl``).
+
+    Anything else (results, logs, foreign objects, malformed ids) gives None: the function ignores
+    those, since results land in the same bucket and fire the same trigger.
+    """
+    if not object_name.startswith(TASKS_PREFIX):
+        return None
+    parts = object_name[len(TASKS_PREFIX) :].split("/")
+    if len(parts) != 2 or parts[1] != TASK_OBJECT:
+        return None
+    return parts[0] if JOB_ID_PATTERN.fullmatch(parts[0]) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Job id
+# ---------------------------------------------------------------------------------------------
+
+
+def new_attempt_token() -> str:
+    """A fresh random token: one per ``run()`` call, so a re-run of a node gets a new job."""
+    return secrets.token_hex(4)
+
+
+def make_job_id(dispatch_id: str, node_id: int, attempt: str) -> str:
+    """``cov-<first 8 of dispatch id>-<node id>-<attempt>``, valid for Batch's job id pattern.
+
+    Deterministic in its inputs: the function derives the id from the object name, so a duplicate
+    finalize event for the same upload maps to the same job, and Batch's ALREADY_EXISTS dedupes it.
+    """
+    short = re.sub(r"[^a-z0-9]", "", dispatch_id.lower())[:8] or "x"
+    token = re.sub(r"[^a-z0-9]", "", attempt.lower())
+    if not token:
+        raise ValueError("attempt token must contain at least one [a-z0-9] character")
+    if node_id < 0:
+        raise ValueError(f"node_id must be >= 0, got {node_id}")
+    job_id = f"cov-{short}-{node_id}-{token}"
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(f"cannot build a valid Batch job id from {dispatch_id!r}, {node_id}, {attempt!r}")
+    return job_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Job spec (object metadata)
+# ---------------------------------------------------------------------------------------------
+
+
+class SpecError(ValueError):
+    """An uploaded object's spec is missing, malformed, or outside what the deployment allows."""
+
+
+class JobSpec(BaseModel):
+    """What the executor asks for; the function validates it and builds the Batch job from it.
+
+    Unknown fields are rejected: the function trusts nothing in an object beyond this schema.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = PROTOCOL_VERSION
+    dispatch_id: str = Field(min_length=1, max_length=64)
+    node_id: int = Field(ge=0)
+    project_id: str = Field(min_length=1, max_length=64)
+    region: str = Field(min_length=1, max_length=64)
+    container_image_uri: str = Field(min_length=1, max_length=1024)
+    service_account_email: str | None = Field(default=None, max_length=256)
+    vcpus: float = Field(gt=0, le=416)
+    memory_mb: int = Field(gt=0, le=12 * 1024 * 1024)
+    time_limit_s: int = Field(gt=0, le=14 * 24 * 3600)
+    retries: int = Field(ge=0, le=10)
+    python_version: str = Field(pattern=r"^3\.\d+$")
+    covalent_version: str = Field(min_length=1, max_length=64)
+
+    @field_validator("dispatch_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("dispatch_id may contain only letters, digits, '.', '_' and '-'")
+        return value
+
+    def to_metadata(self) -> dict[str, str]:
+        """Custom object metadata carrying this spec; raises SpecError if over GCS's 8 KiB."""
+        encoded = self.model_dump_json()
+        if len(encoded.encode()) + len(SPEC_METADATA_KEY) > MAX_METADATA_BYTES:
+            raise SpecError(f"job spec is {len(encoded)} bytes; object metadata is limited to 8 KiB")
+        return {SPEC_METADATA_KEY: encoded}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str] | None) -> JobSpec:
+        """Parse and validate the spec from object metadata, or raise SpecError saying why."""
+        if not metadata or SPEC_METADATA_KEY not in metadata:
+            raise SpecError(f"object has no {SPEC_METADATA_KEY!r} metadata: it was not uploaded by GCPBatchExecutor")
+        size = sum(len(k.encode()) + len(str(v).encode()) for k, v in metadata.items())
+        if size > MAX_METADATA_BYTES:
+            raise SpecError(f"object metadata is {size} bytes, over the 8 KiB limit")
+        try:
+            return cls.model_validate_json(metadata[SPEC_METADATA_KEY])
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors()
+            )
+            raise SpecError(f"invalid job spec: {problems}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker environment (function -> job -> worker)
+# ---------------------------------------------------------------------------------------------
+
+ENV_BUCKET = "GCPBATCH_BUCKET"
+ENV_JOB_ID = "GCPBATCH_JOB_ID"
+
+
+#: Worker exit codes. Batch retries any other non-zero exit (up to ``retries``), so these two, which
+#: mean "re-running cannot help", are listed in the job's FAIL_TASK lifecycle policy.
+EXIT_TASK_FAILED = 10  # the user's function raised
+EXIT_WORKER_ERROR = 11  # the task could not be run: bad pickle, version mismatch, missing object
+#: Batch's exit code for a task killed at its max run duration; retrying would only repeat it.
+EXIT_MAX_RUN_DURATION = 50005
+NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_MAX_RUN_DURATION)
+#: Batch's infrastructure exit codes, which ``retries`` is for.
+INFRASTRUCTURE_EXIT_CODES = {
+    50001: "the VM was preempted (spot)",
+    50002: "the VM became unreachable",
+    50003: "the VM was rebooted",
+    50004: "the VM stopped responding",
+    50005: "the task exceeded its max run duration (time_limit)",
+    50006: "the VM was recreated",
+}
+
+
+def worker_environment(bucket: str, job_id: str) -> dict[str, str]:
+    """The environment a job's container gets: where its task is and where its outputs go."""
+    return {ENV_BUCKET: bucket, ENV_JOB_ID: job_id}
+
+
+class ErrorRecord(BaseModel):
+    """What the worker writes when the task (or the worker itself) fails."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    message: str
+    traceback: str = ""
+    #: "task": the user's function raised; "worker": the worker could not run it.
+    phase: Literal["task", "worker"] = "task"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment settings (what the function enforces; set by deploy.sh or `local up`)
+# ---------------------------------------------------------------------------------------------
+
+ENV_PROJECT = "GCPBATCH_PROJECT"
+ENV_REGION = "GCPBATCH_REGION"
+ENV_TOPIC = "GCPBATCH_TOPIC"
+ENV_JOB_SERVICE_ACCOUNT = "GCPBATCH_JOB_SERVICE_ACCOUNT"
+ENV_ALLOWED_IMAGES = "GCPBATCH_ALLOWED_IMAGES"
+ENV_BATCH_API_ENDPOINT = "GCPBATCH_BATCH_API_ENDPOINT"
+ENV_MAX_VCPUS = "GCPBATCH_MAX_VCPUS"
+ENV_MAX_MEMORY_MB = "GCPBATCH_MAX_MEMORY_MB"
+ENV_MAX_TIME_LIMIT_S = "GCPBATCH_MAX_TIME_LIMIT_S"
+
+
+class DeploymentSettings(BaseModel):
+    """The function's settings. Limits here bound anything an uploaded object can ask for."""
+
+    model_config = ConfigDict(frozen=True)
+
+    project_id: str = Field(min_length=1)
+    region: str = Field(min_length=1)
+    #: Topic id (not path) that job state changes and rejections are published to.
+    topic: str = Field(min_length=3)
+    #: The service account jobs run as. Never taken from the uploaded object.
+    job_service_account: str | None = None
+    #: Images a job may run; empty means any (only sensible for the local stack).
+    allowed_images: tuple[str, ...] = ()
+    #: Batch API endpoint override (the local Batch service); None for Google's.
+    batch_api_endpoint: str | None = None
+    max_vcpus: float = Field(default=64, gt=0)
+    max_memory_mb: int = Field(default=256 * 1024, gt=0)
+    max_time_limit_s: int = Field(default=7 * 24 * 3600, gt=0)
+
+    @property
+    def topic_path(self) -> str:
+        return f"projects/{self.project_id}/topics/{self.topic}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DeploymentSettings:
+        env = os.environ if env is None else env
+        missing = [name for name in (ENV_PROJECT, ENV_REGION, ENV_TOPIC) if not env.get(name)]
+        if missing:
+            raise RuntimeError(f"the function is not configured: set {', '.join(missing)} (deploy.sh sets them)")
+        optional = {
+            "max_vcpus": env.get(ENV_MAX_VCPUS),
+            "max_memory_mb": env.get(ENV_MAX_MEMORY_MB),
+            "max_time_limit_s": env.get(ENV_MAX_TIME_LIMIT_S),
+        }
+        return cls(
+            project_id=env[ENV_PROJECT],
+            region=env[ENV_REGION],
+            topic=env[ENV_TOPIC],
+            job_service_account=env.get(ENV_JOB_SERVICE_ACCOUNT) or None,
+            allowed_images=tuple(i.strip() for i in env.get(ENV_ALLOWED_IMAGES, "").split(",") if i.strip()),
+            batch_api_endpoint=env.get(ENV_BATCH_API_ENDPOINT) or None,
+            **{k: v for k, v in optional.items() if v},
+        )
+
+    def to_env(self) -> dict[str, str]:
+        env = {ENV_PROJECT: self.project_id, ENV_REGION: self.region, ENV_TOPIC: self.topic}
+        if self.job_service_account:
+            env[ENV_JOB_SERVICE_ACCOUNT] = self.job_service_account
+        if self.allowed_images:
+            env[ENV_ALLOWED_IMAGES] = ",".join(self.allowed_images)
+        if self.batch_api_endpoint:
+            env[ENV_BATCH_API_ENDPOINT] = self.batch_api_endpoint
+        env[ENV_MAX_VCPUS] = str(self.max_vcpus)
+        env[ENV_MAX_MEMORY_MB] = str(self.max_memory_mb)
+        env[ENV_MAX_TIME_LIMIT_S] = str(self.max_time_limit_s)
+        return env
+
+    def check(self, spec: JobSpec) -> None:
+        """Raise SpecError naming the first thing in ``spec`` this deployment does not allow."""
+        if spec.project_id != self.project_id or spec.region != self.region:
+            raise SpecError(
+                f"this deployment creates jobs in project {self.project_id!r}, region {self.region!r}; "
+                f"the task asked for {spec.project_id!r}, {spec.region!r}: set project_id and region to match"
+            )
+        if self.allowed_images and spec.container_image_uri not in self.allowed_images:
+            raise SpecError(
+                f"container image {spec.container_image_uri!r} is not allowed by this deployment; "
+                f"allowed: {', '.join(self.allowed_images)}"
+            )
+        if spec.service_account_email and self.job_service_account and spec.service_account_email != self.job_service_account:
+            raise SpecError(
+                f"jobs of this deployment run as {self.job_service_account!r}, not {spec.service_account_email!r}: "
+                "set service_account_email to the deployment's account (or leave it empty)"
+            )
+        for name, value, cap in (
+            ("vcpus", spec.vcpus, self.max_vcpus),
+            ("memory", spec.memory_mb, self.max_memory_mb),
+            ("time_limit", spec.time_limit_s, self.max_time_limit_s),
+        ):
+            if value > cap:
+                raise SpecError(f"{name}={value:g} exceeds this deployment's cap of {cap:g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Notifications (Batch -> Pub/Sub -> executor)
+# ---------------------------------------------------------------------------------------------
+
+
+class JobState(str, Enum):
+    """Batch JobStatus.State names, as Batch writes them in the ``NewJobState`` attribute."""
+
+    STATE_UNSPECIFIED = "STATE_UNSPECIFIED"
+    QUEUED = "QUEUED"
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    DELETION_IN_PROGRESS = "DELETION_IN_PROGRESS"
+    CANCELLATION_IN_PROGRESS = "CANCELLATION_IN_PROGRESS"
+    CANCELLED = "CANCELLED"
+    #: Not a Batch state: the function refused the task and created no job.
+    REJECTED = "REJECTED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DELETION_IN_PROGRESS, JobState.REJECTED}
+
+#: ``Type`` attribute of Batch's job-level state change messages.
+JOB_STATE_CHANGED = "JOB_STATE_CHANGED"
+#: ``Type`` attribute of the function's rejection messages.
+TASK_REJECTED = "COVALENT_GCPBATCH_TASK_REJECTED"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One message from the notification topic, reduced to what a waiting executor needs."""
+
+    job_id: str
+    state: JobState
+    detail: str = ""
+
+
+def job_id_of_job_name(job_name: str) -> str:
+    """``projects/<number>/locations/<region>/jobs/<id>`` -> ``<id>``."""
+    return job_name.rsplit("/", 1)[-1]
+
+
+def parse_notification(attributes: Mapping[str, str], data: bytes) -> JobEvent | None:
+    """A JobEvent for a job-level state change or a rejection; None for anything else.
+
+    Batch's job messages carry ``Type``, ``JobName`` (with the project NUMBER), ``JobUID``,
+    ``NewJobState`` and ``Region``; task-level messages (``TASK_STATE_CHANGED``) are ignored.
+    """
+    kind = attributes.get("Type")
+    if kind == TASK_REJECTED:
+        job_id = attributes.get("JobId", "")
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            return None
+        return JobEvent(job_id, JobState.REJECTED, data.decode("utf-8", "replace"))
+    if kind != JOB_STATE_CHANGED:
+        return None
+    job_name = attributes.get("JobName", "")
+    try:
+        state = JobState(attributes.get("NewJobState", ""))
+    except ValueError:
+        return None
+    if not job_name or state is JobState.REJECTED:
+        return None
+    return JobEvent(job_id_of_job_name(job_name), state, data.decode("utf-8", "replace"))
+
+
+def rejection_message(job_id: str, reason: str) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of the message the function publishes when it refuses a task."""
+    return reason.encode(), {"Type": TASK_REJECTED, "JobId": job_id}
+
+
+def job_state_message(job_name: str, job_uid: str, region: str, previous: str, current: str) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of a Batch job state change message, as Batch publishes it.
+
+    Used by the local Batch service; kept here so its format and the parser above cannot drift.
+    """
+    data = f"Job state was updated: jobName={job_name}, previousState={previous}, currentState={current}"
+    attributes = {
+        "Type": JOB_STATE_CHANGED,
+        "JobName": job_name,
+        "JobUID": job_uid,
+        "NewJobState": current,
+        "Region": region,
+    }
+    return data.encode(), attributes
+
+
+def dumps_error(record: ErrorRecord) -> bytes:
+    return record.model_dump_json(indent=1).encode()
+
+
+def loads_error(payload: bytes) -> ErrorRecord:
+    try:
+        return ErrorRecord.model_validate(json.loads(payload))
+    except (ValueError, ValidationError):
+        return ErrorRecord(type="UnreadableErrorRecord", message=payload[:2000].decode("utf-8", "replace"), phase="worker")

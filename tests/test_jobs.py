@@ -1,0 +1,55 @@
+"""Job spec -> Batch Job translation, checked on real batch_v1 types and their JSON wire form."""
+
+from google.cloud import batch_v1
+
+from covalent_gcpbatch_plugin import jobs
+from covalent_gcpbatch_plugin import protocol as p
+from test_protocol import deployment, spec
+
+JOB_ID = "cov-8f1c2d3e-3-a1b2c3d4"
+
+
+def build(**overrides) -> batch_v1.Job:
+    return jobs.build_job(spec(**overrides), bucket="tasks-bucket", job_id=JOB_ID, settings=deployment())
+
+
+def test_container_resources_and_limits():
+    job = build(vcpus=0.5, memory_mb=1536, time_limit_s=900, retries=2)
+    (group,) = job.task_groups
+    assert group.task_count == 1
+    task = group.task_spec
+    assert task.runnables[0].container.image_uri == "us-docker.pkg.dev/my-project/covalent/worker:1"
+    assert task.compute_resource.cpu_milli == 500 and task.compute_resource.memory_mib == 1536
+    assert task.max_run_duration.total_seconds() == 900
+    assert task.max_retry_count == 2
+    assert dict(task.environment.variables) == {p.ENV_BUCKET: "tasks-bucket", p.ENV_JOB_ID: JOB_ID}
+
+
+def test_task_failures_are_never_retried_but_infrastructure_failures_are():
+    (policy,) = build().task_groups[0].task_spec.lifecycle_policies
+    assert policy.action == batch_v1.LifecyclePolicy.Action.FAIL_TASK
+    assert set(policy.action_condition.exit_codes) == {p.EXIT_TASK_FAILED, p.EXIT_WORKER_ERROR, 50005}
+    assert not set(policy.action_condition.exit_codes) & {50001, 50002, 50003, 50004, 50006}
+
+
+def test_runs_as_the_deployment_account_and_notifies_its_topic():
+    job = build(service_account_email=None)
+    assert job.allocation_policy.service_account.email == "runner@my-project.iam.gserviceaccount.com"
+    assert list(job.allocation_policy.location.allowed_locations) == ["regions/us-east1"]
+    (notification,) = job.notifications
+    assert notification.pubsub_topic == "projects/my-project/topics/jobs"
+    assert notification.message.type_ == batch_v1.JobNotification.Type.JOB_STATE_CHANGED
+    assert job.logs_policy.destination == batch_v1.LogsPolicy.Destination.CLOUD_LOGGING
+
+
+def test_labels_follow_label_rules():
+    labels = dict(build(dispatch_id="Mixed.Case_ID").labels)
+    assert labels["covalent-dispatch-id"] == "mixed-case_id"
+    assert labels["covalent-node-id"] == "3"
+    assert all(len(v) <= 63 and v == v.lower() for v in labels.values())
+
+
+def test_wire_form_is_what_the_rest_client_sends():
+    wire = batch_v1.Job.to_json(build(), use_integers_for_enums=True)
+    assert '"maxRunDuration": "300s"' in wire
+    assert batch_v1.Job.from_json(wire) == build()

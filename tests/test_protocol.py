@@ -1,0 +1,146 @@
+"""The shared contract: object layout, job id, job spec, notification parsing."""
+
+import json
+
+import pytest
+
+from covalent_gcpbatch_plugin import protocol as p
+
+
+def spec(**overrides) -> p.JobSpec:
+    values = dict(
+        dispatch_id="8f1c2d3e-aaaa-bbbb-cccc-1234567890ab",
+        node_id=3,
+        project_id="my-project",
+        region="us-east1",
+        container_image_uri="us-docker.pkg.dev/my-project/covalent/worker:1",
+        vcpus=2,
+        memory_mb=256,
+        time_limit_s=300,
+        retries=3,
+        python_version="3.11",
+        covalent_version="0.240.0",
+    )
+    values.update(overrides)
+    return p.JobSpec(**values)
+
+
+def test_job_id_is_valid_deterministic_and_new_per_attempt():
+    dispatch = "8F1C2D3E-aaaa-bbbb-cccc-1234567890ab"
+    first = p.make_job_id(dispatch, 12, "a1b2c3d4")
+    assert first == "cov-8f1c2d3e-12-a1b2c3d4"
+    assert p.JOB_ID_PATTERN.fullmatch(first)
+    assert p.make_job_id(dispatch, 12, "a1b2c3d4") == first
+    assert p.make_job_id(dispatch, 12, p.new_attempt_token()) != first
+    assert len(p.make_job_id("x" * 64, 10**9, "f" * 8)) <= 63
+
+
+@pytest.mark.parametrize("bad", [("d", -1, "ab"), ("d", 1, "")])
+def test_job_id_rejects_impossible_inputs(bad):
+    with pytest.raises(ValueError):
+        p.make_job_id(*bad)
+
+
+def test_layout_round_trips_the_job_id():
+    objects = p.TaskObjects("cov-8f1c2d3e-3-a1b2c3d4")
+    assert objects.task == "covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4/task.pkl"
+    assert len({*objects.all()}) == 5 and all(o.startswith(objects.prefix) for o in objects.all())
+    assert p.job_id_of_task_object(objects.task) == objects.job_id
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4/result.pkl",
+        "covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4/stdout.log",
+        "other/cov-8f1c2d3e-3-a1b2c3d4/task.pkl",
+        "covalent-gcpbatch/Bad_ID/task.pkl",
+        "covalent-gcpbatch/a/b/task.pkl",
+        "covalent-gcpbatch/task.pkl",
+    ],
+)
+def test_non_task_objects_are_not_task_objects(name):
+    assert p.job_id_of_task_object(name) is None
+
+
+def test_spec_round_trips_through_metadata():
+    original = spec()
+    metadata = original.to_metadata()
+    assert set(metadata) == {p.SPEC_METADATA_KEY}
+    assert p.JobSpec.from_metadata(metadata) == original
+
+
+@pytest.mark.parametrize(
+    "metadata, fragment",
+    [
+        (None, "no 'gcpbatch-spec' metadata"),
+        ({"other": "x"}, "no 'gcpbatch-spec' metadata"),
+        ({p.SPEC_METADATA_KEY: "not json"}, "invalid job spec"),
+        ({p.SPEC_METADATA_KEY: json.dumps({**json.loads(spec().model_dump_json()), "extra": 1})}, "extra"),
+        ({p.SPEC_METADATA_KEY: json.dumps({**json.loads(spec().model_dump_json()), "vcpus": "many"})}, "vcpus"),
+        ({p.SPEC_METADATA_KEY: json.dumps({**json.loads(spec().model_dump_json()), "retries": 11})}, "retries"),
+        ({p.SPEC_METADATA_KEY: spec().model_dump_json(), "pad": "x" * 9000}, "8 KiB"),
+    ],
+)
+def test_bad_metadata_is_refused_with_the_reason(metadata, fragment):
+    with pytest.raises(p.SpecError, match=None) as info:
+        p.JobSpec.from_metadata(metadata)
+    assert fragment in str(info.value)
+
+
+def deployment(**overrides) -> p.DeploymentSettings:
+    values = dict(project_id="my-project", region="us-east1", topic="jobs", job_service_account="runner@my-project.iam.gserviceaccount.com",
+                  allowed_images=("us-docker.pkg.dev/my-project/covalent/worker:1",), max_vcpus=8)
+    values.update(overrides)
+    return p.DeploymentSettings(**values)
+
+
+def test_deployment_settings_round_trip_through_env():
+    settings = deployment(batch_api_endpoint="http://127.0.0.1:1")
+    assert p.DeploymentSettings.from_env(settings.to_env()) == settings
+
+
+def test_deployment_settings_name_missing_env():
+    with pytest.raises(RuntimeError, match="GCPBATCH_TOPIC"):
+        p.DeploymentSettings.from_env({p.ENV_PROJECT: "x", p.ENV_REGION: "r"})
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"container_image_uri": "evil/image"}, "not allowed"),
+        ({"vcpus": 16}, "vcpus=16 exceeds"),
+        ({"region": "europe-west1"}, "region"),
+        ({"service_account_email": "owner@my-project.iam.gserviceaccount.com"}, "run as"),
+    ],
+)
+def test_deployment_refuses_what_it_does_not_allow(overrides, fragment):
+    with pytest.raises(p.SpecError) as info:
+        deployment().check(spec(**overrides))
+    assert fragment in str(info.value)
+
+
+def test_deployment_accepts_a_conforming_spec():
+    deployment().check(spec(service_account_email="runner@my-project.iam.gserviceaccount.com"))
+
+
+def test_parses_batch_job_state_messages():
+    data, attributes = p.job_state_message(
+        "projects/123456789012/locations/us-east1/jobs/cov-8f1c2d3e-3-a1b2c3d4", "uid-1", "us-east1", "RUNNING", "SUCCEEDED"
+    )
+    event = p.parse_notification(attributes, data)
+    assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.SUCCEEDED, data.decode())
+    assert event.state.is_terminal
+
+
+def test_ignores_task_level_and_foreign_messages():
+    assert p.parse_notification({"Type": "TASK_STATE_CHANGED", "JobName": "projects/1/locations/r/jobs/x", "NewTaskState": "RUNNING"}, b"") is None
+    assert p.parse_notification({"eventType": "OBJECT_FINALIZE"}, b"{}") is None
+    assert p.parse_notification({"Type": p.JOB_STATE_CHANGED, "JobName": "projects/1/locations/r/jobs/x", "NewJobState": "BOGUS"}, b"") is None
+
+
+def test_parses_rejections():
+    data, attributes = p.rejection_message("cov-8f1c2d3e-3-a1b2c3d4", "image not allowed")
+    event = p.parse_notification(attributes, data)
+    assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.REJECTED, "image not allowed")
+    assert event.state.is_terminal
