@@ -1,0 +1,181 @@
+"""Job state events for the executor: one streaming pull per process, demultiplexed by job id.
+
+Covalent builds a new executor instance for every task, all inside the Covalent server process, so
+the subscriber is a per-process singleton (one per topic and endpoint). It owns a subscription of
+its own on the notification topic, created on first use and deleted at exit (an expiration policy
+removes it should the process die first). Every task registers its job id BEFORE uploading its
+task object, so no message about its job can arrive unrouted. Messages for other jobs (other
+processes share the topic) are acknowledged and dropped.
+
+Nothing here polls: events are pushed by the streaming pull's callback thread into each waiting
+task's asyncio queue on that task's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import secrets
+import socket
+import threading
+from dataclasses import dataclass
+
+from google.api_core import exceptions
+from google.cloud import pubsub_v1
+from google.protobuf import duration_pb2
+
+from . import clients
+from .protocol import JobEvent, parse_notification
+
+log = logging.getLogger(__name__)
+
+#: Pub/Sub deletes a subscription unused this long (its minimum is one day).
+SUBSCRIPTION_TTL_S = 24 * 3600
+#: Seconds before a failed streaming pull is re-opened (the emulator or network went away).
+RESTART_DELAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    project_id: str
+    topic: str
+    emulator_host: str | None = None
+
+    @property
+    def topic_path(self) -> str:
+        return f"projects/{self.project_id}/topics/{self.topic}"
+
+
+class JobEvents:
+    """The process's subscriber. Use ``job_events(endpoint)``, not the constructor."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        suffix = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}".lower()
+        clean = "".join(c if c.isalnum() or c == "-" else "-" for c in suffix)
+        self.subscription_path = f"projects/{endpoint.project_id}/subscriptions/covalent-gcpbatch-{clean}"[:255]
+        self._lock = threading.Lock()
+        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobEvent]]] = {}
+        self._subscriber: pubsub_v1.SubscriberClient | None = None
+        self._future = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._future is not None or self._closing:
+                return
+            self._subscriber = clients.subscriber_client(self.endpoint.emulator_host)
+            self._create_subscription()
+            self._open_stream()
+            atexit.register(self.close)
+
+    def _create_subscription(self) -> None:
+        assert self._subscriber is not None
+        try:
+            self._subscriber.create_subscription(
+                request={
+                    "name": self.subscription_path,
+                    "topic": self.endpoint.topic_path,
+                    "ack_deadline_seconds": 30,
+                    "expiration_policy": {"ttl": duration_pb2.Duration(seconds=SUBSCRIPTION_TTL_S)},
+                },
+                timeout=30,
+            )
+        except exceptions.AlreadyExists:
+            pass
+        except exceptions.NotFound as err:
+            raise RuntimeError(
+                f"Pub/Sub topic {self.endpoint.topic_path} does not exist: set pubsub_topic (and project_id) "
+                "to the deployment's notification topic (deploy.sh or `covalent-gcpbatch local up` prints it)"
+            ) from err
+
+    def _open_stream(self) -> None:
+        assert self._subscriber is not None
+        future = self._subscriber.subscribe(
+            self.subscription_path,
+            callback=self._on_message,
+            flow_control=pubsub_v1.types.FlowControl(max_messages=1000),
+        )
+        future.add_done_callback(self._on_stream_end)
+        self._future = future
+
+    def _on_stream_end(self, future) -> None:
+        if self._closing:
+            return
+        log.warning("job event stream ended (%r); reopening in %.0f s", future.exception(), RESTART_DELAY_S)
+        timer = threading.Timer(RESTART_DELAY_S, self._reopen)
+        timer.daemon = True
+        timer.start()
+
+    def _reopen(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            try:
+                self._create_subscription()  # gone if the emulator restarted; reconcile covers the gap
+                self._open_stream()
+            except Exception as err:  # noqa: BLE001 - keep trying until closed; waiters are bounded
+                log.warning("could not reopen the job event stream: %r", err)
+                timer = threading.Timer(RESTART_DELAY_S * 5, self._reopen)
+                timer.daemon = True
+                timer.start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            future, subscriber = self._future, self._subscriber
+        if future is not None:
+            future.cancel()
+        if subscriber is not None:
+            try:
+                subscriber.delete_subscription(subscription=self.subscription_path, timeout=10)
+            except Exception:  # noqa: BLE001 - best effort; the expiration policy removes it anyway
+                pass
+            subscriber.close()
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def register(self, job_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[JobEvent]:
+        """Start routing ``job_id``'s events to a new queue on ``loop``. Blocking (may create the
+        subscription): call it from a worker thread, before uploading the task."""
+        self._ensure_started()
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        with self._lock:
+            self._waiters[job_id] = (loop, queue)
+        return queue
+
+    def unregister(self, job_id: str) -> None:
+        with self._lock:
+            self._waiters.pop(job_id, None)
+
+    def _on_message(self, message) -> None:
+        event = parse_notification(dict(message.attributes), message.data)
+        message.ack()
+        if event is None:
+            return
+        with self._lock:
+            waiter = self._waiters.get(event.job_id)
+        if waiter is not None:
+            loop, queue = waiter
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the task's loop has closed: nobody is waiting any more
+                self.unregister(event.job_id)
+
+
+_registry: dict[Endpoint, JobEvents] = {}
+_registry_lock = threading.Lock()
+
+
+def job_events(endpoint: Endpoint) -> JobEvents:
+    with _registry_lock:
+        events = _registry.get(endpoint)
+        if events is None or events._closing:
+            events = _registry[endpoint] = JobEvents(endpoint)
+        return events

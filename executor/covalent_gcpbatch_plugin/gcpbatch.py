@@ -1,0 +1,399 @@
+"""GCPBatchExecutor: runs Covalent tasks as Google Cloud Batch jobs, event-driven.
+
+Lifecycle of one task (``run``):
+  1. choose the job id and hand it to Covalent as the job handle;
+  2. register the job id with the process's Pub/Sub subscriber (events.py), BEFORE uploading;
+  3. upload the pickled task to GCS with its job spec as object metadata (the Cloud Function
+     creates the Batch job from that metadata; see functions/main.py);
+  4. wait for the job's terminal state from Pub/Sub, reconciling with one ``get_job`` only when an
+     expected notification is overdue (see ``WaitPlan``); give up (and cancel the job) at a bound;
+  5. read the result, or the error record, and the task's stdout/stderr back from GCS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cloudpickle
+from covalent._shared_files import logger
+from covalent._shared_files.config import get_config
+from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
+from covalent.executor.base import AsyncBaseExecutor
+from google.api_core import exceptions
+
+from . import clients
+from .events import Endpoint, job_events
+from .protocol import (
+    INFRASTRUCTURE_EXIT_CODES,
+    JobEvent,
+    JobSpec,
+    JobState,
+    TaskObjects,
+    loads_error,
+    make_job_id,
+    new_attempt_token,
+)
+
+app_log = logger.app_log
+
+EXECUTOR_PLUGIN_NAME = "GCPBatchExecutor"
+
+_EXECUTOR_PLUGIN_DEFAULTS = {
+    "project_id": "",
+    "region": "us-east1",
+    "bucket_name": "",
+    "container_image_uri": "",
+    "service_account_email": "",
+    "vcpus": 2,
+    "memory": 256,
+    "retries": 3,
+    "time_limit": 300,
+    "poll_freq": 5,
+    "cache_dir": "/tmp/covalent",
+    "pubsub_topic": "covalent-gcpbatch-jobs",
+    "queue_timeout": 3600,
+    "submit_timeout": 120,
+    "reconcile_interval": 300,
+    "keep_artifacts": False,
+    "pubsub_emulator_host": "",
+    "storage_emulator_host": "",
+    "batch_api_endpoint": "",
+}
+
+_REQUIRED = ("project_id", "bucket_name", "container_image_uri")
+#: After max run duration, the worker still uploads and Batch still publishes: allow for that.
+RUN_GRACE_S = 120
+
+
+class ConfigError(ValueError):
+    """A GCPBatchExecutor setting is invalid; the message names the key and what is accepted."""
+
+
+def _check_number(key: str, value: Any, *, minimum: float, maximum: float | None = None, integer: bool = True) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+        raise ConfigError(f"{key} must be {bound}, got {value!r}")
+
+
+def validate_settings(settings: dict[str, Any]) -> None:
+    """Check the numeric and boolean keys (required strings are checked when a task runs, since
+    Covalent also builds the executor with an empty configuration)."""
+    _check_number("vcpus", settings["vcpus"], minimum=0.001, integer=False)
+    _check_number("memory", settings["memory"], minimum=1)
+    _check_number("retries", settings["retries"], minimum=0, maximum=10)
+    _check_number("time_limit", settings["time_limit"], minimum=1)
+    _check_number("poll_freq", settings["poll_freq"], minimum=0.001, integer=False)
+    _check_number("queue_timeout", settings["queue_timeout"], minimum=1, integer=False)
+    _check_number("submit_timeout", settings["submit_timeout"], minimum=1, integer=False)
+    _check_number("reconcile_interval", settings["reconcile_interval"], minimum=0.1, integer=False)
+    if not isinstance(settings["keep_artifacts"], bool):
+        raise ConfigError(f"keep_artifacts must be true or false, got {settings['keep_artifacts']!r}")
+
+
+@dataclass(frozen=True)
+class WaitPlan:
+    """How long each phase of a job may take before the executor asks Batch directly.
+
+    * not yet seen (upload -> function -> job created): ``submit_timeout``;
+    * QUEUED/SCHEDULED (waiting for a VM; not counted against time_limit): ``queue_timeout``;
+    * RUNNING: ``time_limit`` + a grace for the worker's uploads and the notification.
+    Within a phase, silence longer than ``reconcile_interval`` also triggers one ``get_job``, the
+    interval doubling each time, so a long quiet job costs O(log(time_limit)) reads, not a poll.
+    When a phase's bound passes and Batch confirms the job is still not done, the job is
+    cancelled and the task fails.
+    """
+
+    submit_timeout: float
+    queue_timeout: float
+    run_timeout: float
+    reconcile_interval: float
+
+    def phase_bound(self, state: JobState | None) -> float:
+        if state is None:
+            return self.submit_timeout
+        if state is JobState.RUNNING:
+            return self.run_timeout
+        return self.queue_timeout
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: JobState
+    detail: str = ""
+    gave_up: str = ""
+
+
+class GCPBatchExecutor(AsyncBaseExecutor):
+    """Run each electron as a Google Cloud Batch job; see the README for every setting."""
+
+    def __init__(
+        self,
+        project_id: str | None = None,
+        region: str | None = None,
+        bucket_name: str | None = None,
+        container_image_uri: str | None = None,
+        service_account_email: str | None = None,
+        vcpus: float | None = None,
+        memory: int | None = None,
+        retries: int | None = None,
+        time_limit: int | None = None,
+        poll_freq: float | None = None,
+        cache_dir: str | None = None,
+        pubsub_topic: str | None = None,
+        queue_timeout: float | None = None,
+        submit_timeout: float | None = None,
+        reconcile_interval: float | None = None,
+        keep_artifacts: bool | None = None,
+        pubsub_emulator_host: str | None = None,
+        storage_emulator_host: str | None = None,
+        batch_api_endpoint: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        arguments = dict(locals())
+        given = {key: arguments[key] for key in _EXECUTOR_PLUGIN_DEFAULTS}
+        # `is None`, never `or`: an explicit 0 or False must not be replaced by the config value.
+        settings = {key: value if value is not None else _configured(key) for key, value in given.items()}
+        validate_settings(settings)
+        super().__init__(
+            cache_dir=settings["cache_dir"],
+            time_limit=settings["time_limit"],
+            retries=settings["retries"],
+            **kwargs,
+        )
+        for key, value in settings.items():
+            setattr(self, key, value)
+
+    # -- Covalent's lifecycle ------------------------------------------------------------------
+
+    async def run(self, function: Callable, args: list, kwargs: dict, task_metadata: dict) -> Any:
+        self._check_required()
+        dispatch_id, node_id = task_metadata["dispatch_id"], int(task_metadata["node_id"])
+        job_id = make_job_id(dispatch_id, node_id, new_attempt_token())
+        objects = TaskObjects(job_id)
+        await self.set_job_handle(job_id)
+        if await self.get_cancel_requested():
+            raise TaskCancelledError(f"task {dispatch_id}:{node_id} was cancelled before it was submitted")
+
+        spec = self._job_spec(dispatch_id, node_id, await self.get_version_info())
+        workdir = Path(self.cache_dir).expanduser() / job_id
+        events = job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
+        inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
+        try:
+            await asyncio.to_thread(self._upload_task, objects, spec, workdir, (function, args, kwargs))
+            app_log.debug(f"gcpbatch: uploaded {objects.task}, waiting for job {job_id}")
+            outcome = await self._wait(job_id, inbox)
+        finally:
+            events.unregister(job_id)
+        try:
+            return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir)
+        finally:
+            await asyncio.to_thread(self._clean_up, objects, workdir)
+
+    async def cancel(self, task_metadata: dict, job_handle: Any) -> bool:
+        job_id = str(job_handle)
+        try:
+            await asyncio.to_thread(self._batch().cancel_job, name=self._job_name(job_id), timeout=30)
+        except exceptions.NotFound:
+            app_log.debug(f"gcpbatch: cancel of {job_id}: no such job (yet)")
+        return True
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _check_required(self) -> None:
+        missing = [key for key in _REQUIRED if not getattr(self, key)]
+        if missing:
+            raise ConfigError(
+                f"GCPBatchExecutor needs {', '.join(missing)}: pass them to GCPBatchExecutor(...) or set them in the "
+                "[executors.gcpbatch] section of the Covalent config (deploy.sh or `covalent-gcpbatch local up` writes it)"
+            )
+
+    def _job_spec(self, dispatch_id: str, node_id: int, versions: dict) -> JobSpec:
+        python = ".".join(str(versions["python"]).split(".")[:2])
+        return JobSpec(
+            dispatch_id=dispatch_id,
+            node_id=node_id,
+            project_id=self.project_id,
+            region=self.region,
+            container_image_uri=self.container_image_uri,
+            service_account_email=self.service_account_email or None,
+            vcpus=self.vcpus,
+            memory_mb=self.memory,
+            time_limit_s=self.time_limit,
+            retries=self.retries,
+            python_version=python,
+            covalent_version=str(versions["covalent"]),
+        )
+
+    def _upload_task(self, objects: TaskObjects, spec: JobSpec, workdir: Path, task: tuple) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / "task.pkl"
+        with path.open("wb") as f:
+            cloudpickle.dump(task, f)
+        blob = self._bucket().blob(objects.task)
+        blob.metadata = spec.to_metadata()
+        # Generation 0 precondition: a task object is written once; a duplicate never re-fires.
+        blob.upload_from_filename(path, content_type="application/octet-stream", if_generation_match=0)
+        path.unlink()
+
+    def _wait_plan(self) -> WaitPlan:
+        return WaitPlan(
+            submit_timeout=float(self.submit_timeout),
+            queue_timeout=float(self.queue_timeout),
+            run_timeout=float(self.time_limit + RUN_GRACE_S),
+            reconcile_interval=float(self.reconcile_interval),
+        )
+
+    async def _wait(self, job_id: str, inbox: asyncio.Queue[JobEvent]) -> Outcome:
+        plan, loop = self._wait_plan(), asyncio.get_running_loop()
+        state: JobState | None = None
+        phase_end = loop.time() + plan.phase_bound(None)
+        silence = plan.reconcile_interval
+        while True:
+            timeout = max(0.0, min(silence, phase_end - loop.time()))
+            try:
+                event: JobEvent | None = await asyncio.wait_for(inbox.get(), timeout)
+            except asyncio.TimeoutError:
+                event = await asyncio.to_thread(self._reconcile, job_id)
+                silence *= 2
+                if event is None and loop.time() >= phase_end:
+                    return await self._give_up(job_id, state, plan)
+                if event is None:
+                    continue
+            else:
+                silence = plan.reconcile_interval
+            if event.state.is_terminal:
+                return Outcome(event.state, event.detail)
+            if event.state != state and _progressed(state, event.state):
+                state = event.state
+                phase_end = loop.time() + plan.phase_bound(state)
+            elif loop.time() >= phase_end:
+                return await self._give_up(job_id, state, plan)
+
+    def _reconcile(self, job_id: str) -> JobEvent | None:
+        """One read of the job's state: a notification is overdue. None if the job does not exist."""
+        try:
+            job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
+        except exceptions.NotFound:
+            return None
+        state = JobState(job.status.state.name)
+        app_log.debug(f"gcpbatch: reconciled {job_id}: {state.value}")
+        return JobEvent(job_id, state, "reconciled by get_job")
+
+    async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan) -> Outcome:
+        if state is None:
+            reason = (
+                f"no Batch job {job_id} was created within submit_timeout={plan.submit_timeout:g} s of the upload: "
+                "check the Cloud Function's logs and its storage trigger on the bucket"
+            )
+        elif state is JobState.RUNNING:
+            reason = f"job {job_id} was still running {RUN_GRACE_S} s after time_limit={self.time_limit} s"
+        else:
+            reason = f"job {job_id} did not start within queue_timeout={plan.queue_timeout:g} s (state {state.value})"
+        await self.cancel({}, job_id)
+        return Outcome(JobState.FAILED, gave_up=reason + "; the job was cancelled")
+
+    def _collect(self, job_id: str, objects: TaskObjects, outcome: Outcome, workdir: Path) -> Any:
+        if outcome.gave_up:
+            raise TaskRuntimeError(outcome.gave_up)
+        if outcome.state is JobState.REJECTED:
+            raise TaskRuntimeError(f"the deployment refused the task: {outcome.detail}")
+        if outcome.state is JobState.CANCELLED:
+            raise TaskCancelledError(f"Batch job {job_id} was cancelled")
+        bucket = self._bucket()
+        for name, stream in ((objects.stdout, self.task_stdout), (objects.stderr, self.task_stderr)):
+            blob = bucket.get_blob(name)
+            if blob is not None:
+                print(blob.download_as_text(), end="", file=stream)
+        if outcome.state is JobState.SUCCEEDED:
+            result_path = workdir / "result.pkl"
+            workdir.mkdir(parents=True, exist_ok=True)
+            blob = bucket.get_blob(objects.result)
+            if blob is not None:
+                blob.download_to_filename(result_path)
+                with result_path.open("rb") as f:
+                    return cloudpickle.load(f)
+        error = bucket.get_blob(objects.error)
+        if error is not None:
+            record = loads_error(error.download_as_bytes())
+            if record.traceback:
+                print(record.traceback, end="", file=self.task_stderr)
+            raise TaskRuntimeError(f"{record.type}: {record.message}")
+        raise TaskRuntimeError(self._explain_failure(job_id, outcome.state))
+
+    def _explain_failure(self, job_id: str, state: JobState) -> str:
+        """Why a job ended without an error record (killed, preempted, out of memory, image pull...)."""
+        try:
+            job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
+        except exceptions.GoogleAPICallError as err:
+            return f"Batch job {job_id} ended {state.value} without a result or error record ({err.message})"
+        lines = []
+        for event in job.status.status_events:
+            code = event.task_execution.exit_code if event.task_execution else 0
+            meaning = INFRASTRUCTURE_EXIT_CODES.get(code, "")
+            lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
+        events = "; ".join(lines) or "no status events"
+        return f"Batch job {job_id} ended {state.value} without a result or error record: {events}"
+
+    def _clean_up(self, objects: TaskObjects, workdir: Path) -> None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if self.keep_artifacts:
+            return
+        bucket = self._bucket()
+        for name in objects.all():
+            try:
+                bucket.delete_blob(name)
+            except exceptions.NotFound:
+                pass
+
+    # -- clients (lazy: Covalent rebuilds the executor from its attributes inside its server) --
+
+    def _job_name(self, job_id: str) -> str:
+        return f"projects/{self.project_id}/locations/{self.region}/jobs/{job_id}"
+
+    def _batch(self):
+        return _cached_client("batch", self.batch_api_endpoint, lambda: clients.batch_client(self.batch_api_endpoint or None))
+
+    def _bucket(self):
+        client = _cached_client(
+            "storage",
+            (self.project_id, self.storage_emulator_host),
+            lambda: clients.storage_client(self.project_id, self.storage_emulator_host or None),
+        )
+        return client.bucket(self.bucket_name)
+
+
+_ORDER = [JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING]
+
+
+def _progressed(old: JobState | None, new: JobState) -> bool:
+    """Out-of-order duplicates (QUEUED after RUNNING) must not move the wait backwards."""
+    if old is None:
+        return True
+    if old in _ORDER and new in _ORDER:
+        return _ORDER.index(new) > _ORDER.index(old)
+    return True
+
+
+_clients: dict[tuple, Any] = {}
+
+
+def _cached_client(kind: str, key: Any, make: Callable[[], Any]) -> Any:
+    """Clients are thread-safe and costly to build: one per kind and endpoint per process."""
+    client = _clients.get((kind, key))
+    if client is None:
+        client = _clients[(kind, key)] = make()
+    return client
+
+
+def _configured(key: str) -> Any:
+    try:
+        return get_config(f"executors.gcpbatch.{key}")
+    except KeyError:
+        return _EXECUTOR_PLUGIN_DEFAULTS[key]

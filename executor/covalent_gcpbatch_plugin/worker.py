@@ -1,0 +1,166 @@
+"""The worker: what the container runs for one Batch task.
+
+Downloads ``task.pkl`` (Covalent's wrapped callable, so DepsPip/DepsBash/call_before hooks run
+here), runs it, and writes back to GCS, all before exiting so the job's terminal state implies its
+objects exist:
+
+* stdout.log / stderr.log: the task's output (also echoed to the container's own streams, which
+  Batch sends to Cloud Logging);
+* result.pkl on success, exit 0;
+* error.json (type, message, traceback) on failure, exit EXIT_TASK_FAILED if the task raised and
+  EXIT_WORKER_ERROR if it could not be run at all; the job's FAIL_TASK policy keeps either from
+  being retried.
+
+Run as ``python -m covalent_gcpbatch_plugin.worker`` with GCPBATCH_BUCKET and GCPBATCH_JOB_ID set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import TextIO
+
+import cloudpickle
+
+from . import clients
+from .protocol import (
+    ENV_BUCKET,
+    ENV_JOB_ID,
+    EXIT_TASK_FAILED,
+    EXIT_WORKER_ERROR,
+    ErrorRecord,
+    JobSpec,
+    SpecError,
+    TaskObjects,
+    dumps_error,
+)
+
+
+class WorkerError(Exception):
+    """The task could not be run (as opposed to: the task ran and raised)."""
+
+
+class Tee(io.TextIOBase):
+    """Captures what the task prints while still passing it through to the container's stream."""
+
+    def __init__(self, passthrough: TextIO) -> None:
+        self.buffer_ = io.StringIO()
+        self.passthrough = passthrough
+
+    def write(self, text: str) -> int:
+        self.buffer_.write(text)
+        self.passthrough.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.passthrough.flush()
+
+    def getvalue(self) -> str:
+        return self.buffer_.getvalue()
+
+
+def running_versions() -> tuple[str, str]:
+    import covalent
+
+    return f"{sys.version_info.major}.{sys.version_info.minor}", covalent.__version__
+
+
+def check_versions(spec: JobSpec, python: str, covalent_version: str) -> None:
+    """Unpickling across Python minor versions or Covalent versions fails in obscure ways: refuse."""
+    if (spec.python_version, spec.covalent_version) != (python, covalent_version):
+        raise WorkerError(
+            f"version mismatch: the task was dispatched from Python {spec.python_version} with covalent "
+            f"{spec.covalent_version}, but this worker image has Python {python} with covalent {covalent_version}; "
+            "build the worker image with the dispatching environment's versions "
+            "(worker_image/Dockerfile build args PYTHON_VERSION and COVALENT_VERSION)"
+        )
+
+
+def error_record(exc: BaseException, phase: str) -> ErrorRecord:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return ErrorRecord(
+        type=name,
+        message=str(exc),
+        traceback="".join(traceback.TracebackException.from_exception(exc).format()),
+        phase=phase,  # type: ignore[arg-type]
+    )
+
+
+def load_task(bucket, objects: TaskObjects, workdir: Path):
+    """(function, args, kwargs) of the task, after checking the spec's versions against ours."""
+    blob = bucket.get_blob(objects.task)
+    if blob is None:
+        raise WorkerError(f"task object gs://{bucket.name}/{objects.task} does not exist")
+    try:
+        spec = JobSpec.from_metadata(blob.metadata)
+    except SpecError as err:
+        raise WorkerError(str(err)) from None
+    check_versions(spec, *running_versions())
+    path = workdir / "task.pkl"
+    blob.download_to_filename(path)
+    try:
+        with path.open("rb") as f:
+            function, args, kwargs = cloudpickle.load(f)
+    except Exception as err:
+        raise WorkerError(f"task object gs://{bucket.name}/{objects.task} is not a readable task pickle: {err!r}") from err
+    finally:
+        path.unlink(missing_ok=True)
+    return function, args, kwargs
+
+
+def run(bucket, objects: TaskObjects, workdir: Path) -> int:
+    stdout, stderr = Tee(sys.stdout), Tee(sys.stderr)
+    outcome: tuple[str, bytes | Path] | None = None
+    exit_code = 0
+    try:
+        function, args, kwargs = load_task(bucket, objects, workdir)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                result = function(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - the task's failure is reported, not raised
+                record = error_record(exc, "task")
+                outcome, exit_code = (objects.error, dumps_error(record)), EXIT_TASK_FAILED
+        if exit_code:
+            # To the container's log only; the executor appends it to Covalent's stderr once.
+            print(record.traceback, end="", file=stderr.passthrough)
+        if outcome is None:
+            result_path = workdir / "result.pkl"
+            with result_path.open("wb") as f:
+                cloudpickle.dump(result, f)
+            outcome = (objects.result, result_path)
+    except WorkerError as exc:
+        print(f"covalent-gcpbatch worker: {exc}", file=stderr)
+        outcome, exit_code = (objects.error, dumps_error(error_record(exc, "worker"))), EXIT_WORKER_ERROR
+    except Exception as exc:  # noqa: BLE001 - anything else the worker hits is a worker error
+        print(f"covalent-gcpbatch worker: {exc!r}", file=stderr)
+        outcome, exit_code = (objects.error, dumps_error(error_record(exc, "worker"))), EXIT_WORKER_ERROR
+
+    bucket.blob(objects.stdout).upload_from_string(stdout.getvalue(), content_type="text/plain")
+    bucket.blob(objects.stderr).upload_from_string(stderr.getvalue(), content_type="text/plain")
+    name, payload = outcome
+    if isinstance(payload, Path):
+        bucket.blob(name).upload_from_filename(payload, content_type="application/octet-stream")
+    else:
+        bucket.blob(name).upload_from_string(payload, content_type="application/json")
+    return exit_code
+
+
+def main() -> int:
+    missing = [name for name in (ENV_BUCKET, ENV_JOB_ID) if not os.environ.get(name)]
+    if missing:
+        print(f"covalent-gcpbatch worker: {', '.join(missing)} not set; the Batch job sets them", file=sys.stderr)
+        return EXIT_WORKER_ERROR
+    client = clients.storage_client(project=None)
+    bucket = client.bucket(os.environ[ENV_BUCKET])
+    with tempfile.TemporaryDirectory(prefix="gcpbatch-worker-") as workdir:
+        return run(bucket, TaskObjects(os.environ[ENV_JOB_ID]), Path(workdir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

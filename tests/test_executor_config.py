@@ -1,0 +1,97 @@
+"""GCPBatchExecutor construction: the seed's configuration table, precedence and validation."""
+
+import json
+
+import pytest
+from covalent._shared_files.config import get_config, set_config
+
+from covalent_gcpbatch_plugin import gcpbatch
+from covalent_gcpbatch_plugin.gcpbatch import ConfigError, GCPBatchExecutor
+
+SEED_DEFAULTS = {
+    "region": "us-east1",
+    "vcpus": 2,
+    "memory": 256,
+    "retries": 3,
+    "time_limit": 300,
+    "poll_freq": 5,
+    "cache_dir": "/tmp/covalent",
+}
+
+
+@pytest.fixture
+def section():
+    """The [executors.gcpbatch] section of the (isolated) Covalent config, restored afterwards."""
+    try:
+        saved = dict(get_config("executors.gcpbatch"))
+    except KeyError:
+        saved = None
+    yield lambda **values: set_config({f"executors.gcpbatch.{k}": v for k, v in values.items()})
+    if saved is not None:
+        set_config({f"executors.gcpbatch.{k}": v for k, v in saved.items()})
+
+
+def test_plugin_registration_names():
+    assert gcpbatch.EXECUTOR_PLUGIN_NAME == "GCPBatchExecutor"
+    assert {**gcpbatch._EXECUTOR_PLUGIN_DEFAULTS, **SEED_DEFAULTS} == gcpbatch._EXECUTOR_PLUGIN_DEFAULTS
+    for key in ("project_id", "bucket_name", "container_image_uri", "service_account_email"):
+        assert key in gcpbatch._EXECUTOR_PLUGIN_DEFAULTS
+
+
+def test_seed_defaults_apply_with_an_empty_config(section):
+    section(**{key: gcpbatch._EXECUTOR_PLUGIN_DEFAULTS[key] for key in SEED_DEFAULTS})
+    executor = GCPBatchExecutor()
+    for key, value in SEED_DEFAULTS.items():
+        assert getattr(executor, key) == value
+
+
+def test_constructor_beats_config_and_explicit_zero_or_false_is_kept(section):
+    section(retries=5, keep_artifacts=True, project_id="from-config", vcpus=4)
+    executor = GCPBatchExecutor(retries=0, keep_artifacts=False, vcpus=1)
+    assert executor.retries == 0
+    assert executor.keep_artifacts is False
+    assert executor.vcpus == 1
+    assert executor.project_id == "from-config"
+
+
+def test_attributes_survive_covalents_json_round_trip():
+    executor = GCPBatchExecutor(project_id="p", bucket_name="b", container_image_uri="i")
+    attributes = json.loads(json.dumps(executor.to_dict()))
+    rebuilt = GCPBatchExecutor().from_dict(attributes)
+    assert rebuilt.__dict__ == executor.__dict__
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"vcpus": 0}, "vcpus"),
+        ({"memory": -1}, "memory"),
+        ({"memory": "lots"}, "memory must be an integer"),
+        ({"retries": 11}, "retries must be >= 0 and <= 10"),
+        ({"time_limit": 0}, "time_limit"),
+        ({"queue_timeout": 0}, "queue_timeout"),
+        ({"keep_artifacts": "yes"}, "keep_artifacts"),
+        ({"retries": True}, "retries"),
+    ],
+)
+def test_invalid_settings_fail_at_construction_naming_the_key(kwargs, fragment):
+    with pytest.raises(ConfigError) as info:
+        GCPBatchExecutor(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_missing_required_settings_are_named_when_a_task_runs(section):
+    section(project_id="", bucket_name="", container_image_uri="")
+    executor = GCPBatchExecutor()
+    with pytest.raises(ConfigError) as info:
+        executor._check_required()
+    assert "project_id, bucket_name, container_image_uri" in str(info.value)
+    assert "[executors.gcpbatch]" in str(info.value)
+
+
+def test_wait_plan_bounds_every_phase():
+    plan = GCPBatchExecutor(time_limit=60, queue_timeout=30, submit_timeout=10, reconcile_interval=5)._wait_plan()
+    assert plan.phase_bound(None) == 10
+    assert plan.phase_bound(gcpbatch.JobState.QUEUED) == 30
+    assert plan.phase_bound(gcpbatch.JobState.SCHEDULED) == 30
+    assert plan.phase_bound(gcpbatch.JobState.RUNNING) == 60 + gcpbatch.RUN_GRACE_S
