@@ -92,7 +92,7 @@ def on_task_uploaded(event: CloudEvent) -> None:
             retry=CREATE_RETRY,
             timeout=CREATE_TIMEOUT_S,
         )
-    except exceptions.AlreadyExists:
+    except exceptions.Conflict:  # ALREADY_EXISTS: gRPC raises AlreadyExists, REST its base, Conflict
         log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, bucket, name)
         return
     log.info("created job %s for gs://%s/%s", job_id, bucket, name)

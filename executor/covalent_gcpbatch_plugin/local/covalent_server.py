@@ -35,6 +35,9 @@ def isolated_env(root: Path, port: int) -> dict[str, str]:
         "COVALENT_DISPATCHER_ADDR": "127.0.0.1",
         "COVALENT_SVC_PORT": str(port),
         "COVALENT_SERVER_IFACE_ANY": "",
+        # Covalent picks the default executor ("local" vs "dask") at import from this; the server
+        # runs --no-cluster, so the dispatching process must agree from its first import.
+        "COVALENT_DISABLE_DASK": "1",
     }
 
 

@@ -1,0 +1,228 @@
+"""What a job means to the local Batch service: pure, typed translation, no I/O.
+
+* ``validate_job``: which jobs the service accepts (Batch's own rules plus its one-task limits);
+* ``runnable_argv`` / ``task_environment``: how a runnable becomes a host process;
+* ``attempt_verdict``: exit code + ``max_retry_count`` + lifecycle policy -> succeed, retry or fail;
+* ``Faults``: the injected failures of ``POST /_admin/faults``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from google.cloud import batch_v1
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from .. import protocol
+
+State = batch_v1.JobStatus.State
+TERMINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+DEFAULT_WORKER_COMMAND = (sys.executable, "-m", "covalent_gcpbatch_plugin.worker")
+#: Batch's exit code for a spot preemption (what the ``preempt`` fault records).
+EXIT_PREEMPTED = 50001
+#: A runnable whose program cannot be started (Docker answers 127 for a missing executable).
+EXIT_NOT_STARTED = 127
+#: SIGTERM first, SIGKILL this much later (like ``docker stop``).
+KILL_GRACE_S = 2.0
+MAX_RETRY_COUNT = 10
+_TOPIC = re.compile(r"^projects/[^/]+/topics/[^/]+$")
+
+Publish = Callable[[str, bytes, dict[str, str]], None]
+
+
+class ApiError(Exception):
+    """An error the HTTP layer answers in Google's JSON error shape."""
+
+    STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED",
+              500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def status(self) -> str:
+        return self.STATUS.get(self.code, "UNKNOWN")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure translation
+# ---------------------------------------------------------------------------------------------
+
+
+def project_number(project: str, numbers: Mapping[str, str]) -> str:
+    """The project NUMBER Batch writes in notifications: mapped, the project itself if numeric,
+    else a stable 12-digit number derived from the id."""
+    if project in numbers:
+        return numbers[project]
+    if project.isdigit():
+        return project
+    return str(10**11 + int(hashlib.sha256(project.encode()).hexdigest(), 16) % (9 * 10**11))
+
+
+def validate_job(job_id: str, job: batch_v1.Job) -> str | None:
+    """Why this job cannot be created here (a 400 message), or None if it can."""
+    if not protocol.JOB_ID_PATTERN.fullmatch(job_id):
+        return f"job_id {job_id!r} must match {protocol.JOB_ID_PATTERN.pattern}"
+    if not job.task_groups:
+        return "job.task_groups must contain one task group"
+    if len(job.task_groups) > 1:
+        return "only one task group is supported"
+    group = job.task_groups[0]
+    if group.task_count > 1:
+        return "the local Batch service supports task_count 1 only"
+    spec = group.task_spec
+    if not spec.runnables:
+        return "task_spec.runnables must contain at least one runnable"
+    for i, runnable in enumerate(spec.runnables):
+        runs_something = runnable.container.image_uri or runnable.script.text or runnable.script.path
+        if runnable.background or "barrier" in runnable or not runs_something:
+            return f"runnable {i}: the local Batch service runs foreground container or script runnables only"
+    if not 0 <= spec.max_retry_count <= MAX_RETRY_COUNT:
+        return f"task_spec.max_retry_count must be between 0 and {MAX_RETRY_COUNT}"
+    if len(spec.lifecycle_policies) > 1:
+        return "only one lifecycle policy is supported"
+    for notification in job.notifications:
+        if not _TOPIC.fullmatch(notification.pubsub_topic):
+            return f"notification pubsub_topic {notification.pubsub_topic!r} must be projects/<project>/topics/<topic>"
+    return None
+
+
+def parse_worker_command(command: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The worker argv; a leading bare ``python``/``python3`` means this service's interpreter."""
+    if not command:
+        return DEFAULT_WORKER_COMMAND
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return tuple(argv)
+
+
+def runnable_argv(runnable: batch_v1.Runnable, worker_command: Sequence[str]) -> list[str]:
+    """How a runnable runs on the host.
+
+    A container runs the worker command (the worker image's entrypoint) followed by
+    ``container.commands``; ``container.entrypoint`` replaces the worker command, as Docker's
+    ``--entrypoint`` does. A script runs with ``/bin/sh -c`` (text) or ``/bin/sh`` (path).
+    """
+    if runnable.container.image_uri:
+        container = runnable.container
+        head = shlex.split(container.entrypoint) if container.entrypoint else list(worker_command)
+        return [*head, *container.commands]
+    if runnable.script.text:
+        return ["/bin/sh", "-c", runnable.script.text]
+    return ["/bin/sh", runnable.script.path]
+
+
+def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable: batch_v1.Runnable,
+                     retry_attempt: int) -> dict[str, str]:
+    """The service's environment, Batch's predefined variables, the task's, then the runnable's."""
+    return {
+        **base,
+        "BATCH_TASK_INDEX": "0",
+        "BATCH_TASK_COUNT": "1",
+        "BATCH_TASK_RETRY_ATTEMPT": str(retry_attempt),
+        **spec.environment.variables,
+        **runnable.environment.variables,
+    }
+
+
+class Verdict(enum.Enum):
+    SUCCEEDED = "succeeded"
+    RETRY = "retry"
+    FAILED = "failed"
+
+
+def attempt_verdict(exit_code: int, retries_done: int, spec: batch_v1.TaskSpec) -> Verdict:
+    """Batch's retry rule: exit 0 succeeds; a FAIL_TASK policy fails its listed codes at once (and
+    retries the rest); a RETRY_TASK policy retries only its listed codes; retries are bounded by
+    ``max_retry_count``."""
+    if exit_code == 0:
+        return Verdict.SUCCEEDED
+    for policy in spec.lifecycle_policies[:1]:
+        listed = exit_code in set(policy.action_condition.exit_codes)
+        action = batch_v1.LifecyclePolicy.Action
+        if (policy.action == action.FAIL_TASK and listed) or (policy.action == action.RETRY_TASK and not listed):
+            return Verdict.FAILED
+    return Verdict.RETRY if retries_done < spec.max_retry_count else Verdict.FAILED
+
+
+def exit_code_of(returncode: int) -> int:
+    """A process's exit code as a container runtime reports it (killed by signal N -> 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def timestamp(at: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(at * 1e9))
+    return ts
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Faults:
+    """Injected failures; keys of the per-job maps are job ids or ``*`` (any job)."""
+
+    preempt: dict[str, int] = field(default_factory=dict)
+    fail_create: int = 0
+    fail_create_status: int = 503
+    drop_notifications: dict[str, set[str]] = field(default_factory=dict)
+    duplicate_notifications: bool = False
+
+    def update(self, body: Mapping) -> None:
+        """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
+        known = {"preempt", "fail_create", "fail_create_status", "drop_notifications", "duplicate_notifications"}
+        unknown = set(body) - known
+        if unknown:
+            raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
+        for job, count in dict(body.get("preempt", {})).items():
+            self.preempt[str(job)] = int(count)
+        if "fail_create" in body:
+            self.fail_create = int(body["fail_create"])
+        if "fail_create_status" in body:
+            status = int(body["fail_create_status"])
+            if not 400 <= status <= 599:
+                raise ValueError("fail_create_status must be an HTTP error status")
+            self.fail_create_status = status
+        for job, states in dict(body.get("drop_notifications", {})).items():
+            self.drop_notifications[str(job)] = {State[s].name for s in states}
+        if "duplicate_notifications" in body:
+            self.duplicate_notifications = bool(body["duplicate_notifications"])
+
+    def take_preempt(self, job_id: str) -> bool:
+        for key in (job_id, "*"):
+            if self.preempt.get(key, 0) > 0:
+                self.preempt[key] -= 1
+                return True
+        return False
+
+    def take_fail_create(self) -> int | None:
+        if self.fail_create > 0:
+            self.fail_create -= 1
+            return self.fail_create_status
+        return None
+
+    def drops(self, job_id: str, state: str) -> bool:
+        return any(state in self.drop_notifications.get(key, ()) for key in (job_id, "*"))
+
+    def to_json(self) -> dict:
+        return {"preempt": self.preempt, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+                "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
+                "duplicate_notifications": self.duplicate_notifications}

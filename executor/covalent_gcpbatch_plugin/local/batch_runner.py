@@ -1,0 +1,405 @@
+"""The local Batch service's job engine: state machine, scheduling, process running, retries.
+
+A job's container is emulated by a host process (there is no Docker engine): the worker command
+runs in its own session (so its whole process group can be killed), in a fresh directory per
+attempt under ``<state dir>/jobs/<job id>/attempt-<n>/``, with stdout and stderr in
+``attempt-<n>.log`` beside it. ``LocalBatch`` keeps every job under one lock; the HTTP layer
+(``batch_service``) maps requests onto its methods. The decisions are pure functions in
+``batch_model``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.cloud import batch_v1
+
+from .. import protocol
+from .batch_model import (
+    DEFAULT_WORKER_COMMAND,
+    EXIT_NOT_STARTED,
+    EXIT_PREEMPTED,
+    KILL_GRACE_S,
+    TERMINAL_STATES,
+    ApiError,
+    Faults,
+    Publish,
+    State,
+    Verdict,
+    attempt_verdict,
+    duration,
+    exit_code_of,
+    project_number,
+    runnable_argv,
+    task_environment,
+    timestamp,
+    validate_job,
+)
+
+log = logging.getLogger("covalent_gcpbatch_plugin.local.batch")
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def terminate(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
+    """SIGTERM the process's group now and SIGKILL it ``grace`` seconds later if still running."""
+    _signal_group(proc.pid, signal.SIGTERM)
+
+    def _kill() -> None:
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(grace, _kill)
+    timer.daemon = True
+    timer.start()
+
+
+Key = tuple[str, str, str]  # (project number, region, job id)
+
+
+@dataclass
+class JobRecord:
+    job: batch_v1.Job
+    job_id: str
+    key: Key
+    number_name: str  # projects/<number>/locations/<region>/jobs/<id>, as notifications name it
+    region: str
+    workdir: Path
+    proc: subprocess.Popen | None = None
+    stop: str | None = None  # "cancel", "delete" or "shutdown" once requested
+    running_since: float | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def state(self) -> State:
+        return State(self.job.status.state)
+
+
+class LocalBatch:
+    """Jobs, their state machine and their processes. Every method is thread-safe."""
+
+    def __init__(self, state_dir: Path, *, publish: Publish, worker_command: Sequence[str] = DEFAULT_WORKER_COMMAND,
+                 max_running: int = 2, project_numbers: Mapping[str, str] | None = None,
+                 base_env: Mapping[str, str] | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.publish = publish
+        self.worker_command = tuple(worker_command)
+        self.max_running = max(1, max_running)
+        self.project_numbers = dict(project_numbers or {})
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.hostname = socket.gethostname()
+        self.lock = threading.RLock()
+        self.jobs: dict[Key, JobRecord] = {}
+        self.queue: deque[Key] = deque()
+        self.running = 0
+        self.closing = False
+        self.calls: Counter[str] = Counter()
+        self.notices: Counter[str] = Counter()
+        self.state_times: dict[str, dict[str, float]] = {}
+        self.faults = Faults()
+
+    # -- API ------------------------------------------------------------------------------
+
+    def key(self, project: str, region: str, job_id: str) -> Key:
+        return (project_number(project, self.project_numbers), region, job_id)
+
+    def create(self, project: str, region: str, job_id: str, job: batch_v1.Job) -> batch_v1.Job:
+        with self.lock:
+            self.calls["create"] += 1
+            failure = self.faults.take_fail_create()
+            if failure is not None:
+                raise ApiError(failure, "injected create_job failure (fault fail_create)")
+            problem = validate_job(job_id, job)
+            if problem:
+                raise ApiError(400, problem)
+            key = self.key(project, region, job_id)
+            name = f"projects/{project}/locations/{region}/jobs/{job_id}"
+            if key in self.jobs:
+                raise ApiError(409, f"Resource '{name}' already exists")
+            now = time.time()
+            job = batch_v1.Job(job)
+            job.name = name
+            job.uid = f"j-{uuid.uuid4()}"
+            job.create_time = job.update_time = timestamp(now)
+            job.status = batch_v1.JobStatus()
+            job.task_groups[0].name = f"{name}/taskGroups/group0"
+            job.task_groups[0].task_count = 1
+            workdir = self.state_dir / "jobs" / job_id
+            shutil.rmtree(workdir, ignore_errors=True)  # a deleted job of the same id
+            workdir.mkdir(parents=True)
+            record = JobRecord(job=job, job_id=job_id, key=key, region=region, workdir=workdir,
+                               number_name=f"projects/{key[0]}/locations/{region}/jobs/{job_id}")
+            self.jobs[key] = record
+            self.state_times[job_id] = {}
+            self._enter(record, State.QUEUED, at=now)
+            created = batch_v1.Job(record.job)  # Batch answers a create with the QUEUED job
+            self.queue.append(key)
+            self._dispatch()
+            return created
+
+    def get(self, project: str, region: str, job_id: str) -> batch_v1.Job:
+        with self.lock:
+            self.calls["get"] += 1
+            return self._snapshot(self._find(project, region, job_id))
+
+    def list(self, project: str, region: str, state_filter: State | None = None) -> list[batch_v1.Job]:
+        with self.lock:
+            self.calls["list"] += 1
+            number = project_number(project, self.project_numbers)
+            return [self._snapshot(r) for (p, reg, _), r in self.jobs.items()
+                    if p == number and reg == region and (state_filter is None or r.state == state_filter)]
+
+    def cancel(self, project: str, region: str, job_id: str) -> str:
+        """Cancel the job and return its name once it is CANCELLED (or already terminal)."""
+        with self.lock:
+            self.calls["cancel"] += 1
+            record = self._find(project, region, job_id)
+            if record.state == State.QUEUED:
+                self.queue.remove(self.key(project, region, job_id))
+                self._enter(record, State.CANCELLED)
+                return record.job.name
+            if record.state in TERMINAL_STATES:
+                return record.job.name
+            if record.stop is None:
+                self._stop(record, "cancel", State.CANCELLATION_IN_PROGRESS)
+        record.finished.wait(KILL_GRACE_S + 10)
+        return record.job.name
+
+    def delete(self, project: str, region: str, job_id: str) -> str:
+        """Delete the job (killing its task) and return its name once it is gone."""
+        with self.lock:
+            self.calls["delete"] += 1
+            key = self.key(project, region, job_id)
+            record = self._find(project, region, job_id)
+            if record.state == State.QUEUED or record.state in TERMINAL_STATES:
+                if key in self.queue:
+                    self.queue.remove(key)
+                self._enter(record, State.DELETION_IN_PROGRESS)
+                del self.jobs[key]
+                return record.job.name
+            if record.stop != "delete":
+                self._stop(record, "delete", State.DELETION_IN_PROGRESS)
+        record.finished.wait(KILL_GRACE_S + 10)
+        return record.job.name
+
+    def active(self) -> list[str]:
+        with self.lock:
+            return [r.job_id for r in self.jobs.values() if r.state not in TERMINAL_STATES]
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                "calls": {m: self.calls[m] for m in ("create", "get", "list", "cancel", "delete")},
+                "jobs": {job_id: dict(times) for job_id, times in self.state_times.items()},
+                "notifications": dict(self.notices),
+                "running": self.running,
+                "queued": len(self.queue),
+                "faults": self.faults.to_json(),
+            }
+
+    def set_faults(self, body: Mapping) -> None:
+        with self.lock:
+            updated = copy.deepcopy(self.faults)
+            updated.update(body)  # raises on a malformed body, leaving the faults as they were
+            self.faults = updated
+
+    def reset(self) -> None:
+        """Clear faults and counters; state times are kept for jobs that still exist."""
+        with self.lock:
+            self.faults = Faults()
+            self.calls.clear()
+            self.notices.clear()
+            live = {r.job_id for r in self.jobs.values()}
+            self.state_times = {k: v for k, v in self.state_times.items() if k in live}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Kill every running job's process group (jobs keep their state) and start nothing more."""
+        with self.lock:
+            self.closing = True
+            records = [r for r in self.jobs.values() if r.state not in TERMINAL_STATES and r.state != State.QUEUED]
+            for record in records:
+                record.stop = record.stop or "shutdown"
+                if record.proc is not None:
+                    _signal_group(record.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        for record in records:
+            record.finished.wait(max(0.0, deadline - time.monotonic()))
+
+    # -- state machine (call with the lock held) -------------------------------------------
+
+    def _find(self, project: str, region: str, job_id: str) -> JobRecord:
+        record = self.jobs.get(self.key(project, region, job_id))
+        if record is None:
+            raise ApiError(404, f"Job projects/{project}/locations/{region}/jobs/{job_id} not found")
+        return record
+
+    def _snapshot(self, record: JobRecord) -> batch_v1.Job:
+        job = batch_v1.Job(record.job)
+        if record.running_since is not None and record.state not in TERMINAL_STATES:
+            job.status.run_duration = duration(time.time() - record.running_since)
+        return job
+
+    def _enter(self, record: JobRecord, state: State, *, at: float | None = None) -> None:
+        now = time.time() if at is None else at
+        status = record.job.status
+        previous = State(status.state)
+        status.state = state
+        status.status_events.append(batch_v1.StatusEvent(
+            type_="STATUS_CHANGED", event_time=timestamp(now),
+            description=f"Job state is set from {previous.name} to {state.name} for job {record.job.name}."))
+        record.job.update_time = timestamp(now)
+        if state == State.RUNNING:
+            record.running_since = now
+        if state in TERMINAL_STATES and record.running_since is not None:
+            status.run_duration = duration(now - record.running_since)
+        if state in (State.SUCCEEDED, State.FAILED):
+            status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(counts={state.name: 1})}
+        self.state_times.setdefault(record.job_id, {})[state.name] = now
+        self._notify(record, previous, state)
+
+    def _notify(self, record: JobRecord, previous: State, state: State) -> None:
+        data, attributes = protocol.job_state_message(record.number_name, record.job.uid, record.region,
+                                                      previous.name, state.name)
+        for notification in record.job.notifications:
+            message = notification.message
+            if message.type_ != batch_v1.JobNotification.Type.JOB_STATE_CHANGED:
+                continue
+            if message.new_job_state and message.new_job_state != state:
+                continue
+            if self.faults.drops(record.job_id, state.name):
+                self.notices["dropped"] += 1
+                continue
+            for _ in range(2 if self.faults.duplicate_notifications else 1):
+                self.publish(notification.pubsub_topic, data, attributes)
+
+    def _task_event(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str) -> None:
+        record.job.status.status_events.append(batch_v1.StatusEvent(
+            type_="STATUS_CHANGED", event_time=timestamp(time.time()), task_state=task_state,
+            task_execution=batch_v1.TaskExecution(exit_code=exit_code),
+            description=f"Task state is updated from RUNNING to {task_state.name} on {self.hostname} "
+                        f"with exit code {exit_code}{note}."))
+
+    def _stop(self, record: JobRecord, reason: str, state: State) -> None:
+        record.stop = reason
+        self._enter(record, state)
+        if record.proc is not None:
+            terminate(record.proc)
+
+    def _dispatch(self) -> None:
+        while not self.closing and self.queue and self.running < self.max_running:
+            record = self.jobs.get(self.queue.popleft())
+            if record is None or record.state != State.QUEUED:
+                continue
+            self.running += 1
+            self._enter(record, State.SCHEDULED)
+            threading.Thread(target=self._run, args=(record,), name=f"job-{record.job_id}", daemon=True).start()
+
+    # -- running (runner thread) ----------------------------------------------------------
+
+    def _run(self, record: JobRecord) -> None:
+        with self.lock:
+            spec = batch_v1.TaskSpec(record.job.task_groups[0].task_spec)  # a copy: the job changes under the lock
+        retries = 0
+        try:
+            while True:
+                outcome = self._attempt(record, spec, retries)
+                if outcome is None:
+                    break
+                exit_code, why = outcome
+                verdict = attempt_verdict(exit_code, retries, spec)
+                with self.lock:
+                    if record.stop is not None:
+                        break
+                    if verdict is Verdict.RETRY:
+                        note = f"{why}; retrying (retry {retries + 1} of {spec.max_retry_count})"
+                        self._task_event(record, exit_code, batch_v1.TaskStatus.State.FAILED, note)
+                    else:
+                        ok = verdict is Verdict.SUCCEEDED
+                        task_state = batch_v1.TaskStatus.State.SUCCEEDED if ok else batch_v1.TaskStatus.State.FAILED
+                        self._task_event(record, exit_code, task_state, why)
+                        self._enter(record, State.SUCCEEDED if ok else State.FAILED)
+                        break
+                retries += 1
+        except Exception as err:  # a bug here must not leave the job RUNNING forever
+            log.exception("job %s: runner failed", record.job_id)
+            with self.lock:
+                if record.stop is None and record.state not in TERMINAL_STATES:
+                    self._task_event(record, EXIT_NOT_STARTED, batch_v1.TaskStatus.State.FAILED, f": {err}")
+                    self._enter(record, State.FAILED)
+        finally:
+            with self.lock:
+                if record.stop == "cancel":
+                    self._enter(record, State.CANCELLED)
+                elif record.stop == "delete":
+                    self.jobs.pop(record.key, None)
+                self.running -= 1
+                record.finished.set()
+                self._dispatch()
+
+    def _attempt(self, record: JobRecord, spec: batch_v1.TaskSpec, retries: int) -> tuple[int, str] | None:
+        """Run the task's runnables once: (exit code, note for the status event), or None if the
+        job was stopped (cancel, delete, shutdown)."""
+        workdir = record.workdir / f"attempt-{retries}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            if record.stop is not None or self.closing:
+                return None
+            if record.state == State.SCHEDULED:
+                self._enter(record, State.RUNNING)
+            preempt = self.faults.take_preempt(record.job_id)
+        limit = spec.max_run_duration.total_seconds() if spec.max_run_duration else 0.0
+        deadline = time.monotonic() + limit if limit > 0 else None
+        with open(record.workdir / f"attempt-{retries}.log", "wb") as out:
+            for runnable in spec.runnables:
+                argv = runnable_argv(runnable, self.worker_command)
+                env = task_environment(self.base_env, spec, runnable, retries)
+                try:
+                    proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                except OSError as err:
+                    out.write(f"cannot start {argv!r}: {err}\n".encode())
+                    return EXIT_NOT_STARTED, f": cannot start {argv[0]!r}: {err.strerror}"
+                with self.lock:
+                    record.proc = proc
+                    if record.stop is not None:
+                        terminate(proc)
+                try:
+                    if preempt:
+                        _signal_group(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        return EXIT_PREEMPTED, ": the VM was preempted (injected fault)"
+                    try:
+                        returncode = proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        terminate(proc)
+                        proc.wait()
+                        return (protocol.EXIT_MAX_RUN_DURATION,
+                                f": the task exceeded its max run duration of {limit:g}s and was killed")
+                finally:
+                    _signal_group(proc.pid, signal.SIGKILL)  # what a container's exit does to stragglers
+                    with self.lock:
+                        record.proc = None
+                if record.stop is not None:
+                    return None
+                exit_code = exit_code_of(returncode)
+                if exit_code != 0 and not runnable.ignore_exit_status:
+                    return exit_code, ""
+        return 0, ""

@@ -1,0 +1,338 @@
+"""A local stand-in for Google Cloud Batch, speaking its REST API to the real ``google-cloud-batch``
+client (``clients.batch_client("http://127.0.0.1:P")``).
+
+    python -m covalent_gcpbatch_plugin.local.batch_service --host 127.0.0.1 --port P --state-dir DIR \\
+        [--project-number-map local-project=123456789012] [--max-running 2] \\
+        [--worker-command "python -m covalent_gcpbatch_plugin.worker"]
+
+Batch API (``/v1``): create, get, list, cancel and delete jobs, camelCase JSON, enums as integers
+when the client asks (``$alt=json;enum-encoding=int``), errors as ``{"error": {code, message,
+status}}``. Job state changes are published to each job's JOB_STATE_CHANGED notification topics
+through the real Pub/Sub publisher (only when PUBSUB_EMULATOR_HOST is set: a local service never
+publishes to Google).
+
+Admin API (``/_admin``): ``GET stats`` (call counters, per-job state-entry wall-clock times,
+notification counters), ``GET active`` (ids of jobs not yet terminal), ``POST faults`` (see
+``batch_model.Faults``), ``POST reset``. The service is ready once ``GET /_admin/stats`` answers 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from google.cloud import batch_v1
+from google.longrunning import operations_pb2
+from google.protobuf import empty_pb2, json_format
+
+from .batch_model import ApiError, State, parse_worker_command
+from .batch_runner import LocalBatch
+
+log = logging.getLogger("covalent_gcpbatch_plugin.local.batch")
+
+Action = Literal["create", "get", "list", "cancel", "delete", "stats", "active", "faults", "reset"]
+
+# ---------------------------------------------------------------------------------------------
+# Pure translation: request -> action, results -> JSON
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    action: Action
+    project: str = ""
+    region: str = ""
+    job_id: str = ""
+
+
+_ADMIN: dict[tuple[str, str], Action] = {
+    ("GET", "/_admin/stats"): "stats",
+    ("GET", "/_admin/active"): "active",
+    ("POST", "/_admin/faults"): "faults",
+    ("POST", "/_admin/reset"): "reset",
+}
+_JOBS = re.compile(
+    r"^/v1/projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/jobs(?:/(?P<job>[^/:]+)(?P<cancel>:cancel)?)?$"
+)
+
+
+def route(method: str, path: str) -> Route | None:
+    """The action a request asks for, or None if the service has no such method."""
+    if (method, path) in _ADMIN:
+        return Route(_ADMIN[(method, path)])
+    match = _JOBS.fullmatch(unquote(path))
+    if not match:
+        return None
+    project, region, job_id = match["project"], match["region"], match["job"]
+    if job_id is None:
+        action = {"POST": "create", "GET": "list"}.get(method)
+    elif match["cancel"]:
+        action = "cancel" if method == "POST" else None
+    else:
+        action = {"GET": "get", "DELETE": "delete"}.get(method)
+    return Route(action, project, region, job_id or "") if action else None
+
+
+def state_filter(expression: str) -> State | None:
+    """The one list filter supported: ``status.state="RUNNING"`` (quotes optional), or none."""
+    expression = expression.strip()
+    if not expression:
+        return None
+    field_name, _, value = expression.partition("=")
+    if field_name.strip() != "status.state":
+        raise ApiError(400, f"unsupported filter {expression!r}: only status.state=\"<STATE>\" is supported locally")
+    try:
+        return State[value.strip().strip('"')]
+    except KeyError:
+        raise ApiError(400, f"unknown job state in filter {expression!r}") from None
+
+
+def message_json(message, *, enums_as_ints: bool) -> str:
+    """A proto-plus message as Google's REST API writes it: camelCase, defaults omitted."""
+    return type(message).to_json(message, use_integers_for_enums=enums_as_ints, indent=None,
+                                 always_print_fields_with_no_presence=False)
+
+
+def operation_json(target: str, verb: str, response) -> str:
+    """A finished long-running operation (cancel and delete complete before they answer)."""
+    parent = target.split("/jobs/")[0]
+    op = operations_pb2.Operation(name=f"{parent}/operations/operation-{uuid.uuid4().hex}", done=True)
+    metadata = batch_v1.OperationMetadata(target=target, verb=verb, api_version="v1")
+    op.metadata.Pack(batch_v1.OperationMetadata.pb(metadata))
+    op.response.Pack(response)
+    return json_format.MessageToJson(op, indent=None)
+
+
+def error_json(err: ApiError) -> str:
+    return json.dumps({"error": {"code": err.code, "message": err.message, "status": err.status}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Notifications (I/O: the real Pub/Sub publisher)
+# ---------------------------------------------------------------------------------------------
+
+
+class Notifier:
+    """Publishes Batch's notifications with the real publisher; counts outcomes for the stats."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._publisher = None
+        self.counts: Counter[str] = Counter()
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.counts[outcome] += 1
+
+    def connect(self):
+        """The publisher, created on first use (``main`` calls this at start-up when
+        PUBSUB_EMULATOR_HOST is set, so the first job does not pay for it)."""
+        with self._lock:
+            if self._publisher is None:
+                from .. import clients
+
+                self._publisher = clients.publisher_client()
+            return self._publisher
+
+    def publish(self, topic: str, data: bytes, attributes: dict[str, str]) -> None:
+        if not os.environ.get("PUBSUB_EMULATOR_HOST"):
+            log.warning("PUBSUB_EMULATOR_HOST is not set: not publishing %s to %s", attributes.get("NewJobState"), topic)
+            self._count("skipped")
+            return
+        future = self.connect().publish(topic, data, **attributes)
+
+        def _done(f) -> None:
+            err = f.exception()
+            if err is not None:
+                log.warning("publishing to %s failed: %s", topic, err)
+            self._count("failed" if err is not None else "published")
+
+        future.add_done_callback(_done)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def close(self) -> None:
+        with self._lock:
+            publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.stop()  # flushes what is pending
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchApp:
+    """Routes a parsed request to ``LocalBatch`` and renders the answer: (status, JSON text)."""
+
+    def __init__(self, batch: LocalBatch, notifier: Notifier) -> None:
+        self.batch = batch
+        self.notifier = notifier
+
+    def handle(self, method: str, target: str, body: bytes) -> tuple[int, str]:
+        url = urlsplit(target)
+        where = route(method, url.path)
+        if where is None:
+            raise ApiError(404, f"no method {method} {url.path} in the local Batch service")
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        ints = "enum-encoding=int" in query.get("$alt", "")
+        b, a = self.batch, where.action
+        if a == "create":
+            try:
+                job = batch_v1.Job.from_json(body or b"{}", ignore_unknown_fields=True)
+            except Exception as err:
+                raise ApiError(400, f"invalid job: {err}") from None
+            job_id = query.get("jobId") or f"job-{uuid.uuid4().hex[:20]}"
+            return 200, message_json(b.create(where.project, where.region, job_id, job), enums_as_ints=ints)
+        if a == "get":
+            return 200, message_json(b.get(where.project, where.region, where.job_id), enums_as_ints=ints)
+        if a == "list":
+            jobs = b.list(where.project, where.region, state_filter(query.get("filter", "")))
+            return 200, message_json(batch_v1.ListJobsResponse(jobs=jobs), enums_as_ints=ints)
+        if a == "cancel":
+            name = b.cancel(where.project, where.region, where.job_id)
+            return 200, operation_json(name, "cancel", batch_v1.CancelJobResponse.pb(batch_v1.CancelJobResponse()))
+        if a == "delete":
+            name = b.delete(where.project, where.region, where.job_id)
+            return 200, operation_json(name, "delete", empty_pb2.Empty())
+        if a == "stats":
+            stats = b.stats()
+            stats["notifications"] = {**self.notifier.stats(), **stats["notifications"]}
+            return 200, json.dumps(stats)
+        if a == "active":
+            return 200, json.dumps({"active": b.active()})
+        if a == "faults":
+            try:
+                faults = json.loads(body or b"{}")
+                if not isinstance(faults, Mapping):
+                    raise ValueError("the body must be a JSON object")
+                b.set_faults(faults)
+            except (ValueError, TypeError, KeyError) as err:
+                raise ApiError(400, f"invalid faults: {err}") from None
+            return 200, json.dumps(b.stats()["faults"])
+        b.reset()  # "reset"
+        return 200, "{}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: BatchHTTPServer
+
+    def _serve(self, method: str) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            status, text = self.server.app.handle(method, self.path, body)
+        except ApiError as err:
+            status, text = err.code, error_json(err)
+        except Exception as err:  # answer 500 like Google does, keep serving
+            log.exception("%s %s failed", method, self.path)
+            status, text = 500, error_json(ApiError(500, f"internal error: {err}"))
+        payload = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._serve("DELETE")
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class BatchHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 resets connections under a burst of requests
+
+    def __init__(self, address: tuple[str, int], app: BatchApp) -> None:
+        super().__init__(address, _Handler)
+        self.app = app
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_number_map(entries: list[str]) -> dict[str, str]:
+    """``["a=123,b=456", "c=789"]`` -> ``{"a": "123", "b": "456", "c": "789"}``."""
+    numbers: dict[str, str] = {}
+    for entry in entries:
+        for pair in filter(None, (p.strip() for p in entry.split(","))):
+            project, _, number = pair.partition("=")
+            if not project or not number.isdigit():
+                raise argparse.ArgumentTypeError(f"--project-number-map expects PROJECT=NUMBER, got {pair!r}")
+            numbers[project] = number
+    return numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m covalent_gcpbatch_plugin.local.batch_service",
+                                     description="A local Google Cloud Batch service (REST) running jobs as host processes.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    parser.add_argument("--state-dir", type=Path, required=True, help="job working directories and logs go here")
+    parser.add_argument("--project-number-map", action="append", default=[], metavar="PROJECT=NUMBER",
+                        help="project number used in notifications' JobName (repeatable, or comma-separated)")
+    parser.add_argument("--max-running", type=int, default=2, help="jobs running at once; the rest stay QUEUED")
+    parser.add_argument("--worker-command", default=None,
+                        help="what a container runnable runs (default: this python -m covalent_gcpbatch_plugin.worker)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s batch-service: %(message)s")
+    try:
+        numbers = parse_number_map(args.project_number_map)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+
+    notifier = Notifier()
+    if os.environ.get("PUBSUB_EMULATOR_HOST"):
+        notifier.connect()
+    batch = LocalBatch(args.state_dir.resolve(), publish=notifier.publish, max_running=args.max_running,
+                       worker_command=parse_worker_command(args.worker_command), project_numbers=numbers)
+    server = BatchHTTPServer((args.host, args.port), BatchApp(batch, notifier))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    serving.start()
+    host, port = server.server_address[:2]
+    print(f"local Batch service listening on http://{host}:{port}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("shutting down: killing running jobs")
+        batch.shutdown()
+        server.shutdown()
+        server.server_close()
+        notifier.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

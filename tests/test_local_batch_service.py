@@ -1,0 +1,479 @@
+"""The local Batch service, driven by the REAL google-cloud-batch client (REST) and the REAL Pub/Sub
+emulator: the service runs as a subprocess, jobs run as host processes.
+
+Jobs run a small fake worker (``--worker-command``) steered by its task environment:
+``FAKE_SLEEP_S`` (seconds to sleep) and ``FAKE_EXIT_CODES`` (comma-separated exit code per retry
+attempt, the last one repeating). It writes ``pid`` and ``env.json`` into its working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from google.api_core import exceptions
+from google.cloud import batch_v1
+from google.protobuf import duration_pb2
+
+from covalent_gcpbatch_plugin import clients, protocol
+from covalent_gcpbatch_plugin.local.batch_model import Verdict, attempt_verdict, runnable_argv, task_environment
+from covalent_gcpbatch_plugin.local.batch_service import route
+
+from helpers_emulators import (
+    EmulatorUnavailable,
+    free_port,
+    start_pubsub_emulator,
+    stop_process_group,
+    unavailable,
+    wait_until_answers,
+)
+
+PROJECT = "local-project"
+PROJECT_NUMBER = "123456789012"
+REGION = "us-central1"
+PARENT = f"projects/{PROJECT}/locations/{REGION}"
+State = batch_v1.JobStatus.State
+Action = batch_v1.LifecyclePolicy.Action
+
+FAKE_WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    with open("pid", "w") as f:
+        f.write(str(os.getpid()))
+    with open("env.json", "w") as f:
+        json.dump({"cwd": os.getcwd(), "env": dict(os.environ)}, f)
+    time.sleep(float(os.environ.get("FAKE_SLEEP_S", "0")))
+    codes = os.environ.get("FAKE_EXIT_CODES", "0").split(",")
+    attempt = int(os.environ.get("BATCH_TASK_RETRY_ATTEMPT", "0"))
+    sys.exit(int(codes[min(attempt, len(codes) - 1)]))
+    """
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pubsub_host(tmp_path_factory):
+    try:
+        proc, host = start_pubsub_emulator(tmp_path_factory.mktemp("pubsub"))
+    except EmulatorUnavailable as err:
+        unavailable(str(err))
+    yield host
+    stop_process_group(proc)
+
+
+def start_service(root: Path, env: dict[str, str], *extra: str) -> tuple[subprocess.Popen, str]:
+    """The service as a real subprocess in its own session; (process, endpoint) once ready."""
+    root.mkdir(parents=True, exist_ok=True)
+    worker = root / "fake_worker.py"
+    worker.write_text(FAKE_WORKER)
+    port = free_port()
+    log_file = root / "service.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "covalent_gcpbatch_plugin.local.batch_service", "--host", "127.0.0.1",
+             "--port", str(port), "--state-dir", str(root / "state"), "--project-number-map",
+             f"{PROJECT}={PROJECT_NUMBER}", "--worker-command", f"python {worker}", *extra],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answers(proc, f"{endpoint}/_admin/stats", 30, log_file)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc, endpoint
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, pubsub_host):
+    root = tmp_path_factory.mktemp("batch")
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_host, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
+    proc, endpoint = start_service(root, env, "--max-running", "2")
+    yield endpoint, root / "state"
+    stop_process_group(proc)
+    assert proc.returncode == 0, (root / "service.log").read_text()[-3000:]
+
+
+@pytest.fixture
+def endpoint(service):
+    admin(service[0], "reset", {})
+    return service[0]
+
+
+@pytest.fixture
+def state_dir(service) -> Path:
+    return service[1]
+
+
+@pytest.fixture
+def client(endpoint):
+    return clients.batch_client(endpoint)
+
+
+@pytest.fixture
+def topic(pubsub_host):
+    """A fresh topic with a subscription: (topic path, pull function)."""
+    name = f"jobs-{uuid.uuid4().hex[:8]}"
+    topic_path = f"projects/{PROJECT}/topics/{name}"
+    publisher = clients.publisher_client(pubsub_host)
+    subscriber = clients.subscriber_client(pubsub_host)
+    publisher.create_topic(name=topic_path)
+    subscription = f"projects/{PROJECT}/subscriptions/{name}"
+    subscriber.create_subscription(name=subscription, topic=topic_path)
+
+    def pull(until: Callable[[list], bool], timeout: float = 15.0) -> list:
+        received: list = []
+        deadline = time.monotonic() + timeout
+        while not until(received) and time.monotonic() < deadline:
+            try:
+                response = subscriber.pull(subscription=subscription, max_messages=100, timeout=2)
+            except exceptions.DeadlineExceeded:
+                continue
+            if response.received_messages:
+                subscriber.acknowledge(subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages])
+            received.extend(m.message for m in response.received_messages)
+        return received
+
+    yield topic_path, pull
+    subscriber.delete_subscription(subscription=subscription)
+    publisher.delete_topic(topic=topic_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def admin(endpoint: str, what: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/_admin/{what}", data=data), timeout=10) as r:
+        return json.loads(r.read())
+
+
+def make_job(env: dict[str, str] | None = None, *, retries: int = 0, policy: batch_v1.LifecyclePolicy | None = None,
+             max_run_s: int = 0, notifications: list[batch_v1.JobNotification] = (),
+             runnable: batch_v1.Runnable | None = None) -> batch_v1.Job:
+    spec = batch_v1.TaskSpec(
+        runnables=[runnable or batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri="local/worker:dev"))],
+        environment=batch_v1.Environment(variables=env or {}),
+        max_retry_count=retries,
+        lifecycle_policies=[policy] if policy else [],
+    )
+    if max_run_s:
+        spec.max_run_duration = duration_pb2.Duration(seconds=max_run_s)
+    return batch_v1.Job(task_groups=[batch_v1.TaskGroup(task_spec=spec, task_count=1)], labels={"created-by": "tests"},
+                        notifications=list(notifications))
+
+
+def notify(topic_path: str, state: State | None = None) -> batch_v1.JobNotification:
+    message = batch_v1.JobNotification.Message(type_=batch_v1.JobNotification.Type.JOB_STATE_CHANGED)
+    if state is not None:
+        message.new_job_state = state
+    return batch_v1.JobNotification(pubsub_topic=topic_path, message=message)
+
+
+def new_id(prefix: str = "job") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def create(client, job: batch_v1.Job, job_id: str | None = None) -> batch_v1.Job:
+    return client.create_job(parent=PARENT, job_id=job_id or new_id(), job=job)
+
+
+def wait_state(client, name: str, states: set[State], timeout: float = 15.0) -> batch_v1.Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get_job(name=name)
+        if job.status.state in states or time.monotonic() > deadline:
+            assert job.status.state in states, f"{name} is {job.status.state.name}, expected {states}"
+            return job
+        time.sleep(0.05)
+
+
+def exit_codes(job: batch_v1.Job) -> list[int]:
+    return [e.task_execution.exit_code for e in job.status.status_events if e.description.startswith("Task state")]
+
+
+def job_id_of(job: batch_v1.Job) -> str:
+    return job.name.rsplit("/", 1)[-1]
+
+
+def wait_for_pid(state_dir: Path, job_id: str, attempt: int = 0, timeout: float = 10.0) -> int:
+    pid_file = state_dir / "jobs" / job_id / f"attempt-{attempt}" / "pid"
+    deadline = time.monotonic() + timeout
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline, f"{pid_file} never appeared"
+        time.sleep(0.02)
+    return int(pid_file.read_text())
+
+
+def process_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure translation (no service)
+# ---------------------------------------------------------------------------------------------
+
+FAIL_NO_RETRY = batch_v1.LifecyclePolicy(
+    action=Action.FAIL_TASK,
+    action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=list(protocol.NO_RETRY_EXIT_CODES)),
+)
+RETRY_ONLY_50001 = batch_v1.LifecyclePolicy(
+    action=Action.RETRY_TASK, action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=[50001])
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "retries_done", "max_retry", "policy", "verdict"),
+    [
+        (0, 0, 0, None, Verdict.SUCCEEDED),
+        (1, 0, 0, None, Verdict.FAILED),
+        (1, 0, 2, None, Verdict.RETRY),
+        (1, 2, 2, None, Verdict.FAILED),
+        (protocol.EXIT_TASK_FAILED, 0, 3, FAIL_NO_RETRY, Verdict.FAILED),
+        (protocol.EXIT_MAX_RUN_DURATION, 0, 3, FAIL_NO_RETRY, Verdict.FAILED),
+        (50001, 0, 3, FAIL_NO_RETRY, Verdict.RETRY),
+        (50001, 0, 3, RETRY_ONLY_50001, Verdict.RETRY),
+        (50001, 3, 3, RETRY_ONLY_50001, Verdict.FAILED),
+        (7, 0, 3, RETRY_ONLY_50001, Verdict.FAILED),
+    ],
+)
+def test_attempt_verdict(code, retries_done, max_retry, policy, verdict):
+    spec = batch_v1.TaskSpec(max_retry_count=max_retry, lifecycle_policies=[policy] if policy else [])
+    assert attempt_verdict(code, retries_done, spec) is verdict
+
+
+def test_route_and_runnable_translation():
+    assert route("POST", f"/v1/{PARENT}/jobs").action == "create"
+    assert route("GET", f"/v1/{PARENT}/jobs").action == "list"
+    got = route("GET", f"/v1/{PARENT}/jobs/abc")
+    assert (got.action, got.project, got.region, got.job_id) == ("get", PROJECT, REGION, "abc")
+    assert route("POST", f"/v1/{PARENT}/jobs/abc:cancel").action == "cancel"
+    assert route("DELETE", f"/v1/{PARENT}/jobs/abc").action == "delete"
+    assert route("PUT", f"/v1/{PARENT}/jobs/abc") is None
+    assert route("GET", "/_admin/stats").action == "stats"
+
+    container = batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri="img", commands=["--x"]))
+    assert runnable_argv(container, ["worker"]) == ["worker", "--x"]
+    container.container.entrypoint = "/bin/echo"
+    assert runnable_argv(container, ["worker"]) == ["/bin/echo", "--x"]
+    script = batch_v1.Runnable(script=batch_v1.Runnable.Script(text="exit 3"))
+    assert runnable_argv(script, ["worker"]) == ["/bin/sh", "-c", "exit 3"]
+
+    spec = batch_v1.TaskSpec(environment=batch_v1.Environment(variables={"A": "task", "B": "task"}))
+    runnable = batch_v1.Runnable(environment=batch_v1.Environment(variables={"B": "runnable"}))
+    env = task_environment({"A": "base", "PATH": "/bin"}, spec, runnable, 2)
+    assert (env["A"], env["B"], env["PATH"], env["BATCH_TASK_RETRY_ATTEMPT"]) == ("task", "runnable", "/bin", "2")
+
+
+# ---------------------------------------------------------------------------------------------
+# The service through the real client
+# ---------------------------------------------------------------------------------------------
+
+
+def test_create_get_list_delete_round_trip(client, endpoint):
+    job_id = new_id("round")
+    created = create(client, make_job({"FAKE_SLEEP_S": "0.2"}), job_id)
+    assert created.name == f"{PARENT}/jobs/{job_id}"
+    assert created.uid and created.create_time.timestamp() > 0
+    assert created.status.state == State.QUEUED
+    assert created.labels["created-by"] == "tests"
+
+    got = client.get_job(name=created.name)
+    assert got.uid == created.uid
+    assert got.task_groups[0].task_spec.runnables[0].container.image_uri == "local/worker:dev"
+    assert created.name in [j.name for j in client.list_jobs(parent=PARENT)]
+
+    done = wait_state(client, created.name, {State.SUCCEEDED})
+    assert exit_codes(done) == [0]
+    assert done.status.run_duration.total_seconds() >= 0.2
+    running = client.list_jobs(request=batch_v1.ListJobsRequest(parent=PARENT, filter='status.state="RUNNING"'))
+    assert created.name not in [j.name for j in running]
+
+    client.delete_job(name=created.name).result(timeout=10)
+    with pytest.raises(exceptions.NotFound):
+        client.get_job(name=created.name)
+    calls = admin(endpoint, "stats")["calls"]
+    assert calls["create"] == 1 and calls["delete"] == 1 and calls["list"] == 2 and calls["get"] >= 2
+
+
+def test_errors_map_to_google_exceptions(client):
+    job_id = new_id("dup")
+    create(client, make_job(), job_id)
+    # Over REST, api_core maps HTTP 409 to Conflict (AlreadyExists, its subclass, comes only
+    # from gRPC): callers must catch Conflict to cover both transports.
+    with pytest.raises(exceptions.Conflict) as dup:
+        create(client, make_job(), job_id)
+    assert dup.value.code == 409 and "already exists" in dup.value.message
+    with pytest.raises(exceptions.BadRequest, match="must match"):
+        create(client, make_job(), "Not_Valid")
+    with pytest.raises(exceptions.BadRequest, match="runnable"):
+        create(client, batch_v1.Job(task_groups=[batch_v1.TaskGroup(task_spec=batch_v1.TaskSpec())]))
+    with pytest.raises(exceptions.BadRequest, match="task group"):
+        create(client, batch_v1.Job())
+    two = make_job()
+    two.task_groups.append(two.task_groups[0])
+    with pytest.raises(exceptions.BadRequest, match="only one task group"):
+        create(client, two)
+    with pytest.raises(exceptions.NotFound):
+        client.get_job(name=f"{PARENT}/jobs/no-such-job")
+    with pytest.raises(exceptions.NotFound):
+        client.delete_job(name=f"{PARENT}/jobs/no-such-job")
+
+
+def test_success_publishes_every_state_with_project_number(client, endpoint, state_dir, topic, pubsub_host):
+    topic_path, pull = topic
+    job = make_job({"FAKE_SLEEP_S": "0.1", "FROM_TASK": "task", "OVERRIDDEN": "task"},
+                   notifications=[notify(topic_path), notify(topic_path, State.SUCCEEDED)])
+    job.task_groups[0].task_spec.runnables[0].environment.variables["OVERRIDDEN"] = "runnable"
+    created = create(client, job)
+    job_id = job_id_of(created)
+    done = wait_state(client, created.name, {State.SUCCEEDED})
+
+    expected = ["QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED"]
+    messages = pull(lambda got: sum(m.attributes["NewJobState"] == "SUCCEEDED" for m in got) >= 2)
+    events = [protocol.parse_notification(m.attributes, m.data) for m in messages]
+    assert all(e is not None and e.job_id == job_id for e in events)
+    # every state once from the unfiltered entry, SUCCEEDED once more from the filtered one
+    assert sorted(e.state.value for e in events) == sorted([*expected, "SUCCEEDED"])
+    for m in messages:
+        assert m.attributes["JobName"] == f"projects/{PROJECT_NUMBER}/locations/{REGION}/jobs/{job_id}"
+        assert m.attributes["JobUID"] == created.uid and m.attributes["Region"] == REGION
+        assert m.data.startswith(b"Job state was updated: ")
+
+    # state-entry times: in the stats and in the job's status events, in order
+    times = admin(endpoint, "stats")["jobs"][job_id]
+    assert [s for s in expected if s in times] == expected
+    assert [times[s] for s in expected] == sorted(times[s] for s in expected)
+    job_events = [e for e in done.status.status_events if e.description.startswith("Job state")]
+    assert [e.description.split(" to ")[1].split()[0] for e in job_events] == expected
+    assert abs(job_events[-1].event_time.timestamp() - times["SUCCEEDED"]) < 0.01
+
+    seen = json.loads((state_dir / "jobs" / job_id / "attempt-0" / "env.json").read_text())
+    assert Path(seen["cwd"]) == (state_dir / "jobs" / job_id / "attempt-0").resolve()
+    assert seen["env"]["FROM_TASK"] == "task" and seen["env"]["OVERRIDDEN"] == "runnable"
+    assert seen["env"]["PUBSUB_EMULATOR_HOST"] == pubsub_host
+    assert seen["env"]["STORAGE_EMULATOR_HOST"] == "http://127.0.0.1:9"
+
+
+def test_nonzero_exit_fails_with_exit_code(client):
+    created = create(client, make_job({"FAKE_EXIT_CODES": "3"}))
+    done = wait_state(client, created.name, {State.FAILED})
+    assert exit_codes(done) == [3]
+    assert done.status.task_groups["group0"].counts["FAILED"] == 1
+
+
+def test_lifecycle_policy_fail_task_vs_retry(client, endpoint):
+    # a FAIL_TASK code fails at once; any other code is retried max_retry_count times
+    no_retry = create(client, make_job({"FAKE_EXIT_CODES": str(protocol.EXIT_TASK_FAILED)}, retries=2,
+                                       policy=FAIL_NO_RETRY))
+    retried = create(client, make_job({"FAKE_EXIT_CODES": "7"}, retries=2, policy=FAIL_NO_RETRY))
+    recovers = create(client, make_job({"FAKE_EXIT_CODES": "7,0"}, retries=2, policy=FAIL_NO_RETRY))
+    only_listed = create(client, make_job({"FAKE_EXIT_CODES": "7"}, retries=2, policy=RETRY_ONLY_50001))
+
+    assert exit_codes(wait_state(client, no_retry.name, {State.FAILED})) == [protocol.EXIT_TASK_FAILED]
+    assert exit_codes(wait_state(client, retried.name, {State.FAILED})) == [7, 7, 7]
+    assert exit_codes(wait_state(client, recovers.name, {State.SUCCEEDED})) == [7, 0]
+    assert exit_codes(wait_state(client, only_listed.name, {State.FAILED})) == [7]
+
+
+def test_max_run_duration_kills_with_50005(client, state_dir):
+    created = create(client, make_job({"FAKE_SLEEP_S": "60"}, retries=3, max_run_s=1, policy=FAIL_NO_RETRY))
+    pid = wait_for_pid(state_dir, job_id_of(created))
+    done = wait_state(client, created.name, {State.FAILED}, timeout=10)
+    assert exit_codes(done) == [protocol.EXIT_MAX_RUN_DURATION]
+    assert any("max run duration" in e.description for e in done.status.status_events)
+    assert process_gone(pid)
+
+
+def test_cancel_running_and_queued_jobs(client, endpoint, state_dir):
+    # --max-running 2: two long jobs run, the third waits in QUEUED
+    long_jobs = [create(client, make_job({"FAKE_SLEEP_S": "60"})) for _ in range(2)]
+    pids = [wait_for_pid(state_dir, job_id_of(j)) for j in long_jobs]
+    queued = create(client, make_job())
+    time.sleep(0.3)
+    assert client.get_job(name=queued.name).status.state == State.QUEUED
+    assert set(admin(endpoint, "active")["active"]) >= {job_id_of(j) for j in [*long_jobs, queued]}
+
+    client.cancel_job(name=queued.name).result(timeout=10)
+    assert client.get_job(name=queued.name).status.state == State.CANCELLED
+    assert not (state_dir / "jobs" / job_id_of(queued) / "attempt-0").exists()
+
+    client.cancel_job(name=long_jobs[0].name).result(timeout=10)
+    cancelled = client.get_job(name=long_jobs[0].name)
+    assert cancelled.status.state == State.CANCELLED
+    assert "to CANCELLATION_IN_PROGRESS" in " ".join(e.description for e in cancelled.status.status_events)
+    assert process_gone(pids[0])
+
+    client.delete_job(name=long_jobs[1].name).result(timeout=10)
+    with pytest.raises(exceptions.NotFound):
+        client.get_job(name=long_jobs[1].name)
+    assert process_gone(pids[1])
+    assert "DELETION_IN_PROGRESS" in admin(endpoint, "stats")["jobs"][job_id_of(long_jobs[1])]
+    assert not {job_id_of(j) for j in long_jobs} & set(admin(endpoint, "active")["active"])
+
+
+def test_preempt_fault_then_success(client, endpoint):
+    job_id = new_id("spot")
+    admin(endpoint, "faults", {"preempt": {job_id: 1}})
+    created = create(client, make_job(retries=1, policy=FAIL_NO_RETRY), job_id)
+    done = wait_state(client, created.name, {State.SUCCEEDED})
+    assert exit_codes(done) == [50001, 0]
+    # without retries the preemption fails the job
+    admin(endpoint, "faults", {"preempt": {"*": 1}})
+    failed = wait_state(client, create(client, make_job()).name, {State.FAILED})
+    assert exit_codes(failed) == [50001]
+
+
+def test_fail_create_fault_reaches_the_client(client, endpoint):
+    admin(endpoint, "faults", {"fail_create": 1, "fail_create_status": 503})
+    with pytest.raises(exceptions.ServiceUnavailable):
+        create(client, make_job())
+    create(client, make_job())  # the next one goes through
+    assert admin(endpoint, "stats")["calls"]["create"] == 2
+
+
+def test_notification_faults_drop_and_duplicate(client, endpoint, topic):
+    topic_path, pull = topic
+    admin(endpoint, "faults", {"drop_notifications": {"*": ["RUNNING"]}, "duplicate_notifications": True})
+    created = create(client, make_job(notifications=[notify(topic_path)]))
+    wait_state(client, created.name, {State.SUCCEEDED})
+    messages = pull(lambda got: sum(m.attributes["NewJobState"] == "SUCCEEDED" for m in got) >= 2)
+    messages += pull(lambda got: False, timeout=0.5)  # nothing else should trickle in
+    states = sorted(m.attributes["NewJobState"] for m in messages)
+    assert states == sorted(["QUEUED", "SCHEDULED", "SUCCEEDED"] * 2)
+    assert admin(endpoint, "stats")["notifications"]["dropped"] == 1
+
+
+def test_sigterm_kills_running_jobs(tmp_path):
+    proc, endpoint = start_service(tmp_path, dict(os.environ))
+    try:
+        client = clients.batch_client(endpoint)
+        created = create(client, make_job({"FAKE_SLEEP_S": "60"}))
+        pid = wait_for_pid(tmp_path / "state", job_id_of(created))
+        proc.terminate()  # SIGTERM to the service only, not its group
+        assert proc.wait(timeout=10) == 0
+        assert process_gone(pid)
+    finally:
+        stop_process_group(proc)
