@@ -33,3 +33,52 @@ os.environ.pop("COVALENT_SERVER_IFACE_ANY", None)
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(ROOT, ignore_errors=True)
+
+
+def require_emulators() -> None:
+    """Outside CI a machine without the emulators skips the stack tests; under CI it fails them."""
+    from covalent_gcpbatch_plugin.local.stack import StackError, find_fake_gcs_server, find_pubsub_emulator
+
+    try:
+        find_pubsub_emulator()
+        find_fake_gcs_server()
+    except StackError as err:
+        if ON_CI:
+            pytest.fail(f"CI=true and an emulator is missing: {err}")
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    """The local stack, with its settings in the (isolated) Covalent config, as `local up` does."""
+    from covalent._shared_files.config import reload_config
+
+    from covalent_gcpbatch_plugin.local import covalent_config
+    from covalent_gcpbatch_plugin.local.stack import LocalStack
+
+    require_emulators()
+    stack = LocalStack(ROOT / "stack")
+    settings = stack.up()
+    config = settings.executor_config()
+    try:
+        covalent_config.write_executor_section(config)
+        reload_config()
+        yield settings
+    finally:
+        stack.down()
+        covalent_config.remove_executor_section_keys(list(config))
+        reload_config()
+
+
+@pytest.fixture(scope="session")
+def covalent_server(local_stack):
+    """A Covalent server started after `local up`, so it reads the stack's settings."""
+    from covalent._shared_files.config import reload_config
+
+    server = CovalentServer(ROOT / "covalent", COVALENT_PORT)
+    server.start()
+    reload_config()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,158 @@
+"""The Cloud Function, in process through functions_framework.create_app(...).test_client(),
+against the local stack's real Batch service (REST) and Pub/Sub emulator."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import functions_framework
+import pytest
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+from google.api_core import exceptions
+from google.cloud import batch_v1
+
+from covalent_gcpbatch_plugin import clients, protocol
+from test_protocol import spec as make_spec
+
+FUNCTION_SOURCE = Path(__file__).resolve().parents[1] / "functions" / "main.py"
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture
+def function(local_stack, monkeypatch):
+    """A fresh app with the stack's deployment settings, as `local up` configures the served one."""
+    for name, value in {**local_stack.deployment_settings().to_env(), "PUBSUB_EMULATOR_HOST": local_stack.pubsub_emulator_host}.items():
+        monkeypatch.setenv(name, value)
+    sys.modules.pop("main", None)
+    app = functions_framework.create_app(target="on_task_uploaded", source=str(FUNCTION_SOURCE), signature_type="cloudevent")
+    return app.test_client()
+
+
+@pytest.fixture
+def rejections(local_stack):
+    """Messages on the notification topic from now on (a pull subscription of the test's own)."""
+    subscriber = clients.subscriber_client(local_stack.pubsub_emulator_host)
+    path = f"projects/{local_stack.project_id}/subscriptions/test-{uuid.uuid4().hex[:12]}"
+    subscriber.create_subscription(name=path, topic=local_stack.topic_path(local_stack.topic))
+
+    def pull() -> list[protocol.JobEvent]:
+        response = subscriber.pull(subscription=path, max_messages=50, timeout=10)
+        events = [protocol.parse_notification(dict(m.message.attributes), m.message.data) for m in response.received_messages]
+        return [e for e in events if e is not None and e.state is protocol.JobState.REJECTED]
+
+    yield pull
+    subscriber.delete_subscription(subscription=path)
+    subscriber.close()
+
+
+def spec_for(stack, **overrides) -> protocol.JobSpec:
+    values = dict(project_id=stack.project_id, region=stack.region, container_image_uri=stack.container_image_uri)
+    return make_spec(**{**values, **overrides})
+
+
+def finalize_event(stack, name: str, metadata: dict | None, event_type: str = "google.cloud.storage.object.v1.finalized"):
+    """Headers and body of a storage CloudEvent in binary mode, as Eventarc delivers it."""
+    event = CloudEvent(
+        {
+            "type": event_type,
+            "source": f"//storage.googleapis.com/projects/_/buckets/{stack.bucket_name}",
+            "subject": f"objects/{name}",
+            "id": uuid.uuid4().hex,
+        },
+        {"bucket": stack.bucket_name, "name": name, "generation": "1", "metadata": metadata or {}},
+    )
+    return to_binary(event)
+
+
+def post(client, stack, name, metadata, **kwargs):
+    headers, body = finalize_event(stack, name, metadata, **kwargs)
+    return client.post("/", headers=headers, data=body)
+
+
+def get_job(stack, job_id: str) -> batch_v1.Job:
+    return clients.batch_client(stack.batch_api_endpoint).get_job(name=f"projects/{stack.project_id}/locations/{stack.region}/jobs/{job_id}")
+
+
+def new_job_id() -> str:
+    return protocol.make_job_id("f00dbabe", 1, protocol.new_attempt_token())
+
+
+def admin(stack, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{stack.batch_api_endpoint}/_admin/{path}", data=data, method="POST" if data else "GET")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def test_task_upload_creates_the_batch_job(function, local_stack):
+    job_id = new_job_id()
+    response = post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata())
+    assert response.status_code == 200
+    job = get_job(local_stack, job_id)
+    task = job.task_groups[0].task_spec
+    assert task.runnables[0].container.image_uri == local_stack.container_image_uri
+    assert dict(task.environment.variables) == protocol.worker_environment(local_stack.bucket_name, job_id)
+    assert job.allocation_policy.service_account.email == local_stack.service_account_email
+    assert job.notifications[0].pubsub_topic == local_stack.topic_path(local_stack.topic)
+
+
+def test_duplicate_event_creates_exactly_one_job(function, local_stack):
+    job_id = new_job_id()
+    creates_before = admin(local_stack, "stats")["calls"]["create"]
+    for _ in range(2):
+        assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
+    assert admin(local_stack, "stats")["calls"]["create"] == creates_before + 2
+    listed = clients.batch_client(local_stack.batch_api_endpoint).list_jobs(parent=f"projects/{local_stack.project_id}/locations/{local_stack.region}")
+    assert [j.name for j in listed].count(get_job(local_stack, job_id).name) == 1
+
+
+@pytest.mark.parametrize(
+    "name, event_type",
+    [
+        ("covalent-gcpbatch/cov-f00dbabe-1-abcd/result.pkl", "google.cloud.storage.object.v1.finalized"),
+        ("covalent-gcpbatch/cov-f00dbabe-1-abcd/stdout.log", "google.cloud.storage.object.v1.finalized"),
+        ("someone-else/data.csv", "google.cloud.storage.object.v1.finalized"),
+        ("covalent-gcpbatch/cov-f00dbabe-1-abcd/task.pkl", "google.cloud.storage.object.v1.deleted"),
+    ],
+)
+def test_other_objects_and_events_are_ignored(function, local_stack, name, event_type):
+    creates_before = admin(local_stack, "stats")["calls"]["create"]
+    assert post(function, local_stack, name, spec_for(local_stack).to_metadata(), event_type=event_type).status_code == 200
+    assert admin(local_stack, "stats")["calls"]["create"] == creates_before
+
+
+@pytest.mark.parametrize(
+    "metadata, reason",
+    [
+        ({}, "no 'gcpbatch-spec' metadata"),
+        ({protocol.SPEC_METADATA_KEY: '{"version": 1}'}, "invalid job spec"),
+        ("image", "is not allowed by this deployment"),
+        ("account", "jobs of this deployment run as"),
+    ],
+)
+def test_refused_task_creates_nothing_and_publishes_the_reason(function, local_stack, rejections, metadata, reason):
+    if metadata == "image":
+        metadata = spec_for(local_stack, container_image_uri="docker.io/attacker/miner:latest").to_metadata()
+    elif metadata == "account":
+        metadata = spec_for(local_stack, service_account_email="owner@local-project.iam.gserviceaccount.com").to_metadata()
+    job_id = new_job_id()
+    assert post(function, local_stack, protocol.TaskObjects(job_id).task, metadata).status_code == 200
+    with pytest.raises(exceptions.NotFound):
+        get_job(local_stack, job_id)
+    (event,) = [e for e in rejections() if e.job_id == job_id]
+    assert reason in event.detail
+
+
+def test_transient_batch_errors_are_retried(function, local_stack):
+    admin(local_stack, "faults", {"fail_create": 2, "fail_create_status": 503})
+    try:
+        job_id = new_job_id()
+        assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
+        assert get_job(local_stack, job_id).name.endswith(job_id)
+    finally:
+        admin(local_stack, "reset", {})
