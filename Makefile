@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+$(VENV)/.demo-installed: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,demo]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
 	$(PY) examples/run_demo.py
 
 test: $(STAMP)
