@@ -59,6 +59,15 @@ def publisher():
     return clients.publisher_client()
 
 
+@functools.cache
+def storage():
+    return clients.storage_client(settings().project_id)
+
+
+def cancelled(bucket: str, objects: protocol.TaskObjects) -> bool:
+    return storage().bucket(bucket).blob(objects.cancelled).exists(timeout=30)
+
+
 def reject(job_id: str, reason: str) -> None:
     data, attributes = protocol.rejection_message(job_id, reason)
     publisher().publish(settings().topic_path, data, **attributes).result(timeout=30)
@@ -83,6 +92,10 @@ def on_task_uploaded(event: CloudEvent) -> None:
         reject(job_id, str(err))
         return
 
+    objects = protocol.TaskObjects(job_id)
+    if cancelled(bucket, objects):
+        log.info("not creating job %s: the task was cancelled before its job existed", job_id)
+        return
     job = jobs.build_job(spec, bucket=bucket, job_id=job_id, settings=settings())
     try:
         batch().create_job(
@@ -96,3 +109,6 @@ def on_task_uploaded(event: CloudEvent) -> None:
         log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, bucket, name)
         return
     log.info("created job %s for gs://%s/%s", job_id, bucket, name)
+    if cancelled(bucket, objects):  # cancelled while we were creating it
+        batch().cancel_job(name=f"{jobs.job_parent(settings())}/jobs/{job_id}", retry=CREATE_RETRY, timeout=CREATE_TIMEOUT_S)
+        log.info("cancelled job %s: the task was cancelled while its job was being created", job_id)

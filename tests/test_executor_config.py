@@ -71,6 +71,7 @@ def test_attributes_survive_covalents_json_round_trip():
         ({"time_limit": 0}, "time_limit"),
         ({"queue_timeout": 0}, "queue_timeout"),
         ({"keep_artifacts": "yes"}, "keep_artifacts"),
+        ({"wait_mode": "sometimes"}, "wait_mode must be one of events, poll"),
         ({"retries": True}, "retries"),
     ],
 )

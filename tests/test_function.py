@@ -26,7 +26,8 @@ pytestmark = pytest.mark.stack
 @pytest.fixture
 def function(local_stack, monkeypatch):
     """A fresh app with the stack's deployment settings, as `local up` configures the served one."""
-    for name, value in {**local_stack.deployment_settings().to_env(), "PUBSUB_EMULATOR_HOST": local_stack.pubsub_emulator_host}.items():
+    emulators = {"PUBSUB_EMULATOR_HOST": local_stack.pubsub_emulator_host, "STORAGE_EMULATOR_HOST": local_stack.storage_emulator_host}
+    for name, value in {**local_stack.deployment_settings().to_env(), **emulators}.items():
         monkeypatch.setenv(name, value)
     sys.modules.pop("main", None)
     app = functions_framework.create_app(target="on_task_uploaded", source=str(FUNCTION_SOURCE), signature_type="cloudevent")
@@ -156,3 +157,16 @@ def test_transient_batch_errors_are_retried(function, local_stack):
         assert get_job(local_stack, job_id).name.endswith(job_id)
     finally:
         admin(local_stack, "reset", {})
+
+
+def test_cancelled_task_gets_no_job(function, local_stack):
+    """Cancel before the job exists: the executor's marker object stops the function."""
+    job_id = new_job_id()
+    objects = protocol.TaskObjects(job_id)
+    bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
+    bucket.blob(objects.cancelled).upload_from_string(b"")
+    creates_before = admin(local_stack, "stats")["calls"]["create"]
+    assert post(function, local_stack, objects.task, spec_for(local_stack).to_metadata()).status_code == 200
+    assert admin(local_stack, "stats")["calls"]["create"] == creates_before
+    with pytest.raises(exceptions.NotFound):
+        get_job(local_stack, job_id)

@@ -44,7 +44,7 @@ def test_job_id_rejects_impossible_inputs(bad):
 def test_layout_round_trips_the_job_id():
     objects = p.TaskObjects("cov-8f1c2d3e-3-a1b2c3d4")
     assert objects.task == "covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4/task.pkl"
-    assert len({*objects.all()}) == 5 and all(o.startswith(objects.prefix) for o in objects.all())
+    assert len({*objects.all()}) == 6 and all(o.startswith(objects.prefix) for o in objects.all())
     assert p.job_id_of_task_object(objects.task) == objects.job_id
 
 

@@ -53,6 +53,7 @@ _EXECUTOR_PLUGIN_DEFAULTS = {
     "retries": 3,
     "time_limit": 300,
     "poll_freq": 5,
+    "wait_mode": "events",
     "cache_dir": "/tmp/covalent",
     "pubsub_topic": "covalent-gcpbatch-jobs",
     "queue_timeout": 3600,
@@ -65,6 +66,9 @@ _EXECUTOR_PLUGIN_DEFAULTS = {
 }
 
 _REQUIRED = ("project_id", "bucket_name", "container_image_uri")
+#: "events": wait on Pub/Sub (the default). "poll": get_job every poll_freq seconds, for
+#: deployments without Pub/Sub and as the baseline the benchmarks compare against.
+WAIT_MODES = ("events", "poll")
 #: After max run duration, the worker still uploads and Batch still publishes: allow for that.
 RUN_GRACE_S = 120
 
@@ -93,6 +97,8 @@ def validate_settings(settings: dict[str, Any]) -> None:
     _check_number("queue_timeout", settings["queue_timeout"], minimum=1, integer=False)
     _check_number("submit_timeout", settings["submit_timeout"], minimum=1, integer=False)
     _check_number("reconcile_interval", settings["reconcile_interval"], minimum=0.1, integer=False)
+    if settings["wait_mode"] not in WAIT_MODES:
+        raise ConfigError(f"wait_mode must be one of {', '.join(WAIT_MODES)}, got {settings['wait_mode']!r}")
     if not isinstance(settings["keep_artifacts"], bool):
         raise ConfigError(f"keep_artifacts must be true or false, got {settings['keep_artifacts']!r}")
 
@@ -145,6 +151,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         retries: int | None = None,
         time_limit: int | None = None,
         poll_freq: float | None = None,
+        wait_mode: str | None = None,
         cache_dir: str | None = None,
         pubsub_topic: str | None = None,
         queue_timeout: float | None = None,
@@ -183,26 +190,39 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
         spec = self._job_spec(dispatch_id, node_id, await self.get_version_info())
         workdir = Path(self.cache_dir).expanduser() / job_id
-        events = job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
-        inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
+        events = None
+        inbox: asyncio.Queue[JobEvent] | None = None
+        if self.wait_mode == "events":
+            events = job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
+            inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
         try:
             await asyncio.to_thread(self._upload_task, objects, spec, workdir, (function, args, kwargs))
             app_log.debug(f"gcpbatch: uploaded {objects.task}, waiting for job {job_id}")
             outcome = await self._wait(job_id, inbox)
         finally:
-            events.unregister(job_id)
+            if events is not None:
+                events.unregister(job_id)
         try:
             return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir)
         finally:
             await asyncio.to_thread(self._clean_up, objects, workdir)
 
     async def cancel(self, task_metadata: dict, job_handle: Any) -> bool:
+        """Cancel the task's job wherever it is. The marker object comes first: if the function
+        has not created the job yet, it sees the marker and creates nothing."""
         job_id = str(job_handle)
-        try:
-            await asyncio.to_thread(self._batch().cancel_job, name=self._job_name(job_id), timeout=30)
-        except exceptions.NotFound:
-            app_log.debug(f"gcpbatch: cancel of {job_id}: no such job (yet)")
+        await asyncio.to_thread(self._mark_cancelled, job_id)
+        await asyncio.to_thread(self._cancel_job, job_id)
         return True
+
+    def _mark_cancelled(self, job_id: str) -> None:
+        self._bucket().blob(TaskObjects(job_id).cancelled).upload_from_string(b"", content_type="text/plain")
+
+    def _cancel_job(self, job_id: str) -> None:
+        try:
+            self._batch().cancel_job(name=self._job_name(job_id), timeout=30)
+        except exceptions.NotFound:
+            app_log.debug(f"gcpbatch: cancel of {job_id}: no such job (yet); the marker stops its creation")
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -250,29 +270,36 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             reconcile_interval=float(self.reconcile_interval),
         )
 
-    async def _wait(self, job_id: str, inbox: asyncio.Queue[JobEvent]) -> Outcome:
+    async def _wait(self, job_id: str, inbox: asyncio.Queue[JobEvent] | None) -> Outcome:
+        """Until the job ends or a phase bound passes. With an inbox (events mode), events are
+        pushed and get_job is called only when one is overdue; without (poll mode), get_job is
+        called every poll_freq seconds."""
         plan, loop = self._wait_plan(), asyncio.get_running_loop()
         state: JobState | None = None
         phase_end = loop.time() + plan.phase_bound(None)
-        silence = plan.reconcile_interval
+        quiet = plan.reconcile_interval if inbox is not None else float(self.poll_freq)
+        cancel_sent = False
         while True:
-            timeout = max(0.0, min(silence, phase_end - loop.time()))
-            try:
-                event: JobEvent | None = await asyncio.wait_for(inbox.get(), timeout)
-            except asyncio.TimeoutError:
-                event = await asyncio.to_thread(self._reconcile, job_id)
-                silence *= 2
-                if event is None and loop.time() >= phase_end:
-                    return await self._give_up(job_id, state, plan)
-                if event is None:
-                    continue
+            event: JobEvent | None = None
+            timeout = max(0.0, min(quiet, phase_end - loop.time()))
+            if inbox is None:
+                await asyncio.sleep(timeout)
             else:
-                silence = plan.reconcile_interval
-            if event.state.is_terminal:
+                try:
+                    event = await asyncio.wait_for(inbox.get(), timeout)
+                    quiet = plan.reconcile_interval
+                except asyncio.TimeoutError:
+                    quiet *= 2  # each overdue read waits twice as long for the next
+            if event is None:
+                event = await asyncio.to_thread(self._reconcile, job_id)
+            if event is not None and event.state.is_terminal:
                 return Outcome(event.state, event.detail)
-            if event.state != state and _progressed(state, event.state):
-                state = event.state
-                phase_end = loop.time() + plan.phase_bound(state)
+            if event is not None and not cancel_sent and await self.get_cancel_requested():
+                # Cancelled while the function was creating the job: cancel it now that it exists.
+                await asyncio.to_thread(self._cancel_job, job_id)
+                cancel_sent = True
+            if event is not None and _progressed(state, event.state):
+                state, phase_end = event.state, loop.time() + plan.phase_bound(event.state)
             elif loop.time() >= phase_end:
                 return await self._give_up(job_id, state, plan)
 

@@ -39,6 +39,8 @@ RESULT_OBJECT = "result.pkl"
 ERROR_OBJECT = "error.json"
 STDOUT_OBJECT = "stdout.log"
 STDERR_OBJECT = "stderr.log"
+#: Written by the executor when a task is cancelled: the function must not create (or must cancel) its job.
+CANCEL_OBJECT = "cancelled"
 
 #: The object metadata key that carries the JSON job spec.
 SPEC_METADATA_KEY = "gcpbatch-spec"
@@ -78,8 +80,12 @@ class TaskObjects:
     def stderr(self) -> str:
         return self.prefix + STDERR_OBJECT
 
+    @property
+    def cancelled(self) -> str:
+        return self.prefix + CANCEL_OBJECT
+
     def all(self) -> tuple[str, ...]:
-        return (self.task, self.result, self.error, self.stdout, self.stderr)
+        return (self.task, self.result, self.error, self.stdout, self.stderr, self.cancelled)
 
 
 def job_id_of_task_object(object_name: str) -> str | None:
