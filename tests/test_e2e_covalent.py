@@ -6,50 +6,18 @@ worker process -> fake-gcs-server; Batch -> Pub/Sub emulator -> the executor's s
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-import urllib.request
 
 import cloudpickle
 import covalent as ct
 import pytest
+from workflow_helpers import active_jobs, failure_details, node_results, nodes_by_name, wait_for
 
 # Electrons defined in a test module are pickled by value, as they would be from a script.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = pytest.mark.stack
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "POSTPROCESSING_FAILED", "PENDING_POSTPROCESSING"}
-
-
-def wait_for(dispatch_id: str, timeout_s: float = 180):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = ct.get_result(dispatch_id, wait=False)
-        if result is not None and str(result.status) in TERMINAL:
-            return result
-        time.sleep(0.5)
-    ct.cancel(dispatch_id)
-    pytest.fail(f"dispatch {dispatch_id} did not finish within {timeout_s} s")
-
-
-def active_jobs(stack) -> list:
-    with urllib.request.urlopen(f"{stack.batch_api_endpoint}/_admin/active", timeout=10) as response:
-        return json.load(response)["active"]
-
-
-def failure_details(result) -> str:
-    failed = [n for n in node_results(result) if str(n["status"]) == "FAILED"]
-    return "\n".join(f"{n['node_name']}: error={n['error']!r} stderr={n['stderr']!r}" for n in failed)
-
-
-def node_results(result) -> list[dict]:
-    return [result.get_node_result(node_id) for node_id in result.lattice.transport_graph._graph.nodes]
-
-
-def nodes_by_name(result) -> dict:
-    """Node results by electron name (for workflows that use each electron once)."""
-    return {node["node_name"]: node for node in node_results(result)}
 
 
 def test_workflow_completes_through_the_pipeline(covalent_server, local_stack):

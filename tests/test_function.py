@@ -3,9 +3,7 @@ against the local stack's real Batch service (REST) and Pub/Sub emulator."""
 
 from __future__ import annotations
 
-import json
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_plugin import clients, protocol
 from test_protocol import spec as make_spec
+from workflow_helpers import batch_admin
 
 FUNCTION_SOURCE = Path(__file__).resolve().parents[1] / "functions" / "main.py"
 pytestmark = pytest.mark.stack
@@ -83,13 +82,6 @@ def new_job_id() -> str:
     return protocol.make_job_id("f00dbabe", 1, protocol.new_attempt_token())
 
 
-def admin(stack, path: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{stack.batch_api_endpoint}/_admin/{path}", data=data, method="POST" if data else "GET")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
 def test_task_upload_creates_the_batch_job(function, local_stack):
     job_id = new_job_id()
     response = post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata())
@@ -104,10 +96,10 @@ def test_task_upload_creates_the_batch_job(function, local_stack):
 
 def test_duplicate_event_creates_exactly_one_job(function, local_stack):
     job_id = new_job_id()
-    creates_before = admin(local_stack, "stats")["calls"]["create"]
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
     for _ in range(2):
         assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
-    assert admin(local_stack, "stats")["calls"]["create"] == creates_before + 2
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before + 2
     listed = clients.batch_client(local_stack.batch_api_endpoint).list_jobs(parent=f"projects/{local_stack.project_id}/locations/{local_stack.region}")
     assert [j.name for j in listed].count(get_job(local_stack, job_id).name) == 1
 
@@ -122,9 +114,9 @@ def test_duplicate_event_creates_exactly_one_job(function, local_stack):
     ],
 )
 def test_other_objects_and_events_are_ignored(function, local_stack, name, event_type):
-    creates_before = admin(local_stack, "stats")["calls"]["create"]
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
     assert post(function, local_stack, name, spec_for(local_stack).to_metadata(), event_type=event_type).status_code == 200
-    assert admin(local_stack, "stats")["calls"]["create"] == creates_before
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
 
 
 @pytest.mark.parametrize(
@@ -150,13 +142,13 @@ def test_refused_task_creates_nothing_and_publishes_the_reason(function, local_s
 
 
 def test_transient_batch_errors_are_retried(function, local_stack):
-    admin(local_stack, "faults", {"fail_create": 2, "fail_create_status": 503})
+    batch_admin(local_stack, "faults", {"fail_create": 2, "fail_create_status": 503})
     try:
         job_id = new_job_id()
         assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
         assert get_job(local_stack, job_id).name.endswith(job_id)
     finally:
-        admin(local_stack, "reset", {})
+        batch_admin(local_stack, "reset", {})
 
 
 def test_cancelled_task_gets_no_job(function, local_stack):
@@ -165,8 +157,8 @@ def test_cancelled_task_gets_no_job(function, local_stack):
     objects = protocol.TaskObjects(job_id)
     bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
     bucket.blob(objects.cancelled).upload_from_string(b"")
-    creates_before = admin(local_stack, "stats")["calls"]["create"]
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
     assert post(function, local_stack, objects.task, spec_for(local_stack).to_metadata()).status_code == 200
-    assert admin(local_stack, "stats")["calls"]["create"] == creates_before
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
     with pytest.raises(exceptions.NotFound):
         get_job(local_stack, job_id)

@@ -328,9 +328,9 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _collect(self, job_id: str, objects: TaskObjects, outcome: Outcome, workdir: Path) -> Any:
         if outcome.gave_up:
-            raise TaskRuntimeError(outcome.gave_up)
+            self._fail(outcome.gave_up)
         if outcome.state is JobState.REJECTED:
-            raise TaskRuntimeError(f"the deployment refused the task: {outcome.detail}")
+            self._fail(f"the deployment refused the task: {outcome.detail}")
         if outcome.state is JobState.CANCELLED:
             raise TaskCancelledError(f"Batch job {job_id} was cancelled")
         bucket = self._bucket()
@@ -352,7 +352,12 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             if record.traceback:
                 print(record.traceback, end="", file=self.task_stderr)
             raise TaskRuntimeError(f"{record.type}: {record.message}")
-        raise TaskRuntimeError(self._explain_failure(job_id, outcome.state))
+        self._fail(self._explain_failure(job_id, outcome.state))
+
+    def _fail(self, message: str) -> None:
+        """Covalent keeps a failed node's stderr, not the exception's message: write it there too."""
+        print(f"GCPBatchExecutor: {message}", file=self.task_stderr)
+        raise TaskRuntimeError(message)
 
     def _explain_failure(self, job_id: str, state: JobState) -> str:
         """Why a job ended without an error record (killed, preempted, out of memory, image pull...)."""

@@ -1,0 +1,174 @@
+"""The Covalent contract, end to end on the local stack: output, errors, retries, time limit,
+cancel, polling mode and clean-up, each through a real Covalent dispatch."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import covalent as ct
+import pytest
+from workflow_helpers import active_jobs, batch_admin, jobs_of_dispatch, node_results, nodes_by_name, wait_for
+
+from covalent_gcpbatch_plugin import clients
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.stack
+
+
+def exit_codes(job) -> list[int]:
+    return [e.task_execution.exit_code for e in job.status.status_events if e.task_execution and e.task_execution.exit_code]
+
+
+def test_stdout_and_stderr_reach_the_node_and_an_exception_runs_once(covalent_server, local_stack, tmp_path):
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, retries=3)
+    attempts = tmp_path / "attempts"
+
+    @ct.electron(executor=executor)
+    def chatty(marker: str):
+        import sys as _sys
+
+        print("to stdout")
+        print("to stderr", file=_sys.stderr)
+        with open(marker, "a") as f:
+            f.write("attempt\n")
+        raise RuntimeError("user code failed")
+
+    @ct.lattice
+    def flow(marker):
+        return chatty(marker)
+
+    dispatch_id = ct.dispatch(flow)(str(attempts))
+    result = wait_for(dispatch_id)
+    node = nodes_by_name(result)["chatty"]
+    assert str(node["status"]) == "FAILED"
+    assert node["stdout"] == "to stdout\n"
+    assert node["stderr"].startswith("to stderr\n")
+    assert "RuntimeError: user code failed" in node["stderr"]
+    assert attempts.read_text() == "attempt\n", "a task's own exception must not be retried"
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert exit_codes(job) == [10]
+
+
+def test_preempted_attempt_is_retried_then_succeeds(covalent_server, local_stack):
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, retries=2)
+
+    @ct.electron(executor=executor)
+    def answer():
+        return 42
+
+    @ct.lattice
+    def flow():
+        return answer()
+
+    batch_admin(local_stack, "faults", {"preempt": {"*": 1}})
+    try:
+        dispatch_id = ct.dispatch(flow)()
+        result = wait_for(dispatch_id)
+    finally:
+        batch_admin(local_stack, "reset", {})
+    assert str(result.status) == "COMPLETED" and result.result == 42
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert 50001 in exit_codes(job)
+
+
+def test_time_limit_kills_the_job_and_says_so(covalent_server, local_stack):
+    executor = ct.executor.GCPBatchExecutor(time_limit=2, retries=3)
+
+    @ct.electron(executor=executor)
+    def slow():
+        import time as _time
+
+        _time.sleep(60)
+
+    @ct.lattice
+    def flow():
+        return slow()
+
+    started = time.monotonic()
+    dispatch_id = ct.dispatch(flow)()
+    result = wait_for(dispatch_id, timeout_s=60)
+    node = nodes_by_name(result)["slow"]
+    assert str(node["status"]) == "FAILED"
+    assert "exit code 50005" in node["stderr"] and "time_limit" in node["stderr"]
+    assert time.monotonic() - started < 40
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert exit_codes(job) == [50005], "a time limit is not an infrastructure failure: no retry"
+    assert active_jobs(local_stack) == []
+
+
+def test_cancel_stops_running_and_queued_jobs(covalent_server, local_stack):
+    executor = ct.executor.GCPBatchExecutor(time_limit=300)
+
+    @ct.electron(executor=executor)
+    def sleeper(i):
+        import time as _time
+
+        _time.sleep(120)
+        return i
+
+    @ct.lattice
+    def flow():
+        return [sleeper(i) for i in range(3)]
+
+    dispatch_id = ct.dispatch(flow)()
+    # The local Batch service runs two workers at once: wait for two RUNNING and one QUEUED.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = sorted(job.status.state.name for job in jobs_of_dispatch(local_stack, dispatch_id))
+        if states == ["QUEUED", "RUNNING", "RUNNING"]:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"never saw two running and one queued job: {states}")
+
+    started = time.monotonic()
+    ct.cancel(dispatch_id)
+    result = wait_for(dispatch_id, timeout_s=60)
+    assert str(result.status) == "CANCELLED"
+    sleepers = [n for n in node_results(result) if n["node_name"] == "sleeper"]
+    assert [str(n["status"]) for n in sleepers] == ["CANCELLED"] * 3
+    assert sorted(job.status.state.name for job in jobs_of_dispatch(local_stack, dispatch_id)) == ["CANCELLED"] * 3
+    assert active_jobs(local_stack) == []
+    assert time.monotonic() - started < 30
+
+
+def test_polling_mode_completes_and_reads_the_job(covalent_server, local_stack):
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, wait_mode="poll", poll_freq=0.5)
+
+    @ct.electron(executor=executor)
+    def triple(x):
+        return 3 * x
+
+    @ct.lattice
+    def flow(x):
+        return triple(x)
+
+    reads_before = batch_admin(local_stack, "stats")["calls"]["get"]
+    result = wait_for(ct.dispatch(flow)(7))
+    assert str(result.status) == "COMPLETED" and result.result == 21
+    assert batch_admin(local_stack, "stats")["calls"]["get"] > reads_before
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_task_objects_are_removed_unless_kept(covalent_server, local_stack, keep):
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, keep_artifacts=keep)
+
+    @ct.electron(executor=executor)
+    def one():
+        print("kept?")
+        return 1
+
+    @ct.lattice
+    def flow():
+        return one()
+
+    dispatch_id = ct.dispatch(flow)()
+    assert str(wait_for(dispatch_id).status) == "COMPLETED"
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    job_id = job.name.rsplit("/", 1)[-1]
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    names = sorted(Path(b.name).name for b in storage.list_blobs(local_stack.bucket_name, prefix=f"covalent-gcpbatch/{job_id}/"))
+    assert names == (["result.pkl", "stderr.log", "stdout.log", "task.pkl"] if keep else [])
