@@ -96,3 +96,27 @@ def test_wait_plan_bounds_every_phase():
     assert plan.phase_bound(gcpbatch.JobState.QUEUED) == 30
     assert plan.phase_bound(gcpbatch.JobState.SCHEDULED) == 30
     assert plan.phase_bound(gcpbatch.JobState.RUNNING) == 60 + gcpbatch.RUN_GRACE_S
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"provisioning": "cheap"}, "provisioning"),
+        ({"accelerator_count": 2}, "accelerator_type and accelerator_count go together"),
+        ({"labels": {"Owner": "me"}}, "label 'Owner'"),
+        ({"allowed_locations": ["us-east1"]}, "regions/us-east1"),
+        ({"boot_disk_size_gb": -5}, "boot_disk_size_gb"),
+        ({"machine_type": "N1 Standard"}, "machine_type"),
+    ],
+)
+def test_invalid_job_options_fail_at_construction(kwargs, fragment):
+    with pytest.raises(ConfigError) as info:
+        GCPBatchExecutor(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_job_options_travel_in_the_spec():
+    executor = GCPBatchExecutor(project_id="p", bucket_name="b", container_image_uri="i", provisioning="spot", labels={"team": "ml"})
+    spec = executor._job_spec("d1", 0, {"python": "3.11.7", "covalent": "0.240.0"})
+    assert spec.options.provisioning == "SPOT" and spec.options.labels == {"team": "ml"}
+    assert spec.python_version == "3.11"

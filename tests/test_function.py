@@ -162,3 +162,15 @@ def test_cancelled_task_gets_no_job(function, local_stack):
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
     with pytest.raises(exceptions.NotFound):
         get_job(local_stack, job_id)
+
+
+def test_job_options_reach_batch(function, local_stack):
+    job_id = new_job_id()
+    options = protocol.JobOptions(machine_type="e2-standard-4", provisioning="SPOT", labels={"team": "ml"}, allowed_locations=("zones/us-east1-c",))
+    assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack, options=options).to_metadata()).status_code == 200
+    job = get_job(local_stack, job_id)
+    (instances,) = job.allocation_policy.instances
+    assert instances.policy.machine_type == "e2-standard-4"
+    assert instances.policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel.SPOT
+    assert job.labels["team"] == "ml"
+    assert list(job.allocation_policy.location.allowed_locations) == ["zones/us-east1-c"]

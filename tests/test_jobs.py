@@ -53,3 +53,37 @@ def test_wire_form_is_what_the_rest_client_sends():
     wire = batch_v1.Job.to_json(build(), use_integers_for_enums=True)
     assert '"maxRunDuration": "300s"' in wire
     assert batch_v1.Job.from_json(wire) == build()
+
+
+def test_job_options_shape_the_allocation_policy():
+    options = p.JobOptions(
+        machine_type="n1-standard-4",
+        provisioning="spot",
+        accelerator_type="nvidia-tesla-t4",
+        accelerator_count=1,
+        boot_disk_size_gb=100,
+        labels={"team": "ml", "covalent-node-id": "spoofed"},
+        network="global/networks/private",
+        subnetwork="regions/us-east1/subnetworks/batch",
+        no_external_ip=True,
+        allowed_locations=("zones/us-east1-b",),
+    )
+    job = build(options=options)
+    Policy = batch_v1.AllocationPolicy
+    (instances,) = job.allocation_policy.instances
+    assert instances.policy.machine_type == "n1-standard-4"
+    assert instances.policy.provisioning_model == Policy.ProvisioningModel.SPOT
+    assert [(a.type_, a.count) for a in instances.policy.accelerators] == [("nvidia-tesla-t4", 1)]
+    assert instances.install_gpu_drivers is True
+    assert instances.policy.boot_disk.size_gb == 100
+    (nic,) = job.allocation_policy.network.network_interfaces
+    assert (nic.network, nic.subnetwork, nic.no_external_ip_address) == ("global/networks/private", "regions/us-east1/subnetworks/batch", True)
+    assert list(job.allocation_policy.location.allowed_locations) == ["zones/us-east1-b"]
+    assert job.labels["team"] == "ml" and job.labels["covalent-node-id"] == "3", "automatic labels win"
+
+
+def test_default_options_keep_batch_defaults():
+    (instances,) = build().allocation_policy.instances
+    assert instances.policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel.STANDARD
+    assert not instances.policy.accelerators and not instances.install_gpu_drivers
+    assert not build().allocation_policy.network.network_interfaces

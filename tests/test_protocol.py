@@ -144,3 +144,18 @@ def test_parses_rejections():
     event = p.parse_notification(attributes, data)
     assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.REJECTED, "image not allowed")
     assert event.state.is_terminal
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (p.JobOptions(accelerator_type="nvidia-tesla-a100", accelerator_count=16), "accelerator_count=16 exceeds"),
+        (p.JobOptions(machine_type="m3-megamem-128"), "machine_type 'm3-megamem-128' is not allowed"),
+        (p.JobOptions(allowed_locations=("zones/europe-west1-b",)), "outside this deployment's region"),
+    ],
+)
+def test_deployment_caps_job_options(options, fragment):
+    settings = deployment(allowed_machine_types=("n1-standard-4",))
+    with pytest.raises(p.SpecError) as info:
+        settings.check(spec(options=options))
+    assert fragment in str(info.value)

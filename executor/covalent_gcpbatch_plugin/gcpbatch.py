@@ -24,12 +24,14 @@ from covalent._shared_files.config import get_config
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from covalent.executor.base import AsyncBaseExecutor
 from google.api_core import exceptions
+from pydantic import ValidationError
 
 from . import clients
 from .events import Endpoint, job_events
 from .protocol import (
     INFRASTRUCTURE_EXIT_CODES,
     JobEvent,
+    JobOptions,
     JobSpec,
     JobState,
     TaskObjects,
@@ -60,6 +62,17 @@ _EXECUTOR_PLUGIN_DEFAULTS = {
     "submit_timeout": 120,
     "reconcile_interval": 300,
     "keep_artifacts": False,
+    "machine_type": "",
+    "provisioning": "STANDARD",
+    "accelerator_type": "",
+    "accelerator_count": 0,
+    "install_gpu_drivers": True,
+    "boot_disk_size_gb": 0,
+    "labels": {},
+    "network": "",
+    "subnetwork": "",
+    "no_external_ip": False,
+    "allowed_locations": [],
     "pubsub_emulator_host": "",
     "storage_emulator_host": "",
     "batch_api_endpoint": "",
@@ -101,6 +114,20 @@ def validate_settings(settings: dict[str, Any]) -> None:
         raise ConfigError(f"wait_mode must be one of {', '.join(WAIT_MODES)}, got {settings['wait_mode']!r}")
     if not isinstance(settings["keep_artifacts"], bool):
         raise ConfigError(f"keep_artifacts must be true or false, got {settings['keep_artifacts']!r}")
+    job_options(settings)
+
+
+#: Executor keys that are Batch job options (protocol.JobOptions fields of the same names).
+JOB_OPTION_KEYS = tuple(JobOptions.model_fields)
+
+
+def job_options(settings: dict[str, Any]) -> JobOptions:
+    """The job options among ``settings``, validated; ConfigError names the offending key."""
+    try:
+        return JobOptions(**{key: settings[key] for key in JOB_OPTION_KEYS})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'job options'}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid GCPBatchExecutor setting: {problems}") from None
 
 
 @dataclass(frozen=True)
@@ -158,6 +185,17 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         submit_timeout: float | None = None,
         reconcile_interval: float | None = None,
         keep_artifacts: bool | None = None,
+        machine_type: str | None = None,
+        provisioning: str | None = None,
+        accelerator_type: str | None = None,
+        accelerator_count: int | None = None,
+        install_gpu_drivers: bool | None = None,
+        boot_disk_size_gb: int | None = None,
+        labels: dict[str, str] | None = None,
+        network: str | None = None,
+        subnetwork: str | None = None,
+        no_external_ip: bool | None = None,
+        allowed_locations: list[str] | None = None,
         pubsub_emulator_host: str | None = None,
         storage_emulator_host: str | None = None,
         batch_api_endpoint: str | None = None,
@@ -249,6 +287,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             retries=self.retries,
             python_version=python,
             covalent_version=str(versions["covalent"]),
+            options=job_options(self.__dict__),
         )
 
     def _upload_task(self, objects: TaskObjects, spec: JobSpec, workdir: Path, task: tuple) -> None:

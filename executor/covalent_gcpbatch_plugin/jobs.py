@@ -21,7 +21,9 @@ def sanitize_label_value(value: str) -> str:
 
 
 def job_labels(spec: JobSpec) -> dict[str, str]:
+    """The user's labels plus automatic ones, which win: they are how a job is traced back."""
     return {
+        **spec.options.labels,
         "covalent-dispatch-id": sanitize_label_value(spec.dispatch_id),
         "covalent-node-id": str(spec.node_id),
         "created-by": "covalent-gcpbatch",
@@ -53,15 +55,49 @@ def build_task_spec(spec: JobSpec, *, bucket: str, job_id: str) -> batch_v1.Task
     )
 
 
+def build_allocation_policy(spec: JobSpec, settings: DeploymentSettings) -> batch_v1.AllocationPolicy:
+    """Where and on what the task runs: machine, provisioning, GPUs, disk, network, locations,
+    and the deployment's service account (never one from the spec)."""
+    Policy = batch_v1.AllocationPolicy
+    options = spec.options
+    instance = Policy.InstancePolicy(
+        machine_type=options.machine_type,
+        provisioning_model=Policy.ProvisioningModel[options.provisioning],
+    )
+    if options.accelerator_count:
+        instance.accelerators = [Policy.Accelerator(type_=options.accelerator_type, count=options.accelerator_count)]
+    if options.boot_disk_size_gb:
+        instance.boot_disk = Policy.Disk(size_gb=options.boot_disk_size_gb)
+    allocation = Policy(
+        instances=[
+            Policy.InstancePolicyOrTemplate(
+                policy=instance,
+                install_gpu_drivers=bool(options.accelerator_count) and options.install_gpu_drivers,
+            )
+        ],
+        location=Policy.LocationPolicy(allowed_locations=list(options.allowed_locations) or [f"regions/{settings.region}"]),
+    )
+    if options.network or options.subnetwork or options.no_external_ip:
+        allocation.network = Policy.NetworkPolicy(
+            network_interfaces=[
+                Policy.NetworkInterface(
+                    network=options.network,
+                    subnetwork=options.subnetwork,
+                    no_external_ip_address=options.no_external_ip,
+                )
+            ]
+        )
+    if settings.job_service_account:
+        allocation.service_account = batch_v1.ServiceAccount(email=settings.job_service_account)
+    return allocation
+
+
 def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSettings) -> batch_v1.Job:
     """The Batch job for one task: one task group of one task, logs to Cloud Logging, and a
     notification to the deployment's topic on every job state change."""
-    allocation = batch_v1.AllocationPolicy(location=batch_v1.AllocationPolicy.LocationPolicy(allowed_locations=[f"regions/{settings.region}"]))
-    if settings.job_service_account:
-        allocation.service_account = batch_v1.ServiceAccount(email=settings.job_service_account)
     return batch_v1.Job(
         task_groups=[batch_v1.TaskGroup(task_spec=build_task_spec(spec, bucket=bucket, job_id=job_id), task_count=1)],
-        allocation_policy=allocation,
+        allocation_policy=build_allocation_policy(spec, settings),
         labels=job_labels(spec),
         logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
         notifications=[

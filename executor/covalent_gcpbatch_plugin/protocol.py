@@ -139,6 +139,59 @@ class SpecError(ValueError):
     """An uploaded object's spec is missing, malformed, or outside what the deployment allows."""
 
 
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_OPTIONAL_RESOURCE_NAME = r"^([a-z0-9][a-z0-9./_-]*)?$"
+
+
+class JobOptions(BaseModel):
+    """Batch job options beyond size and time: where and on what the task runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    machine_type: str = Field(default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$")
+    provisioning: Literal["STANDARD", "SPOT"] = "STANDARD"
+    accelerator_type: str = Field(default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$")
+    accelerator_count: int = Field(default=0, ge=0, le=16)
+    install_gpu_drivers: bool = True
+    #: 0 keeps Batch's default boot disk.
+    boot_disk_size_gb: int = Field(default=0, ge=0, le=65536)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
+    network: str = Field(default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME)
+    subnetwork: str = Field(default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME)
+    no_external_ip: bool = False
+    #: "regions/R" or "zones/Z" entries; empty means the job's region.
+    allowed_locations: tuple[str, ...] = Field(default=(), max_length=32)
+
+    @field_validator("provisioning", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_rules(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+                raise ValueError(
+                    f"label {key!r}={value!r} breaks GCP label rules: keys start with a lowercase letter, and keys "
+                    "and values use only lowercase letters, digits, '_' and '-' (at most 63 characters)"
+                )
+        return labels
+
+    @field_validator("allowed_locations")
+    @classmethod
+    def _locations(cls, locations: tuple[str, ...]) -> tuple[str, ...]:
+        for location in locations:
+            if not re.fullmatch(r"(regions|zones)/[a-z0-9-]+", location):
+                raise ValueError(f"allowed location {location!r} must look like 'regions/us-east1' or 'zones/us-east1-b'")
+        return locations
+
+    def model_post_init(self, _context: object) -> None:
+        if bool(self.accelerator_type) != bool(self.accelerator_count):
+            raise ValueError("accelerator_type and accelerator_count go together: set both (or neither)")
+
+
 class JobSpec(BaseModel):
     """What the executor asks for; the function validates it and builds the Batch job from it.
 
@@ -160,6 +213,7 @@ class JobSpec(BaseModel):
     retries: int = Field(ge=0, le=10)
     python_version: str = Field(pattern=r"^3\.\d+$")
     covalent_version: str = Field(min_length=1, max_length=64)
+    options: JobOptions = Field(default_factory=JobOptions)
 
     @field_validator("dispatch_id")
     @classmethod
@@ -248,6 +302,8 @@ ENV_BATCH_API_ENDPOINT = "GCPBATCH_BATCH_API_ENDPOINT"
 ENV_MAX_VCPUS = "GCPBATCH_MAX_VCPUS"
 ENV_MAX_MEMORY_MB = "GCPBATCH_MAX_MEMORY_MB"
 ENV_MAX_TIME_LIMIT_S = "GCPBATCH_MAX_TIME_LIMIT_S"
+ENV_MAX_ACCELERATOR_COUNT = "GCPBATCH_MAX_ACCELERATOR_COUNT"
+ENV_ALLOWED_MACHINE_TYPES = "GCPBATCH_ALLOWED_MACHINE_TYPES"
 
 
 class DeploymentSettings(BaseModel):
@@ -268,6 +324,9 @@ class DeploymentSettings(BaseModel):
     max_vcpus: float = Field(default=64, gt=0)
     max_memory_mb: int = Field(default=256 * 1024, gt=0)
     max_time_limit_s: int = Field(default=7 * 24 * 3600, gt=0)
+    max_accelerator_count: int = Field(default=8, ge=0)
+    #: Machine types a job may ask for; empty means any.
+    allowed_machine_types: tuple[str, ...] = ()
 
     @property
     def topic_path(self) -> str:
@@ -283,14 +342,16 @@ class DeploymentSettings(BaseModel):
             "max_vcpus": env.get(ENV_MAX_VCPUS),
             "max_memory_mb": env.get(ENV_MAX_MEMORY_MB),
             "max_time_limit_s": env.get(ENV_MAX_TIME_LIMIT_S),
+            "max_accelerator_count": env.get(ENV_MAX_ACCELERATOR_COUNT),
         }
         return cls(
             project_id=env[ENV_PROJECT],
             region=env[ENV_REGION],
             topic=env[ENV_TOPIC],
             job_service_account=env.get(ENV_JOB_SERVICE_ACCOUNT) or None,
-            allowed_images=tuple(i.strip() for i in env.get(ENV_ALLOWED_IMAGES, "").split(",") if i.strip()),
+            allowed_images=_csv(env.get(ENV_ALLOWED_IMAGES, "")),
             batch_api_endpoint=env.get(ENV_BATCH_API_ENDPOINT) or None,
+            allowed_machine_types=_csv(env.get(ENV_ALLOWED_MACHINE_TYPES, "")),
             **{k: v for k, v in optional.items() if v},
         )
 
@@ -305,6 +366,9 @@ class DeploymentSettings(BaseModel):
         env[ENV_MAX_VCPUS] = str(self.max_vcpus)
         env[ENV_MAX_MEMORY_MB] = str(self.max_memory_mb)
         env[ENV_MAX_TIME_LIMIT_S] = str(self.max_time_limit_s)
+        env[ENV_MAX_ACCELERATOR_COUNT] = str(self.max_accelerator_count)
+        if self.allowed_machine_types:
+            env[ENV_ALLOWED_MACHINE_TYPES] = ",".join(self.allowed_machine_types)
         return env
 
     def check(self, spec: JobSpec) -> None:
@@ -324,13 +388,27 @@ class DeploymentSettings(BaseModel):
                 f"jobs of this deployment run as {self.job_service_account!r}, not {spec.service_account_email!r}: "
                 "set service_account_email to the deployment's account (or leave it empty)"
             )
+        options = spec.options
+        if self.allowed_machine_types and options.machine_type and options.machine_type not in self.allowed_machine_types:
+            raise SpecError(
+                f"machine_type {options.machine_type!r} is not allowed by this deployment; "
+                f"allowed: {', '.join(self.allowed_machine_types)}"
+            )
+        for location in options.allowed_locations:
+            if not location.split("/", 1)[1].startswith(self.region):
+                raise SpecError(f"allowed location {location!r} is outside this deployment's region {self.region!r}")
         for name, value, cap in (
             ("vcpus", spec.vcpus, self.max_vcpus),
             ("memory", spec.memory_mb, self.max_memory_mb),
             ("time_limit", spec.time_limit_s, self.max_time_limit_s),
+            ("accelerator_count", options.accelerator_count, self.max_accelerator_count),
         ):
             if value > cap:
                 raise SpecError(f"{name}={value:g} exceeds this deployment's cap of {cap:g}")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 # ---------------------------------------------------------------------------------------------
