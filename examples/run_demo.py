@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer, isolated_env
-from covalent_gcpbatch_plugin.local.stack import free_ports
+from covalent_gcpbatch_plugin.local.processes import free_ports
 
 EXAMPLE = Path(__file__).resolve().with_name("svm.py")
 WORKFLOW_TIMEOUT_S = 600

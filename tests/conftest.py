@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer, isolated_env
+from covalent_gcpbatch_plugin.local.processes import free_ports
 
 ON_CI = os.environ.get("CI", "").lower() == "true"
 ROOT = Path(tempfile.mkdtemp(prefix="gcpbatch-tests-"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-COVALENT_PORT = _free_port()
+(COVALENT_PORT,) = free_ports(1)
 os.environ.update(isolated_env(ROOT / "covalent", COVALENT_PORT))
 os.environ.pop("COVALENT_SERVER_IFACE_ANY", None)
 

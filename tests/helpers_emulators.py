@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from covalent_gcpbatch_plugin.local.processes import free_ports, terminate_group
 
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -49,9 +49,7 @@ def unavailable(reason: str) -> NoReturn:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
@@ -118,32 +116,10 @@ def start_pubsub_emulator(tmp_dir: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"127.0.0.1:{port}"
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM the process group ``proc`` leads (it must have been started with
     ``start_new_session=True``), SIGKILL it after ``timeout`` s, and reap ``proc``."""
-    pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None and not _group_alive(pgid):
-            break
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(pgid):
-                break
-            time.sleep(0.05)
+    terminate_group(proc.pid, timeout, reap=proc.poll)
     try:
         proc.wait(timeout=1)
     except subprocess.TimeoutExpired:

@@ -29,8 +29,8 @@ from covalent_gcpbatch_plugin.local.stack import (
     StackSettings,
     find_fake_gcs_server,
     find_pubsub_emulator,
-    group_members,
 )
+from covalent_gcpbatch_plugin.local.processes import group_members
 
 #: A notification exactly as fake-gcs-server 1.54.0 published it for an upload with metadata.
 FAKE_GCS_ATTRIBUTES = {

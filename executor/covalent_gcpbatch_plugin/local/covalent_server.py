@@ -11,11 +11,11 @@ The dispatching process must use the same configuration: apply ``isolated_env(ro
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .processes import terminate_group
 
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 30
@@ -43,16 +43,6 @@ def isolated_env(root: Path, port: int) -> dict[str, str]:
 
 def _covalent_cli() -> str:
     return str(Path(sys.executable).with_name("covalent"))
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CovalentServer:
@@ -94,11 +84,5 @@ class CovalentServer:
             subprocess.run([_covalent_cli(), "stop"], env=self.env(), capture_output=True, timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pass
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if not _group_alive(self.pgid):
-                break
-            os.killpg(self.pgid, sig)
-            deadline = time.monotonic() + wait
-            while _group_alive(self.pgid) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        terminate_group(self.pgid, grace_s=5.0)
         self.pgid = None

@@ -24,13 +24,9 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +36,7 @@ from pydantic import BaseModel
 
 from .. import clients
 from ..protocol import DeploymentSettings
+from .processes import free_ports, http_answers, process_alive, process_start_ticks, tail, terminate_group
 
 PUBSUB_EMULATOR_PACKAGE = "google-cloud-cli-pubsub-emulator"
 PUBSUB_LAUNCHER = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
@@ -183,114 +180,12 @@ def default_function_source() -> Path:
     return Path(str(importlib.resources.files("covalent_gcpbatch_plugin.function_source") / "main.py"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Process groups
-# ---------------------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports on 127.0.0.1 that were free a moment ago (held together while chosen)."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (field 3 = state is index 0)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def process_start_ticks(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def process_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (an orphan's zombie may linger unreaped here)."""
-    fields = _proc_stat(pid)
-    if fields is not None:
-        return fields[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``."""
-    if not Path("/proc").is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        return [pgid]
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _proc_stat(int(entry.name))
-            if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                members.append(int(entry.name))
-    return members
-
-
-def stop_process_group(record: ProcessRecord, grace_s: float = STOP_GRACE_S, child: subprocess.Popen | None = None) -> None:
-    """SIGTERM the group, wait up to ``grace_s``, then SIGKILL. A reused pid is left alone."""
+def stop_component(record: ProcessRecord, grace_s: float = STOP_GRACE_S, child: subprocess.Popen | None = None) -> None:
+    """Stop a component's process group. A reused pid (its leader gone, the group with it) is left alone."""
     ticks = process_start_ticks(record.pid)
     if ticks is not None and record.start_ticks is not None and ticks != record.start_ticks:
-        return  # the leader is gone and its pid now belongs to someone else (so the group is gone)
-
-    def gone() -> bool:
-        if child is not None:
-            child.poll()  # reap our own child so it does not linger as a zombie
-        return not group_members(record.pid)
-
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        if gone():
-            return
-        try:
-            os.killpg(record.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while not gone() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text)
-
-
-# ---------------------------------------------------------------------------------------------
-# Readiness probes
-# ---------------------------------------------------------------------------------------------
-
-
-#: Probes go straight to 127.0.0.1, whatever http_proxy says.
-_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _http_answers(url: str, body: bytes | None = None, any_status: bool = False) -> bool:
-    """True if GET ``url`` answers 200 (and ``body`` if given), or anything at all if ``any_status``."""
-    try:
-        with _direct.open(url, timeout=2) as response:
-            return body is None or response.read().strip() == body
-    except urllib.error.HTTPError:
-        return any_status
-    except (OSError, ValueError):
-        return False
+        return
+    terminate_group(record.pid, grace_s, reap=child.poll if child is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +316,7 @@ class LocalStack:
             [str(find_pubsub_emulator()), "--host=127.0.0.1", f"--port={pubsub_port}"],
             dict(os.environ),
             url=f"http://{s.pubsub_emulator_host}",
-            ready=lambda: _http_answers(f"http://{s.pubsub_emulator_host}/", body=b"Ok"),
+            ready=lambda: http_answers(f"http://{s.pubsub_emulator_host}/", body=b"Ok"),
         )
         self._create_topics(s)
 
@@ -438,7 +333,7 @@ class LocalStack:
             ],
             emulator_env,
             url=s.storage_emulator_host,
-            ready=lambda: _http_answers(f"{s.storage_emulator_host}/storage/v1/b"),
+            ready=lambda: http_answers(f"{s.storage_emulator_host}/storage/v1/b"),
         )
         clients.storage_client(s.project_id, s.storage_emulator_host).create_bucket(s.bucket_name, location=s.region)
 
@@ -454,7 +349,7 @@ class LocalStack:
             # that ct.DepsPip's bare `pip install` lands in the environment the worker runs in.
             {**emulator_env, "PATH": os.pathsep.join((str(Path(python).parent), os.environ.get("PATH", "")))},
             url=s.batch_api_endpoint,
-            ready=lambda: _http_answers(f"{s.batch_api_endpoint}/_admin/stats"),
+            ready=lambda: http_answers(f"{s.batch_api_endpoint}/_admin/stats"),
         )
 
         source = self.function_source or default_function_source()
@@ -469,7 +364,7 @@ class LocalStack:
             ],
             {**emulator_env, **s.deployment_settings().to_env()},
             url=s.function_url,
-            ready=lambda: _http_answers(s.function_url, any_status=True),
+            ready=lambda: http_answers(s.function_url, any_status=True),
         )
 
         ready_file = self.state_dir / "bridge.ready"
@@ -538,9 +433,9 @@ class LocalStack:
         deadline = started + timeout
         while not ready():
             if child.poll() is not None:
-                raise StackError(f"{name} exited with code {child.returncode} while starting; log {log_path}:\n{_tail(log_path)}")
+                raise StackError(f"{name} exited with code {child.returncode} while starting; log {log_path}:\n{tail(log_path)}")
             if time.monotonic() > deadline:
-                raise StackError(f"{name} did not become ready within {timeout:.0f} s; log {log_path}:\n{_tail(log_path)}")
+                raise StackError(f"{name} did not become ready within {timeout:.0f} s; log {log_path}:\n{tail(log_path)}")
             time.sleep(0.05)
         record.ready_s = round(time.monotonic() - started, 3)
 
@@ -558,7 +453,7 @@ class LocalStack:
         by_pid = {r.pid: r for r in recorded}
         by_pid.update({r.pid: r for r in self._records})
         for record in sorted(by_pid.values(), key=lambda r: _start_order(r.name), reverse=True):
-            stop_process_group(record, child=self._children.get(record.name))
+            stop_component(record, child=self._children.get(record.name))
         self._records, self._children, self._settings = [], {}, None
         self.state_file.unlink(missing_ok=True)
         (self.state_dir / "bridge.ready").unlink(missing_ok=True)
