@@ -172,3 +172,47 @@ def test_task_objects_are_removed_unless_kept(covalent_server, local_stack, keep
     storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
     names = sorted(Path(b.name).name for b in storage.list_blobs(local_stack.bucket_name, prefix=f"covalent-gcpbatch/{job_id}/"))
     assert names == (["result.pkl", "stderr.log", "stdout.log", "task.pkl"] if keep else [])
+
+
+def test_queue_timeout_cancels_a_job_that_cannot_start(covalent_server, local_stack):
+    """The local Batch service runs two workers at once: with both busy, a third job waits past its bound."""
+    busy = ct.executor.GCPBatchExecutor(time_limit=300)
+    impatient = ct.executor.GCPBatchExecutor(time_limit=300, queue_timeout=3)
+
+    @ct.electron(executor=busy)
+    def hog(i):
+        import time as _time
+
+        _time.sleep(120)
+        return i
+
+    @ct.electron(executor=impatient)
+    def waiter():
+        return "started"
+
+    @ct.lattice
+    def hogs():
+        return [hog(i) for i in range(2)]
+
+    @ct.lattice
+    def wait_flow():
+        return waiter()
+
+    hogs_id = ct.dispatch(hogs)()
+    try:
+        deadline = time.monotonic() + 60
+        while sorted(j.status.state.name for j in jobs_of_dispatch(local_stack, hogs_id)) != ["RUNNING", "RUNNING"]:
+            assert time.monotonic() < deadline, "the two hogs never ran"
+            time.sleep(0.3)
+        started = time.monotonic()
+        waiter_id = ct.dispatch(wait_flow)()
+        node = nodes_by_name(wait_for(waiter_id, timeout_s=60))["waiter"]
+        assert str(node["status"]) == "FAILED"
+        assert "did not start within queue_timeout=3" in node["stderr"]
+        assert "the job was cancelled" in node["stderr"]
+        assert time.monotonic() - started < 30
+        assert [j.status.state.name for j in jobs_of_dispatch(local_stack, waiter_id)] == ["CANCELLED"]
+    finally:
+        ct.cancel(hogs_id)
+        wait_for(hogs_id, timeout_s=60)
+    assert active_jobs(local_stack) == []

@@ -237,6 +237,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             await asyncio.to_thread(self._upload_task, objects, spec, workdir, (function, args, kwargs))
             app_log.debug(f"gcpbatch: uploaded {objects.task}, waiting for job {job_id}")
             outcome = await self._wait(job_id, inbox)
+        except asyncio.CancelledError:
+            # The server is abandoning the task (shutdown): the job must not run on unattended.
+            await asyncio.shield(self.cancel(task_metadata, job_id))
+            raise
         finally:
             if events is not None:
                 events.unregister(job_id)
