@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test faults bench clean
+.PHONY: install demo test lint faults bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(VENV)/.demo-installed
 
 test: $(STAMP)
 	$(PY) -m pytest -ra
+
+# deploy.sh must stay shellcheck-clean (CI runs this before `make test`).
+lint:
+	shellcheck deploy.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info executor/*.egg-info .pytest_cache

@@ -1,6 +1,630 @@
 #!/usr/bin/env bash
-# Deploy the pipeline to a Google Cloud project. NOT IMPLEMENTED YET (tracked in the issue
-# "Deploy to a real Google Cloud project"). It refuses to pretend.
+# Deploy covalent-gcpbatch-plugin to a Google Cloud project, and point Covalent at it.
+#
+#   ./deploy.sh up     --project P [--region R] [--prefix X] [options]
+#   ./deploy.sh status --project P [--region R] [--prefix X]
+#   ./deploy.sh down   --project P [--region R] [--prefix X] [--yes]
+#
+# `up` is idempotent: every resource is looked up before it is created, so a second `up` changes
+# nothing, and an interrupted one can simply be run again. See README.md, "Deploy to Google Cloud",
+# and `./deploy.sh --help`.
 set -euo pipefail
-echo "deploy.sh is not implemented yet: nothing was created. Use 'covalent-gcpbatch local up' for the local stack." >&2
-exit 2
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly ROOT
+readonly APIS=(
+  batch.googleapis.com compute.googleapis.com storage.googleapis.com pubsub.googleapis.com
+  cloudfunctions.googleapis.com run.googleapis.com eventarc.googleapis.com
+  cloudbuild.googleapis.com artifactregistry.googleapis.com logging.googleapis.com
+)
+readonly UP_STEPS=(apis bucket repo topic accounts image iam function config)
+readonly DOWN_STEPS=(config function iam accounts topic repo bucket)
+readonly FINALIZED=google.cloud.storage.object.v1.finalized
+readonly ENTRY_POINT=on_task_uploaded
+# gcloud's messages for a resource that does not exist (anything else a lookup hits is fatal).
+readonly NOT_FOUND='not[ _]?found|404|does not exist|manifest unknown'
+# The keys `up` writes into [executors.gcpbatch]; the emulator keys are cleared so that a config
+# left behind by `covalent-gcpbatch local up` cannot send tasks to a local emulator.
+readonly CONFIG_KEYS=(project_id region bucket_name container_image_uri service_account_email pubsub_topic
+  pubsub_emulator_host storage_emulator_host batch_api_endpoint)
+
+usage() {
+  cat <<EOF
+Usage: ./deploy.sh up|down|status --project P [options]
+
+  up       create (or complete) the deployment and write [executors.gcpbatch] in the Covalent config
+  status   show which of the deployment's resources and roles exist
+  down     delete what up created (asks first; --yes to skip; without a terminal it needs --yes)
+
+Options (environment fallbacks in parentheses):
+  --project P              Google Cloud project id (GCPBATCH_PROJECT)
+  --region R               region for the bucket, function, registry and jobs (GCPBATCH_REGION; us-east1)
+  --prefix X               names every resource (GCPBATCH_PREFIX; covalent-gcpbatch)
+  --bucket B               bucket name (default: <prefix>-<project>)
+  --python PY              python of the environment you dispatch from: the worker image gets its
+                           Python and covalent versions (GCPBATCH_PYTHON; python3)
+  --retention-days N       delete task objects (under covalent-gcpbatch/) after N days (7)
+  --function-runtime RT    Cloud Functions runtime (python311)
+  --max-vcpus N, --max-memory-mb N, --max-time-limit-s N, --max-accelerator-count N,
+  --allowed-machine-types T1,T2
+                           caps the function enforces on every task (default: the protocol's)
+  --only STEP[,STEP...]    run only these steps (up: ${UP_STEPS[*]};
+                           down: ${DOWN_STEPS[*]})
+  --yes, -y                do not ask before deleting (down)
+EOF
+}
+
+die() {
+  printf 'deploy.sh: %s\n' "$*" >&2
+  exit 1
+}
+
+section() { printf '\n== %s\n' "$*"; }
+present() { printf '   exists: %s\n' "$*"; }
+
+# run CMD...: a command that changes something, echoed before it runs.
+run() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+  "$@"
+}
+
+# run_retrying CMD...: for IAM changes, which can fail for a little while after an account is created.
+run_retrying() {
+  local attempt
+  for attempt in 1 2 3 4 5; do
+    if run "$@"; then
+      return 0
+    fi
+    [ "$attempt" -lt 5 ] || return 1
+    printf '   (retrying in %s s: new service accounts take a moment to propagate)\n' $((attempt * 5))
+    sleep $((attempt * 5))
+  done
+}
+
+# lookup CMD...: a read-only gcloud command. Its output goes to $FOUND; returns 1 if gcloud says the
+# resource does not exist. Any other failure (permission, API disabled) stops the script.
+FOUND=""
+lookup() {
+  local rc=0
+  FOUND=$("$@" 2>"$WORK/stderr") || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    return 0
+  fi
+  if grep -qiE "$NOT_FOUND" "$WORK/stderr"; then
+    return 1
+  fi
+  cat "$WORK/stderr" >&2
+  die "this failed: $(printf '%q ' "$@")"
+}
+
+# helper COMMAND...: covalent_gcpbatch_plugin/deploy_helper.py of this checkout, run by --python.
+helper() {
+  PYTHONPATH="$ROOT/executor${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m covalent_gcpbatch_plugin.deploy_helper "$@"
+}
+
+wanted() {
+  local step=$1
+  [ -z "$ONLY" ] || [[ ",$ONLY," == *",$step,"* ]]
+}
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+parse_args() {
+  ACTION=${1:-}
+  [ $# -eq 0 ] || shift
+  case "$ACTION" in
+    up | down | status) ;;
+    -h | --help | help) usage; exit 0 ;;
+    "") usage >&2; exit 2 ;;
+    *) die "unknown command '$ACTION' (up, down or status)" ;;
+  esac
+  PROJECT=${GCPBATCH_PROJECT:-}
+  REGION=${GCPBATCH_REGION:-us-east1}
+  PREFIX=${GCPBATCH_PREFIX:-covalent-gcpbatch}
+  PYTHON=${GCPBATCH_PYTHON:-python3}
+  BUCKET=""
+  RETENTION_DAYS=7
+  FUNCTION_RUNTIME=python311
+  MAX_VCPUS="" MAX_MEMORY_MB="" MAX_TIME_LIMIT_S="" MAX_ACCELERATOR_COUNT="" ALLOWED_MACHINE_TYPES=""
+  ONLY=""
+  YES=0
+  while [ $# -gt 0 ]; do
+    local flag=$1 value=""
+    case "$flag" in
+      --yes | -y | --help | -h) shift ;;
+      --*=*) value=${flag#*=}; flag=${flag%%=*}; shift ;;
+      --*) [ $# -ge 2 ] || die "$flag needs a value"; value=$2; shift 2 ;;
+      *) die "unexpected argument '$flag' (see --help)" ;;
+    esac
+    case "$flag" in
+      --project) PROJECT=$value ;;
+      --region) REGION=$value ;;
+      --prefix) PREFIX=$value ;;
+      --bucket) BUCKET=$value ;;
+      --python) PYTHON=$value ;;
+      --retention-days) RETENTION_DAYS=$value ;;
+      --function-runtime) FUNCTION_RUNTIME=$value ;;
+      --max-vcpus) MAX_VCPUS=$value ;;
+      --max-memory-mb) MAX_MEMORY_MB=$value ;;
+      --max-time-limit-s) MAX_TIME_LIMIT_S=$value ;;
+      --max-accelerator-count) MAX_ACCELERATOR_COUNT=$value ;;
+      --allowed-machine-types) ALLOWED_MACHINE_TYPES=$value ;;
+      --only) ONLY=$value ;;
+      --yes | -y) YES=1 ;;
+      --help | -h) usage; exit 0 ;;
+      *) die "unknown option '$flag' (see --help)" ;;
+    esac
+  done
+}
+
+validate() {
+  [ -n "$PROJECT" ] || die "no project: pass --project P (or set GCPBATCH_PROJECT)"
+  [[ $PROJECT =~ ^[a-z][a-z0-9-]{4,28}[a-z0-9]$ ]] || die "'$PROJECT' is not a project id (6-30 of a-z, 0-9, -)"
+  [[ $REGION =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || die "'$REGION' is not a region (e.g. us-east1)"
+  # Service account ids are at most 30 characters: <prefix>-runner must fit.
+  [[ $PREFIX =~ ^[a-z][a-z0-9-]{1,21}[a-z0-9]$ ]] ||
+    die "prefix '$PREFIX' must be 3-23 of a-z, 0-9 and -, starting with a letter"
+  [[ $RETENTION_DAYS =~ ^[1-9][0-9]*$ ]] || die "--retention-days must be a whole number of days >= 1"
+  [[ $FUNCTION_RUNTIME =~ ^python3[0-9]+$ ]] || die "--function-runtime must be a Python runtime (e.g. python311)"
+  local step steps allowed
+  if [ "$ACTION" = down ]; then allowed=" ${DOWN_STEPS[*]} "; else allowed=" ${UP_STEPS[*]} "; fi
+  IFS=, read -ra steps <<<"$ONLY"
+  for step in "${steps[@]}"; do
+    [[ $allowed == *" $step "* ]] || die "--only: unknown step '$step' for $ACTION (one of:$allowed)"
+  done
+  command -v gcloud >/dev/null 2>&1 || die "the gcloud CLI is not on PATH: https://cloud.google.com/sdk/docs/install"
+}
+
+derive_names() {
+  BUCKET=${BUCKET:-$PREFIX-$PROJECT}
+  [[ $BUCKET =~ ^[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]$ ]] || die "bucket name '$BUCKET' is not valid: pass --bucket"
+  REPO=$PREFIX
+  TOPIC=$PREFIX-jobs
+  FUNCTION=$PREFIX-submit
+  RUNNER_SA=$PREFIX-runner@$PROJECT.iam.gserviceaccount.com
+  FUNCTION_SA=$PREFIX-fn@$PROJECT.iam.gserviceaccount.com
+  IMAGE=""
+  GCS_AGENT=""
+}
+
+# The worker image: tagged with the dispatching environment's Python and covalent versions and a
+# digest of what the Dockerfile copies, so a changed source or environment gets a new image.
+resolve_image() {
+  [ -z "$IMAGE" ] || return 0
+  local versions source_digest
+  versions=$(helper versions) ||
+    die "could not ask '$PYTHON' for its Python and covalent versions: pass --python <the python you dispatch from>"
+  read -r PY_VERSION COVALENT_VERSION <<<"$versions"
+  source_digest=$(helper digest "$ROOT/worker_image" "$ROOT/executor" "$ROOT/pyproject.toml" \
+    "$ROOT/functions/__init__.py" "$ROOT/functions/main.py" "$ROOT/functions/requirements.txt")
+  IMAGE=$REGION-docker.pkg.dev/$PROJECT/$REPO/worker:py$PY_VERSION-covalent$COVALENT_VERSION-$source_digest
+}
+
+resolve_gcs_agent() {
+  [ -z "$GCS_AGENT" ] || return 0
+  lookup gcloud storage service-agent --project="$PROJECT" || die "no Cloud Storage service agent in $PROJECT"
+  GCS_AGENT=$FOUND
+}
+
+# ---------------------------------------------------------------------------------------------
+# up: one function per resource
+# ---------------------------------------------------------------------------------------------
+
+ensure_apis() {
+  section "APIs"
+  lookup gcloud services list --enabled --project="$PROJECT" --format='value(config.name)' ||
+    die "project $PROJECT not found (or you cannot see it): check --project and 'gcloud auth list'"
+  local api missing=()
+  for api in "${APIS[@]}"; do
+    grep -qxF "$api" <<<"$FOUND" || missing+=("$api")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    present "all ${#APIS[@]} APIs enabled"
+    return
+  fi
+  run gcloud services enable "${missing[@]}" --project="$PROJECT"
+}
+
+ensure_bucket() {
+  section "Bucket gs://$BUCKET"
+  helper lifecycle --days "$RETENTION_DAYS" >"$WORK/lifecycle.json"
+  if lookup gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" --raw --format=json; then
+    local rc=0
+    helper bucket-matches --days "$RETENTION_DAYS" <<<"$FOUND" || rc=$?
+    case "$rc" in
+      0) present "gs://$BUCKET (uniform access, public access prevention, ${RETENTION_DAYS}-day lifecycle)"; return ;;
+      3) ;;
+      *) die "could not read the settings of gs://$BUCKET" ;;
+    esac
+    run gcloud storage buckets update "gs://$BUCKET" --project="$PROJECT" \
+      --uniform-bucket-level-access --public-access-prevention --lifecycle-file="$WORK/lifecycle.json"
+    return
+  fi
+  run gcloud storage buckets create "gs://$BUCKET" --project="$PROJECT" --location="$REGION" \
+    --uniform-bucket-level-access --public-access-prevention --lifecycle-file="$WORK/lifecycle.json"
+}
+
+ensure_repository() {
+  section "Artifact Registry repository $REPO"
+  if lookup gcloud artifacts repositories describe "$REPO" --location="$REGION" --project="$PROJECT" --format='value(name)'; then
+    present "$REGION-docker.pkg.dev/$PROJECT/$REPO"
+    return
+  fi
+  run gcloud artifacts repositories create "$REPO" --repository-format=docker --location="$REGION" \
+    --project="$PROJECT" --description="covalent-gcpbatch worker images"
+}
+
+ensure_topic() {
+  section "Pub/Sub topic $TOPIC"
+  if lookup gcloud pubsub topics describe "$TOPIC" --project="$PROJECT" --format='value(name)'; then
+    present "projects/$PROJECT/topics/$TOPIC"
+    return
+  fi
+  run gcloud pubsub topics create "$TOPIC" --project="$PROJECT"
+}
+
+ensure_service_account() {
+  local email=$1 description=$2
+  section "Service account $email"
+  if lookup gcloud iam service-accounts describe "$email" --project="$PROJECT" --format='value(email)'; then
+    present "$email"
+    return
+  fi
+  run gcloud iam service-accounts create "${email%%@*}" --project="$PROJECT" \
+    --display-name="${email%%@*}" --description="$description"
+}
+
+ensure_accounts() {
+  ensure_service_account "$RUNNER_SA" "covalent-gcpbatch: the Batch jobs run as this account"
+  ensure_service_account "$FUNCTION_SA" "covalent-gcpbatch: the Cloud Function that creates the Batch jobs"
+}
+
+ensure_image() {
+  resolve_image
+  section "Worker image (Python $PY_VERSION, covalent $COVALENT_VERSION)"
+  if lookup gcloud artifacts docker images describe "$IMAGE" --project="$PROJECT" --format='value(image_summary.digest)'; then
+    present "$IMAGE"
+    return
+  fi
+  helper build-config --image "$IMAGE" --python-version "$PY_VERSION" --covalent-version "$COVALENT_VERSION" \
+    >"$WORK/cloudbuild.json"
+  # Uploads the repository root, filtered by .gcloudignore to what worker_image/Dockerfile copies.
+  run gcloud builds submit "$ROOT" --project="$PROJECT" --config="$WORK/cloudbuild.json"
+}
+
+# IAM: where a role is granted sets what an account can reach. iam_target KIND RESOURCE sets
+# IAM_GROUP (the gcloud command group), IAM_WHERE (flags locating the resource) and IAM_BIND
+# (extra flags for add/remove).
+iam_target() {
+  IAM_WHERE=(--project="$PROJECT")
+  IAM_BIND=()
+  case "$1" in
+    project) IAM_GROUP=(projects); IAM_WHERE=(); IAM_BIND=(--condition=None) ;;
+    bucket) IAM_GROUP=(storage buckets) ;;
+    topic) IAM_GROUP=(pubsub topics) ;;
+    repo) IAM_GROUP=(artifacts repositories); IAM_WHERE+=(--location="$REGION") ;;
+    account) IAM_GROUP=(iam service-accounts) ;;
+    service) IAM_GROUP=(run services); IAM_WHERE+=(--region="$REGION") ;;
+    *) die "iam_target: unknown kind $1" ;;
+  esac
+}
+
+# has_binding KIND RESOURCE ROLE MEMBER: 0 if bound, 1 if not, 2 if the resource does not exist.
+has_binding() {
+  iam_target "$1"
+  lookup gcloud "${IAM_GROUP[@]}" get-iam-policy "$2" "${IAM_WHERE[@]}" --format=json || return 2
+  local rc=0
+  helper has-binding "$3" "$4" <<<"$FOUND" || rc=$?
+  case "$rc" in
+    0) return 0 ;;
+    3) return 1 ;;
+    *) die "could not read the IAM policy of $1 $2" ;;
+  esac
+}
+
+ensure_binding() {
+  local kind=$1 resource=$2 role=$3 member=$4 rc=0
+  has_binding "$kind" "$resource" "$role" "$member" || rc=$?
+  case "$rc" in
+    0) present "$role for ${member#*:} on $kind $resource"; return ;;
+    2) die "$kind $resource does not exist: run the step that creates it first" ;;
+  esac
+  run_retrying gcloud "${IAM_GROUP[@]}" add-iam-policy-binding "$resource" "${IAM_WHERE[@]}" "${IAM_BIND[@]}" \
+    --member="$member" --role="$role" --format=none
+}
+
+# The whole IAM plan, in one place: each_binding ACTION calls ACTION KIND RESOURCE ROLE MEMBER.
+# The function's own run.invoker grant comes after it is deployed (ensure_function).
+each_binding() {
+  local action=$1 runner=serviceAccount:$RUNNER_SA fn=serviceAccount:$FUNCTION_SA
+  # The job runner: report to Batch, write logs, read/write objects of THIS bucket, pull from
+  # THIS repository, publish job notifications to THIS topic. Nothing project-wide beyond that.
+  "$action" project "$PROJECT" roles/batch.agentReporter "$runner"
+  "$action" project "$PROJECT" roles/logging.logWriter "$runner"
+  "$action" bucket "gs://$BUCKET" roles/storage.objectUser "$runner"
+  "$action" repo "$REPO" roles/artifactregistry.reader "$runner"
+  "$action" topic "$TOPIC" roles/pubsub.publisher "$runner"
+  # The function: create Batch jobs that run as the runner account (and only it), read task
+  # objects, publish rejections, receive Eventarc events.
+  "$action" project "$PROJECT" roles/batch.jobsEditor "$fn"
+  "$action" project "$PROJECT" roles/eventarc.eventReceiver "$fn"
+  "$action" account "$RUNNER_SA" roles/iam.serviceAccountUser "$fn"
+  "$action" bucket "gs://$BUCKET" roles/storage.objectViewer "$fn"
+  "$action" topic "$TOPIC" roles/pubsub.publisher "$fn"
+  # Storage triggers: Cloud Storage publishes the bucket's events to Eventarc's topic.
+  if [ "$action" != remove_binding ]; then
+    resolve_gcs_agent
+    "$action" project "$PROJECT" roles/pubsub.publisher "serviceAccount:$GCS_AGENT"
+  fi
+}
+
+ensure_bindings() {
+  section "IAM roles"
+  each_binding ensure_binding
+}
+
+# plan_function: the function's settings (env file) and deploy flags, in FUNCTION_DEPLOY, and
+# FUNCTION_DIGEST, the digest of those and of functions/ that up records as a label on it.
+plan_function() {
+  resolve_image
+  helper function-env --project "$PROJECT" --region "$REGION" --topic "$TOPIC" \
+    --job-service-account "$RUNNER_SA" --allowed-image "$IMAGE" \
+    --max-vcpus "$MAX_VCPUS" --max-memory-mb "$MAX_MEMORY_MB" --max-time-limit-s "$MAX_TIME_LIMIT_S" \
+    --max-accelerator-count "$MAX_ACCELERATOR_COUNT" --allowed-machine-types "$ALLOWED_MACHINE_TYPES" \
+    >"$WORK/function-env.yaml"
+  FUNCTION_DEPLOY=(
+    functions deploy "$FUNCTION" --gen2 --region="$REGION" --project="$PROJECT"
+    --runtime="$FUNCTION_RUNTIME" --entry-point="$ENTRY_POINT"
+    --trigger-event-filters="type=$FINALIZED" --trigger-event-filters="bucket=$BUCKET"
+    --trigger-location="$REGION" --retry
+    --service-account="$FUNCTION_SA" --trigger-service-account="$FUNCTION_SA"
+    --ingress-settings=internal-only --no-allow-unauthenticated
+    --memory=256Mi --timeout=180s
+  )
+  FUNCTION_DIGEST=$(helper digest --text "${FUNCTION_DEPLOY[*]}" "$WORK/function-env.yaml" "$ROOT/functions")
+}
+
+# deployed_digest: the digest label of the deployed function ("" if there is none).
+deployed_digest() {
+  DEPLOYED=""
+  if lookup gcloud functions describe "$FUNCTION" --region="$REGION" --project="$PROJECT" \
+    --format='value(labels.deploy_digest)'; then
+    DEPLOYED=${FOUND:-unlabelled}
+  fi
+}
+
+ensure_function() {
+  section "Cloud Function $FUNCTION"
+  plan_function
+  deployed_digest
+  if [ "$DEPLOYED" = "$FUNCTION_DIGEST" ]; then
+    present "$FUNCTION (trigger: $FINALIZED on gs://$BUCKET)"
+  else
+    [ -z "$DEPLOYED" ] || printf '   %s exists, but its source or settings changed: redeploying\n' "$FUNCTION"
+    run gcloud "${FUNCTION_DEPLOY[@]}" --source="$ROOT/functions" --env-vars-file="$WORK/function-env.yaml" \
+      --update-labels="managed-by=covalent-gcpbatch,deploy_digest=$FUNCTION_DIGEST"
+  fi
+  # Eventarc calls the (private) function as the trigger's service account.
+  ensure_binding service "$FUNCTION" roles/run.invoker "serviceAccount:$FUNCTION_SA"
+}
+
+write_config() {
+  resolve_image
+  section "Covalent config"
+  helper config-set project_id="$PROJECT" region="$REGION" bucket_name="$BUCKET" \
+    container_image_uri="$IMAGE" service_account_email="$RUNNER_SA" pubsub_topic="$TOPIC" \
+    pubsub_emulator_host= storage_emulator_host= batch_api_endpoint=
+  helper config-show
+}
+
+cmd_up() {
+  local step
+  for step in "${UP_STEPS[@]}"; do
+    wanted "$step" || continue
+    case "$step" in
+      apis) ensure_apis ;;
+      bucket) ensure_bucket ;;
+      repo) ensure_repository ;;
+      topic) ensure_topic ;;
+      accounts) ensure_accounts ;;
+      image) ensure_image ;;
+      iam) ensure_bindings ;;
+      function) ensure_function ;;
+      config) write_config ;;
+    esac
+  done
+  section "Done"
+  echo "Deployment '$PREFIX' in $PROJECT ($REGION) is up."
+  if wanted config; then
+    echo "Restart the Covalent server ('covalent restart') so that it reads the new configuration."
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# down
+# ---------------------------------------------------------------------------------------------
+
+confirm_down() {
+  [ "$YES" = 1 ] && return 0
+  [ -t 0 ] || die "down deletes the deployment, including every object in gs://$BUCKET: without a terminal to ask on, pass --yes"
+  local answer
+  printf 'This deletes deployment %s in project %s, including every object in gs://%s.\n' "$PREFIX" "$PROJECT" "$BUCKET"
+  read -r -p "Type the project id to confirm: " answer
+  [ "$answer" = "$PROJECT" ] || die "not confirmed: nothing was deleted"
+}
+
+remove_config() {
+  section "Covalent config"
+  helper config-unset --if-bucket "$BUCKET" "${CONFIG_KEYS[@]}"
+}
+
+delete_function() {
+  section "Cloud Function $FUNCTION"
+  if lookup gcloud functions describe "$FUNCTION" --region="$REGION" --project="$PROJECT" --format='value(name)'; then
+    run gcloud functions delete "$FUNCTION" --region="$REGION" --project="$PROJECT" --quiet
+  else
+    printf '   absent: %s\n' "$FUNCTION"
+  fi
+}
+
+# Project-level grants outlive the accounts they name, so they go first. Resource-level grants go
+# with their resources. The Cloud Storage service agent keeps roles/pubsub.publisher: any storage
+# trigger in the project needs it.
+# shellcheck disable=SC2317  # called through each_binding
+remove_binding() {
+  local kind=$1 resource=$2 role=$3 member=$4
+  [ "$kind" = project ] || return 0
+  has_binding "$kind" "$resource" "$role" "$member" || return 0
+  run gcloud projects remove-iam-policy-binding "$PROJECT" --member="$member" --role="$role" \
+    --condition=None --format=none
+}
+
+remove_bindings() {
+  section "IAM roles (project level)"
+  each_binding remove_binding
+}
+
+delete_service_account() {
+  local email=$1
+  section "Service account $email"
+  if lookup gcloud iam service-accounts describe "$email" --project="$PROJECT" --format='value(email)'; then
+    run gcloud iam service-accounts delete "$email" --project="$PROJECT" --quiet
+  else
+    printf '   absent: %s\n' "$email"
+  fi
+}
+
+delete_accounts() {
+  delete_service_account "$FUNCTION_SA"
+  delete_service_account "$RUNNER_SA"
+}
+
+delete_topic() {
+  section "Pub/Sub topic $TOPIC"
+  if lookup gcloud pubsub topics describe "$TOPIC" --project="$PROJECT" --format='value(name)'; then
+    run gcloud pubsub topics delete "$TOPIC" --project="$PROJECT"
+  else
+    printf '   absent: %s\n' "$TOPIC"
+  fi
+}
+
+delete_repository() {
+  section "Artifact Registry repository $REPO (and its images)"
+  if lookup gcloud artifacts repositories describe "$REPO" --location="$REGION" --project="$PROJECT" --format='value(name)'; then
+    run gcloud artifacts repositories delete "$REPO" --location="$REGION" --project="$PROJECT" --quiet
+  else
+    printf '   absent: %s\n' "$REPO"
+  fi
+}
+
+delete_bucket() {
+  section "Bucket gs://$BUCKET (and its objects)"
+  if lookup gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" --format='value(name)'; then
+    run gcloud storage rm --recursive "gs://$BUCKET" --project="$PROJECT"
+  else
+    printf '   absent: gs://%s\n' "$BUCKET"
+  fi
+}
+
+cmd_down() {
+  confirm_down
+  local step
+  for step in "${DOWN_STEPS[@]}"; do
+    wanted "$step" || continue
+    case "$step" in
+      config) remove_config ;;
+      function) delete_function ;;
+      iam) remove_bindings ;;
+      accounts) delete_accounts ;;
+      topic) delete_topic ;;
+      repo) delete_repository ;;
+      bucket) delete_bucket ;;
+    esac
+  done
+  section "Done"
+  echo "Deployment '$PREFIX' in $PROJECT is down. The APIs stay enabled; Cloud Build's source bucket"
+  echo "(gs://${PROJECT}_cloudbuild) and the Cloud Storage service agent's pubsub.publisher grant are kept."
+}
+
+# ---------------------------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------------------------
+
+MISSING=0
+report() {
+  local label=$1
+  shift
+  local rc=0
+  lookup "$@" || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    printf '   present  %s\n' "$label"
+  else
+    printf '   MISSING  %s\n' "$label"
+    MISSING=$((MISSING + 1))
+  fi
+}
+
+report_binding() {
+  local rc=0
+  has_binding "$@" || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    printf '   present  %s -> %s on %s %s\n' "$3" "${4#*:}" "$1" "$2"
+  else
+    printf '   MISSING  %s -> %s on %s %s\n' "$3" "${4#*:}" "$1" "$2"
+    MISSING=$((MISSING + 1))
+  fi
+}
+
+cmd_status() {
+  resolve_image
+  section "Resources of '$PREFIX' in $PROJECT ($REGION)"
+  report "bucket gs://$BUCKET" gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" --format='value(name)'
+  report "repository $REPO" gcloud artifacts repositories describe "$REPO" --location="$REGION" --project="$PROJECT" --format='value(name)'
+  report "image $IMAGE" gcloud artifacts docker images describe "$IMAGE" --project="$PROJECT" --format='value(image_summary.digest)'
+  report "topic $TOPIC" gcloud pubsub topics describe "$TOPIC" --project="$PROJECT" --format='value(name)'
+  report "account $RUNNER_SA" gcloud iam service-accounts describe "$RUNNER_SA" --project="$PROJECT" --format='value(email)'
+  report "account $FUNCTION_SA" gcloud iam service-accounts describe "$FUNCTION_SA" --project="$PROJECT" --format='value(email)'
+  plan_function
+  deployed_digest
+  if [ -z "$DEPLOYED" ]; then
+    printf '   MISSING  function %s\n' "$FUNCTION"
+    MISSING=$((MISSING + 1))
+  elif [ "$DEPLOYED" = "$FUNCTION_DIGEST" ]; then
+    printf '   present  function %s (up to date)\n' "$FUNCTION"
+  else
+    printf '   present  function %s (OUT OF DATE: its source or settings changed; up redeploys it)\n' "$FUNCTION"
+  fi
+  if [ "$MISSING" -eq 0 ]; then
+    section "IAM roles"
+    each_binding report_binding
+    report_binding service "$FUNCTION" roles/run.invoker "serviceAccount:$FUNCTION_SA"
+  fi
+  section "Covalent config"
+  helper config-show
+  if [ "$MISSING" -ne 0 ]; then
+    printf '\n%s missing: run ./deploy.sh up --project %s --region %s --prefix %s\n' "$MISSING" "$PROJECT" "$REGION" "$PREFIX"
+    return 1
+  fi
+}
+
+main() {
+  parse_args "$@"
+  validate
+  derive_names
+  WORK=$(mktemp -d)
+  trap 'rm -rf "$WORK"' EXIT
+  # Never let gcloud stop to ask: every answer is in the flags (down asks once, above).
+  export CLOUDSDK_CORE_DISABLE_PROMPTS=1
+  case "$ACTION" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+  esac
+}
+
+# On one line: bash reads a script as it runs it, so nothing after this may be read (or edited).
+main "$@"; exit

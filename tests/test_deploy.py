@@ -1,0 +1,424 @@
+"""deploy.sh, without a cloud.
+
+1. With a recording ``gcloud`` (tests/fake_gcloud.py) first on PATH: ``up``, a second ``up``,
+   ``status``, ``down`` without and with ``--yes``; the recorded calls and the fake's state show
+   what was created, with which settings, and which roles went to which account where.
+2. With the real gcloud pointed at the local stack's emulators: the steps that have an emulator
+   (the Pub/Sub topic, the bucket) run for real, and the Python clients check the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from covalent_gcpbatch_plugin.protocol import TASKS_PREFIX, DeploymentSettings
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy.sh"
+FAKE_GCLOUD = Path(__file__).with_name("fake_gcloud.py")
+ON_CI = os.environ.get("CI", "").lower() == "true"
+
+PROJECT, REGION, PREFIX = "my-project-42", "europe-west4", "cgb-test"
+BUCKET = f"{PREFIX}-{PROJECT}"
+TOPIC = f"{PREFIX}-jobs"
+REPOSITORY = PREFIX
+FUNCTION = f"{PREFIX}-submit"
+RUNNER = f"{PREFIX}-runner@{PROJECT}.iam.gserviceaccount.com"
+FN = f"{PREFIX}-fn@{PROJECT}.iam.gserviceaccount.com"
+GCS_AGENT = "service-424242424242@gs-project-accounts.iam.gserviceaccount.com"
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+COVALENT_VERSION = version("covalent")
+ARGS = ["--project", PROJECT, "--region", REGION, "--prefix", PREFIX, "--python", sys.executable]
+MUTATING = {"create", "delete", "update", "enable", "deploy", "submit", "rm", "add-iam-policy-binding",
+            "remove-iam-policy-binding"}  # fmt: skip
+
+
+class Recorder:
+    """The fake gcloud's log and state, and deploy.sh run with it first on PATH."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        bin_dir = root / "bin"
+        bin_dir.mkdir(parents=True)
+        gcloud = bin_dir / "gcloud"
+        gcloud.write_text(f"#!{sys.executable}\n" + FAKE_GCLOUD.read_text())
+        gcloud.chmod(0o755)
+        self.log, self.state_file, self.config_dir = root / "gcloud.log", root / "gcloud-state.json", root / "covalent"
+        self.env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_GCLOUD_LOG": str(self.log),
+            "FAKE_GCLOUD_STATE": str(self.state_file),
+            "COVALENT_CONFIG_DIR": str(self.config_dir),
+        }
+        for name in ("GCPBATCH_PROJECT", "GCPBATCH_REGION", "GCPBATCH_PREFIX", "GCPBATCH_PYTHON"):
+            self.env.pop(name, None)
+
+    def deploy(self, *args: str, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+        return subprocess.run([str(DEPLOY), *args], env=self.env, stdin=stdin, capture_output=True, text=True, timeout=120)
+
+    def calls(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    @property
+    def state(self) -> dict:
+        return json.loads(self.state_file.read_text())
+
+    def bindings(self, resource: str) -> set[tuple[str, str]]:
+        """(role, member) pairs bound on one resource of the fake's state."""
+        policy = self.state["policies"].get(resource, {"bindings": []})
+        return {(b["role"], m) for b in policy["bindings"] for m in b["members"]}
+
+    def config_section(self) -> dict:
+        path = self.config_dir / "covalent.conf"
+        return tomllib.loads(path.read_text()).get("executors", {}).get("gcpbatch", {}) if path.exists() else {}
+
+
+def verb_of(call: dict) -> str:
+    return next((arg for arg in call["argv"] if not arg.startswith("-") and arg in MUTATING | {"describe", "list",
+                 "get-iam-policy", "service-agent"}), "")  # fmt: skip
+
+
+def flag_values(call: dict, name: str) -> list[str]:
+    return [arg.split("=", 1)[1] for arg in call["argv"] if arg.startswith(f"{name}=")]
+
+
+def find(calls: list[dict], *words: str) -> list[dict]:
+    """Calls whose argv starts with these words (``gcloud`` itself is not in argv)."""
+    return [c for c in calls if c["argv"][: len(words)] == list(words)]
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"deploy.sh failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture
+def recorder(tmp_path) -> Recorder:
+    return Recorder(tmp_path)
+
+
+def test_up_up_status_down_with_a_recording_gcloud(recorder):
+    # A config left by `covalent-gcpbatch local up` must not keep sending tasks to an emulator.
+    recorder.config_dir.mkdir()
+    (recorder.config_dir / "covalent.conf").write_text(
+        '[executors.gcpbatch]\npubsub_emulator_host = "127.0.0.1:8085"\nvcpus = 4\n'
+    )
+
+    first = check(recorder.deploy("up", *ARGS))
+    calls_first = recorder.calls()
+    second = check(recorder.deploy("up", *ARGS))
+    calls_second = recorder.calls()[len(calls_first) :]
+
+    # -- every resource created exactly once (over both runs) --------------------------------------
+    all_calls = calls_first + calls_second
+    creations = {
+        "bucket": find(all_calls, "storage", "buckets", "create"),
+        "repository": find(all_calls, "artifacts", "repositories", "create"),
+        "topic": find(all_calls, "pubsub", "topics", "create"),
+        "accounts": find(all_calls, "iam", "service-accounts", "create"),
+        "image build": find(all_calls, "builds", "submit"),
+        "function": find(all_calls, "functions", "deploy"),
+        "apis": find(all_calls, "services", "enable"),
+    }
+    assert {name: len(calls) for name, calls in creations.items()} == {
+        "bucket": 1, "repository": 1, "topic": 1, "accounts": 2, "image build": 1, "function": 1, "apis": 1,
+    }  # fmt: skip
+    assert [c["argv"][3] for c in creations["accounts"]] == [f"{PREFIX}-runner", f"{PREFIX}-fn"]
+    assert creations["topic"][0]["argv"][3] == TOPIC
+    assert set(creations["apis"][0]["argv"][2:-1]) == {
+        f"{api}.googleapis.com"
+        for api in ("batch", "compute", "storage", "pubsub", "cloudfunctions", "run", "eventarc", "cloudbuild",
+                    "artifactregistry", "logging")
+    }  # fmt: skip
+    # Every call names the project explicitly (never the user's gcloud default).
+    for call in all_calls:
+        assert f"--project={PROJECT}" in call["argv"] or call["argv"][:1] == ["projects"], call["argv"]
+
+    # -- the second up changes nothing ---------------------------------------------------------------
+    assert [c["argv"] for c in calls_second if verb_of(c) in MUTATING] == []
+    assert "+ gcloud" not in second.stdout
+    # Every change is echoed before it runs.
+    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 20
+
+    # -- the bucket: region, uniform access, no public access, task objects expire ------------------
+    bucket_create = creations["bucket"][0]
+    assert bucket_create["argv"][3] == f"gs://{BUCKET}"
+    assert f"--location={REGION}" in bucket_create["argv"]
+    assert "--uniform-bucket-level-access" in bucket_create["argv"]
+    assert "--public-access-prevention" in bucket_create["argv"]
+    lifecycle = json.loads(bucket_create["files"]["--lifecycle-file"])
+    assert lifecycle == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 7, "matchesPrefix": [TASKS_PREFIX]}}]}
+
+    # -- the repository and the image, built for this environment's versions -------------------------
+    repo_create = creations["repository"][0]
+    assert repo_create["argv"][3] == REPOSITORY
+    assert "--repository-format=docker" in repo_create["argv"] and f"--location={REGION}" in repo_create["argv"]
+    build = creations["image build"][0]
+    assert build["argv"][2] == str(REPO), "the build context is the repository root"
+    config = json.loads(build["files"]["--config"])
+    (step,) = config["steps"]
+    image = config["images"][0]
+    assert image.startswith(f"{REGION}-docker.pkg.dev/{PROJECT}/{REPOSITORY}/worker:py{PYTHON_VERSION}-covalent{COVALENT_VERSION}-")
+    assert step["name"] == "gcr.io/cloud-builders/docker"
+    assert step["args"] == [
+        "build", "-f", "worker_image/Dockerfile",
+        "--build-arg", f"PYTHON_VERSION={PYTHON_VERSION}", "--build-arg", f"COVALENT_VERSION={COVALENT_VERSION}",
+        "-t", image, ".",
+    ]  # fmt: skip
+
+    # -- the function: trigger, entry point, identity, ingress, settings -----------------------------
+    deploy = creations["function"][0]
+    argv = deploy["argv"]
+    assert argv[:3] == ["functions", "deploy", FUNCTION]
+    assert "--gen2" in argv and f"--region={REGION}" in argv
+    assert flag_values(deploy, "--trigger-event-filters") == [
+        "type=google.cloud.storage.object.v1.finalized",
+        f"bucket={BUCKET}",
+    ]
+    assert flag_values(deploy, "--entry-point") == ["on_task_uploaded"]
+    assert flag_values(deploy, "--source") == [str(REPO / "functions")]
+    assert flag_values(deploy, "--runtime")[0].startswith("python3")
+    assert flag_values(deploy, "--service-account") == [FN]
+    assert flag_values(deploy, "--trigger-service-account") == [FN]
+    assert flag_values(deploy, "--ingress-settings") == ["internal-only"]
+    assert "--no-allow-unauthenticated" in argv and "--allow-unauthenticated" not in argv
+    assert "--retry" in argv, "the function answers 500 on transient errors and relies on redelivery"
+    env = {key: json.loads(value) for key, _, value in
+           (line.partition(": ") for line in deploy["files"]["--env-vars-file"].splitlines())}  # fmt: skip
+    settings = DeploymentSettings.from_env(env)
+    assert (settings.project_id, settings.region, settings.topic) == (PROJECT, REGION, TOPIC)
+    assert settings.job_service_account == RUNNER
+    assert settings.allowed_images == (image,)
+    assert settings.batch_api_endpoint is None
+
+    # -- roles: each to the right account, at the right level ----------------------------------------
+    runner, fn = f"serviceAccount:{RUNNER}", f"serviceAccount:{FN}"
+    ours = {runner, fn}
+    project_roles = {(r, m) for r, m in recorder.bindings(f"projects/{PROJECT}") if m in ours}
+    assert project_roles == {
+        ("roles/batch.agentReporter", runner),
+        ("roles/logging.logWriter", runner),
+        ("roles/batch.jobsEditor", fn),
+        ("roles/eventarc.eventReceiver", fn),
+    }, "nothing else project-wide: storage, Pub/Sub and the registry are granted on the resources"
+    assert ("roles/pubsub.publisher", f"serviceAccount:{GCS_AGENT}") in recorder.bindings(f"projects/{PROJECT}")
+    assert recorder.bindings(f"storage buckets/gs://{BUCKET}") == {
+        ("roles/storage.objectUser", runner),
+        ("roles/storage.objectViewer", fn),
+    }
+    assert recorder.bindings(f"pubsub topics/{TOPIC}") == {("roles/pubsub.publisher", runner), ("roles/pubsub.publisher", fn)}
+    assert recorder.bindings(f"artifacts repositories/{REPOSITORY}@{REGION}") == {("roles/artifactregistry.reader", runner)}
+    assert recorder.bindings(f"iam service-accounts/{RUNNER}") == {("roles/iam.serviceAccountUser", fn)}
+    assert recorder.bindings(f"iam service-accounts/{FN}") == set(), "nobody may act as the function's account"
+    assert recorder.bindings(f"run services/{FUNCTION}@{REGION}") == {("roles/run.invoker", fn)}
+
+    # -- the Covalent config: everything the executor needs, emulators cleared, other keys kept ------
+    section = recorder.config_section()
+    assert section == {
+        "project_id": PROJECT,
+        "region": REGION,
+        "bucket_name": BUCKET,
+        "container_image_uri": image,
+        "service_account_email": RUNNER,
+        "pubsub_topic": TOPIC,
+        "pubsub_emulator_host": "",
+        "storage_emulator_host": "",
+        "batch_api_endpoint": "",
+        "vcpus": 4,
+    }
+    assert f'service_account_email = "{RUNNER}"' in first.stdout, "up prints the section it wrote"
+
+    # -- status ---------------------------------------------------------------------------------------
+    status_start = len(recorder.calls())
+    status = check(recorder.deploy("status", *ARGS))
+    assert "MISSING" not in status.stdout
+    assert status.stdout.count("present") == 7 + 12, "7 resources, 12 role grants"
+    assert [c["argv"] for c in recorder.calls()[status_start:] if verb_of(c) in MUTATING] == []
+
+    # -- down: refuses without --yes when nobody can be asked ----------------------------------------
+    before = len(recorder.calls())
+    refused = recorder.deploy("down", *ARGS)
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    assert recorder.calls()[before:] == []
+
+    # -- down --yes removes what up made ---------------------------------------------------------------
+    down_start = len(recorder.calls())
+    check(recorder.deploy("down", *ARGS, "--yes"))
+    down_calls = recorder.calls()[down_start:]
+    assert recorder.state["resources"] == {}, "every resource up created is gone"
+    remaining = {(r, m) for r, m in recorder.bindings(f"projects/{PROJECT}")}
+    assert remaining == {("roles/pubsub.publisher", f"serviceAccount:{GCS_AGENT}")}, "project roles of our accounts removed"
+    deleted = [c["argv"][:4] for c in down_calls if verb_of(c) in ("delete", "rm")]
+    assert deleted == [
+        ["functions", "delete", FUNCTION, f"--region={REGION}"],
+        ["iam", "service-accounts", "delete", FN],
+        ["iam", "service-accounts", "delete", RUNNER],
+        ["pubsub", "topics", "delete", TOPIC],
+        ["artifacts", "repositories", "delete", REPOSITORY],
+        ["storage", "rm", "--recursive", f"gs://{BUCKET}"],
+    ]
+    assert recorder.config_section() == {"vcpus": 4}, "down takes out the keys up wrote, and only those"
+
+    status_after = recorder.deploy("status", *ARGS)
+    assert status_after.returncode == 1 and status_after.stdout.count("MISSING") == 7
+
+    # A second down has nothing left to delete and still succeeds.
+    again_start = len(recorder.calls())
+    check(recorder.deploy("down", *ARGS, "--yes"))
+    assert [c["argv"] for c in recorder.calls()[again_start:] if verb_of(c) in MUTATING] == []
+
+
+def test_a_changed_setting_redeploys_only_the_function(recorder):
+    check(recorder.deploy("up", *ARGS))
+    assert "(up to date)" in check(recorder.deploy("status", *ARGS)).stdout
+    assert "OUT OF DATE" in check(recorder.deploy("status", *ARGS, "--max-vcpus", "8")).stdout
+    start = len(recorder.calls())
+    check(recorder.deploy("up", *ARGS, "--max-vcpus", "8"))
+    changed = [c for c in recorder.calls()[start:] if verb_of(c) in MUTATING]
+    assert [c["argv"][:3] for c in changed] == [["functions", "deploy", FUNCTION]]
+    env_file = changed[0]["files"]["--env-vars-file"]
+    assert 'GCPBATCH_MAX_VCPUS: "8.0"' in env_file or 'GCPBATCH_MAX_VCPUS: "8"' in env_file
+
+
+def test_down_leaves_a_config_that_points_elsewhere(recorder):
+    recorder.config_dir.mkdir()
+    conf = recorder.config_dir / "covalent.conf"
+    conf.write_text('[executors.gcpbatch]\nbucket_name = "covalent-gcpbatch-local"\nproject_id = "local-project"\n')
+    check(recorder.deploy("down", *ARGS, "--yes", "--only", "config"))
+    assert recorder.config_section() == {"bucket_name": "covalent-gcpbatch-local", "project_id": "local-project"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "Usage"),
+        (["up", "--region", REGION], "no project"),
+        (["up", "--project", "Bad_Project"], "not a project id"),
+        (["up", "--project", PROJECT, "--prefix", "this-prefix-is-far-too-long"], "prefix"),
+        (["up", "--project", PROJECT, "--only", "bucket,everything"], "unknown step 'everything'"),
+        (["up", "--project", PROJECT, "--retention-days", "0"], "--retention-days"),
+        (["sideways", "--project", PROJECT], "unknown command"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_call(recorder, args, message):
+    result = recorder.deploy(*args)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert recorder.calls() == []
+
+
+def test_environment_fallbacks(recorder):
+    recorder.env.update(GCPBATCH_PROJECT=PROJECT, GCPBATCH_REGION=REGION, GCPBATCH_PREFIX=PREFIX, GCPBATCH_PYTHON=sys.executable)
+    check(recorder.deploy("up", "--only", "topic"))
+    assert [c["argv"][:4] for c in recorder.calls() if verb_of(c) == "create"] == [["pubsub", "topics", "create", TOPIC]]
+
+
+def test_shellcheck_is_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        if ON_CI:
+            pytest.fail("CI=true and shellcheck is not installed (.ci/run installs it)")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run([shellcheck, str(DEPLOY)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real gcloud against the local stack's emulators
+# ---------------------------------------------------------------------------------------------------
+
+
+def _requests(stderr: str) -> list[tuple[str, str, str]]:
+    """(method, uri, body) of each request in gcloud's --log-http output."""
+    requests = []
+    for block in stderr.split("==== request start ====")[1:]:
+        head, _, rest = block.partition("== body start ==")
+        body = rest.partition("== body end ==")[0].strip()
+        fields = dict(line.split(": ", 1) for line in head.splitlines() if line.startswith(("uri: ", "method: ")))
+        requests.append((fields.get("method", ""), fields.get("uri", ""), body))
+    return requests
+
+
+@pytest.mark.stack
+def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, tmp_path):
+    """Pub/Sub (emulator) and Cloud Storage (fake-gcs-server) are the two services of the deployment
+    that have an emulator; the real gcloud creates the topic and the bucket there."""
+    from covalent_gcpbatch_plugin import clients
+
+    gcloud = shutil.which("gcloud")
+    if gcloud is None:
+        if ON_CI:
+            pytest.fail("CI=true and the gcloud CLI is not installed")
+        pytest.skip("the gcloud CLI is not installed")
+    project, prefix = local_stack.project_id, "covdeploy"
+    bucket, topic = f"{prefix}-{project}", f"{prefix}-jobs"
+    (tmp_path / "gcloud-config").mkdir()
+    env = {
+        **os.environ,
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),
+        "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+        "CLOUDSDK_CORE_PROJECT": project,
+        "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
+        "CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK": "true",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": f"http://{local_stack.pubsub_emulator_host}/",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE": f"{local_stack.storage_emulator_host}/storage/v1/",
+        # gcloud prints each request with its body: the check that it sent what deploy.sh meant.
+        "CLOUDSDK_CORE_LOG_HTTP": "true",
+        "COVALENT_CONFIG_DIR": str(tmp_path / "covalent"),
+    }
+    args = ["--project", project, "--region", local_stack.region, "--prefix", prefix, "--python", sys.executable]
+
+    def deploy(*extra: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(DEPLOY), *extra, *args], env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
+        return result
+
+    storage = clients.storage_client(project, local_stack.storage_emulator_host)
+    publisher = clients.publisher_client(local_stack.pubsub_emulator_host)
+    topic_path = f"projects/{project}/topics/{topic}"
+    try:
+        first = deploy("up", "--only", "bucket,topic")
+        assert storage.lookup_bucket(bucket) is not None
+        assert publisher.get_topic(topic=topic_path).name == topic_path
+        sent = _requests(first.stderr)
+        (bucket_insert,) = [r for r in sent if r[0] == "POST" and "/storage/v1/b?" in r[1]]
+        body = json.loads(bucket_insert[2])
+        assert body["name"] == bucket and body["location"] == local_stack.region
+        assert body["iamConfiguration"] == {"publicAccessPrevention": "enforced", "uniformBucketLevelAccess": {"enabled": True}}
+        assert body["lifecycle"] == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 7, "matchesPrefix": [TASKS_PREFIX]}}]}
+        assert [r[0] for r in sent if f"/topics/{topic}" in r[1]][-1] == "PUT", "the topic was created"
+
+        # Second up: found, nothing created. (fake-gcs-server keeps neither the lifecycle nor the
+        # iamConfiguration of a bucket, so deploy.sh re-applies them with a PATCH each time here.)
+        second = deploy("up", "--only", "bucket,topic")
+        resent = _requests(second.stderr)
+        assert not [r for r in resent if r[0] == "POST" and "/storage/v1/b?" in r[1]]
+        assert not [r for r in resent if r[0] == "PUT"]
+        patches = [json.loads(r[2]) for r in resent if r[0] == "PATCH"]
+        assert all(p["lifecycle"] == body["lifecycle"] for p in patches)
+
+        # Down (topic only: fake-gcs-server cannot serve `gcloud storage rm -r`, see the report).
+        deploy("down", "--yes", "--only", "topic")
+        topics = [t.name for t in publisher.list_topics(project=f"projects/{project}")]
+        assert topic_path not in topics
+    finally:
+        with_bucket = storage.lookup_bucket(bucket)
+        if with_bucket is not None:
+            with_bucket.delete(force=True)
+        try:
+            publisher.delete_topic(topic=topic_path)
+        except Exception:  # noqa: BLE001 - already deleted by down
+            pass
