@@ -24,6 +24,10 @@ demo: $(VENV)/.demo-installed
 test: $(STAMP)
 	$(PY) -m pytest -ra
 
+# Fault-injection and bad-input suite (also part of `make test`), with one line per scenario.
+faults: $(STAMP)
+	PYTHONPATH=tests $(PY) -m pytest -p faults_report tests/test_faults.py -q
+
 # deploy.sh must stay shellcheck-clean (CI runs this before `make test`).
 lint:
 	shellcheck deploy.sh

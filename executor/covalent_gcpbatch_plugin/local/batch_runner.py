@@ -51,6 +51,25 @@ from .batch_model import (
 
 log = logging.getLogger("covalent_gcpbatch_plugin.local.batch")
 
+#: The task's compute_resource.memory_mib is enforced as an address-space limit (RLIMIT_AS) on
+#: the worker process, plus this allowance for what a real VM does not count against the task
+#: (the interpreter, its libraries and thread stacks: a worker's address space is ~320 MiB idle).
+MEMORY_ALLOWANCE_MIB = 1024
+
+
+def limit_memory(pid: int, memory_mib: int) -> None:
+    """Cap the worker's address space so a task over its memory budget gets MemoryError instead of
+    exhausting the host. Best effort: a process that has already exited is left alone."""
+    import resource
+
+    if memory_mib <= 0:
+        return
+    limit = (memory_mib + MEMORY_ALLOWANCE_MIB) * 1024 * 1024
+    try:
+        resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+    except (ProcessLookupError, PermissionError, ValueError, OSError) as err:
+        log.debug("cannot limit the memory of %s: %s", pid, err)
+
 
 def _signal_group(pgid: int, sig: int) -> None:
     try:
@@ -377,6 +396,7 @@ class LocalBatch:
                 except OSError as err:
                     out.write(f"cannot start {argv!r}: {err}\n".encode())
                     return EXIT_NOT_STARTED, f": cannot start {argv[0]!r}: {err.strerror}"
+                limit_memory(proc.pid, spec.compute_resource.memory_mib if spec.compute_resource else 0)
                 with self.lock:
                     record.proc = proc
                     if record.stop is not None:
