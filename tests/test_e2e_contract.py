@@ -1,5 +1,6 @@
-"""The Covalent contract, end to end on the local stack: output, errors, retries, time limit,
-cancel, polling mode and clean-up, each through a real Covalent dispatch."""
+"""The Covalent contract, end to end on the local stack: output, errors, a task's exception run
+once, cancel, queue_timeout, polling mode and clean-up, each through a real Covalent dispatch.
+Preemption retried and time limit exceeded are in tests/test_faults.py, with their bounds."""
 
 from __future__ import annotations
 
@@ -50,53 +51,6 @@ def test_stdout_and_stderr_reach_the_node_and_an_exception_runs_once(covalent_se
     assert attempts.read_text() == "attempt\n", "a task's own exception must not be retried"
     (job,) = jobs_of_dispatch(local_stack, dispatch_id)
     assert exit_codes(job) == [10]
-
-
-def test_preempted_attempt_is_retried_then_succeeds(covalent_server, local_stack):
-    executor = ct.executor.GCPBatchExecutor(time_limit=120, retries=2)
-
-    @ct.electron(executor=executor)
-    def answer():
-        return 42
-
-    @ct.lattice
-    def flow():
-        return answer()
-
-    batch_admin(local_stack, "faults", {"preempt": {"*": 1}})
-    try:
-        dispatch_id = ct.dispatch(flow)()
-        result = wait_for(dispatch_id)
-    finally:
-        batch_admin(local_stack, "reset", {})
-    assert str(result.status) == "COMPLETED" and result.result == 42
-    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
-    assert 50001 in exit_codes(job)
-
-
-def test_time_limit_kills_the_job_and_says_so(covalent_server, local_stack):
-    executor = ct.executor.GCPBatchExecutor(time_limit=2, retries=3)
-
-    @ct.electron(executor=executor)
-    def slow():
-        import time as _time
-
-        _time.sleep(60)
-
-    @ct.lattice
-    def flow():
-        return slow()
-
-    started = time.monotonic()
-    dispatch_id = ct.dispatch(flow)()
-    result = wait_for(dispatch_id, timeout_s=60)
-    node = nodes_by_name(result)["slow"]
-    assert str(node["status"]) == "FAILED"
-    assert "exit code 50005" in node["stderr"] and "time_limit" in node["stderr"]
-    assert time.monotonic() - started < 40
-    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
-    assert exit_codes(job) == [50005], "a time limit is not an infrastructure failure: no retry"
-    assert active_jobs(local_stack) == []
 
 
 def test_cancel_stops_running_and_queued_jobs(covalent_server, local_stack):
