@@ -357,6 +357,11 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return JobEvent(job_id, state, "reconciled by get_job")
 
     async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan) -> Outcome:
+        if await self.get_cancel_requested():
+            # The user cancelled it (e.g. before its job existed, so no CANCELLED event came): that
+            # is the outcome, not the bound we hit waiting.
+            await self.cancel({}, job_id)
+            return Outcome(JobState.CANCELLED, "cancelled before the job reached a terminal state")
         if state is None:
             reason = (
                 f"no Batch job {job_id} was created within submit_timeout={plan.submit_timeout:g} s of the upload: "
