@@ -196,9 +196,24 @@ def stop_component(record: ProcessRecord, grace_s: float = STOP_GRACE_S, child: 
 class LocalStack:
     """Brings the local stack up and down; the state directory is the only thing it remembers."""
 
-    def __init__(self, state_dir: Path, function_source: Path | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        function_source: Path | None = None,
+        *,
+        batch_max_running: int | None = None,
+        batch_worker_command: str | None = None,
+    ) -> None:
+        """``batch_max_running``: jobs the local Batch service runs at once (its ``--max-running``;
+        None keeps its default of 2). ``batch_worker_command``: what a container runnable runs
+        instead of ``python -m covalent_gcpbatch_plugin.worker`` (its ``--worker-command``, e.g.
+        the benchmarks' timing wrapper). Both only apply when ``up`` starts a new stack."""
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.function_source = Path(function_source).resolve() if function_source else None
+        if batch_max_running is not None and (isinstance(batch_max_running, bool) or batch_max_running < 1):
+            raise ValueError(f"batch_max_running must be a positive integer, got {batch_max_running!r}")
+        self.batch_max_running = batch_max_running
+        self.batch_worker_command = batch_worker_command
         self.logs_dir = self.state_dir / "logs"
         self.data_dir = self.state_dir / "data"
         self._records: list[ProcessRecord] = []
@@ -344,6 +359,8 @@ class LocalStack:
                 "--host", "127.0.0.1", "--port", str(batch_port),
                 "--state-dir", str(self.data_dir / "batch"),
                 "--project-number-map", f"{s.project_id}={s.project_number}",
+                *(["--max-running", str(self.batch_max_running)] if self.batch_max_running is not None else []),
+                *(["--worker-command", self.batch_worker_command] if self.batch_worker_command else []),
             ],
             # The workers' "image": this venv first on PATH, as the Dockerfile's ENV PATH does, so
             # that ct.DepsPip's bare `pip install` lands in the environment the worker runs in.
