@@ -28,6 +28,13 @@ test: $(STAMP)
 faults: $(STAMP)
 	PYTHONPATH=tests $(PY) -m pytest -p faults_report tests/test_faults.py -q
 
+# Event-driven against polling on the local stack (README "Performance"): about 20 minutes,
+# writes bench/results/<date>.json and .png and prints the table. Not part of `make test`.
+# BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--smoke` (python -m bench --help).
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
 # deploy.sh must stay shellcheck-clean (CI runs this before `make test`).
 lint:
 	shellcheck deploy.sh

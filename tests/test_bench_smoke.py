@@ -1,0 +1,53 @@
+"""`make bench` in miniature, so that the benchmark harness does not rot: the same code path
+(bench/harness.py on its own local stack, one executor process per mode), a few tasks per mode,
+poll_freq 0.5 s, P4 with 4 tasks, P5 with 1 MiB. Checks the results' shape, not the numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require_emulators
+
+pytestmark = pytest.mark.stack
+
+REPO = Path(__file__).resolve().parents[1]
+MODE_KEYS = ("p1_p50_s", "p1_p90_s", "p1_max_s", "p2_reads_per_task", "p3_p50_s",
+             "p4_tasks", "p4_completed", "p4_rss_growth_mb", "p5_ratio")
+MACHINE_KEYS = ("cpu_model", "cores", "memory_gib", "python", "os")
+
+
+def test_bench_smoke_run_writes_every_figure(tmp_path):
+    require_emulators()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+    (path,) = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    for key in MACHINE_KEYS:
+        assert results["machine"][key], key
+    for mode in ("event", "poll"):
+        figures = results[mode]
+        missing = [key for key in MODE_KEYS if key not in figures]
+        assert not missing, f"{mode}: missing {missing}"
+        assert None not in [figures[key] for key in MODE_KEYS], f"{mode}: {({k: figures[k] for k in MODE_KEYS})}"
+        assert figures["p1_completed"] == figures["p1_tasks"] == 3
+        assert figures["p4_completed"] == figures["p4_tasks"] == 4
+        assert figures["p5_completed"]
+        assert 0 < figures["p1_p50_s"] <= figures["p1_p90_s"] <= figures["p1_max_s"] < 30
+        assert 0 < figures["p3_p50_s"] < 30
+        assert figures["worker_timed"] == 3, "the timing wrapper did not record every worker"
+    # Events mode reads nothing from Batch; polling reads every poll_freq.
+    assert results["event"]["p2_reads_per_task"] == 0
+    assert results["poll"]["p2_reads_per_task"] >= 1
+    assert results["event"]["p4_subscriber_streams"] == 1
+    assert set(results["targets"]) >= {"p1_event_p50_le_100ms", "p3_event_p50_le_150ms", "p5_event_ratio_ge_70pct"}
+    assert "| P1 notice latency p50 |" in proc.stdout
+    (png,) = tmp_path.glob("*.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
