@@ -48,3 +48,12 @@ def test_unreadable_task_object_fails_clearly(local_stack):
 def test_a_plain_task_succeeds(local_stack):
     code, error = run_worker(local_stack, cloudpickle.dumps((sum, [[1, 2, 3]], {})))
     assert (code, error) == (0, None)
+
+
+def test_importing_covalent_leaves_pubsub_unloaded():
+    """`import covalent` loads this plugin in every process, the worker's too; the Pub/Sub
+    subscriber must come only with an executor waiting for events (the image has no pubsub)."""
+    probe = ("import sys, covalent, covalent_gcpbatch_plugin.gcpbatch, covalent_gcpbatch_plugin.worker; "
+             "print(sorted(m for m in sys.modules if 'pubsub' in m or m == 'covalent_gcpbatch_plugin.events'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

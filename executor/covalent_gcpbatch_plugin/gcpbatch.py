@@ -27,7 +27,6 @@ from google.api_core import exceptions
 from pydantic import ValidationError
 
 from . import clients
-from .events import Endpoint, job_events
 from .protocol import (
     INFRASTRUCTURE_EXIT_CODES,
     JobEvent,
@@ -231,6 +230,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         events = None
         inbox: asyncio.Queue[JobEvent] | None = None
         if self.wait_mode == "events":
+            # Imported here: `import covalent` loads every executor plugin in every process, the
+            # worker's too, and google-cloud-pubsub costs 0.15 s there and a package in the image.
+            from .events import Endpoint, job_events
+
             events = job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
             inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
         try:
