@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,10 @@ import cloudpickle
 import covalent
 
 import bench.tasks
-from bench import log
+from bench import batch_stats, log
 from covalent_gcpbatch_plugin import clients, events
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
+from covalent_gcpbatch_plugin.local.processes import proc_stat
 from covalent_gcpbatch_plugin.protocol import parse_notification
 
 cloudpickle.register_pickle_by_value(bench.tasks)
@@ -113,12 +113,6 @@ def _instrument_subscriber() -> None:
     events.JobEvents._on_message = _on_message
 
 
-def _batch_calls(stats_url: str) -> dict[str, int]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(stats_url, timeout=30) as response:
-        return json.loads(response.read())["calls"]
-
-
 def _reads(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {method: after[method] - before[method] for method in ("get", "list", "create", "cancel", "delete")}
 
@@ -132,12 +126,8 @@ def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()
-        name = by_group.get(int(fields[2]))
+        fields = proc_stat(int(entry.name))
+        name = by_group.get(int(fields[2])) if fields else None
         if name is not None:
             totals[name] += sum(int(f) for f in fields[11:15])
     out = {name: ticks / tick for name, ticks in totals.items()}
@@ -182,7 +172,7 @@ class Driver:
         self.config = config
         self.mode = config["mode"]
         self.executor_kwargs = dict(config["executor"])
-        self.stats_url = config["batch_stats_url"]
+        self.batch_endpoint = config["batch_api_endpoint"]
         self.deadline = float(config["deadline"])  # wall clock: the harness's hard bound
         self.tasks: list[dict] = []  # one record per run() call
 
@@ -222,7 +212,7 @@ class Driver:
                 args = (i, (i % 10) * sleep_step_s)
                 return await self._one(phase, dispatch_id, i, bench.tasks.add_one, args, lambda r, i=i: r == i + 1)
 
-        calls_before = await asyncio.to_thread(_batch_calls, self.stats_url)
+        calls_before = (await asyncio.to_thread(batch_stats, self.batch_endpoint))["calls"]
         cpu_before = cpu_seconds(self.config["process_groups"])
         started = time.time()
         timed_out = False
@@ -233,7 +223,7 @@ class Driver:
             timed_out = True
         ended = time.time()
         cpu_after = cpu_seconds(self.config["process_groups"])
-        calls_after = await asyncio.to_thread(_batch_calls, self.stats_url)
+        calls_after = (await asyncio.to_thread(batch_stats, self.batch_endpoint))["calls"]
         records = [r for r in self.tasks if r["phase"] == phase]
         return {
             "tasks": count,

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from covalent_gcpbatch_plugin.local.covalent_server import isolated_env
 from covalent_gcpbatch_plugin.local.processes import terminate_group
 from covalent_gcpbatch_plugin.local.stack import LocalStack
 
-from . import log, report
+from . import batch_stats, log, report
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -167,12 +166,6 @@ def run_driver(mode: str, config: dict, workdir: Path, env: dict[str, str], time
     return result
 
 
-def batch_stats(url: str) -> dict:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{url}/_admin/stats", timeout=60) as response:
-        return json.loads(response.read())
-
-
 def worker_timings(directory: Path) -> dict[str, dict]:
     timings = {}
     for path in directory.glob("*.json"):
@@ -270,7 +263,7 @@ def driver_config(args: argparse.Namespace, settings, wait_mode: str, deadline: 
             "queue_timeout": 3600,
             "submit_timeout": 600,
         },
-        "batch_stats_url": f"{settings.batch_api_endpoint}/_admin/stats",
+        "batch_api_endpoint": settings.batch_api_endpoint,
         "process_groups": process_groups,
         "deadline": deadline,
         "warmup": args.warmup,

@@ -23,7 +23,7 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def _proc_stat(pid: int) -> list[str] | None:
+def proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (field 3 = state is index 0)."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -33,13 +33,13 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 
 def process_start_ticks(pid: int) -> int | None:
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return int(fields[19]) if fields else None
 
 
 def process_alive(pid: int) -> bool:
     """True if ``pid`` runs and is not a zombie (an orphan's zombie may linger unreaped here)."""
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     if fields is not None:
         return fields[0] not in ("Z", "X")
     try:
@@ -62,7 +62,7 @@ def group_members(pgid: int) -> list[int]:
     members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            fields = _proc_stat(int(entry.name))
+            fields = proc_stat(int(entry.name))
             if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
                 members.append(int(entry.name))
     return members
