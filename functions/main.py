@@ -110,5 +110,5 @@ def on_task_uploaded(event: CloudEvent) -> None:
         return
     log.info("created job %s for gs://%s/%s", job_id, bucket, name)
     if cancelled(bucket, objects):  # cancelled while we were creating it
-        batch().cancel_job(name=f"{jobs.job_parent(settings())}/jobs/{job_id}", retry=CREATE_RETRY, timeout=CREATE_TIMEOUT_S)
+        batch().cancel_job(name=protocol.job_name(settings().project_id, settings().region, job_id), retry=CREATE_RETRY, timeout=CREATE_TIMEOUT_S)
         log.info("cancelled job %s: the task was cancelled while its job was being created", job_id)

@@ -321,7 +321,7 @@ def test_bad_task_object_fails_once_without_retry(local_stack, kind):
     started = time.monotonic()
     blob.upload_from_string(payload)
     batch = clients.batch_client(local_stack.batch_api_endpoint)
-    name = f"projects/{local_stack.project_id}/locations/{local_stack.region}/jobs/{job_id}"
+    name = protocol.job_name(local_stack.project_id, local_stack.region, job_id)
     deadline = time.monotonic() + SETTLE_S
     try:
         while True:

@@ -4,6 +4,8 @@ against the local stack's real Batch service (REST) and Pub/Sub emulator."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -75,7 +77,7 @@ def post(client, stack, name, metadata, **kwargs):
 
 
 def get_job(stack, job_id: str) -> batch_v1.Job:
-    return clients.batch_client(stack.batch_api_endpoint).get_job(name=f"projects/{stack.project_id}/locations/{stack.region}/jobs/{job_id}")
+    return clients.batch_client(stack.batch_api_endpoint).get_job(name=protocol.job_name(stack.project_id, stack.region, job_id))
 
 
 def new_job_id() -> str:
@@ -162,6 +164,35 @@ def test_cancelled_task_gets_no_job(function, local_stack):
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
     with pytest.raises(exceptions.NotFound):
         get_job(local_stack, job_id)
+
+
+def test_task_cancelled_while_its_job_is_created_gets_it_cancelled(function, local_stack):
+    """The marker appears after the function's first check, while create_job is being retried
+    (four 503s, api_core backoff): the check after creating finds it and cancels the new job."""
+    job_id = new_job_id()
+    objects = protocol.TaskObjects(job_id)
+    bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
+    batch_admin(local_stack, "faults", {"fail_create": 4, "fail_create_status": 503})
+    marked = threading.Event()
+
+    def cancel_after_the_first_create_attempt():
+        deadline = time.monotonic() + 30
+        while batch_admin(local_stack, "stats")["calls"]["create"] == creates_before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        bucket.blob(objects.cancelled).upload_from_string(b"")
+        marked.set()
+
+    canceller = threading.Thread(target=cancel_after_the_first_create_attempt, daemon=True)
+    canceller.start()
+    try:
+        assert post(function, local_stack, objects.task, spec_for(local_stack).to_metadata()).status_code == 200
+        canceller.join(timeout=35)
+        assert marked.is_set()
+        assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before + 5
+        assert get_job(local_stack, job_id).status.state == batch_v1.JobStatus.State.CANCELLED
+    finally:
+        batch_admin(local_stack, "reset", {})
 
 
 def test_job_options_reach_batch(function, local_stack):

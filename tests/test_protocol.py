@@ -46,6 +46,9 @@ def test_layout_round_trips_the_job_id():
     assert objects.task == "covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4/task.pkl"
     assert len({*objects.all()}) == 6 and all(o.startswith(objects.prefix) for o in objects.all())
     assert p.job_id_of_task_object(objects.task) == objects.job_id
+    name = p.job_name("proj", "us-east1", objects.job_id)
+    assert name == "projects/proj/locations/us-east1/jobs/cov-8f1c2d3e-3-a1b2c3d4"
+    assert p.job_id_of_job_name(name) == objects.job_id
 
 
 @pytest.mark.parametrize(

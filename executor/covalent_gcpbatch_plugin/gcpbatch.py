@@ -34,6 +34,7 @@ from .protocol import (
     JobSpec,
     JobState,
     TaskObjects,
+    job_name,
     loads_error,
     make_job_id,
     new_attempt_token,
@@ -438,7 +439,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     # -- clients (lazy: Covalent rebuilds the executor from its attributes inside its server) --
 
     def _job_name(self, job_id: str) -> str:
-        return f"projects/{self.project_id}/locations/{self.region}/jobs/{job_id}"
+        return job_name(self.project_id, self.region, job_id)
 
     def _batch(self):
         return _cached_client("batch", self.batch_api_endpoint, lambda: clients.batch_client(self.batch_api_endpoint or None))

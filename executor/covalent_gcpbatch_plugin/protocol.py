@@ -453,6 +453,11 @@ class JobEvent:
     detail: str = ""
 
 
+def job_name(project: str, region: str, job_id: str) -> str:
+    """The Batch resource name of job ``job_id`` (get_job, cancel_job)."""
+    return f"projects/{project}/locations/{region}/jobs/{job_id}"
+
+
 def job_id_of_job_name(job_name: str) -> str:
     """``projects/<number>/locations/<region>/jobs/<id>`` -> ``<id>``."""
     return job_name.rsplit("/", 1)[-1]
