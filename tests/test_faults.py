@@ -205,7 +205,7 @@ def test_cancel_before_the_job_exists(covalent_server, local_stack, tmp_path):
     result = wait_for(dispatch_id, timeout_s=SETTLE_S)
     elapsed = time.monotonic() - started
     node = nodes_by_name(result)["task"]
-    assert str(node["status"]) == "CANCELLED", node
+    assert str(node["status"]) == "CANCELLED", (node["status"], node.get("error"), node.get("stderr"))
     assert str(result.status) == "CANCELLED"
     no_active_job_left(local_stack, within_s=90)
     assert all(j.status.state.name == "CANCELLED" for j in jobs_of_dispatch(local_stack, dispatch_id))
