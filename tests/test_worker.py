@@ -1,11 +1,14 @@
-"""The worker as a process against the stack's fake-gcs-server: refusal of foreign versions and
-of unreadable task objects, each with an error record and the no-retry exit code."""
+"""The worker as a process against a real fake-gcs-server: refusal of foreign versions and of
+unreadable task objects, each with an error record and the no-retry exit code; an outcome that
+cannot be stored; SIGTERM."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import cloudpickle
 import covalent
@@ -15,6 +18,7 @@ from covalent_gcpbatch_plugin import clients, protocol
 from test_protocol import spec as make_spec
 
 pytestmark = pytest.mark.stack
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks defined here run in the worker
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -57,3 +61,92 @@ def test_importing_covalent_leaves_pubsub_unloaded():
              "print(sorted(m for m in sys.modules if 'pubsub' in m or m == 'covalent_gcpbatch_plugin.events'))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def _own_gcs_server(tmp_path):
+    """A fake-gcs-server of the test's own (memory backend), so the test can stop it mid-task."""
+    from covalent_gcpbatch_plugin.local.processes import free_ports, http_answers
+    from covalent_gcpbatch_plugin.local.stack import find_fake_gcs_server
+
+    (port,) = free_ports(1)
+    host = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "gcs.log", "wb") as log:
+        proc = subprocess.Popen([str(find_fake_gcs_server()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                                 "-backend", "memory", "-external-url", host, "-log-level", "warn"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not http_answers(f"{host}/storage/v1/b", any_status=True):
+        assert proc.poll() is None and time.monotonic() < deadline, "fake-gcs-server did not start"
+        time.sleep(0.05)
+    return proc, host
+
+
+def _wait_for_file(path: str, limit_s: float = 60) -> int:
+    """The task: say it started (``path``.started), wait (bounded) until the test creates ``path``."""
+    import os as _os
+    import time as _time
+
+    open(path + ".started", "w").close()
+    deadline = _time.monotonic() + limit_s
+    while not _os.path.exists(path) and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    return 1
+
+
+def _start_worker(host: str, bucket_name: str, tmp_path, payload: bytes):
+    import covalent as _covalent
+
+    job_id = protocol.make_job_id("feedface", 2, protocol.new_attempt_token())
+    storage = clients.storage_client("p", host)
+    bucket = storage.create_bucket(bucket_name)
+    blob = bucket.blob(protocol.TaskObjects(job_id).task)
+    blob.metadata = make_spec(python_version=PYTHON, covalent_version=_covalent.__version__).to_metadata()
+    blob.upload_from_string(payload)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, protocol.ENV_BUCKET: bucket_name, protocol.ENV_JOB_ID: job_id, "STORAGE_EMULATOR_HOST": host,
+           "TMPDIR": str(scratch)}
+    worker = subprocess.Popen([sys.executable, "-m", "covalent_gcpbatch_plugin.worker"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return worker, scratch
+
+
+def test_outcome_that_cannot_be_stored_exits_with_the_no_retry_code(tmp_path):
+    """The bucket goes away while the task runs: the worker says so and exits EXIT_UPLOAD_FAILED,
+    which the job's FAIL_TASK policy lists (the user's code is not re-run for it)."""
+    from helpers_emulators import stop_process_group
+
+    gcs, host = _own_gcs_server(tmp_path)
+    go = tmp_path / "go"
+    try:
+        worker, _ = _start_worker(host, "upload-fails", tmp_path, cloudpickle.dumps((_wait_for_file, [str(go)], {})))
+        started = time.monotonic()
+        while not (tmp_path / "go.started").exists():  # the task runs: the worker is past its download
+            assert worker.poll() is None and time.monotonic() - started < 60, worker.communicate()
+            time.sleep(0.05)
+    finally:
+        stop_process_group(gcs)
+    go.touch()
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == protocol.EXIT_UPLOAD_FAILED, err.decode()
+    assert protocol.EXIT_UPLOAD_FAILED in protocol.NO_RETRY_EXIT_CODES
+    assert b"could not be stored" in err
+
+
+def test_sigterm_stops_the_task_and_removes_the_temporary_directory(tmp_path):
+    from helpers_emulators import stop_process_group
+
+    gcs, host = _own_gcs_server(tmp_path)
+    try:
+        worker, scratch = _start_worker(host, "sigterm", tmp_path, cloudpickle.dumps((_wait_for_file, [str(tmp_path / "never")], {})))
+        started = time.monotonic()
+        while not (tmp_path / "never.started").exists():
+            assert worker.poll() is None and time.monotonic() - started < 60, worker.communicate()
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=30)
+    finally:
+        stop_process_group(gcs)
+    assert worker.returncode == 128 + signal.SIGTERM, err.decode()
+    assert list(scratch.iterdir()) == [], "the worker's temporary directory (which held the task) is gone"
+    assert b"stopped by SIGTERM" in err

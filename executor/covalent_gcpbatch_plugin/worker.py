@@ -9,7 +9,12 @@ objects exist:
 * result.pkl on success, exit 0;
 * error.json (type, message, traceback) on failure, exit EXIT_TASK_FAILED if the task raised and
   EXIT_WORKER_ERROR if it could not be run at all; the job's FAIL_TASK policy keeps either from
-  being retried.
+  being retried;
+* if those writes fail, exit EXIT_UPLOAD_FAILED (also FAIL_TASK: the user's code is never re-run
+  because its outcome could not be stored), saying why on the container's stderr.
+
+On SIGTERM (cancel, preemption, max run duration) the worker stops the task, removes its
+temporary directory and exits 143, as a process killed by SIGTERM would.
 
 Run as ``python -m covalent_gcpbatch_plugin.worker`` with GCPBATCH_BUCKET and GCPBATCH_JOB_ID set.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -26,12 +32,14 @@ from pathlib import Path
 from typing import TextIO
 
 import cloudpickle
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from . import clients
 from .protocol import (
     ENV_BUCKET,
     ENV_JOB_ID,
     EXIT_TASK_FAILED,
+    EXIT_UPLOAD_FAILED,
     EXIT_WORKER_ERROR,
     ErrorRecord,
     JobSpec,
@@ -41,8 +49,25 @@ from .protocol import (
 )
 
 
+#: Each write of the task's outcome retries transient errors (storage's own retry policy) for at
+#: most this long; past it the worker gives up with EXIT_UPLOAD_FAILED rather than hang the VM.
+STORE_TIMEOUT_S = 30.0
+STORE_RETRY = DEFAULT_RETRY.with_timeout(STORE_TIMEOUT_S)
+
+#: What a process killed by SIGTERM exits with (128 + 15); Batch records it as the exit code.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
 class WorkerError(Exception):
     """The task could not be run (as opposed to: the task ran and raised)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (so temporary files go) instead of reporting a task failure."""
+
+
+def _raise_terminated(signum: int, _frame) -> None:
+    raise Terminated(signum)
 
 
 class Tee(io.TextIOBase):
@@ -123,6 +148,8 @@ def run(bucket, objects: TaskObjects, workdir: Path) -> int:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 result = function(*args, **kwargs)
+            except Terminated:
+                raise
             except BaseException as exc:  # noqa: BLE001 - the task's failure is reported, not raised
                 record = error_record(exc, "task")
                 outcome, exit_code = (objects.error, dumps_error(record)), EXIT_TASK_FAILED
@@ -141,14 +168,27 @@ def run(bucket, objects: TaskObjects, workdir: Path) -> int:
         print(f"covalent-gcpbatch worker: {exc!r}", file=stderr)
         outcome, exit_code = (objects.error, dumps_error(error_record(exc, "worker"))), EXIT_WORKER_ERROR
 
-    bucket.blob(objects.stdout).upload_from_string(stdout.getvalue(), content_type="text/plain")
-    bucket.blob(objects.stderr).upload_from_string(stderr.getvalue(), content_type="text/plain")
+    try:
+        store_outcome(bucket, objects, stdout.getvalue(), stderr.getvalue(), outcome)
+    except Exception as exc:  # noqa: BLE001 - any failure to store is the same failure for the user
+        print(
+            f"covalent-gcpbatch worker: the task ended (exit code {exit_code}) but its outcome could not be "
+            f"stored in gs://{bucket.name}/{objects.prefix}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_UPLOAD_FAILED
+    return exit_code
+
+
+def store_outcome(bucket, objects: TaskObjects, stdout: str, stderr: str, outcome: tuple[str, bytes | Path]) -> None:
+    """Output first, the result or error record last: its existence means the rest is there."""
+    bucket.blob(objects.stdout).upload_from_string(stdout, content_type="text/plain", retry=STORE_RETRY)
+    bucket.blob(objects.stderr).upload_from_string(stderr, content_type="text/plain", retry=STORE_RETRY)
     name, payload = outcome
     if isinstance(payload, Path):
-        bucket.blob(name).upload_from_filename(payload, content_type="application/octet-stream")
+        bucket.blob(name).upload_from_filename(payload, content_type="application/octet-stream", retry=STORE_RETRY)
     else:
-        bucket.blob(name).upload_from_string(payload, content_type="application/json")
-    return exit_code
+        bucket.blob(name).upload_from_string(payload, content_type="application/json", retry=STORE_RETRY)
 
 
 def main() -> int:
@@ -156,10 +196,15 @@ def main() -> int:
     if missing:
         print(f"covalent-gcpbatch worker: {', '.join(missing)} not set; the Batch job sets them", file=sys.stderr)
         return EXIT_WORKER_ERROR
-    client = clients.storage_client(project=None)
-    bucket = client.bucket(os.environ[ENV_BUCKET])
-    with tempfile.TemporaryDirectory(prefix="gcpbatch-worker-") as workdir:
-        return run(bucket, TaskObjects(os.environ[ENV_JOB_ID]), Path(workdir))
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        client = clients.storage_client(project=None)
+        bucket = client.bucket(os.environ[ENV_BUCKET])
+        with tempfile.TemporaryDirectory(prefix="gcpbatch-worker-") as workdir:
+            return run(bucket, TaskObjects(os.environ[ENV_JOB_ID]), Path(workdir))
+    except Terminated:
+        print("covalent-gcpbatch worker: stopped by SIGTERM (cancel, preemption or time limit)", file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 if __name__ == "__main__":
