@@ -349,11 +349,13 @@ each_binding() {
   "$action" repo "$REPO" roles/artifactregistry.reader "$runner"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$runner"
   # The function: create Batch jobs that run as the runner account (and only it), read task
-  # objects, publish rejections, receive Eventarc events.
+  # objects, record (create-only: never overwrite or delete) and publish why it created no job
+  # for a task, receive Eventarc events.
   "$action" project "$PROJECT" roles/batch.jobsEditor "$fn"
   "$action" project "$PROJECT" roles/eventarc.eventReceiver "$fn"
   "$action" account "$RUNNER_SA" roles/iam.serviceAccountUser "$fn"
   "$action" bucket "gs://$BUCKET" roles/storage.objectViewer "$fn"
+  "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$fn"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$fn"
   # Storage triggers: Cloud Storage publishes the bucket's events to Eventarc's topic.
   if [ "$action" != remove_binding ]; then

@@ -64,14 +64,43 @@ def storage():
     return clients.storage_client(settings().project_id)
 
 
-def cancelled(bucket: str, objects: protocol.TaskObjects) -> bool:
+def task_objects_present(bucket: str, objects: protocol.TaskObjects) -> tuple[bool, bool]:
+    """(the task object exists, the cancel marker exists), in one list call."""
+    names = {blob.name for blob in storage().list_blobs(bucket, prefix=objects.prefix, timeout=30)}
+    return objects.task in names, objects.cancelled in names
+
+
+def cancel_marked(bucket: str, objects: protocol.TaskObjects) -> bool:
     return storage().bucket(bucket).blob(objects.cancelled).exists(timeout=30)
 
 
-def reject(job_id: str, reason: str) -> None:
-    data, attributes = protocol.rejection_message(job_id, reason)
+def not_created(bucket: str, job_id: str, state: protocol.JobState, reason: str) -> None:
+    """Tell the waiting executor at once that no job will come: a record beside the task (read by
+    an executor that polls) and a message on the notification topic (read by one that listens)."""
+    record = protocol.NotCreated(state=state, reason=reason)
+    blob = storage().bucket(bucket).blob(protocol.TaskObjects(job_id).not_created)
+    try:
+        blob.upload_from_string(protocol.dumps_not_created(record), content_type="application/json",
+                                if_generation_match=0, timeout=30)
+    except exceptions.PreconditionFailed:
+        pass  # a redelivered event: recorded the first time
+    data, attributes = protocol.not_created_message(job_id, record)
     publisher().publish(settings().topic_path, data, **attributes).result(timeout=30)
-    log.warning("rejected %s: %s", job_id, reason)
+    log.warning("not creating job %s (%s): %s", job_id, state.value, reason)
+
+
+def cancel_job_if_any(job_id: str) -> bool:
+    """Cancel the task's job; False if it has none."""
+    name = protocol.job_name(settings().project_id, settings().region, job_id)
+    try:
+        batch().cancel_job(name=name, retry=CREATE_RETRY, timeout=CREATE_TIMEOUT_S)
+    except exceptions.NotFound:
+        return False
+    except exceptions.FailedPrecondition as err:  # already over
+        log.info("cancel of job %s: %s", job_id, err.message)
+        return True
+    log.info("cancelled job %s: its task was cancelled", job_id)
+    return True
 
 
 @functions_framework.cloud_event
@@ -89,12 +118,20 @@ def on_task_uploaded(event: CloudEvent) -> None:
         spec = protocol.JobSpec.from_metadata(obj.get("metadata"))
         settings().check(spec)
     except protocol.SpecError as err:
-        reject(job_id, str(err))
+        not_created(bucket, job_id, protocol.JobState.REJECTED, str(err))
         return
 
     objects = protocol.TaskObjects(job_id)
-    if cancelled(bucket, objects):
-        log.info("not creating job %s: the task was cancelled before its job existed", job_id)
+    present, cancelled = task_objects_present(bucket, objects)
+    if cancelled:
+        # A redelivered event may find the job created by an earlier delivery: cancel it.
+        if not cancel_job_if_any(job_id):
+            not_created(bucket, job_id, protocol.JobState.CANCELLED, "the task was cancelled before its Batch job was created")
+        return
+    if not present:
+        # A redelivered event (or a retry) after the executor gave up and removed the task: a
+        # job now would run without its task.
+        log.info("not creating job %s: gs://%s/%s is gone", job_id, bucket, name)
         return
     job = jobs.build_job(spec, bucket=bucket, job_id=job_id, settings=settings())
     try:
@@ -105,10 +142,10 @@ def on_task_uploaded(event: CloudEvent) -> None:
             retry=CREATE_RETRY,
             timeout=CREATE_TIMEOUT_S,
         )
+        log.info("created job %s for gs://%s/%s", job_id, bucket, name)
     except exceptions.Conflict:  # ALREADY_EXISTS: gRPC raises AlreadyExists, REST its base, Conflict
         log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, bucket, name)
-        return
-    log.info("created job %s for gs://%s/%s", job_id, bucket, name)
-    if cancelled(bucket, objects):  # cancelled while we were creating it
-        batch().cancel_job(name=protocol.job_name(settings().project_id, settings().region, job_id), retry=CREATE_RETRY, timeout=CREATE_TIMEOUT_S)
-        log.info("cancelled job %s: the task was cancelled while its job was being created", job_id)
+    # The cancel may have come while the job was being created (or before a duplicate event):
+    # the marker outlives the task, so whichever delivery sees it cancels the job.
+    if cancel_marked(bucket, objects):
+        cancel_job_if_any(job_id)

@@ -217,6 +217,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder):
     assert recorder.bindings(f"storage buckets/gs://{BUCKET}") == {
         ("roles/storage.objectUser", runner),
         ("roles/storage.objectViewer", fn),
+        ("roles/storage.objectCreator", fn),
     }
     assert recorder.bindings(f"pubsub topics/{TOPIC}") == {("roles/pubsub.publisher", runner), ("roles/pubsub.publisher", fn)}
     assert recorder.bindings(f"artifacts repositories/{REPOSITORY}@{REGION}") == {("roles/artifactregistry.reader", runner)}

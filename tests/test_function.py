@@ -22,6 +22,7 @@ from workflow_helpers import batch_admin
 
 FUNCTION_SOURCE = Path(__file__).resolve().parents[1] / "functions" / "main.py"
 pytestmark = pytest.mark.stack
+TERMINAL = {batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED, batch_v1.JobStatus.State.CANCELLED}
 
 
 @pytest.fixture
@@ -36,8 +37,9 @@ def function(local_stack, monkeypatch):
 
 
 @pytest.fixture
-def rejections(local_stack):
-    """Messages on the notification topic from now on (a pull subscription of the test's own)."""
+def not_created(local_stack):
+    """The function's "no job for this task" messages on the notification topic from now on (a
+    pull subscription of the test's own)."""
     subscriber = clients.subscriber_client(local_stack.pubsub_emulator_host)
     path = f"projects/{local_stack.project_id}/subscriptions/test-{uuid.uuid4().hex[:12]}"
     subscriber.create_subscription(name=path, topic=local_stack.topic_path(local_stack.topic))
@@ -45,11 +47,22 @@ def rejections(local_stack):
     def pull() -> list[protocol.JobEvent]:
         response = subscriber.pull(subscription=path, max_messages=50, timeout=10)
         events = [protocol.parse_notification(dict(m.message.attributes), m.message.data) for m in response.received_messages]
-        return [e for e in events if e is not None and e.state is protocol.JobState.REJECTED]
+        return [e for e in events if e is not None and e.state in (protocol.JobState.REJECTED, protocol.JobState.CANCELLED)]
 
     yield pull
     subscriber.delete_subscription(subscription=path)
     subscriber.close()
+
+
+@pytest.fixture(scope="module")
+def direct_bucket(local_stack):
+    """A bucket the stack's bridge does not watch: objects the in-process function is told about
+    are really there, and the served function never sees them too."""
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    bucket = storage.bucket(f"{local_stack.bucket_name}-direct")
+    if not bucket.exists():
+        storage.create_bucket(bucket.name)
+    return bucket
 
 
 def spec_for(stack, **overrides) -> protocol.JobSpec:
@@ -57,22 +70,28 @@ def spec_for(stack, **overrides) -> protocol.JobSpec:
     return make_spec(**{**values, **overrides})
 
 
-def finalize_event(stack, name: str, metadata: dict | None, event_type: str = "google.cloud.storage.object.v1.finalized"):
+def finalize_event(bucket: str, name: str, metadata: dict | None, event_type: str = "google.cloud.storage.object.v1.finalized"):
     """Headers and body of a storage CloudEvent in binary mode, as Eventarc delivers it."""
     event = CloudEvent(
         {
             "type": event_type,
-            "source": f"//storage.googleapis.com/projects/_/buckets/{stack.bucket_name}",
+            "source": f"//storage.googleapis.com/projects/_/buckets/{bucket}",
             "subject": f"objects/{name}",
             "id": uuid.uuid4().hex,
         },
-        {"bucket": stack.bucket_name, "name": name, "generation": "1", "metadata": metadata or {}},
+        {"bucket": bucket, "name": name, "generation": "1", "metadata": metadata or {}},
     )
     return to_binary(event)
 
 
-def post(client, stack, name, metadata, **kwargs):
-    headers, body = finalize_event(stack, name, metadata, **kwargs)
+def post(client, bucket, name, metadata, *, payload: bytes | None = b"task", **kwargs):
+    """Upload ``name`` (unless ``payload`` is None: an event for an object that is gone), then
+    deliver its finalize event to the function."""
+    if payload is not None:
+        blob = bucket.blob(name)
+        blob.metadata = metadata
+        blob.upload_from_string(payload)
+    headers, body = finalize_event(bucket.name, name, metadata, **kwargs)
     return client.post("/", headers=headers, data=body)
 
 
@@ -84,23 +103,23 @@ def new_job_id() -> str:
     return protocol.make_job_id("f00dbabe", 1, protocol.new_attempt_token())
 
 
-def test_task_upload_creates_the_batch_job(function, local_stack):
+def test_task_upload_creates_the_batch_job(function, local_stack, direct_bucket):
     job_id = new_job_id()
-    response = post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata())
+    response = post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata())
     assert response.status_code == 200
     job = get_job(local_stack, job_id)
     task = job.task_groups[0].task_spec
     assert task.runnables[0].container.image_uri == local_stack.container_image_uri
-    assert dict(task.environment.variables) == protocol.worker_environment(local_stack.bucket_name, job_id)
+    assert dict(task.environment.variables) == protocol.worker_environment(direct_bucket.name, job_id)
     assert job.allocation_policy.service_account.email == local_stack.service_account_email
     assert job.notifications[0].pubsub_topic == local_stack.topic_path(local_stack.topic)
 
 
-def test_duplicate_event_creates_exactly_one_job(function, local_stack):
+def test_duplicate_event_creates_exactly_one_job(function, local_stack, direct_bucket):
     job_id = new_job_id()
     creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
     for _ in range(2):
-        assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
+        assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before + 2
     listed = clients.batch_client(local_stack.batch_api_endpoint).list_jobs(parent=f"projects/{local_stack.project_id}/locations/{local_stack.region}")
     assert [j.name for j in listed].count(get_job(local_stack, job_id).name) == 1
@@ -115,9 +134,9 @@ def test_duplicate_event_creates_exactly_one_job(function, local_stack):
         ("covalent-gcpbatch/cov-f00dbabe-1-abcd/task.pkl", "google.cloud.storage.object.v1.deleted"),
     ],
 )
-def test_other_objects_and_events_are_ignored(function, local_stack, name, event_type):
+def test_other_objects_and_events_are_ignored(function, local_stack, direct_bucket, name, event_type):
     creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
-    assert post(function, local_stack, name, spec_for(local_stack).to_metadata(), event_type=event_type).status_code == 200
+    assert post(function, direct_bucket, name, spec_for(local_stack).to_metadata(), event_type=event_type).status_code == 200
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
 
 
@@ -130,63 +149,99 @@ def test_other_objects_and_events_are_ignored(function, local_stack, name, event
         ("account", "jobs of this deployment run as"),
     ],
 )
-def test_refused_task_creates_nothing_and_publishes_the_reason(function, local_stack, rejections, metadata, reason):
+def test_refused_task_creates_nothing_and_publishes_the_reason(function, local_stack, direct_bucket, not_created, metadata, reason):
     if metadata == "image":
         metadata = spec_for(local_stack, container_image_uri="docker.io/attacker/miner:latest").to_metadata()
     elif metadata == "account":
         metadata = spec_for(local_stack, service_account_email="owner@local-project.iam.gserviceaccount.com").to_metadata()
     job_id = new_job_id()
-    assert post(function, local_stack, protocol.TaskObjects(job_id).task, metadata).status_code == 200
+    assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, metadata).status_code == 200
     with pytest.raises(exceptions.NotFound):
         get_job(local_stack, job_id)
-    (event,) = [e for e in rejections() if e.job_id == job_id]
-    assert reason in event.detail
+    (event,) = [e for e in not_created() if e.job_id == job_id]
+    assert event.state is protocol.JobState.REJECTED and reason in event.detail
+    record = protocol.loads_not_created(direct_bucket.blob(protocol.TaskObjects(job_id).not_created).download_as_bytes())
+    assert record.state is protocol.JobState.REJECTED and reason in record.reason, "an executor that polls reads it here"
 
 
-def test_transient_batch_errors_are_retried(function, local_stack):
+def test_transient_batch_errors_are_retried(function, local_stack, direct_bucket):
     batch_admin(local_stack, "faults", {"fail_create": 2, "fail_create_status": 503})
     try:
         job_id = new_job_id()
-        assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
+        assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
         assert get_job(local_stack, job_id).name.endswith(job_id)
     finally:
         batch_admin(local_stack, "reset", {})
 
 
-def test_cancelled_task_gets_no_job(function, local_stack):
+def test_cancelled_task_gets_no_job(function, local_stack, direct_bucket, not_created):
     """Cancel before the job exists: the executor's marker object stops the function."""
     job_id = new_job_id()
     objects = protocol.TaskObjects(job_id)
-    bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
-    bucket.blob(objects.cancelled).upload_from_string(b"")
+    direct_bucket.blob(objects.cancelled).upload_from_string(b"")
     creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
-    assert post(function, local_stack, objects.task, spec_for(local_stack).to_metadata()).status_code == 200
+    assert post(function, direct_bucket, objects.task, spec_for(local_stack).to_metadata()).status_code == 200
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
+    with pytest.raises(exceptions.NotFound):
+        get_job(local_stack, job_id)
+    (event,) = [e for e in not_created() if e.job_id == job_id]
+    assert event.state is protocol.JobState.CANCELLED, "the waiting executor hears at once that no job will come"
+    record = protocol.loads_not_created(direct_bucket.blob(objects.not_created).download_as_bytes())
+    assert record.state is protocol.JobState.CANCELLED, "and so does one that polls"
+
+
+def test_task_object_gone_gets_no_job(function, local_stack, direct_bucket):
+    """A redelivered event (or a late retry) after the executor removed its task: no job."""
+    job_id = new_job_id()
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
+    response = post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata(), payload=None)
+    assert response.status_code == 200
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
     with pytest.raises(exceptions.NotFound):
         get_job(local_stack, job_id)
 
 
-def test_task_cancelled_while_its_job_is_created_gets_it_cancelled(function, local_stack):
+def test_duplicate_event_after_a_cancel_cancels_the_existing_job(function, local_stack, direct_bucket):
+    """The first delivery created the job; the task is cancelled; a redelivery hits ALREADY_EXISTS
+    and must still honour the marker (the executor's own cancel_job may have raced the create)."""
+    import platform
+
+    import cloudpickle
+    import covalent
+
+    job_id = new_job_id()
+    objects = protocol.TaskObjects(job_id)
+    spec = spec_for(local_stack, python_version=".".join(platform.python_version().split(".")[:2]),
+                    covalent_version=covalent.__version__, time_limit_s=120)
+    task = cloudpickle.dumps((time.sleep, [60], {}))
+    assert post(function, direct_bucket, objects.task, spec.to_metadata(), payload=task).status_code == 200
+    assert get_job(local_stack, job_id).status.state not in TERMINAL
+    direct_bucket.blob(objects.cancelled).upload_from_string(b"")
+    headers, body = finalize_event(direct_bucket.name, objects.task, spec.to_metadata())
+    assert function.post("/", headers=headers, data=body).status_code == 200
+    assert get_job(local_stack, job_id).status.state == batch_v1.JobStatus.State.CANCELLED
+
+
+def test_task_cancelled_while_its_job_is_created_gets_it_cancelled(function, local_stack, direct_bucket):
     """The marker appears after the function's first check, while create_job is being retried
     (four 503s, api_core backoff): the check after creating finds it and cancels the new job."""
     job_id = new_job_id()
     objects = protocol.TaskObjects(job_id)
-    bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
     creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
     batch_admin(local_stack, "faults", {"fail_create": 4, "fail_create_status": 503})
     marked = threading.Event()
 
     def cancel_after_the_first_create_attempt():
         deadline = time.monotonic() + 30
-        while batch_admin(local_stack, "stats")["calls"]["create"] == creates_before and time.monotonic() < deadline:
+        while not batch_admin(local_stack, "stats")["create_attempts"].get(job_id) and time.monotonic() < deadline:
             time.sleep(0.02)
-        bucket.blob(objects.cancelled).upload_from_string(b"")
+        direct_bucket.blob(objects.cancelled).upload_from_string(b"")
         marked.set()
 
     canceller = threading.Thread(target=cancel_after_the_first_create_attempt, daemon=True)
     canceller.start()
     try:
-        assert post(function, local_stack, objects.task, spec_for(local_stack).to_metadata()).status_code == 200
+        assert post(function, direct_bucket, objects.task, spec_for(local_stack).to_metadata()).status_code == 200
         canceller.join(timeout=35)
         assert marked.is_set()
         assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before + 5
@@ -195,10 +250,10 @@ def test_task_cancelled_while_its_job_is_created_gets_it_cancelled(function, loc
         batch_admin(local_stack, "reset", {})
 
 
-def test_job_options_reach_batch(function, local_stack):
+def test_job_options_reach_batch(function, local_stack, direct_bucket):
     job_id = new_job_id()
     options = protocol.JobOptions(machine_type="e2-standard-4", provisioning="SPOT", labels={"team": "ml"}, allowed_locations=("zones/us-east1-c",))
-    assert post(function, local_stack, protocol.TaskObjects(job_id).task, spec_for(local_stack, options=options).to_metadata()).status_code == 200
+    assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec_for(local_stack, options=options).to_metadata()).status_code == 200
     job = get_job(local_stack, job_id)
     (instances,) = job.allocation_policy.instances
     assert instances.policy.machine_type == "e2-standard-4"

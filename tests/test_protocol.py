@@ -44,7 +44,9 @@ def test_job_id_rejects_impossible_inputs(bad):
 def test_layout_round_trips_the_job_id():
     objects = p.TaskObjects("cov-8f1c2d3e-3-a1b2c3d4")
     assert objects.task == "covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4/task.pkl"
-    assert len({*objects.all()}) == 6 and all(o.startswith(objects.prefix) for o in objects.all())
+    assert len({*objects.all()}) == 7 and all(o.startswith(objects.prefix) for o in objects.all())
+    assert objects.cancelled not in objects.disposable(), "the cancel marker outlives the task"
+    assert set(objects.disposable()) == set(objects.all()) - {objects.cancelled}
     assert p.job_id_of_task_object(objects.task) == objects.job_id
     name = p.job_name("proj", "us-east1", objects.job_id)
     assert name == "projects/proj/locations/us-east1/jobs/cov-8f1c2d3e-3-a1b2c3d4"
@@ -147,6 +149,15 @@ def test_parses_rejections():
     event = p.parse_notification(attributes, data)
     assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.REJECTED, "image not allowed")
     assert event.state.is_terminal
+
+
+def test_parses_not_created_cancelled_and_its_record():
+    record = p.NotCreated(state=p.JobState.CANCELLED, reason="cancelled before its job was created")
+    data, attributes = p.not_created_message("cov-8f1c2d3e-3-a1b2c3d4", record)
+    event = p.parse_notification(attributes, data)
+    assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.CANCELLED, "cancelled before its job was created")
+    assert p.loads_not_created(p.dumps_not_created(record)) == record
+    assert p.loads_not_created(b"garbage").state is p.JobState.REJECTED, "an unreadable record still ends the wait"
 
 
 @pytest.mark.parametrize(

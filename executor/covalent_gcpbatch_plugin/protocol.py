@@ -40,7 +40,12 @@ ERROR_OBJECT = "error.json"
 STDOUT_OBJECT = "stdout.log"
 STDERR_OBJECT = "stderr.log"
 #: Written by the executor when a task is cancelled: the function must not create (or must cancel) its job.
+#: Never deleted by the executor (the bucket's lifecycle rule removes it): the function may still
+#: be retrying its create, or Eventarc may redeliver the finalize event, after the task has ended.
 CANCEL_OBJECT = "cancelled"
+#: Written by the function when it creates no job for a task (refused, or cancelled first): a
+#: ``NotCreated`` record, so an executor that polls (no Pub/Sub) learns it too.
+NOT_CREATED_OBJECT = "not-created.json"
 
 #: The object metadata key that carries the JSON job spec.
 SPEC_METADATA_KEY = "gcpbatch-spec"
@@ -84,8 +89,16 @@ class TaskObjects:
     def cancelled(self) -> str:
         return self.prefix + CANCEL_OBJECT
 
+    @property
+    def not_created(self) -> str:
+        return self.prefix + NOT_CREATED_OBJECT
+
     def all(self) -> tuple[str, ...]:
-        return (self.task, self.result, self.error, self.stdout, self.stderr, self.cancelled)
+        return (self.task, self.result, self.error, self.stdout, self.stderr, self.cancelled, self.not_created)
+
+    def disposable(self) -> tuple[str, ...]:
+        """What the executor deletes when the task is over: everything but the cancel marker."""
+        return tuple(name for name in self.all() if name != self.cancelled)
 
 
 def job_id_of_task_object(object_name: str) -> str | None:
@@ -258,9 +271,12 @@ ENV_JOB_ID = "GCPBATCH_JOB_ID"
 #: mean "re-running cannot help", are listed in the job's FAIL_TASK lifecycle policy.
 EXIT_TASK_FAILED = 10  # the user's function raised
 EXIT_WORKER_ERROR = 11  # the task could not be run: bad pickle, version mismatch, missing object
+#: The task ran but its result, error record or output could not be written to the bucket. Not
+#: retried: the user's code is never run twice because storing its outcome failed.
+EXIT_UPLOAD_FAILED = 12
 #: Batch's exit code for a task killed at its max run duration; retrying would only repeat it.
 EXIT_MAX_RUN_DURATION = 50005
-NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_MAX_RUN_DURATION)
+NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_UPLOAD_FAILED, EXIT_MAX_RUN_DURATION)
 #: Batch's infrastructure exit codes, which ``retries`` is for.
 INFRASTRUCTURE_EXIT_CODES = {
     50001: "the VM was preempted (spot)",
@@ -269,6 +285,15 @@ INFRASTRUCTURE_EXIT_CODES = {
     50004: "the VM stopped responding",
     50005: "the task exceeded its max run duration (time_limit)",
     50006: "the VM was recreated",
+}
+#: What a job's exit code means when the job ended without an error record: Batch's codes, the
+#: worker's own, and the usual container ones.
+EXIT_CODE_MEANINGS = {
+    **INFRASTRUCTURE_EXIT_CODES,
+    EXIT_UPLOAD_FAILED: "the task ran, but its result could not be stored in the bucket (see the job's log)",
+    127: "the container's command was not found",
+    137: "the worker was killed (SIGKILL: out of memory, or stopped)",
+    143: "the worker was stopped (SIGTERM)",
 }
 
 
@@ -440,8 +465,9 @@ _TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.D
 
 #: ``Type`` attribute of Batch's job-level state change messages.
 JOB_STATE_CHANGED = "JOB_STATE_CHANGED"
-#: ``Type`` attribute of the function's rejection messages.
+#: ``Type`` attribute of the function's messages for a task it created no job for.
 TASK_REJECTED = "COVALENT_GCPBATCH_TASK_REJECTED"
+TASK_NOT_CREATED = "COVALENT_GCPBATCH_TASK_NOT_CREATED"
 
 
 @dataclass(frozen=True)
@@ -470,11 +496,12 @@ def parse_notification(attributes: Mapping[str, str], data: bytes) -> JobEvent |
     ``NewJobState`` and ``Region``; task-level messages (``TASK_STATE_CHANGED``) are ignored.
     """
     kind = attributes.get("Type")
-    if kind == TASK_REJECTED:
+    if kind in (TASK_REJECTED, TASK_NOT_CREATED):
         job_id = attributes.get("JobId", "")
         if not JOB_ID_PATTERN.fullmatch(job_id):
             return None
-        return JobEvent(job_id, JobState.REJECTED, data.decode("utf-8", "replace"))
+        state = JobState.REJECTED if kind == TASK_REJECTED else JobState.CANCELLED
+        return JobEvent(job_id, state, data.decode("utf-8", "replace"))
     if kind != JOB_STATE_CHANGED:
         return None
     job_name = attributes.get("JobName", "")
@@ -487,9 +514,43 @@ def parse_notification(attributes: Mapping[str, str], data: bytes) -> JobEvent |
     return JobEvent(job_id_of_job_name(job_name), state, data.decode("utf-8", "replace"))
 
 
+class NotCreated(BaseModel):
+    """Why the function created no job for a task: refused by the deployment, or cancelled first.
+
+    Published on the notification topic (``not_created_message``) and written beside the task
+    (``TaskObjects.not_created``), so both waiting modes learn it without waiting for a bound.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    state: Literal[JobState.REJECTED, JobState.CANCELLED]
+    reason: str
+
+    def event(self, job_id: str) -> JobEvent:
+        return JobEvent(job_id, self.state, self.reason)
+
+
+def not_created_message(job_id: str, record: NotCreated) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of the message the function publishes when it creates no job."""
+    kind = TASK_REJECTED if record.state is JobState.REJECTED else TASK_NOT_CREATED
+    return record.reason.encode(), {"Type": kind, "JobId": job_id}
+
+
 def rejection_message(job_id: str, reason: str) -> tuple[bytes, dict[str, str]]:
     """(data, attributes) of the message the function publishes when it refuses a task."""
-    return reason.encode(), {"Type": TASK_REJECTED, "JobId": job_id}
+    return not_created_message(job_id, NotCreated(state=JobState.REJECTED, reason=reason))
+
+
+def dumps_not_created(record: NotCreated) -> bytes:
+    return record.model_dump_json().encode()
+
+
+def loads_not_created(payload: bytes) -> NotCreated:
+    """The record, or a REJECTED one quoting what could not be read (never lose the reason)."""
+    try:
+        return NotCreated.model_validate_json(payload)
+    except ValidationError:
+        return NotCreated(state=JobState.REJECTED, reason=payload[:2000].decode("utf-8", "replace"))
 
 
 def job_state_message(job_name: str, job_uid: str, region: str, previous: str, current: str) -> tuple[bytes, dict[str, str]]:
