@@ -9,6 +9,11 @@ processes share the topic) are acknowledged and dropped.
 
 Nothing here polls: events are pushed by the streaming pull's callback thread into each waiting
 task's asyncio queue on that task's event loop.
+
+Two locks, so the Covalent server's event loop never waits on the network: ``_start_lock`` guards
+the subscription's lifecycle (network calls, only ever taken on worker threads), ``_routes_lock``
+guards the job id -> queue table (dictionary operations only; ``unregister`` and the message
+callback take just this one).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from google.api_core import exceptions
+from google.api_core import exceptions, retry
 from google.cloud import pubsub_v1
 from google.protobuf import duration_pb2
 
@@ -35,6 +40,12 @@ log = logging.getLogger(__name__)
 SUBSCRIPTION_TTL_S = 24 * 3600
 #: Seconds before a failed streaming pull is re-opened (the emulator or network went away).
 RESTART_DELAY_S = 1.0
+#: Bound on creating the subscription (api_core retries UNAVAILABLE within it).
+SUBSCRIBE_TIMEOUT_S = 30.0
+
+
+class SubscribeError(RuntimeError):
+    """The job notifications cannot be subscribed to; the message names the topic and the fix."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,8 @@ class JobEvents:
         suffix = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}".lower()
         clean = "".join(c if c.isalnum() or c == "-" else "-" for c in suffix)
         self.subscription_path = f"projects/{endpoint.project_id}/subscriptions/covalent-gcpbatch-{clean}"[:255]
-        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._routes_lock = threading.Lock()
         self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobEvent]]] = {}
         self._subscriber: pubsub_v1.SubscriberClient | None = None
         self._future = None
@@ -65,13 +77,24 @@ class JobEvents:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _ensure_started(self) -> None:
-        with self._lock:
+        with self._start_lock:
             if self._future is not None or self._closing:
                 return
-            self._subscriber = clients.subscriber_client(self.endpoint.emulator_host)
-            self._create_subscription()
-            self._open_stream()
-            atexit.register(self.close)
+            if self._subscriber is None:
+                self._subscriber = clients.subscriber_client(self.endpoint.emulator_host)
+                atexit.register(self.close)
+            try:
+                self._create_subscription()
+                self._open_stream()
+            except SubscribeError:
+                raise
+            except Exception as err:  # noqa: BLE001 - said plainly; the next register tries again
+                where = f"the Pub/Sub emulator at {self.endpoint.emulator_host}" if self.endpoint.emulator_host else "Pub/Sub"
+                raise SubscribeError(
+                    f"cannot subscribe to job notifications on {self.endpoint.topic_path} through {where}: "
+                    f"{type(err).__name__}: {err}; check that Pub/Sub is reachable and the topic exists "
+                    "(deploy.sh status, or `covalent-gcpbatch local status`)"
+                ) from err
 
     def _create_subscription(self) -> None:
         assert self._subscriber is not None
@@ -83,12 +106,13 @@ class JobEvents:
                     "ack_deadline_seconds": 30,
                     "expiration_policy": {"ttl": duration_pb2.Duration(seconds=SUBSCRIPTION_TTL_S)},
                 },
-                timeout=30,
+                retry=retry.Retry(predicate=retry.if_transient_error, timeout=SUBSCRIBE_TIMEOUT_S),
+                timeout=SUBSCRIBE_TIMEOUT_S,
             )
         except exceptions.AlreadyExists:
             pass
         except exceptions.NotFound as err:
-            raise RuntimeError(
+            raise SubscribeError(
                 f"Pub/Sub topic {self.endpoint.topic_path} does not exist: set pubsub_topic (and project_id) "
                 "to the deployment's notification topic (deploy.sh or `covalent-gcpbatch local up` prints it)"
             ) from err
@@ -112,7 +136,7 @@ class JobEvents:
         timer.start()
 
     def _reopen(self) -> None:
-        with self._lock:
+        with self._start_lock:
             if self._closing:
                 return
             try:
@@ -125,7 +149,7 @@ class JobEvents:
                 timer.start()
 
     def close(self) -> None:
-        with self._lock:
+        with self._start_lock:
             if self._closing:
                 return
             self._closing = True
@@ -133,25 +157,27 @@ class JobEvents:
         if future is not None:
             future.cancel()
         if subscriber is not None:
-            try:
-                subscriber.delete_subscription(subscription=self.subscription_path, timeout=10)
-            except Exception:  # noqa: BLE001 - best effort; the expiration policy removes it anyway
-                pass
+            if future is not None:  # a subscription exists only once a stream was opened on it
+                try:
+                    subscriber.delete_subscription(subscription=self.subscription_path, timeout=10)
+                except Exception:  # noqa: BLE001 - best effort; the expiration policy removes it anyway
+                    pass
             subscriber.close()
 
     # -- routing -------------------------------------------------------------------------------
 
     def register(self, job_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[JobEvent]:
         """Start routing ``job_id``'s events to a new queue on ``loop``. Blocking (may create the
-        subscription): call it from a worker thread, before uploading the task."""
+        subscription; raises SubscribeError): call it from a worker thread, before uploading."""
         self._ensure_started()
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-        with self._lock:
+        with self._routes_lock:
             self._waiters[job_id] = (loop, queue)
         return queue
 
     def unregister(self, job_id: str) -> None:
-        with self._lock:
+        """Stop routing ``job_id``; never blocks on the network (safe on an event loop)."""
+        with self._routes_lock:
             self._waiters.pop(job_id, None)
 
     def _on_message(self, message) -> None:
@@ -159,7 +185,7 @@ class JobEvents:
         message.ack()
         if event is None:
             return
-        with self._lock:
+        with self._routes_lock:
             waiter = self._waiters.get(event.job_id)
         if waiter is not None:
             loop, queue = waiter
