@@ -77,8 +77,8 @@ class BenchExecutor(GCPBatchExecutor):
         super()._upload_task(objects, spec, workdir, task)
         marks["upload_end"] = time.time()
 
-    async def _wait(self, job_id, inbox):
-        outcome = await super()._wait(job_id, inbox)
+    async def _wait(self, job_id, inbox, *, listening):
+        outcome = await super()._wait(job_id, inbox, listening=listening)
         MARKS[job_id]["wait_end"] = time.time()
         MARKS[job_id]["state"] = outcome.state.value
         return outcome

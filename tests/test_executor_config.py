@@ -95,7 +95,16 @@ def test_wait_plan_bounds_every_phase():
     assert plan.phase_bound(None) == 10
     assert plan.phase_bound(gcpbatch.JobState.QUEUED) == 30
     assert plan.phase_bound(gcpbatch.JobState.SCHEDULED) == 30
-    assert plan.phase_bound(gcpbatch.JobState.RUNNING) == 60 + gcpbatch.RUN_GRACE_S
+    assert plan.phase_bound(gcpbatch.JobState.RUNNING) == (3 + 1) * (60 + gcpbatch.RUN_GRACE_S), "retries=3 by default"
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3, 10])
+def test_running_bound_leaves_every_retry_its_time_limit(retries):
+    """Batch re-runs a preempted task inside the job's RUNNING state without a job-level message:
+    a task preempted at 250 s of 300 s that then runs in full must not hit the bound."""
+    plan = GCPBatchExecutor(time_limit=300, retries=retries)._wait_plan()
+    worst_legitimate_run = (retries + 1) * 300
+    assert plan.phase_bound(gcpbatch.JobState.RUNNING) >= worst_legitimate_run + gcpbatch.RUN_GRACE_S
 
 
 @pytest.mark.parametrize(

@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from pathlib import Path
 
 import covalent as ct
 import pytest
 
-from covalent_gcpbatch_plugin import clients
+from covalent_gcpbatch_plugin import clients, protocol
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "POSTPROCESSING_FAILED", "PENDING_POSTPROCESSING"}
 
 
 def wait_for(dispatch_id: str, timeout_s: float = 180):
-    """The dispatch's result once it is terminal; fail (after cancelling it) past the bound."""
+    """The dispatch's result once it is terminal (every failure explained: see
+    ``assert_failures_explained``); fail (after cancelling it) past the bound."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         result = ct.get_result(dispatch_id, wait=False)
         if result is not None and str(result.status) in TERMINAL:
+            assert_failures_explained(result)
             return result
         time.sleep(0.5)
     ct.cancel(dispatch_id)
@@ -33,6 +36,15 @@ def node_results(result) -> list[dict]:
 def nodes_by_name(result) -> dict:
     """Node results by electron name (for workflows that use each electron once)."""
     return {node["node_name"]: node for node in node_results(result)}
+
+
+def assert_failures_explained(result) -> None:
+    """No node may end FAILED with nothing to say why. Covalent keeps an executor's
+    TaskRuntimeError in the node's stderr (its message is dropped) and any other exception in its
+    error: one of the two must say something."""
+    silent = [n["node_name"] for n in node_results(result)
+              if str(n["status"]) == "FAILED" and not (n.get("error") or "").strip() and not (n.get("stderr") or "").strip()]
+    assert silent == [], f"nodes FAILED with an empty error and stderr: {silent}"
 
 
 def failure_details(result) -> str:
@@ -57,3 +69,25 @@ def jobs_of_dispatch(stack, dispatch_id: str) -> list:
     batch = clients.batch_client(stack.batch_api_endpoint)
     jobs = batch.list_jobs(parent=f"projects/{stack.project_id}/locations/{stack.region}")
     return [job for job in jobs if job.labels.get("covalent-dispatch-id") == dispatch_id.lower()]
+
+
+def bridge_log(stack) -> Path:
+    return Path(stack.state_dir) / "logs" / "bridge.log"
+
+
+def wait_for_delivery(stack, object_name: str, status: int, timeout_s: float = 60) -> list[str]:
+    """The local Eventarc's log lines for ``object_name``, once one says the function answered
+    ``status``: the observable event that the function has seen (and decided on) the object."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [line for line in bridge_log(stack).read_text(errors="replace").splitlines() if f" {object_name} attempt=" in line]
+        if any(f"-> {status} " in line for line in lines):
+            return lines
+        assert time.monotonic() < deadline, f"the bridge never delivered {object_name} with answer {status}: {lines}"
+        time.sleep(0.1)
+
+
+def create_attempts_of_dispatch(stack, dispatch_id: str) -> int:
+    """create_job calls (failed ones too) for this dispatch's jobs, by the job id's prefix."""
+    prefix = protocol.make_job_id(dispatch_id, 0, "x").rsplit("-", 2)[0] + "-"
+    return sum(n for job_id, n in batch_admin(stack, "stats")["create_attempts"].items() if job_id.startswith(prefix))

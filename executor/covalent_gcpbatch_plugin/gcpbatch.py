@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,13 +23,16 @@ import cloudpickle
 from covalent._shared_files import logger
 from covalent._shared_files.config import get_config
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
+from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
+from covalent.executor.schemas import TaskUpdate
 from google.api_core import exceptions
 from pydantic import ValidationError
 
 from . import clients
 from .protocol import (
-    INFRASTRUCTURE_EXIT_CODES,
+    EXIT_CODE_MEANINGS,
+    JOB_ID_PATTERN,
     JobEvent,
     JobOptions,
     JobSpec,
@@ -36,6 +40,7 @@ from .protocol import (
     TaskObjects,
     job_name,
     loads_error,
+    loads_not_created,
     make_job_id,
     new_attempt_token,
 )
@@ -157,6 +162,55 @@ class WaitPlan:
 
 
 @dataclass(frozen=True)
+class CancelRequested:
+    """Put in a waiting ``run()``'s inbox by ``cancel()`` (the marker is written, Batch asked)."""
+
+    job_id: str
+
+
+class Waiting:
+    """The ``run()`` calls of this process that wait on a job, by job id.
+
+    Covalent calls ``cancel()`` on another executor instance in the same server process: this is
+    how it reaches the waiting ``run()`` at once. Thread-safe; never blocks on I/O.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+
+    def register(self, job_id: str, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue) -> None:
+        with self._lock:
+            self._inboxes[job_id] = (loop, inbox)
+
+    def unregister(self, job_id: str) -> None:
+        with self._lock:
+            self._inboxes.pop(job_id, None)
+
+    def put(self, job_id: str, item: Any) -> bool:
+        with self._lock:
+            waiter = self._inboxes.get(job_id)
+        if waiter is None:
+            return False
+        loop, inbox = waiter
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+        except RuntimeError:  # that loop has closed: nobody waits any more
+            return False
+        return True
+
+
+_waiting = Waiting()
+
+
+@dataclass
+class Step:
+    """What ``run()`` is doing, for the message of a failure nobody foresaw."""
+
+    now: str
+
+
+@dataclass(frozen=True)
 class Outcome:
     state: JobState
     detail: str = ""
@@ -226,40 +280,91 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if await self.get_cancel_requested():
             raise TaskCancelledError(f"task {dispatch_id}:{node_id} was cancelled before it was submitted")
 
-        spec = self._job_spec(dispatch_id, node_id, await self.get_version_info())
         workdir = Path(self.cache_dir).expanduser() / job_id
-        events = None
-        inbox: asyncio.Queue[JobEvent] | None = None
-        if self.wait_mode == "events":
-            # Imported here: `import covalent` loads every executor plugin in every process, the
-            # worker's too, and google-cloud-pubsub costs 0.15 s there and a package in the image.
-            from .events import Endpoint, job_events
-
-            events = job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
-            inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
+        step = Step("preparing the task")
         try:
-            await asyncio.to_thread(self._upload_task, objects, spec, workdir, (function, args, kwargs))
-            app_log.debug(f"gcpbatch: uploaded {objects.task}, waiting for job {job_id}")
-            outcome = await self._wait(job_id, inbox)
+            outcome = await self._submit_and_wait(job_id, objects, workdir, (function, args, kwargs), task_metadata, step)
+            step.now = "reading the task's outcome from the bucket"
+            return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir)
+        except (TaskCancelledError, TaskRuntimeError):
+            raise
         except asyncio.CancelledError:
             # The server is abandoning the task (shutdown): the job must not run on unattended.
-            await asyncio.shield(self.cancel(task_metadata, job_id))
+            await asyncio.shield(self._stop_job(job_id))
             raise
+        except Exception as err:  # noqa: BLE001 - every other failure is explained, and its job stopped
+            await asyncio.shield(self._stop_job(job_id))
+            self._fail(
+                f"task {dispatch_id}:{node_id} failed while {step.now} (Batch job {job_id}): "
+                f"{type(err).__name__}: {err}; the job, if it was created, was cancelled"
+            )
         finally:
+            await asyncio.shield(asyncio.to_thread(self._clean_up, objects, workdir))
+
+    async def _submit_and_wait(self, job_id: str, objects: TaskObjects, workdir: Path, task: tuple,
+                               task_metadata: dict, step: Step) -> Outcome:
+        """Register for the job's events, upload the task, wait for the job to end."""
+        spec = self._job_spec(task_metadata["dispatch_id"], int(task_metadata["node_id"]), await self.get_version_info())
+        events = None
+        inbox: asyncio.Queue = asyncio.Queue()
+        try:
+            if self.wait_mode == "events":
+                step.now = f"subscribing to the job notifications of topic {self.pubsub_topic!r}"
+                # Imported here: `import covalent` loads every executor plugin in every process, the
+                # worker's too, and google-cloud-pubsub costs 0.15 s there and a package in the image.
+                from .events import Endpoint, job_events
+
+                events = job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
+                inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
+            _waiting.register(job_id, asyncio.get_running_loop(), inbox)
+            step.now = f"uploading the task to gs://{self.bucket_name}/{objects.task}"
+            await asyncio.to_thread(self._upload_task, objects, spec, workdir, task)
+            app_log.debug(f"gcpbatch: uploaded {objects.task}, waiting for job {job_id}")
+            step.now = "waiting for the Batch job"
+            return await self._wait(job_id, inbox, listening=events is not None)
+        finally:
+            _waiting.unregister(job_id)
             if events is not None:
                 events.unregister(job_id)
-        try:
-            return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir)
-        finally:
-            await asyncio.to_thread(self._clean_up, objects, workdir)
+
+    async def receive(self, task_group_metadata: dict, data: Any) -> list[TaskUpdate]:
+        """Covalent's runner calls this with ``data`` None for tasks cancelled before they were
+        handed to the executor: they end CANCELLED, and nothing was submitted for them."""
+        dispatch_id, node_ids = task_group_metadata["dispatch_id"], task_group_metadata["node_ids"]
+        if data is not None:
+            raise RuntimeError(
+                f"GCPBatchExecutor runs tasks through run(), not send/poll/receive; it cannot receive "
+                f"results for {dispatch_id}:{node_ids} (got {type(data).__name__})"
+            )
+        app_log.debug(f"gcpbatch: {dispatch_id}:{node_ids} cancelled before submission")
+        return [TaskUpdate(dispatch_id=dispatch_id, node_id=node_id, status=RESULT_STATUS.CANCELLED, assets={})
+                for node_id in node_ids]
 
     async def cancel(self, task_metadata: dict, job_handle: Any) -> bool:
         """Cancel the task's job wherever it is. The marker object comes first: if the function
-        has not created the job yet, it sees the marker and creates nothing."""
-        job_id = str(job_handle)
+        has not created the job yet, it sees the marker and creates nothing.
+
+        Without a job handle the task has not reached ``run()``'s upload: nothing to cancel here
+        (False), and ``run()`` sees the cancel request before it uploads.
+        """
+        job_id = "" if job_handle is None else str(job_handle)
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            app_log.info(
+                f"gcpbatch: nothing to cancel for task {task_metadata.get('dispatch_id')}:{task_metadata.get('node_id')}: "
+                f"it has no Batch job handle yet ({job_handle!r}); it will not be submitted"
+            )
+            return False
         await asyncio.to_thread(self._mark_cancelled, job_id)
         await asyncio.to_thread(self._cancel_job, job_id)
+        _waiting.put(job_id, CancelRequested(job_id))
         return True
+
+    async def _stop_job(self, job_id: str) -> None:
+        """Best effort, for paths that are already failing: cancel the job, log what went wrong."""
+        try:
+            await self.cancel({}, job_id)
+        except Exception as err:  # noqa: BLE001 - the caller's failure is the one to report
+            app_log.warning(f"gcpbatch: could not cancel job {job_id}: {type(err).__name__}: {err}")
 
     def _mark_cancelled(self, job_id: str) -> None:
         self._bucket().blob(TaskObjects(job_id).cancelled).upload_from_string(b"", content_type="text/plain")
@@ -313,32 +418,42 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return WaitPlan(
             submit_timeout=float(self.submit_timeout),
             queue_timeout=float(self.queue_timeout),
-            run_timeout=float(self.time_limit + RUN_GRACE_S),
+            # Batch retries a task inside the job's RUNNING state and says nothing at job level,
+            # so every attempt (a first run and ``retries`` re-runs) gets the full time_limit and
+            # grace (a new VM, the worker's uploads, the notification).
+            run_timeout=float((self.retries + 1) * (self.time_limit + RUN_GRACE_S)),
             reconcile_interval=float(self.reconcile_interval),
         )
 
-    async def _wait(self, job_id: str, inbox: asyncio.Queue[JobEvent] | None) -> Outcome:
-        """Until the job ends or a phase bound passes. With an inbox (events mode), events are
-        pushed and get_job is called only when one is overdue; without (poll mode), get_job is
-        called every poll_freq seconds."""
+    async def _wait(self, job_id: str, inbox: asyncio.Queue, *, listening: bool) -> Outcome:
+        """Until the job ends or a phase bound passes. Listening (events mode), Pub/Sub pushes
+        events into ``inbox`` and get_job is called only when one is overdue; otherwise (poll
+        mode) get_job is called every poll_freq seconds. Either way ``cancel()`` wakes the wait."""
         plan, loop = self._wait_plan(), asyncio.get_running_loop()
         state: JobState | None = None
         phase_end = loop.time() + plan.phase_bound(None)
-        quiet = plan.reconcile_interval if inbox is not None else float(self.poll_freq)
+        quiet = plan.reconcile_interval if listening else float(self.poll_freq)
         cancel_sent = False
         while True:
-            event: JobEvent | None = None
+            event: JobEvent | CancelRequested | None = None
             timeout = max(0.0, min(quiet, phase_end - loop.time()))
-            if inbox is None:
-                await asyncio.sleep(timeout)
-            else:
-                try:
-                    event = await asyncio.wait_for(inbox.get(), timeout)
-                    quiet = plan.reconcile_interval
-                except asyncio.TimeoutError:
+            try:
+                event = await asyncio.wait_for(inbox.get(), timeout)
+            except asyncio.TimeoutError:
+                if listening:
                     quiet *= 2  # each overdue read waits twice as long for the next
+            if isinstance(event, CancelRequested):
+                # cancel() has written the marker and asked Batch to cancel. A job not seen yet is
+                # settled now: the marker keeps the function from creating it, or makes it cancel
+                # the one it is creating. A job seen will report CANCELLED.
+                cancel_sent = True
+                if state is None:
+                    return Outcome(JobState.CANCELLED, "cancelled before its Batch job was seen")
+                continue
             if event is None:
                 event = await asyncio.to_thread(self._reconcile, job_id)
+            elif listening:
+                quiet = plan.reconcile_interval
             if event is not None and event.state.is_terminal:
                 return Outcome(event.state, event.detail)
             if event is not None and not cancel_sent and await self.get_cancel_requested():
@@ -355,10 +470,17 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         try:
             job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
         except exceptions.NotFound:
-            return None
+            return self._not_created(job_id)
         state = JobState(job.status.state.name)
         app_log.debug(f"gcpbatch: reconciled {job_id}: {state.value}")
         return JobEvent(job_id, state, "reconciled by get_job")
+
+    def _not_created(self, job_id: str) -> JobEvent | None:
+        """The function's record of a task it created no job for (refused or cancelled), if any."""
+        blob = self._bucket().get_blob(TaskObjects(job_id).not_created, timeout=30)
+        if blob is None:
+            return None
+        return loads_not_created(blob.download_as_bytes(timeout=30)).event(job_id)
 
     async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan) -> Outcome:
         if await self.get_cancel_requested():
@@ -372,7 +494,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 "check the Cloud Function's logs and its storage trigger on the bucket"
             )
         elif state is JobState.RUNNING:
-            reason = f"job {job_id} was still running {RUN_GRACE_S} s after time_limit={self.time_limit} s"
+            reason = (
+                f"job {job_id} was still running {plan.run_timeout:g} s after it started: time_limit={self.time_limit} s "
+                f"plus {RUN_GRACE_S} s for each of its {self.retries + 1} attempts (retries={self.retries})"
+            )
         else:
             reason = f"job {job_id} did not start within queue_timeout={plan.queue_timeout:g} s (state {state.value})"
         await self.cancel({}, job_id)
@@ -420,21 +545,26 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         lines = []
         for event in job.status.status_events:
             code = event.task_execution.exit_code if event.task_execution else 0
-            meaning = INFRASTRUCTURE_EXIT_CODES.get(code, "")
+            meaning = EXIT_CODE_MEANINGS.get(code, "")
             lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
         events = "; ".join(lines) or "no status events"
         return f"Batch job {job_id} ended {state.value} without a result or error record: {events}"
 
     def _clean_up(self, objects: TaskObjects, workdir: Path) -> None:
+        """Remove the task's local and bucket files, best effort. The cancel marker stays (the
+        bucket's lifecycle rule removes it): a create retry or a redelivered event may come later."""
         shutil.rmtree(workdir, ignore_errors=True)
         if self.keep_artifacts:
             return
         bucket = self._bucket()
-        for name in objects.all():
+        for name in objects.disposable():
             try:
-                bucket.delete_blob(name)
+                bucket.delete_blob(name, timeout=30)
             except exceptions.NotFound:
                 pass
+            except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome
+                app_log.warning(f"gcpbatch: could not delete gs://{self.bucket_name}/{name}: {type(err).__name__}: {err}")
+                return
 
     # -- clients (lazy: Covalent rebuilds the executor from its attributes inside its server) --
 

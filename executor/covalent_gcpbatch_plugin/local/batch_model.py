@@ -39,7 +39,7 @@ Publish = Callable[[str, bytes, dict[str, str]], None]
 class ApiError(Exception):
     """An error the HTTP layer answers in Google's JSON error shape."""
 
-    STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED",
+    STATUS = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED",
               500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
     def __init__(self, code: int, message: str) -> None:
@@ -181,26 +181,38 @@ class Faults:
     """Injected failures; keys of the per-job maps are job ids or ``*`` (any job)."""
 
     preempt: dict[str, int] = field(default_factory=dict)
+    #: One-shot: the next attempt of the job is preempted this many seconds after it starts (a
+    #: spot VM reclaimed late in the task), so a retry has to run the task again in full.
+    preempt_after_s: dict[str, float] = field(default_factory=dict)
     fail_create: int = 0
     fail_create_status: int = 503
+    #: get_job calls that fail with ``fail_get_status`` (a reconcile read that errors).
+    fail_get: int = 0
+    fail_get_status: int = 403
     drop_notifications: dict[str, set[str]] = field(default_factory=dict)
     duplicate_notifications: bool = False
 
     def update(self, body: Mapping) -> None:
         """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
-        known = {"preempt", "fail_create", "fail_create_status", "drop_notifications", "duplicate_notifications"}
+        known = {"preempt", "preempt_after_s", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
+                 "drop_notifications", "duplicate_notifications"}
         unknown = set(body) - known
         if unknown:
             raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
         for job, count in dict(body.get("preempt", {})).items():
             self.preempt[str(job)] = int(count)
-        if "fail_create" in body:
-            self.fail_create = int(body["fail_create"])
-        if "fail_create_status" in body:
-            status = int(body["fail_create_status"])
-            if not 400 <= status <= 599:
-                raise ValueError("fail_create_status must be an HTTP error status")
-            self.fail_create_status = status
+        for job, seconds in dict(body.get("preempt_after_s", {})).items():
+            if float(seconds) < 0:
+                raise ValueError("preempt_after_s values are seconds >= 0")
+            self.preempt_after_s[str(job)] = float(seconds)
+        for kind in ("create", "get"):
+            if f"fail_{kind}" in body:
+                setattr(self, f"fail_{kind}", int(body[f"fail_{kind}"]))
+            if f"fail_{kind}_status" in body:
+                status = int(body[f"fail_{kind}_status"])
+                if not 400 <= status <= 599:
+                    raise ValueError(f"fail_{kind}_status must be an HTTP error status")
+                setattr(self, f"fail_{kind}_status", status)
         for job, states in dict(body.get("drop_notifications", {})).items():
             self.drop_notifications[str(job)] = {State[s].name for s in states}
         if "duplicate_notifications" in body:
@@ -213,16 +225,29 @@ class Faults:
                 return True
         return False
 
+    def take_preempt_after(self, job_id: str) -> float | None:
+        for key in (job_id, "*"):
+            if key in self.preempt_after_s:
+                return self.preempt_after_s.pop(key)
+        return None
+
     def take_fail_create(self) -> int | None:
         if self.fail_create > 0:
             self.fail_create -= 1
             return self.fail_create_status
         return None
 
+    def take_fail_get(self) -> int | None:
+        if self.fail_get > 0:
+            self.fail_get -= 1
+            return self.fail_get_status
+        return None
+
     def drops(self, job_id: str, state: str) -> bool:
         return any(state in self.drop_notifications.get(key, ()) for key in (job_id, "*"))
 
     def to_json(self) -> dict:
-        return {"preempt": self.preempt, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+        return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+                "fail_get": self.fail_get, "fail_get_status": self.fail_get_status,
                 "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
                 "duplicate_notifications": self.duplicate_notifications}

@@ -131,6 +131,9 @@ class LocalBatch:
         self.running = 0
         self.closing = False
         self.calls: Counter[str] = Counter()
+        #: create_job calls per job id, failed ones included: what a test waits on to know the
+        #: function reached Batch for ITS task (the global counter moves with other tests' retries).
+        self.create_attempts: Counter[str] = Counter()
         self.notices: Counter[str] = Counter()
         self.state_times: dict[str, dict[str, float]] = {}
         self.faults = Faults()
@@ -143,6 +146,7 @@ class LocalBatch:
     def create(self, project: str, region: str, job_id: str, job: batch_v1.Job) -> batch_v1.Job:
         with self.lock:
             self.calls["create"] += 1
+            self.create_attempts[job_id] += 1
             failure = self.faults.take_fail_create()
             if failure is not None:
                 raise ApiError(failure, "injected create_job failure (fault fail_create)")
@@ -177,6 +181,9 @@ class LocalBatch:
     def get(self, project: str, region: str, job_id: str) -> batch_v1.Job:
         with self.lock:
             self.calls["get"] += 1
+            failure = self.faults.take_fail_get()
+            if failure is not None:
+                raise ApiError(failure, "injected get_job failure (fault fail_get)")
             return self._snapshot(self._find(project, region, job_id))
 
     def list(self, project: str, region: str, state_filter: State | None = None) -> list[batch_v1.Job]:
@@ -227,6 +234,7 @@ class LocalBatch:
         with self.lock:
             return {
                 "calls": {m: self.calls[m] for m in ("create", "get", "list", "cancel", "delete")},
+                "create_attempts": dict(self.create_attempts),
                 "jobs": {job_id: dict(times) for job_id, times in self.state_times.items()},
                 "notifications": dict(self.notices),
                 "running": self.running,
@@ -245,6 +253,7 @@ class LocalBatch:
         with self.lock:
             self.faults = Faults()
             self.calls.clear()
+            self.create_attempts.clear()
             self.notices.clear()
             live = {r.job_id for r in self.jobs.values()}
             self.state_times = {k: v for k, v in self.state_times.items() if k in live}
@@ -384,6 +393,7 @@ class LocalBatch:
             if record.state == State.SCHEDULED:
                 self._enter(record, State.RUNNING)
             preempt = self.faults.take_preempt(record.job_id)
+            preempt_after = self.faults.take_preempt_after(record.job_id)
         limit = spec.max_run_duration.total_seconds() if spec.max_run_duration else 0.0
         deadline = time.monotonic() + limit if limit > 0 else None
         with open(record.workdir / f"attempt-{retries}.log", "wb") as out:
@@ -406,9 +416,15 @@ class LocalBatch:
                         _signal_group(proc.pid, signal.SIGKILL)
                         proc.wait()
                         return EXIT_PREEMPTED, ": the VM was preempted (injected fault)"
+                    preempt_at = None if preempt_after is None else time.monotonic() + preempt_after
+                    ends = [t for t in (deadline, preempt_at) if t is not None]
                     try:
-                        returncode = proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                        returncode = proc.wait(max(0.0, min(ends) - time.monotonic()) if ends else None)
                     except subprocess.TimeoutExpired:
+                        if preempt_at is not None and (deadline is None or preempt_at < deadline):
+                            _signal_group(proc.pid, signal.SIGKILL)  # a reclaimed VM gives no grace
+                            proc.wait()
+                            return EXIT_PREEMPTED, f": the VM was preempted after {preempt_after:g}s (injected fault)"
                         terminate(proc)
                         proc.wait()
                         return (protocol.EXIT_MAX_RUN_DURATION,
