@@ -150,7 +150,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder):
     assert [c["argv"] for c in calls_second if verb_of(c) in MUTATING] == []
     assert "+ gcloud" not in second.stdout
     # Every change is echoed before it runs.
-    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 20
+    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 21
 
     # -- the bucket: region, uniform access, no public access, task objects expire ------------------
     bucket_create = creations["bucket"][0]

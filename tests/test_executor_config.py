@@ -129,3 +129,17 @@ def test_job_options_travel_in_the_spec():
     spec = executor._job_spec("d1", 0, {"python": "3.11.7", "covalent": "0.240.0"})
     assert spec.options.provisioning == "SPOT" and spec.options.labels == {"team": "ml"}
     assert spec.python_version == "3.11"
+
+
+def test_a_result_that_could_not_be_stored_is_explained():
+    """The worker exits EXIT_UPLOAD_FAILED when it cannot write the outcome: the node's message
+    says so (the job's status event, as the local Batch service and Batch write it)."""
+    from google.cloud import batch_v1
+
+    from covalent_gcpbatch_plugin import protocol
+
+    job = batch_v1.Job(status=batch_v1.JobStatus(status_events=[batch_v1.StatusEvent(
+        description="Task state is updated from RUNNING to FAILED on host with exit code 12.",
+        task_execution=batch_v1.TaskExecution(exit_code=protocol.EXIT_UPLOAD_FAILED))]))
+    text = gcpbatch.explain_job_failure("cov-x-0-abcd", gcpbatch.JobState.FAILED, job)
+    assert "exit code 12: the task ran, but its result could not be stored in the bucket" in text

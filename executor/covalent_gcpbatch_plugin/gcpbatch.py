@@ -542,13 +542,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
         except exceptions.GoogleAPICallError as err:
             return f"Batch job {job_id} ended {state.value} without a result or error record ({err.message})"
-        lines = []
-        for event in job.status.status_events:
-            code = event.task_execution.exit_code if event.task_execution else 0
-            meaning = EXIT_CODE_MEANINGS.get(code, "")
-            lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
-        events = "; ".join(lines) or "no status events"
-        return f"Batch job {job_id} ended {state.value} without a result or error record: {events}"
+        return explain_job_failure(job_id, state, job)
 
     def _clean_up(self, objects: TaskObjects, workdir: Path) -> None:
         """Remove the task's local and bucket files, best effort. The cancel marker stays (the
@@ -581,6 +575,17 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             lambda: clients.storage_client(self.project_id, self.storage_emulator_host or None),
         )
         return client.bucket(self.bucket_name)
+
+
+def explain_job_failure(job_id: str, state: JobState, job: Any) -> str:
+    """The job's status events, each exit code with its meaning (EXIT_CODE_MEANINGS)."""
+    lines = []
+    for event in job.status.status_events:
+        code = event.task_execution.exit_code if event.task_execution else 0
+        meaning = EXIT_CODE_MEANINGS.get(code, "")
+        lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
+    events = "; ".join(lines) or "no status events"
+    return f"Batch job {job_id} ended {state.value} without a result or error record: {events}"
 
 
 _ORDER = [JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING]
