@@ -360,14 +360,16 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return True
 
     async def _stop_job(self, job_id: str) -> None:
-        """Best effort, for paths that are already failing: cancel the job, log what went wrong."""
-        try:
-            await self.cancel({}, job_id)
-        except Exception as err:  # noqa: BLE001 - the caller's failure is the one to report
-            app_log.warning(f"gcpbatch: could not cancel job {job_id}: {type(err).__name__}: {err}")
+        """Best effort, for paths that are already failing: mark the task cancelled and cancel its
+        job, each tried even if the other fails (GCS may be what failed), logging what went wrong."""
+        for step in (self._mark_cancelled, self._cancel_job):
+            try:
+                await asyncio.to_thread(step, job_id)
+            except Exception as err:  # noqa: BLE001 - the caller's failure is the one to report
+                app_log.warning(f"gcpbatch: stopping job {job_id}: {step.__name__} failed: {type(err).__name__}: {err}")
 
     def _mark_cancelled(self, job_id: str) -> None:
-        self._bucket().blob(TaskObjects(job_id).cancelled).upload_from_string(b"", content_type="text/plain")
+        self._bucket().blob(TaskObjects(job_id).cancelled).upload_from_string(b"", content_type="text/plain", timeout=30)
 
     def _cancel_job(self, job_id: str) -> None:
         try:
