@@ -245,7 +245,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder):
     status_start = len(recorder.calls())
     status = check(recorder.deploy("status", *ARGS))
     assert "MISSING" not in status.stdout
-    assert status.stdout.count("present") == 7 + 12, "7 resources, 12 role grants"
+    assert status.stdout.count("present") == 7 + 13, "7 resources, 13 role grants"
     assert [c["argv"] for c in recorder.calls()[status_start:] if verb_of(c) in MUTATING] == []
 
     # -- down: refuses without --yes when nobody can be asked ----------------------------------------
