@@ -23,10 +23,6 @@ readonly FINALIZED=google.cloud.storage.object.v1.finalized
 readonly ENTRY_POINT=on_task_uploaded
 # gcloud's messages for a resource that does not exist (anything else a lookup hits is fatal).
 readonly NOT_FOUND='not[ _]?found|404|does not exist|manifest unknown'
-# The keys `up` writes into [executors.gcpbatch]; the emulator keys are cleared so that a config
-# left behind by `covalent-gcpbatch local up` cannot send tasks to a local emulator.
-readonly CONFIG_KEYS=(project_id region bucket_name container_image_uri service_account_email pubsub_topic
-  pubsub_emulator_host storage_emulator_host batch_api_endpoint)
 
 usage() {
   cat <<EOF
@@ -414,6 +410,9 @@ ensure_function() {
   ensure_binding service "$FUNCTION" roles/run.invoker "serviceAccount:$FUNCTION_SA"
 }
 
+# The keys a deployment writes (settings.DEPLOYMENT_KEYS; a test keeps this list equal to it).
+# The emulator keys are cleared so that a config left behind by `covalent-gcpbatch local up`
+# cannot send tasks to a local emulator.
 write_config() {
   resolve_image
   section "Covalent config"
@@ -461,7 +460,7 @@ confirm_down() {
 
 remove_config() {
   section "Covalent config"
-  helper config-unset --if-bucket "$BUCKET" "${CONFIG_KEYS[@]}"
+  helper config-unset --if-bucket "$BUCKET"  # every key a deployment writes (settings.DEPLOYMENT_KEYS)
 }
 
 delete_function() {

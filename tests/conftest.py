@@ -31,7 +31,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 def require_emulators() -> None:
     """Outside CI a machine without the emulators skips the stack tests; under CI it fails them."""
-    from covalent_gcpbatch_plugin.local.stack import StackError, find_fake_gcs_server, find_pubsub_emulator
+    from covalent_gcpbatch_plugin.errors import StackError
+    from covalent_gcpbatch_plugin.local.stack import find_fake_gcs_server, find_pubsub_emulator
 
     try:
         find_pubsub_emulator()

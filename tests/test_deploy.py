@@ -423,3 +423,15 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
             publisher.delete_topic(topic=topic_path)
         except Exception:  # noqa: BLE001 - already deleted by down
             pass
+
+
+def test_deploy_writes_exactly_the_deployment_keys():
+    """deploy.sh's config-set names the keys a deployment writes; settings.DEPLOYMENT_KEYS is
+    what `down` removes and what `covalent-gcpbatch local up` writes."""
+    import re
+
+    from covalent_gcpbatch_plugin.settings import DEPLOYMENT_KEYS
+
+    script = (REPO / "deploy.sh").read_text()
+    call = script[script.index("helper config-set"):].split("\n  helper config-show")[0]
+    assert set(re.findall(r"([a-z_]+)=", call)) == set(DEPLOYMENT_KEYS)

@@ -1,11 +1,13 @@
 """GCPBatchExecutor construction: the seed's configuration table, precedence and validation."""
 
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 from covalent._shared_files.config import get_config, set_config
 
-from covalent_gcpbatch_plugin import gcpbatch
+from covalent_gcpbatch_plugin import gcpbatch, settings, waiting
 from covalent_gcpbatch_plugin.gcpbatch import ConfigError, GCPBatchExecutor
 
 SEED_DEFAULTS = {
@@ -29,6 +31,33 @@ def section():
     yield lambda **values: set_config({f"executors.gcpbatch.{k}": v for k, v in values.items()})
     if saved is not None:
         set_config({f"executors.gcpbatch.{k}": v for k, v in saved.items()})
+
+
+def test_readme_table_is_the_settings_model():
+    """One declaration (settings.ExecutorPluginDefaults): the README's table is generated from it
+    (`python -m covalent_gcpbatch_plugin.settings`)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = settings.settings_table()
+    assert table in readme, "README's configuration table differs from settings.py: regenerate it"
+    assert readme.count("| key | default | meaning |") == 1
+
+
+def test_constructor_defaults_and_docstring_follow_the_model():
+    parameters = inspect.signature(GCPBatchExecutor).parameters
+    assert [name for name in parameters if name != "kwargs"] == list(settings.SETTING_KEYS)
+    assert all(parameters[key].default is None for key in settings.SETTING_KEYS)
+    assert gcpbatch._EXECUTOR_PLUGIN_DEFAULTS == settings.ExecutorPluginDefaults().model_dump(mode="json")
+    assert set(gcpbatch._EXECUTOR_PLUGIN_DEFAULTS) == set(settings.SETTING_KEYS)
+    for key in settings.SETTING_KEYS:
+        assert f"    {key}: {settings.FIELDS[key].description}" in GCPBatchExecutor.__doc__
+    assert settings.REQUIRED_KEYS == ("project_id", "bucket_name", "container_image_uri")
+
+
+def test_positional_settings_keep_working():
+    executor = GCPBatchExecutor("p", "europe-west4")
+    assert (executor.project_id, executor.region) == ("p", "europe-west4")
+    with pytest.raises(TypeError, match="twice"):
+        GCPBatchExecutor("p", project_id="q")
 
 
 def test_plugin_registration_names():
@@ -66,12 +95,12 @@ def test_attributes_survive_covalents_json_round_trip():
     [
         ({"vcpus": 0}, "vcpus"),
         ({"memory": -1}, "memory"),
-        ({"memory": "lots"}, "memory must be an integer"),
-        ({"retries": 11}, "retries must be >= 0 and <= 10"),
+        ({"memory": "lots"}, "memory: Input should be a valid integer (got 'lots')"),
+        ({"retries": 11}, "retries: Input should be less than or equal to 10 (got 11)"),
         ({"time_limit": 0}, "time_limit"),
         ({"queue_timeout": 0}, "queue_timeout"),
         ({"keep_artifacts": "yes"}, "keep_artifacts"),
-        ({"wait_mode": "sometimes"}, "wait_mode must be one of events, poll"),
+        ({"wait_mode": "sometimes"}, "wait_mode: Input should be 'events' or 'poll'"),
         ({"retries": True}, "retries"),
     ],
 )
@@ -95,7 +124,7 @@ def test_wait_plan_bounds_every_phase():
     assert plan.phase_bound(None) == 10
     assert plan.phase_bound(gcpbatch.JobState.QUEUED) == 30
     assert plan.phase_bound(gcpbatch.JobState.SCHEDULED) == 30
-    assert plan.phase_bound(gcpbatch.JobState.RUNNING) == (3 + 1) * (60 + gcpbatch.RUN_GRACE_S), "retries=3 by default"
+    assert plan.phase_bound(gcpbatch.JobState.RUNNING) == (3 + 1) * (60 + waiting.RUN_GRACE_S), "retries=3 by default"
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3, 10])
@@ -104,7 +133,7 @@ def test_running_bound_leaves_every_retry_its_time_limit(retries):
     a task preempted at 250 s of 300 s that then runs in full must not hit the bound."""
     plan = GCPBatchExecutor(time_limit=300, retries=retries)._wait_plan()
     worst_legitimate_run = (retries + 1) * 300
-    assert plan.phase_bound(gcpbatch.JobState.RUNNING) >= worst_legitimate_run + gcpbatch.RUN_GRACE_S
+    assert plan.phase_bound(gcpbatch.JobState.RUNNING) >= worst_legitimate_run + waiting.RUN_GRACE_S
 
 
 @pytest.mark.parametrize(
@@ -141,5 +170,5 @@ def test_a_result_that_could_not_be_stored_is_explained():
     job = batch_v1.Job(status=batch_v1.JobStatus(status_events=[batch_v1.StatusEvent(
         description="Task state is updated from RUNNING to FAILED on host with exit code 12.",
         task_execution=batch_v1.TaskExecution(exit_code=protocol.EXIT_UPLOAD_FAILED))]))
-    text = gcpbatch.explain_job_failure("cov-x-0-abcd", gcpbatch.JobState.FAILED, job)
+    text = waiting.explain_job_failure("cov-x-0-abcd", gcpbatch.JobState.FAILED, job)
     assert "exit code 12: the task ran, but its result could not be stored in the bucket" in text

@@ -662,9 +662,9 @@ def test_preempted_late_then_succeeds_within_the_running_bound(local_stack, tmp_
     import asyncio
     import io
 
-    from covalent_gcpbatch_plugin import gcpbatch
+    from covalent_gcpbatch_plugin import waiting
 
-    monkeypatch.setattr(gcpbatch, "RUN_GRACE_S", 2)
+    monkeypatch.setattr(waiting, "RUN_GRACE_S", 2)
     batch_admin(local_stack, "faults", {"preempt_after_s": {"*": 5}})
     config = {**local_stack.executor_config(), "time_limit": 8, "retries": 1, "cache_dir": str(tmp_path)}
 

@@ -260,3 +260,25 @@ def test_job_options_reach_batch(function, local_stack, direct_bucket):
     assert instances.policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel.SPOT
     assert job.labels["team"] == "ml"
     assert list(job.allocation_policy.location.allowed_locations) == ["zones/us-east1-c"]
+
+
+def test_the_deployed_function_imports_without_covalent(tmp_path):
+    """What gcloud uploads: functions/ with its links replaced by their content. It must import
+    with only its requirements.txt (no Covalent, no executor package beside it)."""
+    import ast
+    import shutil
+    import subprocess
+
+    source = tmp_path / "function"
+    shutil.copytree(FUNCTION_SOURCE.parent, source, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
+    assert not any(path.is_symlink() for path in source.rglob("*"))
+    probe = (
+        "import sys; sys.modules['covalent'] = None; sys.path.insert(0, '.'); import main, covalent_gcpbatch_plugin as p; "
+        "print(p.__file__); print(sorted(m for m in sys.modules if m.startswith('covalent_gcpbatch_plugin.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=source, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "GCPBATCH_PROJECT": "p", "GCPBATCH_REGION": "r", "GCPBATCH_TOPIC": "topic"})
+    assert done.returncode == 0, done.stderr
+    where, modules = done.stdout.splitlines()
+    assert where.startswith(str(source)), "the uploaded copy is what is imported"
+    assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "errors", "jobs", "protocol")}

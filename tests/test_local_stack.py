@@ -31,6 +31,7 @@ from covalent_gcpbatch_plugin.local.stack import (
     find_pubsub_emulator,
 )
 from covalent_gcpbatch_plugin.local.processes import group_members
+from covalent_gcpbatch_plugin.settings import DEPLOYMENT_KEYS
 
 #: A notification exactly as fake-gcs-server 1.54.0 published it for an upload with metadata.
 FAKE_GCS_ATTRIBUTES = {
@@ -72,10 +73,7 @@ def on_task_uploaded(event):
         raise RuntimeError("failing the first delivery on purpose")
 '''
 
-EXECUTOR_CONFIG_KEYS = {
-    "project_id", "region", "bucket_name", "container_image_uri", "service_account_email",
-    "pubsub_topic", "pubsub_emulator_host", "storage_emulator_host", "batch_api_endpoint",
-}
+EXECUTOR_CONFIG_KEYS = set(DEPLOYMENT_KEYS)
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -36,7 +36,8 @@ def _print_err(message: str) -> None:
 
 def local_up(state_dir: Path, foreground: bool) -> int:
     from .local import covalent_config
-    from .local.stack import LocalStack, StackError
+    from .errors import StackError
+    from .local.stack import LocalStack
 
     stack = LocalStack(state_dir)
     already_running = stack.status()["running"]

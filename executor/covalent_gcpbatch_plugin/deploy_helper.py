@@ -22,10 +22,12 @@ Commands (each prints its answer on stdout; a check answers with its exit status
     protocol.DeploymentSettings.to_env, so it is exactly what DeploymentSettings.from_env reads.
 ``digest [--text S]... PATH...``
     A short content digest of files (directories recursively, symlinks followed, caches skipped).
-``config-set KEY=VALUE...`` / ``config-unset --if-bucket B KEY...`` / ``config-show``
+``config-set KEY=VALUE...`` / ``config-unset --if-bucket B [KEY...]`` / ``config-show``
     Edit or show ``[executors.gcpbatch]`` of the Covalent config in use (local/covalent_config.py,
-    which honours COVALENT_CONFIG_DIR). ``config-unset`` leaves the section alone unless its
-    bucket_name is B, so tearing a deployment down never removes another deployment's settings.
+    which honours COVALENT_CONFIG_DIR). Keys must be GCPBatchExecutor settings (settings.py).
+    ``config-unset`` removes the given keys, or every key a deployment writes
+    (settings.DEPLOYMENT_KEYS), and leaves the section alone unless its bucket_name is B, so
+    tearing a deployment down never removes another deployment's settings.
 
 Imports are local to the commands that need them (each command is one short-lived process; most
 need only the standard library). Only the standard library, pydantic (protocol) and filelock/toml (Covalent's own dependencies) are
@@ -41,6 +43,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .errors import DeployError
+
 DOCKERFILE = "worker_image/Dockerfile"
 #: Cloud Build's default timeout is 10 minutes; installing Covalent can take longer on a cold cache.
 BUILD_TIMEOUT = "1800s"
@@ -55,7 +59,7 @@ def versions() -> str:
     try:
         covalent_version = version("covalent")
     except PackageNotFoundError:
-        raise SystemExit(
+        raise DeployError(
             f"covalent is not installed in {sys.executable}: pass --python pointing at the environment "
             "you dispatch Covalent workflows from"
         ) from None
@@ -175,12 +179,16 @@ def _config():
 
 
 def config_set(pairs: Sequence[str]) -> int:
+    from .settings import SETTING_KEYS
+
     covalent_config = _config()
     values = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"config-set: expected KEY=VALUE, got {pair!r}")
+            raise DeployError(f"config-set: expected KEY=VALUE, got {pair!r}")
+        if key not in SETTING_KEYS:
+            raise DeployError(f"config-set: {key!r} is not a GCPBatchExecutor setting (settings.py lists them)")
         values[key] = value
     before = covalent_config.read_executor_section()
     path = covalent_config.write_executor_section(values)
@@ -242,19 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pairs", nargs="+")
     p = commands.add_parser("config-unset")
     p.add_argument("--if-bucket", required=True)
-    p.add_argument("keys", nargs="+")
+    p.add_argument("keys", nargs="*", help="default: every key a deployment writes (settings.DEPLOYMENT_KEYS)")
     commands.add_parser("config-show")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except DeployError as err:
+        print(f"deploy_helper {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
     command = args.command
     if command == "versions":
         print(versions())
     elif command == "lifecycle":
         if args.days < 1:
-            raise SystemExit("--days must be at least 1")
+            raise DeployError("--days must be at least 1")
         print(json.dumps(lifecycle(args.days), indent=2))
     elif command == "bucket-matches":
         problems = bucket_differences(json.load(sys.stdin), args.days)
@@ -272,14 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             env = function_env(args)
         except ValidationError as err:
-            raise SystemExit(f"invalid deployment setting: {err}") from None
+            raise DeployError(f"invalid deployment setting: {err}") from None
         print(env_yaml(env), end="")
     elif command == "digest":
         print(digest(args.paths, args.text))
     elif command == "config-set":
         return config_set(args.pairs)
     elif command == "config-unset":
-        return config_unset(args.keys, args.if_bucket)
+        from .settings import DEPLOYMENT_KEYS
+
+        return config_unset(args.keys or DEPLOYMENT_KEYS, args.if_bucket)
     elif command == "config-show":
         return config_show()
     return 0

@@ -32,6 +32,7 @@ from google.cloud import pubsub_v1
 from google.protobuf import duration_pb2
 
 from . import clients
+from .errors import SubscribeError
 from .protocol import JobEvent, parse_notification
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ SUBSCRIPTION_TTL_S = 24 * 3600
 RESTART_DELAY_S = 1.0
 #: Bound on creating the subscription (api_core retries UNAVAILABLE within it).
 SUBSCRIBE_TIMEOUT_S = 30.0
-
-
-class SubscribeError(RuntimeError):
-    """The job notifications cannot be subscribed to; the message names the topic and the fix."""
 
 
 @dataclass(frozen=True)

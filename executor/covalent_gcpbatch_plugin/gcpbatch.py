@@ -6,8 +6,10 @@ Lifecycle of one task (``run``):
   3. upload the pickled task to GCS with its job spec as object metadata (the Cloud Function
      creates the Batch job from that metadata; see functions/main.py);
   4. wait for the job's terminal state from Pub/Sub, reconciling with one ``get_job`` only when an
-     expected notification is overdue (see ``WaitPlan``); give up (and cancel the job) at a bound;
+     expected notification is overdue (the decisions: waiting.py); give up (and cancel the job) at a bound;
   5. read the result, or the error record, and the task's stdout/stderr back from GCS.
+
+Its settings are declared once, in settings.py; its errors in errors.py.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 from google.api_core import exceptions
-from pydantic import ValidationError
 
-from . import clients
+from . import clients, settings
+from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-exported: users catch it from here
 from .protocol import (
-    EXIT_CODE_MEANINGS,
     JOB_ID_PATTERN,
     JobEvent,
     JobOptions,
@@ -44,128 +45,22 @@ from .protocol import (
     make_job_id,
     new_attempt_token,
 )
+from .waiting import (
+    GIVE_UP,
+    CancelRequested,
+    JobWait,
+    Outcome,
+    WaitPlan,
+    explain_job_failure,
+    give_up_reason,
+)
 
 app_log = logger.app_log
 
 EXECUTOR_PLUGIN_NAME = "GCPBatchExecutor"
 
-_EXECUTOR_PLUGIN_DEFAULTS = {
-    "project_id": "",
-    "region": "us-east1",
-    "bucket_name": "",
-    "container_image_uri": "",
-    "service_account_email": "",
-    "vcpus": 2,
-    "memory": 256,
-    "retries": 3,
-    "time_limit": 300,
-    "poll_freq": 5,
-    "wait_mode": "events",
-    "cache_dir": "/tmp/covalent",
-    "pubsub_topic": "covalent-gcpbatch-jobs",
-    "queue_timeout": 3600,
-    "submit_timeout": 120,
-    "reconcile_interval": 300,
-    "keep_artifacts": False,
-    "machine_type": "",
-    "provisioning": "STANDARD",
-    "accelerator_type": "",
-    "accelerator_count": 0,
-    "install_gpu_drivers": True,
-    "boot_disk_size_gb": 0,
-    "labels": {},
-    "network": "",
-    "subnetwork": "",
-    "no_external_ip": False,
-    "allowed_locations": [],
-    "pubsub_emulator_host": "",
-    "storage_emulator_host": "",
-    "batch_api_endpoint": "",
-}
-
-_REQUIRED = ("project_id", "bucket_name", "container_image_uri")
-#: "events": wait on Pub/Sub (the default). "poll": get_job every poll_freq seconds, for
-#: deployments without Pub/Sub and as the baseline the benchmarks compare against.
-WAIT_MODES = ("events", "poll")
-#: After max run duration, the worker still uploads and Batch still publishes: allow for that.
-RUN_GRACE_S = 120
-
-
-class ConfigError(ValueError):
-    """A GCPBatchExecutor setting is invalid; the message names the key and what is accepted."""
-
-
-def _check_number(key: str, value: Any, *, minimum: float, maximum: float | None = None, integer: bool = True) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ConfigError(f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
-        raise ConfigError(f"{key} must be {bound}, got {value!r}")
-
-
-def validate_settings(settings: dict[str, Any]) -> None:
-    """Check the numeric and boolean keys (required strings are checked when a task runs, since
-    Covalent also builds the executor with an empty configuration)."""
-    _check_number("vcpus", settings["vcpus"], minimum=0.001, integer=False)
-    _check_number("memory", settings["memory"], minimum=1)
-    _check_number("retries", settings["retries"], minimum=0, maximum=10)
-    _check_number("time_limit", settings["time_limit"], minimum=1)
-    _check_number("poll_freq", settings["poll_freq"], minimum=0.001, integer=False)
-    _check_number("queue_timeout", settings["queue_timeout"], minimum=1, integer=False)
-    _check_number("submit_timeout", settings["submit_timeout"], minimum=1, integer=False)
-    _check_number("reconcile_interval", settings["reconcile_interval"], minimum=0.1, integer=False)
-    if settings["wait_mode"] not in WAIT_MODES:
-        raise ConfigError(f"wait_mode must be one of {', '.join(WAIT_MODES)}, got {settings['wait_mode']!r}")
-    if not isinstance(settings["keep_artifacts"], bool):
-        raise ConfigError(f"keep_artifacts must be true or false, got {settings['keep_artifacts']!r}")
-    job_options(settings)
-
-
-#: Executor keys that are Batch job options (protocol.JobOptions fields of the same names).
-JOB_OPTION_KEYS = tuple(JobOptions.model_fields)
-
-
-def job_options(settings: dict[str, Any]) -> JobOptions:
-    """The job options among ``settings``, validated; ConfigError names the offending key."""
-    try:
-        return JobOptions(**{key: settings[key] for key in JOB_OPTION_KEYS})
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'job options'}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid GCPBatchExecutor setting: {problems}") from None
-
-
-@dataclass(frozen=True)
-class WaitPlan:
-    """How long each phase of a job may take before the executor asks Batch directly.
-
-    * not yet seen (upload -> function -> job created): ``submit_timeout``;
-    * QUEUED/SCHEDULED (waiting for a VM; not counted against time_limit): ``queue_timeout``;
-    * RUNNING: ``time_limit`` + a grace for the worker's uploads and the notification.
-    Within a phase, silence longer than ``reconcile_interval`` also triggers one ``get_job``, the
-    interval doubling each time, so a long quiet job costs O(log(time_limit)) reads, not a poll.
-    When a phase's bound passes and Batch confirms the job is still not done, the job is
-    cancelled and the task fails.
-    """
-
-    submit_timeout: float
-    queue_timeout: float
-    run_timeout: float
-    reconcile_interval: float
-
-    def phase_bound(self, state: JobState | None) -> float:
-        if state is None:
-            return self.submit_timeout
-        if state is JobState.RUNNING:
-            return self.run_timeout
-        return self.queue_timeout
-
-
-@dataclass(frozen=True)
-class CancelRequested:
-    """Put in a waiting ``run()``'s inbox by ``cancel()`` (the marker is written, Batch asked)."""
-
-    job_id: str
+#: Covalent merges these into [executors.gcpbatch]; every key is declared once, in settings.py.
+_EXECUTOR_PLUGIN_DEFAULTS = settings.PLUGIN_DEFAULTS
 
 
 class Waiting:
@@ -210,63 +105,24 @@ class Step:
     now: str
 
 
-@dataclass(frozen=True)
-class Outcome:
-    state: JobState
-    detail: str = ""
-    gave_up: str = ""
-
-
 class GCPBatchExecutor(AsyncBaseExecutor):
     """Run each electron as a Google Cloud Batch job; see the README for every setting."""
 
-    def __init__(
-        self,
-        project_id: str | None = None,
-        region: str | None = None,
-        bucket_name: str | None = None,
-        container_image_uri: str | None = None,
-        service_account_email: str | None = None,
-        vcpus: float | None = None,
-        memory: int | None = None,
-        retries: int | None = None,
-        time_limit: int | None = None,
-        poll_freq: float | None = None,
-        wait_mode: str | None = None,
-        cache_dir: str | None = None,
-        pubsub_topic: str | None = None,
-        queue_timeout: float | None = None,
-        submit_timeout: float | None = None,
-        reconcile_interval: float | None = None,
-        keep_artifacts: bool | None = None,
-        machine_type: str | None = None,
-        provisioning: str | None = None,
-        accelerator_type: str | None = None,
-        accelerator_count: int | None = None,
-        install_gpu_drivers: bool | None = None,
-        boot_disk_size_gb: int | None = None,
-        labels: dict[str, str] | None = None,
-        network: str | None = None,
-        subnetwork: str | None = None,
-        no_external_ip: bool | None = None,
-        allowed_locations: list[str] | None = None,
-        pubsub_emulator_host: str | None = None,
-        storage_emulator_host: str | None = None,
-        batch_api_endpoint: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        arguments = dict(locals())
-        given = {key: arguments[key] for key in _EXECUTOR_PLUGIN_DEFAULTS}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(settings.SETTING_KEYS):
+            raise TypeError(f"GCPBatchExecutor takes at most {len(settings.SETTING_KEYS)} positional settings")
+        given = dict(zip(settings.SETTING_KEYS, args))
+        for key in settings.SETTING_KEYS:
+            if key in kwargs:
+                if key in given:
+                    raise TypeError(f"GCPBatchExecutor got {key!r} twice")
+                given[key] = kwargs.pop(key)
         # `is None`, never `or`: an explicit 0 or False must not be replaced by the config value.
-        settings = {key: value if value is not None else _configured(key) for key, value in given.items()}
-        validate_settings(settings)
-        super().__init__(
-            cache_dir=settings["cache_dir"],
-            time_limit=settings["time_limit"],
-            retries=settings["retries"],
-            **kwargs,
-        )
-        for key, value in settings.items():
+        values = {key: given[key] if given.get(key) is not None else _configured(key) for key in settings.SETTING_KEYS}
+        checked = settings.validate(values)
+        super().__init__(cache_dir=checked.cache_dir, time_limit=checked.time_limit, retries=checked.retries, **kwargs)
+        # Attributes in JSON form: Covalent ships the executor to its server as to_dict() (JSON).
+        for key, value in checked.model_dump(mode="json").items():
             setattr(self, key, value)
 
     # -- Covalent's lifecycle ------------------------------------------------------------------
@@ -332,7 +188,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         handed to the executor: they end CANCELLED, and nothing was submitted for them."""
         dispatch_id, node_ids = task_group_metadata["dispatch_id"], task_group_metadata["node_ids"]
         if data is not None:
-            raise RuntimeError(
+            raise GCPBatchError(
                 f"GCPBatchExecutor runs tasks through run(), not send/poll/receive; it cannot receive "
                 f"results for {dispatch_id}:{node_ids} (got {type(data).__name__})"
             )
@@ -380,12 +236,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     # -- steps ---------------------------------------------------------------------------------
 
     def _check_required(self) -> None:
-        missing = [key for key in _REQUIRED if not getattr(self, key)]
-        if missing:
-            raise ConfigError(
-                f"GCPBatchExecutor needs {', '.join(missing)}: pass them to GCPBatchExecutor(...) or set them in the "
-                "[executors.gcpbatch] section of the Covalent config (deploy.sh or `covalent-gcpbatch local up` writes it)"
-            )
+        settings.check_required(self.__dict__)
 
     def _job_spec(self, dispatch_id: str, node_id: int, versions: dict) -> JobSpec:
         python = ".".join(str(versions["python"]).split(".")[:2])
@@ -402,7 +253,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             retries=self.retries,
             python_version=python,
             covalent_version=str(versions["covalent"]),
-            options=job_options(self.__dict__),
+            options=settings.job_options(self.__dict__),
         )
 
     def _upload_task(self, objects: TaskObjects, spec: JobSpec, workdir: Path, task: tuple) -> None:
@@ -417,55 +268,37 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         path.unlink()
 
     def _wait_plan(self) -> WaitPlan:
-        return WaitPlan(
-            submit_timeout=float(self.submit_timeout),
-            queue_timeout=float(self.queue_timeout),
-            # Batch retries a task inside the job's RUNNING state and says nothing at job level,
-            # so every attempt (a first run and ``retries`` re-runs) gets the full time_limit and
-            # grace (a new VM, the worker's uploads, the notification).
-            run_timeout=float((self.retries + 1) * (self.time_limit + RUN_GRACE_S)),
-            reconcile_interval=float(self.reconcile_interval),
-        )
+        return WaitPlan.for_task(submit_timeout=self.submit_timeout, queue_timeout=self.queue_timeout,
+                                 time_limit=self.time_limit, retries=self.retries,
+                                 reconcile_interval=self.reconcile_interval)
 
     async def _wait(self, job_id: str, inbox: asyncio.Queue, *, listening: bool) -> Outcome:
-        """Until the job ends or a phase bound passes. Listening (events mode), Pub/Sub pushes
-        events into ``inbox`` and get_job is called only when one is overdue; otherwise (poll
-        mode) get_job is called every poll_freq seconds. Either way ``cancel()`` wakes the wait."""
+        """Until the job ends or a phase bound passes (the decisions: waiting.JobWait). Listening
+        (events mode), Pub/Sub pushes events into ``inbox``; otherwise (poll mode) the job is read
+        every poll_freq seconds. Either way ``cancel()`` wakes the wait through ``inbox``."""
         plan, loop = self._wait_plan(), asyncio.get_running_loop()
-        state: JobState | None = None
-        phase_end = loop.time() + plan.phase_bound(None)
-        quiet = plan.reconcile_interval if listening else float(self.poll_freq)
-        cancel_sent = False
+        wait = JobWait(plan, listening=listening, poll_interval=self.poll_freq, now=loop.time())
         while True:
-            event: JobEvent | CancelRequested | None = None
-            timeout = max(0.0, min(quiet, phase_end - loop.time()))
             try:
-                event = await asyncio.wait_for(inbox.get(), timeout)
+                item = await asyncio.wait_for(inbox.get(), wait.timeout(loop.time()))
+                wait.heard()
             except asyncio.TimeoutError:
-                if listening:
-                    quiet *= 2  # each overdue read waits twice as long for the next
-            if isinstance(event, CancelRequested):
-                # cancel() has written the marker and asked Batch to cancel. A job not seen yet is
-                # settled now: the marker keeps the function from creating it, or makes it cancel
-                # the one it is creating. A job seen will report CANCELLED.
-                cancel_sent = True
-                if state is None:
-                    return Outcome(JobState.CANCELLED, "cancelled before its Batch job was seen")
+                wait.silence()
+                item = await asyncio.to_thread(self._reconcile, job_id)
+            if isinstance(item, CancelRequested):
+                settled = wait.cancel_requested()
+                if settled is not None:
+                    return settled
                 continue
-            if event is None:
-                event = await asyncio.to_thread(self._reconcile, job_id)
-            elif listening:
-                quiet = plan.reconcile_interval
-            if event is not None and event.state.is_terminal:
-                return Outcome(event.state, event.detail)
-            if event is not None and not cancel_sent and await self.get_cancel_requested():
+            decision = wait.observe(item, loop.time())
+            if isinstance(decision, Outcome):
+                return decision
+            if decision == GIVE_UP:
+                return await self._give_up(job_id, wait.state, plan)
+            if item is not None and not wait.cancel_sent and await self.get_cancel_requested():
                 # Cancelled while the function was creating the job: cancel it now that it exists.
                 await asyncio.to_thread(self._cancel_job, job_id)
-                cancel_sent = True
-            if event is not None and _progressed(state, event.state):
-                state, phase_end = event.state, loop.time() + plan.phase_bound(event.state)
-            elif loop.time() >= phase_end:
-                return await self._give_up(job_id, state, plan)
+                wait.cancel_sent = True
 
     def _reconcile(self, job_id: str) -> JobEvent | None:
         """One read of the job's state: a notification is overdue. None if the job does not exist."""
@@ -490,18 +323,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             # is the outcome, not the bound we hit waiting.
             await self.cancel({}, job_id)
             return Outcome(JobState.CANCELLED, "cancelled before the job reached a terminal state")
-        if state is None:
-            reason = (
-                f"no Batch job {job_id} was created within submit_timeout={plan.submit_timeout:g} s of the upload: "
-                "check the Cloud Function's logs and its storage trigger on the bucket"
-            )
-        elif state is JobState.RUNNING:
-            reason = (
-                f"job {job_id} was still running {plan.run_timeout:g} s after it started: time_limit={self.time_limit} s "
-                f"plus {RUN_GRACE_S} s for each of its {self.retries + 1} attempts (retries={self.retries})"
-            )
-        else:
-            reason = f"job {job_id} did not start within queue_timeout={plan.queue_timeout:g} s (state {state.value})"
+        reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=self.retries)
         await self.cancel({}, job_id)
         return Outcome(JobState.FAILED, gave_up=reason + "; the job was cancelled")
 
@@ -579,29 +401,6 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return client.bucket(self.bucket_name)
 
 
-def explain_job_failure(job_id: str, state: JobState, job: Any) -> str:
-    """The job's status events, each exit code with its meaning (EXIT_CODE_MEANINGS)."""
-    lines = []
-    for event in job.status.status_events:
-        code = event.task_execution.exit_code if event.task_execution else 0
-        meaning = EXIT_CODE_MEANINGS.get(code, "")
-        lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
-    events = "; ".join(lines) or "no status events"
-    return f"Batch job {job_id} ended {state.value} without a result or error record: {events}"
-
-
-_ORDER = [JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING]
-
-
-def _progressed(old: JobState | None, new: JobState) -> bool:
-    """Out-of-order duplicates (QUEUED after RUNNING) must not move the wait backwards."""
-    if old is None:
-        return True
-    if old in _ORDER and new in _ORDER:
-        return _ORDER.index(new) > _ORDER.index(old)
-    return True
-
-
 _clients: dict[tuple, Any] = {}
 
 
@@ -618,3 +417,7 @@ def _configured(key: str) -> Any:
         return get_config(f"executors.gcpbatch.{key}")
     except KeyError:
         return _EXECUTOR_PLUGIN_DEFAULTS[key]
+
+
+GCPBatchExecutor.__init__.__signature__ = settings.constructor_signature()  # type: ignore[attr-defined]
+GCPBatchExecutor.__doc__ = f"{GCPBatchExecutor.__doc__}\n\n{settings.parameters_doc()}\n"

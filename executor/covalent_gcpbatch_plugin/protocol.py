@@ -10,7 +10,7 @@ Everything two hops must agree on lives here and nowhere else:
 * parsing of the Pub/Sub messages Batch publishes (and the function's rejections).
 
 This module is imported by the Cloud Function too (``functions/`` holds a symlink to it), so it
-depends on nothing but the standard library and pydantic.
+depends on nothing but the standard library, pydantic and errors.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from enum import Enum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import FunctionNotConfigured, SpecError  # noqa: F401 - SpecError is part of this contract
 
 PROTOCOL_VERSION = 1
 
@@ -148,10 +150,6 @@ def make_job_id(dispatch_id: str, node_id: int, attempt: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class SpecError(ValueError):
-    """An uploaded object's spec is missing, malformed, or outside what the deployment allows."""
-
-
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _OPTIONAL_RESOURCE_NAME = r"^([a-z0-9][a-z0-9./_-]*)?$"
@@ -162,19 +160,38 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    machine_type: str = Field(default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$")
-    provisioning: Literal["STANDARD", "SPOT"] = "STANDARD"
-    accelerator_type: str = Field(default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$")
-    accelerator_count: int = Field(default=0, ge=0, le=16)
-    install_gpu_drivers: bool = True
-    #: 0 keeps Batch's default boot disk.
-    boot_disk_size_gb: int = Field(default=0, ge=0, le=65536)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=32)
-    network: str = Field(default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME)
-    subnetwork: str = Field(default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME)
-    no_external_ip: bool = False
-    #: "regions/R" or "zones/Z" entries; empty means the job's region.
-    allowed_locations: tuple[str, ...] = Field(default=(), max_length=32)
+    machine_type: str = Field(
+        default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$",
+        description="Compute Engine machine type, e.g. `n2-standard-8`; empty lets Batch choose from `vcpus`/`memory`. "
+                    "The deployment may restrict it.")
+    provisioning: Literal["STANDARD", "SPOT"] = Field(
+        default="STANDARD",
+        description="`STANDARD` or `SPOT` (cheaper, preemptible: preemptions are retried up to `retries` times).")
+    accelerator_type: str = Field(
+        default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$",
+        description="GPU type, e.g. `nvidia-tesla-t4`; set together with `accelerator_count`.")
+    accelerator_count: int = Field(
+        default=0, ge=0, le=16, description="GPUs per task (0 to 16; capped by the deployment, 8 by default).")
+    install_gpu_drivers: bool = Field(
+        default=True, description="Let Batch install the GPU drivers when GPUs are requested.")
+    boot_disk_size_gb: int = Field(
+        default=0, ge=0, le=65536, description="Boot disk size; `0` keeps Batch's default.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, max_length=32,
+        description="Job labels (GCP label rules). `covalent-dispatch-id`, `covalent-node-id` and `created-by` are "
+                    "added automatically and win.")
+    network: str = Field(
+        default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME,
+        description="VPC network, e.g. `global/networks/my-vpc`.")
+    subnetwork: str = Field(
+        default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME,
+        description="Subnetwork, e.g. `regions/us-east1/subnetworks/batch`.")
+    no_external_ip: bool = Field(
+        default=False,
+        description="VMs without external IPs (needs Cloud NAT or Private Google Access to pull images and reach GCS).")
+    allowed_locations: tuple[str, ...] = Field(
+        default=(), max_length=32,
+        description="`regions/...` or `zones/...` entries inside the deployment's region; empty means the whole region.")
 
     @field_validator("provisioning", mode="before")
     @classmethod
@@ -362,7 +379,7 @@ class DeploymentSettings(BaseModel):
         env = os.environ if env is None else env
         missing = [name for name in (ENV_PROJECT, ENV_REGION, ENV_TOPIC) if not env.get(name)]
         if missing:
-            raise RuntimeError(f"the function is not configured: set {', '.join(missing)} (deploy.sh sets them)")
+            raise FunctionNotConfigured(f"the function is not configured: set {', '.join(missing)} (deploy.sh sets them)")
         optional = {
             "max_vcpus": env.get(ENV_MAX_VCPUS),
             "max_memory_mb": env.get(ENV_MAX_MEMORY_MB),

@@ -35,6 +35,7 @@ import cloudpickle
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from . import clients
+from .errors import SpecError, WorkerError
 from .protocol import (
     ENV_BUCKET,
     ENV_JOB_ID,
@@ -43,7 +44,6 @@ from .protocol import (
     EXIT_WORKER_ERROR,
     ErrorRecord,
     JobSpec,
-    SpecError,
     TaskObjects,
     dumps_error,
 )
@@ -56,10 +56,6 @@ STORE_RETRY = DEFAULT_RETRY.with_timeout(STORE_TIMEOUT_S)
 
 #: What a process killed by SIGTERM exits with (128 + 15); Batch records it as the exit code.
 EXIT_TERMINATED = 128 + signal.SIGTERM
-
-
-class WorkerError(Exception):
-    """The task could not be run (as opposed to: the task ran and raised)."""
 
 
 class Terminated(BaseException):

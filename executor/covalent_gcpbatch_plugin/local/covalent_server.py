@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..errors import CovalentServerError
 from .processes import terminate_group
 
 START_TIMEOUT_S = 90
@@ -72,10 +73,10 @@ class CovalentServer:
             out, _ = proc.communicate(timeout=START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise RuntimeError(f"covalent start did not finish within {START_TIMEOUT_S} s; logs in {self.root / 'logs'}")
+            raise CovalentServerError(f"covalent start did not finish within {START_TIMEOUT_S} s; logs in {self.root / 'logs'}")
         if proc.returncode != 0:
             self.stop()
-            raise RuntimeError(f"covalent start failed ({proc.returncode}): {out.decode(errors='replace')[-2000:]}")
+            raise CovalentServerError(f"covalent start failed ({proc.returncode}): {out.decode(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
         if self.pgid is None:

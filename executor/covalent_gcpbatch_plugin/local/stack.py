@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .. import clients
+from ..errors import StackError
 from ..protocol import DeploymentSettings
 from .processes import free_ports, http_answers, process_alive, process_start_ticks, tail, terminate_group
 
@@ -53,10 +54,6 @@ MARKER_FILE = ".covalent-gcpbatch-local"
 READY_TIMEOUT_S = {"pubsub": 60.0, "gcs": 20.0, "batch": 30.0, "function": 30.0, "bridge": 30.0}
 STOP_GRACE_S = 10.0
 COMPONENTS = ("pubsub", "gcs", "batch", "function", "bridge")
-
-
-class StackError(RuntimeError):
-    """The stack cannot be brought up (or found); the message says which component and where its log is."""
 
 
 class StackSettings(BaseModel):

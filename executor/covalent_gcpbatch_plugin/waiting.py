@@ -1,0 +1,162 @@
+"""How one task waits for its Batch job: the decisions, without I/O and without a clock of its own.
+
+The executor (gcpbatch.py) does the I/O: it listens for the next event for ``JobWait.timeout(now)``
+seconds, reads the job when told to, asks Covalent about cancels, cancels jobs. Everything it
+decides on, which bound applies, when a read is due, when to settle, when to give up and what to
+say then, is here, so it is unit-tested with made-up times and events (tests/test_waiting.py).
+
+The phases and their bounds (``WaitPlan``):
+
+* not yet seen (upload -> function -> job created): ``submit_timeout``;
+* QUEUED/SCHEDULED (waiting for a VM; not counted against time_limit): ``queue_timeout``;
+* RUNNING: ``(retries + 1) * (time_limit + RUN_GRACE_S)``: Batch re-runs a preempted task inside
+  the job's RUNNING state with no job-level message, so every attempt gets its full time, plus a
+  grace for a new VM, the worker's uploads and the notification.
+
+Within a phase, silence longer than ``reconcile_interval`` triggers one ``get_job``, the interval
+doubling each time, so a long quiet job costs O(log(time_limit)) reads, not a poll. When a
+phase's bound passes and Batch confirms the job is still not done, the job is cancelled and the
+task fails with ``give_up_reason``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import EXIT_CODE_MEANINGS, JobEvent, JobState
+
+#: After max run duration, the worker still uploads and Batch still publishes: allow for that.
+RUN_GRACE_S = 120
+#: ``JobWait.observe`` says this when the phase's bound has passed.
+GIVE_UP = "give up"
+
+
+@dataclass(frozen=True)
+class WaitPlan:
+    """How long each phase of a job may take (seconds)."""
+
+    submit_timeout: float
+    queue_timeout: float
+    run_timeout: float
+    reconcile_interval: float
+
+    @classmethod
+    def for_task(cls, *, submit_timeout: float, queue_timeout: float, time_limit: float, retries: int,
+                 reconcile_interval: float) -> WaitPlan:
+        return cls(
+            submit_timeout=float(submit_timeout),
+            queue_timeout=float(queue_timeout),
+            run_timeout=float((retries + 1) * (time_limit + RUN_GRACE_S)),
+            reconcile_interval=float(reconcile_interval),
+        )
+
+    def phase_bound(self, state: JobState | None) -> float:
+        if state is None:
+            return self.submit_timeout
+        if state is JobState.RUNNING:
+            return self.run_timeout
+        return self.queue_timeout
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the wait ended: the job's terminal state, or the bound it gave up at."""
+
+    state: JobState
+    detail: str = ""
+    gave_up: str = ""
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    """Put in a waiting task's inbox by ``cancel()`` (the marker is written, Batch asked)."""
+
+    job_id: str
+
+
+_ORDER = [JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING]
+
+
+def progressed(old: JobState | None, new: JobState) -> bool:
+    """Out-of-order duplicates (QUEUED after RUNNING) must not move the wait backwards."""
+    if old is None:
+        return True
+    if old in _ORDER and new in _ORDER:
+        return _ORDER.index(new) > _ORDER.index(old)
+    return True
+
+
+class JobWait:
+    """The state of one task's wait. ``listening``: events are pushed (Pub/Sub) and a read is due
+    only after ``reconcile_interval`` of silence (doubling); otherwise the job is read every
+    ``poll_interval`` seconds."""
+
+    def __init__(self, plan: WaitPlan, *, listening: bool, poll_interval: float, now: float) -> None:
+        self.plan = plan
+        self.listening = listening
+        self.state: JobState | None = None
+        self.phase_end = now + plan.phase_bound(None)
+        self.quiet = plan.reconcile_interval if listening else float(poll_interval)
+        self.cancel_sent = False
+
+    def timeout(self, now: float) -> float:
+        """How long to listen for the next event before reading the job."""
+        return max(0.0, min(self.quiet, self.phase_end - now))
+
+    def silence(self) -> None:
+        """Nothing came within ``timeout``: the executor reads the job once."""
+        if self.listening:
+            self.quiet *= 2  # each overdue read waits twice as long for the next
+
+    def heard(self) -> None:
+        """An event was pushed: the job is talking, reads go back to their first interval."""
+        if self.listening:
+            self.quiet = self.plan.reconcile_interval
+
+    def cancel_requested(self) -> Outcome | None:
+        """``cancel()`` has marked the task and asked Batch. A job not seen yet is settled now (the
+        marker stops its creation, or makes the function cancel it); a seen one reports CANCELLED."""
+        self.cancel_sent = True
+        if self.state is None:
+            return Outcome(JobState.CANCELLED, "cancelled before its Batch job was seen")
+        return None
+
+    def observe(self, event: JobEvent | None, now: float) -> Outcome | str | None:
+        """After an event or a read (None: no such job yet): an Outcome to settle with, GIVE_UP
+        when the phase's bound has passed, or None to go on waiting."""
+        if event is not None and event.state.is_terminal:
+            return Outcome(event.state, event.detail)
+        if event is not None and progressed(self.state, event.state):
+            self.state, self.phase_end = event.state, now + self.plan.phase_bound(event.state)
+            return None
+        if now >= self.phase_end:
+            return GIVE_UP
+        return None
+
+
+def give_up_reason(job_id: str, state: JobState | None, plan: WaitPlan, *, time_limit: int, retries: int) -> str:
+    """Why the executor stopped waiting (it then cancels the job)."""
+    if state is None:
+        return (
+            f"no Batch job {job_id} was created within submit_timeout={plan.submit_timeout:g} s of the upload: "
+            "check the Cloud Function's logs and its storage trigger on the bucket"
+        )
+    if state is JobState.RUNNING:
+        return (
+            f"job {job_id} was still running {plan.run_timeout:g} s after it started: time_limit={time_limit} s "
+            f"plus {RUN_GRACE_S} s for each of its {retries + 1} attempts (retries={retries})"
+        )
+    return f"job {job_id} did not start within queue_timeout={plan.queue_timeout:g} s (state {state.value})"
+
+
+def explain_job_failure(job_id: str, state: JobState, job: Any) -> str:
+    """Why a job ended without an error record: its status events, each exit code with its
+    meaning (EXIT_CODE_MEANINGS). ``job`` is a ``batch_v1.Job``."""
+    lines = []
+    for event in job.status.status_events:
+        code = event.task_execution.exit_code if event.task_execution else 0
+        meaning = EXIT_CODE_MEANINGS.get(code, "")
+        lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
+    events = "; ".join(lines) or "no status events"
+    return f"Batch job {job_id} ended {state.value} without a result or error record: {events}"

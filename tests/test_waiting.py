@@ -1,0 +1,101 @@
+"""The waiting decisions (waiting.py), with made-up times and events: no sleeps, no emulators."""
+
+from __future__ import annotations
+
+import pytest
+from google.cloud import batch_v1
+
+from covalent_gcpbatch_plugin.protocol import JobEvent, JobState
+from covalent_gcpbatch_plugin.waiting import (
+    GIVE_UP,
+    RUN_GRACE_S,
+    JobWait,
+    Outcome,
+    WaitPlan,
+    explain_job_failure,
+    give_up_reason,
+)
+
+PLAN = WaitPlan(submit_timeout=10, queue_timeout=30, run_timeout=100, reconcile_interval=5)
+
+
+def event(state: JobState) -> JobEvent:
+    return JobEvent("cov-x-0-abcd", state, "test")
+
+
+def test_each_phase_has_its_bound():
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    assert wait.observe(None, 9.9) is None
+    assert wait.observe(None, 10) == GIVE_UP, "not created within submit_timeout"
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    assert wait.observe(event(JobState.QUEUED), 5) is None
+    assert wait.observe(None, 34.9) is None and wait.observe(None, 35) == GIVE_UP, "queue_timeout from QUEUED"
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    wait.observe(event(JobState.RUNNING), 5)
+    assert wait.observe(None, 104.9) is None and wait.observe(None, 105) == GIVE_UP, "run bound from RUNNING"
+
+
+def test_a_late_queued_does_not_move_the_wait_back():
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    wait.observe(event(JobState.RUNNING), 1)
+    assert wait.observe(event(JobState.QUEUED), 2) is None
+    assert wait.state is JobState.RUNNING and wait.phase_end == 101
+
+
+def test_the_first_terminal_state_settles():
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    assert wait.observe(event(JobState.SUCCEEDED), 3) == Outcome(JobState.SUCCEEDED, "test")
+    assert wait.observe(JobEvent("j", JobState.REJECTED, "not allowed"), 3) == Outcome(JobState.REJECTED, "not allowed")
+
+
+def test_silence_doubles_the_read_interval_until_news_arrive():
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    wait.observe(event(JobState.RUNNING), 0)
+    timeouts = []
+    for _ in range(4):
+        timeouts.append(wait.timeout(0))
+        wait.silence()
+    assert timeouts == [5, 10, 20, 40]
+    wait.heard()
+    assert wait.timeout(0) == 5
+    assert wait.timeout(99) == 1, "never past the phase's bound"
+
+
+def test_polling_reads_at_a_fixed_interval():
+    wait = JobWait(PLAN, listening=False, poll_interval=2, now=0)
+    for _ in range(3):
+        wait.silence()
+        assert wait.timeout(0) == 2
+
+
+def test_a_cancel_settles_a_job_not_seen_yet_and_waits_for_one_seen():
+    unseen = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    assert unseen.cancel_requested() == Outcome(JobState.CANCELLED, "cancelled before its Batch job was seen")
+    seen = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    seen.observe(event(JobState.RUNNING), 1)
+    assert seen.cancel_requested() is None and seen.cancel_sent
+    assert seen.observe(event(JobState.CANCELLED), 2) == Outcome(JobState.CANCELLED, "test")
+
+
+@pytest.mark.parametrize("retries", [0, 3])
+def test_the_running_bound_gives_every_attempt_its_time(retries):
+    plan = WaitPlan.for_task(submit_timeout=1, queue_timeout=1, time_limit=300, retries=retries, reconcile_interval=1)
+    assert plan.run_timeout == (retries + 1) * (300 + RUN_GRACE_S)
+    reason = give_up_reason("j", JobState.RUNNING, plan, time_limit=300, retries=retries)
+    assert f"each of its {retries + 1} attempts" in reason and f"{plan.run_timeout:g} s" in reason
+
+
+def test_give_up_reasons_name_the_bound():
+    assert "submit_timeout=10 s" in give_up_reason("j", None, PLAN, time_limit=1, retries=0)
+    assert "queue_timeout=30 s (state SCHEDULED)" in give_up_reason("j", JobState.SCHEDULED, PLAN, time_limit=1, retries=0)
+
+
+def test_failure_explanation_gives_each_exit_code_its_meaning():
+    job = batch_v1.Job(status=batch_v1.JobStatus(status_events=[
+        batch_v1.StatusEvent(description="Job state is set from QUEUED to SCHEDULED."),
+        batch_v1.StatusEvent(description="Task failed.", task_execution=batch_v1.TaskExecution(exit_code=50001)),
+    ]))
+    text = explain_job_failure("j", JobState.FAILED, job)
+    assert text.startswith("Batch job j ended FAILED without a result or error record: Job state is set")
+    assert "[exit code 50001: the VM was preempted (spot)]" in text
+    assert "no status events" in explain_job_failure("j", JobState.FAILED, batch_v1.Job())
