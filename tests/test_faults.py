@@ -598,7 +598,7 @@ def test_pubsub_emulator_restart_while_tasks_wait(local_stack, tmp_path):
             deadline = time.monotonic() + SETTLE_S
             while batch_admin(settings, "active")["active"] == [] or any(
                     j.status.state.name != "RUNNING" for j in clients.batch_client(settings.batch_api_endpoint).list_jobs(
-                        parent=f"projects/{settings.project_id}/locations/{settings.region}")) or len(
+                        parent=protocol.location_name(settings.project_id, settings.region))) or len(
                     batch_admin(settings, "active")["active"]) < 2:
                 assert time.monotonic() < deadline, "the tasks never ran"
                 await asyncio.sleep(0.3)
@@ -687,7 +687,7 @@ def test_preempted_late_then_succeeds_within_the_running_bound(local_stack, tmp_
     elapsed = time.monotonic() - started
     assert value == "survived"
     (job,) = [j for j in clients.batch_client(local_stack.batch_api_endpoint).list_jobs(
-        parent=f"projects/{local_stack.project_id}/locations/{local_stack.region}") if j.name.endswith(executor.handle)]
+        parent=protocol.location_name(local_stack.project_id, local_stack.region)) if j.name.endswith(executor.handle)]
     assert exit_codes(job) == [50001], "preempted once, then the retry succeeded"
     assert elapsed > 8 + 2, "it did outlive the old bound"
     no_active_job_left(local_stack)

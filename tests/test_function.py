@@ -121,7 +121,7 @@ def test_duplicate_event_creates_exactly_one_job(function, local_stack, direct_b
     for _ in range(2):
         assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before + 2
-    listed = clients.batch_client(local_stack.batch_api_endpoint).list_jobs(parent=f"projects/{local_stack.project_id}/locations/{local_stack.region}")
+    listed = clients.batch_client(local_stack.batch_api_endpoint).list_jobs(parent=protocol.location_name(local_stack.project_id, local_stack.region))
     assert [j.name for j in listed].count(get_job(local_stack, job_id).name) == 1
 
 

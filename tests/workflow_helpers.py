@@ -67,7 +67,7 @@ def active_jobs(stack) -> list:
 def jobs_of_dispatch(stack, dispatch_id: str) -> list:
     """Batch jobs of a dispatch, found by the label the job builder sets."""
     batch = clients.batch_client(stack.batch_api_endpoint)
-    jobs = batch.list_jobs(parent=f"projects/{stack.project_id}/locations/{stack.region}")
+    jobs = batch.list_jobs(parent=protocol.location_name(stack.project_id, stack.region))
     return [job for job in jobs if job.labels.get("covalent-dispatch-id") == dispatch_id.lower()]
 
 

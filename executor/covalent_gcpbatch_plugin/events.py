@@ -33,7 +33,7 @@ from google.protobuf import duration_pb2
 
 from . import clients
 from .errors import SubscribeError
-from .protocol import JobEvent, parse_notification
+from .protocol import JobEvent, parse_notification, topic_path
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Endpoint:
 
     @property
     def topic_path(self) -> str:
-        return f"projects/{self.project_id}/topics/{self.topic}"
+        return topic_path(self.project_id, self.topic)
 
 
 class JobEvents:

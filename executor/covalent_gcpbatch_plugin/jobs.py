@@ -10,7 +10,7 @@ import re
 from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
-from .protocol import NO_RETRY_EXIT_CODES, DeploymentSettings, JobSpec, worker_environment
+from .protocol import NO_RETRY_EXIT_CODES, DeploymentSettings, JobSpec, location_name, worker_environment
 
 _LABEL_INVALID = re.compile(r"[^a-z0-9_-]")
 
@@ -110,4 +110,4 @@ def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSe
 
 
 def job_parent(settings: DeploymentSettings) -> str:
-    return f"projects/{settings.project_id}/locations/{settings.region}"
+    return location_name(settings.project_id, settings.region)

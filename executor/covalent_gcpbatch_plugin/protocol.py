@@ -372,7 +372,7 @@ class DeploymentSettings(BaseModel):
 
     @property
     def topic_path(self) -> str:
-        return f"projects/{self.project_id}/topics/{self.topic}"
+        return topic_path(self.project_id, self.topic)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DeploymentSettings:
@@ -496,9 +496,19 @@ class JobEvent:
     detail: str = ""
 
 
+def location_name(project: str, region: str) -> str:
+    """The Batch parent of a region's jobs (create_job, list_jobs)."""
+    return f"projects/{project}/locations/{region}"
+
+
 def job_name(project: str, region: str, job_id: str) -> str:
     """The Batch resource name of job ``job_id`` (get_job, cancel_job)."""
-    return f"projects/{project}/locations/{region}/jobs/{job_id}"
+    return f"{location_name(project, region)}/jobs/{job_id}"
+
+
+def topic_path(project: str, topic: str) -> str:
+    """A Pub/Sub topic's resource name."""
+    return f"projects/{project}/topics/{topic}"
 
 
 def job_id_of_job_name(job_name: str) -> str:

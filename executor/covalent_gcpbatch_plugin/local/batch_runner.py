@@ -154,7 +154,7 @@ class LocalBatch:
             if problem:
                 raise ApiError(400, problem)
             key = self.key(project, region, job_id)
-            name = f"projects/{project}/locations/{region}/jobs/{job_id}"
+            name = protocol.job_name(project, region, job_id)
             if key in self.jobs:
                 raise ApiError(409, f"Resource '{name}' already exists")
             now = time.time()
@@ -169,7 +169,7 @@ class LocalBatch:
             shutil.rmtree(workdir, ignore_errors=True)  # a deleted job of the same id
             workdir.mkdir(parents=True)
             record = JobRecord(job=job, job_id=job_id, key=key, region=region, workdir=workdir,
-                               number_name=f"projects/{key[0]}/locations/{region}/jobs/{job_id}")
+                               number_name=protocol.job_name(key[0], region, job_id))
             self.jobs[key] = record
             self.state_times[job_id] = {}
             self._enter(record, State.QUEUED, at=now)
@@ -276,7 +276,7 @@ class LocalBatch:
     def _find(self, project: str, region: str, job_id: str) -> JobRecord:
         record = self.jobs.get(self.key(project, region, job_id))
         if record is None:
-            raise ApiError(404, f"Job projects/{project}/locations/{region}/jobs/{job_id} not found")
+            raise ApiError(404, f"Job {protocol.job_name(project, region, job_id)} not found")
         return record
 
     def _snapshot(self, record: JobRecord) -> batch_v1.Job:

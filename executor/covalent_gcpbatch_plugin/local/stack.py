@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .. import clients
+from .. import clients, protocol
 from ..errors import StackError
 from ..protocol import DeploymentSettings
 from .processes import free_ports, http_answers, process_alive, process_start_ticks, tail, terminate_group
@@ -101,7 +101,7 @@ class StackSettings(BaseModel):
         )
 
     def topic_path(self, topic: str) -> str:
-        return f"projects/{self.project_id}/topics/{topic}"
+        return protocol.topic_path(self.project_id, topic)
 
     @property
     def bridge_subscription_path(self) -> str:
