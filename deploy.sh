@@ -43,7 +43,7 @@ Options (environment fallbacks in parentheses):
   --function-runtime RT    Cloud Functions runtime (python311)
   --max-vcpus N, --max-memory-mb N, --max-time-limit-s N, --max-accelerator-count N,
   --allowed-machine-types T1,T2
-                           caps the function enforces on every task (default: the protocol's)
+                           caps the function enforces on every task (defaults: deployment.py)
   --only STEP[,STEP...]    run only these steps (up: ${UP_STEPS[*]};
                            down: ${DOWN_STEPS[*]})
   --yes, -y                do not ask before deleting (down)

@@ -19,7 +19,7 @@ import functions_framework
 from cloudevents.http.event import CloudEvent
 from google.api_core import exceptions, retry
 
-from covalent_gcpbatch_plugin import clients, jobs, protocol
+from covalent_gcpbatch_plugin import clients, deployment, jobs, protocol
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 
@@ -45,8 +45,8 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 
 
 @functools.cache
-def settings() -> protocol.DeploymentSettings:
-    return protocol.DeploymentSettings.from_env()
+def settings() -> deployment.DeploymentSettings:
+    return deployment.DeploymentSettings.from_env()
 
 
 @functools.cache

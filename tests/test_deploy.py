@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from covalent_gcpbatch_plugin.protocol import TASKS_PREFIX, DeploymentSettings
+from covalent_gcpbatch_plugin.deployment import CAP_FIELDS, DeploymentSettings, cap_flag, caps_table
+from covalent_gcpbatch_plugin.protocol import TASKS_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy.sh"
@@ -109,7 +110,7 @@ def recorder(tmp_path) -> Recorder:
     return Recorder(tmp_path)
 
 
-def test_up_up_status_down_with_a_recording_gcloud(recorder):
+def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     # A config left by `covalent-gcpbatch local up` must not keep sending tasks to an emulator.
     recorder.config_dir.mkdir()
     (recorder.config_dir / "covalent.conf").write_text(
@@ -197,7 +198,11 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder):
     assert "--retry" in argv, "the function answers 500 on transient errors and relies on redelivery"
     env = {key: json.loads(value) for key, _, value in
            (line.partition(": ") for line in deploy["files"]["--env-vars-file"].splitlines())}  # fmt: skip
-    settings = DeploymentSettings.from_env(env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = DeploymentSettings.from_env()
+    for name in env:
+        monkeypatch.delenv(name)
     assert (settings.project_id, settings.region, settings.topic) == (PROJECT, REGION, TOPIC)
     assert settings.job_service_account == RUNNER
     assert settings.allowed_images == (image,)
@@ -435,3 +440,12 @@ def test_deploy_writes_exactly_the_deployment_keys():
     script = (REPO / "deploy.sh").read_text()
     call = script[script.index("helper config-set"):].split("\n  helper config-show")[0]
     assert set(re.findall(r"([a-z_]+)=", call)) == set(DEPLOYMENT_KEYS)
+
+
+def test_caps_are_declared_once():
+    """deployment.CAP_FIELDS are deploy.sh's flags (usage and parser) and the README's caps table."""
+    script = (REPO / "deploy.sh").read_text()
+    for name in CAP_FIELDS:
+        assert f"  {cap_flag(name)}) " in script, f"deploy.sh does not parse {cap_flag(name)}"
+        assert f"{cap_flag(name)} " in script.split("EOF")[1], f"deploy.sh --help does not list {cap_flag(name)}"
+    assert caps_table() in (REPO / "README.md").read_text(), "README's caps table differs from deployment.py: regenerate it"

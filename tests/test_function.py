@@ -281,4 +281,4 @@ def test_the_deployed_function_imports_without_covalent(tmp_path):
     assert done.returncode == 0, done.stderr
     where, modules = done.stdout.splitlines()
     assert where.startswith(str(source)), "the uploaded copy is what is imported"
-    assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "errors", "jobs", "protocol")}
+    assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "deployment", "errors", "jobs", "protocol")}

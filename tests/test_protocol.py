@@ -5,6 +5,8 @@ import json
 import pytest
 
 from covalent_gcpbatch_plugin import protocol as p
+from covalent_gcpbatch_plugin.deployment import DeploymentSettings
+from covalent_gcpbatch_plugin.errors import FunctionNotConfigured
 
 
 def spec(**overrides) -> p.JobSpec:
@@ -93,21 +95,35 @@ def test_bad_metadata_is_refused_with_the_reason(metadata, fragment):
     assert fragment in str(info.value)
 
 
-def deployment(**overrides) -> p.DeploymentSettings:
+def deployment(**overrides) -> DeploymentSettings:
     values = dict(project_id="my-project", region="us-east1", topic="jobs", job_service_account="runner@my-project.iam.gserviceaccount.com",
                   allowed_images=("us-docker.pkg.dev/my-project/covalent/worker:1",), max_vcpus=8)
     values.update(overrides)
-    return p.DeploymentSettings(**values)
+    return DeploymentSettings(**values)
 
 
-def test_deployment_settings_round_trip_through_env():
-    settings = deployment(batch_api_endpoint="http://127.0.0.1:1")
-    assert p.DeploymentSettings.from_env(settings.to_env()) == settings
+def use_env(monkeypatch, env: dict[str, str]) -> None:
+    """Exactly ``env`` among the GCPBATCH_* variables of this process."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("GCPBATCH_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
-def test_deployment_settings_name_missing_env():
-    with pytest.raises(RuntimeError, match="GCPBATCH_TOPIC"):
-        p.DeploymentSettings.from_env({p.ENV_PROJECT: "x", p.ENV_REGION: "r"})
+def test_deployment_settings_round_trip_through_env(monkeypatch):
+    settings = deployment(batch_api_endpoint="http://127.0.0.1:1", allowed_machine_types=("n2-standard-4", "e2-small"))
+    env = settings.to_env()
+    assert env["GCPBATCH_PROJECT"] == "my-project" and env["GCPBATCH_ALLOWED_MACHINE_TYPES"] == "n2-standard-4,e2-small"
+    use_env(monkeypatch, env)
+    assert DeploymentSettings.from_env() == settings
+
+
+def test_deployment_settings_name_missing_env(monkeypatch):
+    use_env(monkeypatch, {"GCPBATCH_PROJECT": "x", "GCPBATCH_REGION": "r"})
+    with pytest.raises(FunctionNotConfigured, match="GCPBATCH_TOPIC: Field required"):
+        DeploymentSettings.from_env()
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ Commands (each prints its answer on stdout; a check answers with its exit status
     from the repository root and pushes it.
 ``function-env --project P --region R --topic T --job-service-account SA --allowed-image URI [caps]``
     The function's environment (YAML, for ``gcloud functions deploy --env-vars-file``), written by
-    protocol.DeploymentSettings.to_env, so it is exactly what DeploymentSettings.from_env reads.
+    deployment.DeploymentSettings.to_env, so it is exactly what DeploymentSettings.from_env reads.
+    The caps' flags are deployment.CAP_FIELDS (``--max-vcpus``...).
 ``digest [--text S]... PATH...``
     A short content digest of files (directories recursively, symlinks followed, caches skipped).
 ``config-set KEY=VALUE...`` / ``config-unset --if-bucket B [KEY...]`` / ``config-show``
@@ -126,21 +127,15 @@ def build_config(image: str, python_version: str, covalent_version: str) -> dict
 
 
 def function_env(args: argparse.Namespace) -> dict[str, str]:
-    from .protocol import DeploymentSettings
+    from .deployment import CAP_FIELDS, DeploymentSettings
 
-    caps = {
-        "max_vcpus": args.max_vcpus,
-        "max_memory_mb": args.max_memory_mb,
-        "max_time_limit_s": args.max_time_limit_s,
-        "max_accelerator_count": args.max_accelerator_count,
-    }
+    caps = {name: getattr(args, name) for name in CAP_FIELDS}
     settings = DeploymentSettings(
         project_id=args.project,
         region=args.region,
         topic=args.topic,
         job_service_account=args.job_service_account,
         allowed_images=tuple(args.allowed_image),
-        allowed_machine_types=tuple(t for t in (args.allowed_machine_types or "").split(",") if t),
         **{key: value for key, value in caps.items() if value not in (None, "")},
     )
     return settings.to_env()
@@ -241,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("--project", "--region", "--topic", "--job-service-account"):
         p.add_argument(name, required=True)
     p.add_argument("--allowed-image", action="append", required=True)
-    for name in ("--max-vcpus", "--max-memory-mb", "--max-time-limit-s", "--max-accelerator-count", "--allowed-machine-types"):
-        p.add_argument(name, default=None)
+    from .deployment import CAP_FIELDS, cap_flag  # pydantic: only while building this parser
+
+    for name in CAP_FIELDS:
+        p.add_argument(cap_flag(name), dest=name, default=None)
     p = commands.add_parser("digest")
     p.add_argument("--text", action="append", default=[])
     p.add_argument("paths", nargs="*")

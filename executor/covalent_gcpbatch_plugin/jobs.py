@@ -10,7 +10,8 @@ import re
 from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
-from .protocol import NO_RETRY_EXIT_CODES, DeploymentSettings, JobSpec, location_name, worker_environment
+from .deployment import DeploymentSettings
+from .protocol import NO_RETRY_EXIT_CODES, JobSpec, location_name, worker_environment
 
 _LABEL_INVALID = re.compile(r"[^a-z0-9_-]")
 

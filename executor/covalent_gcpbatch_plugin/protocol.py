@@ -6,7 +6,6 @@ Everything two hops must agree on lives here and nowhere else:
 * the job spec the executor attaches to the task object as custom metadata;
 * the deterministic Batch job id;
 * the environment the function hands the worker;
-* the deployment settings the function enforces;
 * parsing of the Pub/Sub messages Batch publishes (and the function's rejections).
 
 This module is imported by the Cloud Function too (``functions/`` holds a symlink to it), so it
@@ -16,7 +15,6 @@ depends on nothing but the standard library, pydantic and errors.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from collections.abc import Mapping
@@ -26,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import FunctionNotConfigured, SpecError  # noqa: F401 - SpecError is part of this contract
+from .errors import SpecError
 
 PROTOCOL_VERSION = 1
 
@@ -334,124 +332,6 @@ class ErrorRecord(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Deployment settings (what the function enforces; set by deploy.sh or `local up`)
 # ---------------------------------------------------------------------------------------------
-
-ENV_PROJECT = "GCPBATCH_PROJECT"
-ENV_REGION = "GCPBATCH_REGION"
-ENV_TOPIC = "GCPBATCH_TOPIC"
-ENV_JOB_SERVICE_ACCOUNT = "GCPBATCH_JOB_SERVICE_ACCOUNT"
-ENV_ALLOWED_IMAGES = "GCPBATCH_ALLOWED_IMAGES"
-ENV_BATCH_API_ENDPOINT = "GCPBATCH_BATCH_API_ENDPOINT"
-ENV_MAX_VCPUS = "GCPBATCH_MAX_VCPUS"
-ENV_MAX_MEMORY_MB = "GCPBATCH_MAX_MEMORY_MB"
-ENV_MAX_TIME_LIMIT_S = "GCPBATCH_MAX_TIME_LIMIT_S"
-ENV_MAX_ACCELERATOR_COUNT = "GCPBATCH_MAX_ACCELERATOR_COUNT"
-ENV_ALLOWED_MACHINE_TYPES = "GCPBATCH_ALLOWED_MACHINE_TYPES"
-
-
-class DeploymentSettings(BaseModel):
-    """The function's settings. Limits here bound anything an uploaded object can ask for."""
-
-    model_config = ConfigDict(frozen=True)
-
-    project_id: str = Field(min_length=1)
-    region: str = Field(min_length=1)
-    #: Topic id (not path) that job state changes and rejections are published to.
-    topic: str = Field(min_length=3)
-    #: The service account jobs run as. Never taken from the uploaded object.
-    job_service_account: str | None = None
-    #: Images a job may run; empty means any (only sensible for the local stack).
-    allowed_images: tuple[str, ...] = ()
-    #: Batch API endpoint override (the local Batch service); None for Google's.
-    batch_api_endpoint: str | None = None
-    max_vcpus: float = Field(default=64, gt=0)
-    max_memory_mb: int = Field(default=256 * 1024, gt=0)
-    max_time_limit_s: int = Field(default=7 * 24 * 3600, gt=0)
-    max_accelerator_count: int = Field(default=8, ge=0)
-    #: Machine types a job may ask for; empty means any.
-    allowed_machine_types: tuple[str, ...] = ()
-
-    @property
-    def topic_path(self) -> str:
-        return topic_path(self.project_id, self.topic)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> DeploymentSettings:
-        env = os.environ if env is None else env
-        missing = [name for name in (ENV_PROJECT, ENV_REGION, ENV_TOPIC) if not env.get(name)]
-        if missing:
-            raise FunctionNotConfigured(f"the function is not configured: set {', '.join(missing)} (deploy.sh sets them)")
-        optional = {
-            "max_vcpus": env.get(ENV_MAX_VCPUS),
-            "max_memory_mb": env.get(ENV_MAX_MEMORY_MB),
-            "max_time_limit_s": env.get(ENV_MAX_TIME_LIMIT_S),
-            "max_accelerator_count": env.get(ENV_MAX_ACCELERATOR_COUNT),
-        }
-        return cls(
-            project_id=env[ENV_PROJECT],
-            region=env[ENV_REGION],
-            topic=env[ENV_TOPIC],
-            job_service_account=env.get(ENV_JOB_SERVICE_ACCOUNT) or None,
-            allowed_images=_csv(env.get(ENV_ALLOWED_IMAGES, "")),
-            batch_api_endpoint=env.get(ENV_BATCH_API_ENDPOINT) or None,
-            allowed_machine_types=_csv(env.get(ENV_ALLOWED_MACHINE_TYPES, "")),
-            **{k: v for k, v in optional.items() if v},
-        )
-
-    def to_env(self) -> dict[str, str]:
-        env = {ENV_PROJECT: self.project_id, ENV_REGION: self.region, ENV_TOPIC: self.topic}
-        if self.job_service_account:
-            env[ENV_JOB_SERVICE_ACCOUNT] = self.job_service_account
-        if self.allowed_images:
-            env[ENV_ALLOWED_IMAGES] = ",".join(self.allowed_images)
-        if self.batch_api_endpoint:
-            env[ENV_BATCH_API_ENDPOINT] = self.batch_api_endpoint
-        env[ENV_MAX_VCPUS] = str(self.max_vcpus)
-        env[ENV_MAX_MEMORY_MB] = str(self.max_memory_mb)
-        env[ENV_MAX_TIME_LIMIT_S] = str(self.max_time_limit_s)
-        env[ENV_MAX_ACCELERATOR_COUNT] = str(self.max_accelerator_count)
-        if self.allowed_machine_types:
-            env[ENV_ALLOWED_MACHINE_TYPES] = ",".join(self.allowed_machine_types)
-        return env
-
-    def check(self, spec: JobSpec) -> None:
-        """Raise SpecError naming the first thing in ``spec`` this deployment does not allow."""
-        if spec.project_id != self.project_id or spec.region != self.region:
-            raise SpecError(
-                f"this deployment creates jobs in project {self.project_id!r}, region {self.region!r}; "
-                f"the task asked for {spec.project_id!r}, {spec.region!r}: set project_id and region to match"
-            )
-        if self.allowed_images and spec.container_image_uri not in self.allowed_images:
-            raise SpecError(
-                f"container image {spec.container_image_uri!r} is not allowed by this deployment; "
-                f"allowed: {', '.join(self.allowed_images)}"
-            )
-        if spec.service_account_email and self.job_service_account and spec.service_account_email != self.job_service_account:
-            raise SpecError(
-                f"jobs of this deployment run as {self.job_service_account!r}, not {spec.service_account_email!r}: "
-                "set service_account_email to the deployment's account (or leave it empty)"
-            )
-        options = spec.options
-        if self.allowed_machine_types and options.machine_type and options.machine_type not in self.allowed_machine_types:
-            raise SpecError(
-                f"machine_type {options.machine_type!r} is not allowed by this deployment; "
-                f"allowed: {', '.join(self.allowed_machine_types)}"
-            )
-        for location in options.allowed_locations:
-            if not location.split("/", 1)[1].startswith(self.region):
-                raise SpecError(f"allowed location {location!r} is outside this deployment's region {self.region!r}")
-        for name, value, cap in (
-            ("vcpus", spec.vcpus, self.max_vcpus),
-            ("memory", spec.memory_mb, self.max_memory_mb),
-            ("time_limit", spec.time_limit_s, self.max_time_limit_s),
-            ("accelerator_count", options.accelerator_count, self.max_accelerator_count),
-        ):
-            if value > cap:
-                raise SpecError(f"{name}={value:g} exceeds this deployment's cap of {cap:g}")
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
-
 
 # ---------------------------------------------------------------------------------------------
 # Notifications (Batch -> Pub/Sub -> executor)

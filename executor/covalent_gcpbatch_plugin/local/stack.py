@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from .. import clients, protocol
 from ..errors import StackError
-from ..protocol import DeploymentSettings
+from ..deployment import DeploymentSettings
 from .processes import free_ports, http_answers, process_alive, process_start_ticks, tail, terminate_group
 
 PUBSUB_EMULATOR_PACKAGE = "google-cloud-cli-pubsub-emulator"
