@@ -269,6 +269,8 @@ def test_the_deployed_function_imports_without_covalent(tmp_path):
     import shutil
     import subprocess
 
+    linked_dirs = [p for p in FUNCTION_SOURCE.parent.rglob("*") if p.is_symlink() and p.is_dir()]
+    assert linked_dirs == [], "gcloud's upload follows file links only: link files, not directories"
     source = tmp_path / "function"
     shutil.copytree(FUNCTION_SOURCE.parent, source, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
     assert not any(path.is_symlink() for path in source.rglob("*"))
@@ -281,4 +283,6 @@ def test_the_deployed_function_imports_without_covalent(tmp_path):
     assert done.returncode == 0, done.stderr
     where, modules = done.stdout.splitlines()
     assert where.startswith(str(source)), "the uploaded copy is what is imported"
-    assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "deployment", "errors", "jobs", "protocol")}
+    assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "deployment", "errors", "jobs", "protocol",
+                                                                                    "protocol.layout", "protocol.spec", "protocol.outcome",
+                                                                                    "protocol.messages")}

@@ -1,0 +1,72 @@
+"""The contract between the hops: executor -> GCS -> function -> Batch -> worker -> Pub/Sub.
+
+Everything two hops must agree on lives here and nowhere else, one module per concern:
+
+* ``layout``: the GCS objects of one task, the deterministic Batch job id, resource names;
+* ``spec``: the job spec the executor attaches to the task object as custom metadata;
+* ``outcome``: the worker's environment, exit codes and error record;
+* ``messages``: the Pub/Sub messages Batch publishes (and the function's "no job" messages).
+
+(What a deployment allows is deployment.py; the executor's settings are settings.py.) The Cloud
+Function imports this package too (``functions/`` links its files), so it depends on nothing but
+the standard library, pydantic and errors.py. Import names from here: ``protocol.TaskObjects``.
+"""
+
+from __future__ import annotations
+
+from ..errors import SpecError  # noqa: F401 - what spec validation raises
+from .layout import (  # noqa: F401
+    TASKS_PREFIX,
+    TASK_OBJECT,
+    RESULT_OBJECT,
+    ERROR_OBJECT,
+    STDOUT_OBJECT,
+    STDERR_OBJECT,
+    CANCEL_OBJECT,
+    NOT_CREATED_OBJECT,
+    JOB_ID_PATTERN,
+    TaskObjects,
+    job_id_of_task_object,
+    new_attempt_token,
+    make_job_id,
+    location_name,
+    job_name,
+    topic_path,
+    job_id_of_job_name,
+)
+from .spec import (  # noqa: F401
+    PROTOCOL_VERSION,
+    SPEC_METADATA_KEY,
+    MAX_METADATA_BYTES,
+    JobOptions,
+    JobSpec,
+)
+from .outcome import (  # noqa: F401
+    ENV_BUCKET,
+    ENV_JOB_ID,
+    EXIT_TASK_FAILED,
+    EXIT_WORKER_ERROR,
+    EXIT_UPLOAD_FAILED,
+    EXIT_MAX_RUN_DURATION,
+    NO_RETRY_EXIT_CODES,
+    INFRASTRUCTURE_EXIT_CODES,
+    EXIT_CODE_MEANINGS,
+    worker_environment,
+    ErrorRecord,
+    dumps_error,
+    loads_error,
+)
+from .messages import (  # noqa: F401
+    JobState,
+    JOB_STATE_CHANGED,
+    TASK_REJECTED,
+    TASK_NOT_CREATED,
+    JobEvent,
+    parse_notification,
+    NotCreated,
+    not_created_message,
+    rejection_message,
+    dumps_not_created,
+    loads_not_created,
+    job_state_message,
+)

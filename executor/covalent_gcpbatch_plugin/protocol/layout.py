@@ -1,0 +1,134 @@
+"""Where things are: the GCS objects of one task, the job id derived from them, and the resource
+names of Batch jobs and Pub/Sub topics. Pure; standard library only."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+#: Every object this plugin writes lives under this prefix; the function ignores the rest.
+TASKS_PREFIX = "covalent-gcpbatch/"
+TASK_OBJECT = "task.pkl"
+RESULT_OBJECT = "result.pkl"
+ERROR_OBJECT = "error.json"
+STDOUT_OBJECT = "stdout.log"
+STDERR_OBJECT = "stderr.log"
+#: Written by the executor when a task is cancelled: the function must not create (or must cancel) its job.
+#: Never deleted by the executor (the bucket's lifecycle rule removes it): the function may still
+#: be retrying its create, or Eventarc may redeliver the finalize event, after the task has ended.
+CANCEL_OBJECT = "cancelled"
+#: Written by the function when it creates no job for a task (refused, or cancelled first): a
+#: ``NotCreated`` record, so an executor that polls (no Pub/Sub) learns it too.
+NOT_CREATED_OBJECT = "not-created.json"
+
+JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class TaskObjects:
+    """Names of the objects of one task: everything sits under ``covalent-gcpbatch/<job id>/``."""
+
+    job_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{TASKS_PREFIX}{self.job_id}/"
+
+    @property
+    def task(self) -> str:
+        return self.prefix + TASK_OBJECT
+
+    @property
+    def result(self) -> str:
+        return self.prefix + RESULT_OBJECT
+
+    @property
+    def error(self) -> str:
+        return self.prefix + ERROR_OBJECT
+
+    @property
+    def stdout(self) -> str:
+        return self.prefix + STDOUT_OBJECT
+
+    @property
+    def stderr(self) -> str:
+        return self.prefix + STDERR_OBJECT
+
+    @property
+    def cancelled(self) -> str:
+        return self.prefix + CANCEL_OBJECT
+
+    @property
+    def not_created(self) -> str:
+        return self.prefix + NOT_CREATED_OBJECT
+
+    def all(self) -> tuple[str, ...]:
+        return (self.task, self.result, self.error, self.stdout, self.stderr, self.cancelled, self.not_created)
+
+    def disposable(self) -> tuple[str, ...]:
+        """What the executor deletes when the task is over: everything but the cancel marker."""
+        return tuple(name for name in self.all() if name != self.cancelled)
+
+
+def job_id_of_task_object(object_name: str) -> str | None:
+    """The job id if ``object_name`` is a task object (``covalent-gcpbatch/<job id>/task.pkl``).
+
+    Anything else (results, logs, foreign objects, malformed ids) gives None: the function ignores
+    those, since results land in the same bucket and fire the same trigger.
+    """
+    if not object_name.startswith(TASKS_PREFIX):
+        return None
+    parts = object_name[len(TASKS_PREFIX) :].split("/")
+    if len(parts) != 2 or parts[1] != TASK_OBJECT:
+        return None
+    return parts[0] if JOB_ID_PATTERN.fullmatch(parts[0]) else None
+
+
+# Job id
+
+
+def new_attempt_token() -> str:
+    """A fresh random token: one per ``run()`` call, so a re-run of a node gets a new job."""
+    return secrets.token_hex(4)
+
+
+def make_job_id(dispatch_id: str, node_id: int, attempt: str) -> str:
+    """``cov-<first 8 of dispatch id>-<node id>-<attempt>``, valid for Batch's job id pattern.
+
+    Deterministic in its inputs: the function derives the id from the object name, so a duplicate
+    finalize event for the same upload maps to the same job, and Batch's ALREADY_EXISTS dedupes it.
+    """
+    short = re.sub(r"[^a-z0-9]", "", dispatch_id.lower())[:8] or "x"
+    token = re.sub(r"[^a-z0-9]", "", attempt.lower())
+    if not token:
+        raise ValueError("attempt token must contain at least one [a-z0-9] character")
+    if node_id < 0:
+        raise ValueError(f"node_id must be >= 0, got {node_id}")
+    job_id = f"cov-{short}-{node_id}-{token}"
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(f"cannot build a valid Batch job id from {dispatch_id!r}, {node_id}, {attempt!r}")
+    return job_id
+
+
+# Resource names
+
+
+def location_name(project: str, region: str) -> str:
+    """The Batch parent of a region's jobs (create_job, list_jobs)."""
+    return f"projects/{project}/locations/{region}"
+
+
+def job_name(project: str, region: str, job_id: str) -> str:
+    """The Batch resource name of job ``job_id`` (get_job, cancel_job)."""
+    return f"{location_name(project, region)}/jobs/{job_id}"
+
+
+def topic_path(project: str, topic: str) -> str:
+    """A Pub/Sub topic's resource name."""
+    return f"projects/{project}/topics/{topic}"
+
+
+def job_id_of_job_name(job_name: str) -> str:
+    """``projects/<number>/locations/<region>/jobs/<id>`` -> ``<id>``."""
+    return job_name.rsplit("/", 1)[-1]

@@ -1,0 +1,131 @@
+"""Messages on the notification topic: Batch's job state changes and the function's "no job for
+this task" messages, parsed into what a waiting executor needs (``parse_notification``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .layout import JOB_ID_PATTERN, job_id_of_job_name
+
+
+class JobState(str, Enum):
+    """Batch JobStatus.State names, as Batch writes them in the ``NewJobState`` attribute."""
+
+    STATE_UNSPECIFIED = "STATE_UNSPECIFIED"
+    QUEUED = "QUEUED"
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    DELETION_IN_PROGRESS = "DELETION_IN_PROGRESS"
+    CANCELLATION_IN_PROGRESS = "CANCELLATION_IN_PROGRESS"
+    CANCELLED = "CANCELLED"
+    #: Not a Batch state: the function refused the task and created no job.
+    REJECTED = "REJECTED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DELETION_IN_PROGRESS, JobState.REJECTED}
+
+#: ``Type`` attribute of Batch's job-level state change messages.
+JOB_STATE_CHANGED = "JOB_STATE_CHANGED"
+#: ``Type`` attribute of the function's messages for a task it created no job for.
+TASK_REJECTED = "COVALENT_GCPBATCH_TASK_REJECTED"
+TASK_NOT_CREATED = "COVALENT_GCPBATCH_TASK_NOT_CREATED"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One message from the notification topic, reduced to what a waiting executor needs."""
+
+    job_id: str
+    state: JobState
+    detail: str = ""
+
+
+def parse_notification(attributes: Mapping[str, str], data: bytes) -> JobEvent | None:
+    """A JobEvent for a job-level state change or a rejection; None for anything else.
+
+    Batch's job messages carry ``Type``, ``JobName`` (with the project NUMBER), ``JobUID``,
+    ``NewJobState`` and ``Region``; task-level messages (``TASK_STATE_CHANGED``) are ignored.
+    """
+    kind = attributes.get("Type")
+    if kind in (TASK_REJECTED, TASK_NOT_CREATED):
+        job_id = attributes.get("JobId", "")
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            return None
+        state = JobState.REJECTED if kind == TASK_REJECTED else JobState.CANCELLED
+        return JobEvent(job_id, state, data.decode("utf-8", "replace"))
+    if kind != JOB_STATE_CHANGED:
+        return None
+    job_name = attributes.get("JobName", "")
+    try:
+        state = JobState(attributes.get("NewJobState", ""))
+    except ValueError:
+        return None
+    if not job_name or state is JobState.REJECTED:
+        return None
+    return JobEvent(job_id_of_job_name(job_name), state, data.decode("utf-8", "replace"))
+
+
+class NotCreated(BaseModel):
+    """Why the function created no job for a task: refused by the deployment, or cancelled first.
+
+    Published on the notification topic (``not_created_message``) and written beside the task
+    (``TaskObjects.not_created``), so both waiting modes learn it without waiting for a bound.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    state: Literal[JobState.REJECTED, JobState.CANCELLED]
+    reason: str
+
+    def event(self, job_id: str) -> JobEvent:
+        return JobEvent(job_id, self.state, self.reason)
+
+
+def not_created_message(job_id: str, record: NotCreated) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of the message the function publishes when it creates no job."""
+    kind = TASK_REJECTED if record.state is JobState.REJECTED else TASK_NOT_CREATED
+    return record.reason.encode(), {"Type": kind, "JobId": job_id}
+
+
+def rejection_message(job_id: str, reason: str) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of the message the function publishes when it refuses a task."""
+    return not_created_message(job_id, NotCreated(state=JobState.REJECTED, reason=reason))
+
+
+def dumps_not_created(record: NotCreated) -> bytes:
+    return record.model_dump_json().encode()
+
+
+def loads_not_created(payload: bytes) -> NotCreated:
+    """The record, or a REJECTED one quoting what could not be read (never lose the reason)."""
+    try:
+        return NotCreated.model_validate_json(payload)
+    except ValidationError:
+        return NotCreated(state=JobState.REJECTED, reason=payload[:2000].decode("utf-8", "replace"))
+
+
+def job_state_message(job_name: str, job_uid: str, region: str, previous: str, current: str) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of a Batch job state change message, as Batch publishes it.
+
+    Used by the local Batch service; kept here so its format and the parser above cannot drift.
+    """
+    data = f"Job state was updated: jobName={job_name}, previousState={previous}, currentState={current}"
+    attributes = {
+        "Type": JOB_STATE_CHANGED,
+        "JobName": job_name,
+        "JobUID": job_uid,
+        "NewJobState": current,
+        "Region": region,
+    }
+    return data.encode(), attributes

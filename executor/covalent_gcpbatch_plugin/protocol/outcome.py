@@ -1,0 +1,75 @@
+"""Between the function, the job and the worker: the worker's environment, its exit codes (and
+Batch's), and the error record it writes when a task fails."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from typing import Literal
+
+ENV_BUCKET = "GCPBATCH_BUCKET"
+ENV_JOB_ID = "GCPBATCH_JOB_ID"
+
+
+#: Worker exit codes. Batch retries any other non-zero exit (up to ``retries``), so these two, which
+#: mean "re-running cannot help", are listed in the job's FAIL_TASK lifecycle policy.
+EXIT_TASK_FAILED = 10  # the user's function raised
+EXIT_WORKER_ERROR = 11  # the task could not be run: bad pickle, version mismatch, missing object
+#: The task ran but its result, error record or output could not be written to the bucket. Not
+#: retried: the user's code is never run twice because storing its outcome failed.
+EXIT_UPLOAD_FAILED = 12
+#: Batch's exit code for a task killed at its max run duration; retrying would only repeat it.
+EXIT_MAX_RUN_DURATION = 50005
+NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_UPLOAD_FAILED, EXIT_MAX_RUN_DURATION)
+#: Batch's infrastructure exit codes, which ``retries`` is for.
+INFRASTRUCTURE_EXIT_CODES = {
+    50001: "the VM was preempted (spot)",
+    50002: "the VM became unreachable",
+    50003: "the VM was rebooted",
+    50004: "the VM stopped responding",
+    50005: "the task exceeded its max run duration (time_limit)",
+    50006: "the VM was recreated",
+}
+#: What a job's exit code means when the job ended without an error record: Batch's codes, the
+#: worker's own, and the usual container ones.
+EXIT_CODE_MEANINGS = {
+    **INFRASTRUCTURE_EXIT_CODES,
+    EXIT_UPLOAD_FAILED: "the task ran, but its result could not be stored in the bucket (see the job's log)",
+    127: "the container's command was not found",
+    137: "the worker was killed (SIGKILL: out of memory, or stopped)",
+    143: "the worker was stopped (SIGTERM)",
+}
+
+
+def worker_environment(bucket: str, job_id: str) -> dict[str, str]:
+    """The environment a job's container gets: where its task is and where its outputs go."""
+    return {ENV_BUCKET: bucket, ENV_JOB_ID: job_id}
+
+
+class ErrorRecord(BaseModel):
+    """What the worker writes when the task (or the worker itself) fails."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    message: str
+    traceback: str = ""
+    #: "task": the user's function raised; "worker": the worker could not run it.
+    phase: Literal["task", "worker"] = "task"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployment settings (what the function enforces; set by deploy.sh or `local up`)
+# ---------------------------------------------------------------------------------------------
+
+
+def dumps_error(record: ErrorRecord) -> bytes:
+    return record.model_dump_json(indent=1).encode()
+
+
+def loads_error(payload: bytes) -> ErrorRecord:
+    try:
+        return ErrorRecord.model_validate(json.loads(payload))
+    except (ValueError, ValidationError):
+        return ErrorRecord(type="UnreadableErrorRecord", message=payload[:2000].decode("utf-8", "replace"), phase="worker")

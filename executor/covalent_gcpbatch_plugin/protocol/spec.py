@@ -1,0 +1,144 @@
+"""The job spec: what the executor asks for, carried as the task object's custom metadata, and
+what the Cloud Function validates before it builds a Batch job from it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import SpecError
+
+PROTOCOL_VERSION = 1
+
+#: The object metadata key that carries the JSON job spec.
+SPEC_METADATA_KEY = "gcpbatch-spec"
+#: Cloud Storage limits all custom metadata of an object to 8 KiB.
+MAX_METADATA_BYTES = 8 * 1024
+
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_OPTIONAL_RESOURCE_NAME = r"^([a-z0-9][a-z0-9./_-]*)?$"
+
+
+class JobOptions(BaseModel):
+    """Batch job options beyond size and time: where and on what the task runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    machine_type: str = Field(
+        default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$",
+        description="Compute Engine machine type, e.g. `n2-standard-8`; empty lets Batch choose from `vcpus`/`memory`. "
+                    "The deployment may restrict it.")
+    provisioning: Literal["STANDARD", "SPOT"] = Field(
+        default="STANDARD",
+        description="`STANDARD` or `SPOT` (cheaper, preemptible: preemptions are retried up to `retries` times).")
+    accelerator_type: str = Field(
+        default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$",
+        description="GPU type, e.g. `nvidia-tesla-t4`; set together with `accelerator_count`.")
+    accelerator_count: int = Field(
+        default=0, ge=0, le=16, description="GPUs per task (0 to 16; capped by the deployment, 8 by default).")
+    install_gpu_drivers: bool = Field(
+        default=True, description="Let Batch install the GPU drivers when GPUs are requested.")
+    boot_disk_size_gb: int = Field(
+        default=0, ge=0, le=65536, description="Boot disk size; `0` keeps Batch's default.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, max_length=32,
+        description="Job labels (GCP label rules). `covalent-dispatch-id`, `covalent-node-id` and `created-by` are "
+                    "added automatically and win.")
+    network: str = Field(
+        default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME,
+        description="VPC network, e.g. `global/networks/my-vpc`.")
+    subnetwork: str = Field(
+        default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME,
+        description="Subnetwork, e.g. `regions/us-east1/subnetworks/batch`.")
+    no_external_ip: bool = Field(
+        default=False,
+        description="VMs without external IPs (needs Cloud NAT or Private Google Access to pull images and reach GCS).")
+    allowed_locations: tuple[str, ...] = Field(
+        default=(), max_length=32,
+        description="`regions/...` or `zones/...` entries inside the deployment's region; empty means the whole region.")
+
+    @field_validator("provisioning", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_rules(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+                raise ValueError(
+                    f"label {key!r}={value!r} breaks GCP label rules: keys start with a lowercase letter, and keys "
+                    "and values use only lowercase letters, digits, '_' and '-' (at most 63 characters)"
+                )
+        return labels
+
+    @field_validator("allowed_locations")
+    @classmethod
+    def _locations(cls, locations: tuple[str, ...]) -> tuple[str, ...]:
+        for location in locations:
+            if not re.fullmatch(r"(regions|zones)/[a-z0-9-]+", location):
+                raise ValueError(f"allowed location {location!r} must look like 'regions/us-east1' or 'zones/us-east1-b'")
+        return locations
+
+    def model_post_init(self, _context: object) -> None:
+        if bool(self.accelerator_type) != bool(self.accelerator_count):
+            raise ValueError("accelerator_type and accelerator_count go together: set both (or neither)")
+
+
+class JobSpec(BaseModel):
+    """What the executor asks for; the function validates it and builds the Batch job from it.
+
+    Unknown fields are rejected: the function trusts nothing in an object beyond this schema.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = PROTOCOL_VERSION
+    dispatch_id: str = Field(min_length=1, max_length=64)
+    node_id: int = Field(ge=0)
+    project_id: str = Field(min_length=1, max_length=64)
+    region: str = Field(min_length=1, max_length=64)
+    container_image_uri: str = Field(min_length=1, max_length=1024)
+    service_account_email: str | None = Field(default=None, max_length=256)
+    vcpus: float = Field(gt=0, le=416)
+    memory_mb: int = Field(gt=0, le=12 * 1024 * 1024)
+    time_limit_s: int = Field(gt=0, le=14 * 24 * 3600)
+    retries: int = Field(ge=0, le=10)
+    python_version: str = Field(pattern=r"^3\.\d+$")
+    covalent_version: str = Field(min_length=1, max_length=64)
+    options: JobOptions = Field(default_factory=JobOptions)
+
+    @field_validator("dispatch_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("dispatch_id may contain only letters, digits, '.', '_' and '-'")
+        return value
+
+    def to_metadata(self) -> dict[str, str]:
+        """Custom object metadata carrying this spec; raises SpecError if over GCS's 8 KiB."""
+        encoded = self.model_dump_json()
+        if len(encoded.encode()) + len(SPEC_METADATA_KEY) > MAX_METADATA_BYTES:
+            raise SpecError(f"job spec is {len(encoded)} bytes; object metadata is limited to 8 KiB")
+        return {SPEC_METADATA_KEY: encoded}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str] | None) -> JobSpec:
+        """Parse and validate the spec from object metadata, or raise SpecError saying why."""
+        if not metadata or SPEC_METADATA_KEY not in metadata:
+            raise SpecError(f"object has no {SPEC_METADATA_KEY!r} metadata: it was not uploaded by GCPBatchExecutor")
+        size = sum(len(k.encode()) + len(str(v).encode()) for k, v in metadata.items())
+        if size > MAX_METADATA_BYTES:
+            raise SpecError(f"object metadata is {size} bytes, over the 8 KiB limit")
+        try:
+            return cls.model_validate_json(metadata[SPEC_METADATA_KEY])
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors()
+            )
+            raise SpecError(f"invalid job spec: {problems}") from None

@@ -1,1 +1,0 @@
-../../executor/covalent_gcpbatch_plugin/protocol.py
