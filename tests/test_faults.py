@@ -536,7 +536,7 @@ def test_function_fails_once_and_the_event_is_redelivered(covalent_server, local
 
 def test_result_over_the_memory_budget_fails_clearly(covalent_server, local_stack):
     """The local Batch service enforces compute_resource.memory_mib (plus an allowance for the
-    interpreter, local/batch_runner.py MEMORY_ALLOWANCE_MIB) as RLIMIT_AS on the worker."""
+    interpreter, local/batch/runner.py MEMORY_ALLOWANCE_MIB) as RLIMIT_AS on the worker."""
 
     def body():
         return bytearray(3 * 1024**3)  # 3 GiB result, far over memory=64 (+1024 MiB allowance)

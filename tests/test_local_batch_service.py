@@ -25,8 +25,8 @@ from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from covalent_gcpbatch_plugin import clients, protocol
-from covalent_gcpbatch_plugin.local.batch_model import Verdict, attempt_verdict, runnable_argv, task_environment
-from covalent_gcpbatch_plugin.local.batch_service import route
+from covalent_gcpbatch_plugin.local.batch.model import Verdict, attempt_verdict, runnable_argv, task_environment
+from covalent_gcpbatch_plugin.local.batch.service import route
 
 from helpers_emulators import (
     EmulatorUnavailable,
@@ -83,7 +83,7 @@ def start_service(root: Path, env: dict[str, str], *extra: str) -> tuple[subproc
     log_file = root / "service.log"
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "covalent_gcpbatch_plugin.local.batch_service", "--host", "127.0.0.1",
+            [sys.executable, "-m", "covalent_gcpbatch_plugin.local.batch.service", "--host", "127.0.0.1",
              "--port", str(port), "--state-dir", str(root / "state"), "--project-number-map",
              f"{PROJECT}={PROJECT_NUMBER}", "--worker-command", f"python {worker}", *extra],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,

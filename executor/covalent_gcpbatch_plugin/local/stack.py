@@ -43,7 +43,7 @@ PUBSUB_EMULATOR_PACKAGE = "google-cloud-cli-pubsub-emulator"
 PUBSUB_LAUNCHER = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 DEFAULT_SDK_ROOT = Path("/usr/lib/google-cloud-sdk")
 FAKE_GCS_BINARY = Path("vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64")
-BATCH_SERVICE_MODULE = "covalent_gcpbatch_plugin.local.batch_service"
+BATCH_SERVICE_MODULE = "covalent_gcpbatch_plugin.local.batch.service"
 BRIDGE_MODULE = "covalent_gcpbatch_plugin.local.bridge"
 
 STATE_FILE = "stack.json"

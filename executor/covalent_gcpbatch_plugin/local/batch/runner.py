@@ -4,8 +4,8 @@ A job's container is emulated by a host process (there is no Docker engine): the
 runs in its own session (so its whole process group can be killed), in a fresh directory per
 attempt under ``<state dir>/jobs/<job id>/attempt-<n>/``, with stdout and stderr in
 ``attempt-<n>.log`` beside it. ``LocalBatch`` keeps every job under one lock; the HTTP layer
-(``batch_service``) maps requests onto its methods. The decisions are pure functions in
-``batch_model``.
+(``service``) maps requests onto its methods. The decisions are pure functions in ``model``,
+the injected failures are ``faults``.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from pathlib import Path
 
 from google.cloud import batch_v1
 
-from .. import protocol
-from .batch_model import (
+from ... import protocol
+from .faults import Faults
+from .model import (
     DEFAULT_WORKER_COMMAND,
     EXIT_NOT_STARTED,
     EXIT_PREEMPTED,
     KILL_GRACE_S,
     TERMINAL_STATES,
     ApiError,
-    Faults,
     Publish,
     State,
     Verdict,

@@ -1,7 +1,7 @@
 """A local stand-in for Google Cloud Batch, speaking its REST API to the real ``google-cloud-batch``
 client (``clients.batch_client("http://127.0.0.1:P")``).
 
-    python -m covalent_gcpbatch_plugin.local.batch_service --host 127.0.0.1 --port P --state-dir DIR \\
+    python -m covalent_gcpbatch_plugin.local.batch.service --host 127.0.0.1 --port P --state-dir DIR \\
         [--project-number-map local-project=123456789012] [--max-running 2] \\
         [--worker-command "python -m covalent_gcpbatch_plugin.worker"]
 
@@ -13,7 +13,7 @@ publishes to Google).
 
 Admin API (``/_admin``): ``GET stats`` (call counters, per-job state-entry wall-clock times,
 notification counters), ``GET active`` (ids of jobs not yet terminal), ``POST faults`` (see
-``batch_model.Faults``), ``POST reset``. The service is ready once ``GET /_admin/stats`` answers 200.
+``faults.Faults``), ``POST reset``. The service is ready once ``GET /_admin/stats`` answers 200.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from google.cloud import batch_v1
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2, json_format
 
-from .batch_model import ApiError, State, parse_worker_command
-from .batch_runner import LocalBatch
+from .model import ApiError, State, parse_worker_command
+from .runner import LocalBatch
 
 log = logging.getLogger("covalent_gcpbatch_plugin.local.batch")
 
@@ -143,7 +143,7 @@ class Notifier:
         PUBSUB_EMULATOR_HOST is set, so the first job does not pay for it)."""
         with self._lock:
             if self._publisher is None:
-                from .. import clients
+                from ... import clients
 
                 self._publisher = clients.publisher_client()
             return self._publisher
@@ -291,7 +291,7 @@ def parse_number_map(entries: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m covalent_gcpbatch_plugin.local.batch_service",
+    parser = argparse.ArgumentParser(prog="python -m covalent_gcpbatch_plugin.local.batch.service",
                                      description="A local Google Cloud Batch service (REST) running jobs as host processes.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")

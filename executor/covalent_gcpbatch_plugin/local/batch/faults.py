@@ -1,0 +1,85 @@
+"""The local Batch service's injected failures (``POST /_admin/faults``): what the fault tests
+switch on to make the imitation fail the way real Batch and real VMs do."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .model import State
+
+@dataclass
+class Faults:
+    """Injected failures; keys of the per-job maps are job ids or ``*`` (any job)."""
+
+    preempt: dict[str, int] = field(default_factory=dict)
+    #: One-shot: the next attempt of the job is preempted this many seconds after it starts (a
+    #: spot VM reclaimed late in the task), so a retry has to run the task again in full.
+    preempt_after_s: dict[str, float] = field(default_factory=dict)
+    fail_create: int = 0
+    fail_create_status: int = 503
+    #: get_job calls that fail with ``fail_get_status`` (a reconcile read that errors).
+    fail_get: int = 0
+    fail_get_status: int = 403
+    drop_notifications: dict[str, set[str]] = field(default_factory=dict)
+    duplicate_notifications: bool = False
+
+    def update(self, body: Mapping) -> None:
+        """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
+        known = {"preempt", "preempt_after_s", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
+                 "drop_notifications", "duplicate_notifications"}
+        unknown = set(body) - known
+        if unknown:
+            raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
+        for job, count in dict(body.get("preempt", {})).items():
+            self.preempt[str(job)] = int(count)
+        for job, seconds in dict(body.get("preempt_after_s", {})).items():
+            if float(seconds) < 0:
+                raise ValueError("preempt_after_s values are seconds >= 0")
+            self.preempt_after_s[str(job)] = float(seconds)
+        for kind in ("create", "get"):
+            if f"fail_{kind}" in body:
+                setattr(self, f"fail_{kind}", int(body[f"fail_{kind}"]))
+            if f"fail_{kind}_status" in body:
+                status = int(body[f"fail_{kind}_status"])
+                if not 400 <= status <= 599:
+                    raise ValueError(f"fail_{kind}_status must be an HTTP error status")
+                setattr(self, f"fail_{kind}_status", status)
+        for job, states in dict(body.get("drop_notifications", {})).items():
+            self.drop_notifications[str(job)] = {State[s].name for s in states}
+        if "duplicate_notifications" in body:
+            self.duplicate_notifications = bool(body["duplicate_notifications"])
+
+    def take_preempt(self, job_id: str) -> bool:
+        for key in (job_id, "*"):
+            if self.preempt.get(key, 0) > 0:
+                self.preempt[key] -= 1
+                return True
+        return False
+
+    def take_preempt_after(self, job_id: str) -> float | None:
+        for key in (job_id, "*"):
+            if key in self.preempt_after_s:
+                return self.preempt_after_s.pop(key)
+        return None
+
+    def take_fail_create(self) -> int | None:
+        if self.fail_create > 0:
+            self.fail_create -= 1
+            return self.fail_create_status
+        return None
+
+    def take_fail_get(self) -> int | None:
+        if self.fail_get > 0:
+            self.fail_get -= 1
+            return self.fail_get_status
+        return None
+
+    def drops(self, job_id: str, state: str) -> bool:
+        return any(state in self.drop_notifications.get(key, ()) for key in (job_id, "*"))
+
+    def to_json(self) -> dict:
+        return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+                "fail_get": self.fail_get, "fail_get_status": self.fail_get_status,
+                "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
+                "duplicate_notifications": self.duplicate_notifications}
