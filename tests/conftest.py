@@ -48,7 +48,7 @@ def local_stack():
     """The local stack, with its settings in the (isolated) Covalent config, as `local up` does."""
     from covalent._shared_files.config import reload_config
 
-    from covalent_gcpbatch_plugin.local import covalent_config
+    from covalent_gcpbatch_plugin import covalent_config
     from covalent_gcpbatch_plugin.local.stack import LocalStack
 
     require_emulators()

@@ -20,7 +20,8 @@ from cloudevents.conversion import to_binary
 from helpers_emulators import EmulatorUnavailable, free_port, pubsub_emulator_launcher, unavailable
 
 from covalent_gcpbatch_plugin import clients
-from covalent_gcpbatch_plugin.local import bridge, covalent_config
+from covalent_gcpbatch_plugin import covalent_config
+from covalent_gcpbatch_plugin.local import bridge
 from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer
 from covalent_gcpbatch_plugin.local.stack import (
     COMPONENTS,

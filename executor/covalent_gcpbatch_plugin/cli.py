@@ -35,7 +35,7 @@ def _print_err(message: str) -> None:
 
 
 def local_up(state_dir: Path, foreground: bool) -> int:
-    from .local import covalent_config
+    from . import covalent_config
     from .errors import StackError
     from .local.stack import LocalStack
 
@@ -70,7 +70,7 @@ def local_up(state_dir: Path, foreground: bool) -> int:
 
 
 def _write_config(state_dir: Path, values: dict[str, str]) -> Path:
-    from .local import covalent_config
+    from . import covalent_config
 
     record_file = state_dir / CONFIG_RECORD
     if record_file.exists():  # a reused stack: the record already holds the values to restore
@@ -100,7 +100,7 @@ def _run_in_foreground(stack, state_dir: Path) -> int:
 
 
 def local_down(state_dir: Path) -> int:
-    from .local import covalent_config
+    from . import covalent_config
     from .local.stack import LocalStack
 
     stack = LocalStack(state_dir)

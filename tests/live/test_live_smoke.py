@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from covalent_gcpbatch_plugin import clients
-from covalent_gcpbatch_plugin.local import covalent_config
+from covalent_gcpbatch_plugin import covalent_config
 from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer
 from covalent_gcpbatch_plugin.local.processes import free_ports
 from covalent_gcpbatch_plugin.protocol import JOB_STATE_CHANGED, JobState, parse_notification
