@@ -26,7 +26,7 @@ test: $(STAMP)
 
 # Fault-injection and bad-input suite (also part of `make test`), with one line per scenario.
 faults: $(STAMP)
-	PYTHONPATH=tests $(PY) -m pytest -p faults_report tests/test_faults.py -q
+	PYTHONPATH=tests/support $(PY) -m pytest -p faults_report tests/stack/test_faults.py -q
 
 # Event-driven against polling on the local stack (README "Performance"): about 20 minutes,
 # writes bench/results/<date>.json and .png and prints the table. Not part of `make test`.

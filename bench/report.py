@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-#: Keys every mode's object has (tests/test_bench_smoke.py checks them).
+#: Keys every mode's object has (tests/stack/test_bench_smoke.py checks them).
 REQUIRED_KEYS = ("p1_p50_s", "p1_p90_s", "p1_max_s", "p2_reads_per_task", "p3_p50_s",
                  "p4_tasks", "p4_completed", "p4_rss_growth_mb", "p5_ratio")
 TARGETS = {

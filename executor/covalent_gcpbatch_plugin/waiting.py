@@ -3,7 +3,7 @@
 The executor (gcpbatch.py) does the I/O: it listens for the next event for ``JobWait.timeout(now)``
 seconds, reads the job when told to, asks Covalent about cancels, cancels jobs. Everything it
 decides on, which bound applies, when a read is due, when to settle, when to give up and what to
-say then, is here, so it is unit-tested with made-up times and events (tests/test_waiting.py).
+say then, is here, so it is unit-tested with made-up times and events (tests/unit/test_waiting.py).
 
 The phases and their bounds (``WaitPlan``):
 

@@ -4,7 +4,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_plugin import jobs
 from covalent_gcpbatch_plugin import protocol as p
-from test_protocol import deployment, spec
+from specs import deployment, spec
 
 JOB_ID = "cov-8f1c2d3e-3-a1b2c3d4"
 

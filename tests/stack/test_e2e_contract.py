@@ -1,6 +1,6 @@
 """The Covalent contract, end to end on the local stack: output, errors, a task's exception run
 once, cancel, queue_timeout, polling mode and clean-up, each through a real Covalent dispatch.
-Preemption retried and time limit exceeded are in tests/test_faults.py, with their bounds."""
+Preemption retried and time limit exceeded are in tests/stack/test_faults.py, with their bounds."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pytest plugin for `make faults`: one line per fault scenario at the end of the run.
 
-tests/test_faults.py records (scenario, expected, observed, seconds to settle) with ``record``;
+tests/stack/test_faults.py records (scenario, expected, observed, seconds to settle) with ``record``;
 loaded with ``-p faults_report`` this plugin prints them as a table in the terminal summary.
 """
 

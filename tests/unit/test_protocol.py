@@ -7,24 +7,7 @@ import pytest
 from covalent_gcpbatch_plugin import protocol as p
 from covalent_gcpbatch_plugin.deployment import DeploymentSettings
 from covalent_gcpbatch_plugin.errors import FunctionNotConfigured
-
-
-def spec(**overrides) -> p.JobSpec:
-    values = dict(
-        dispatch_id="8f1c2d3e-aaaa-bbbb-cccc-1234567890ab",
-        node_id=3,
-        project_id="my-project",
-        region="us-east1",
-        container_image_uri="us-docker.pkg.dev/my-project/covalent/worker:1",
-        vcpus=2,
-        memory_mb=256,
-        time_limit_s=300,
-        retries=3,
-        python_version="3.11",
-        covalent_version="0.240.0",
-    )
-    values.update(overrides)
-    return p.JobSpec(**values)
+from specs import deployment, spec
 
 
 def test_job_id_is_valid_deterministic_and_new_per_attempt():
@@ -93,13 +76,6 @@ def test_bad_metadata_is_refused_with_the_reason(metadata, fragment):
     with pytest.raises(p.SpecError, match=None) as info:
         p.JobSpec.from_metadata(metadata)
     assert fragment in str(info.value)
-
-
-def deployment(**overrides) -> DeploymentSettings:
-    values = dict(project_id="my-project", region="us-east1", topic="jobs", job_service_account="runner@my-project.iam.gserviceaccount.com",
-                  allowed_images=("us-docker.pkg.dev/my-project/covalent/worker:1",), max_vcpus=8)
-    values.update(overrides)
-    return DeploymentSettings(**values)
 
 
 def use_env(monkeypatch, env: dict[str, str]) -> None:

@@ -1,6 +1,6 @@
 """deploy.sh, without a cloud.
 
-1. With a recording ``gcloud`` (tests/fake_gcloud.py) first on PATH: ``up``, a second ``up``,
+1. With a recording ``gcloud`` (tests/support/fake_gcloud.py) first on PATH: ``up``, a second ``up``,
    ``status``, ``down`` without and with ``--yes``; the recorded calls and the fake's state show
    what was created, with which settings, and which roles went to which account where.
 2. With the real gcloud pointed at the local stack's emulators: the steps that have an emulator
@@ -23,9 +23,9 @@ import pytest
 from covalent_gcpbatch_plugin.deployment import CAP_FIELDS, DeploymentSettings, cap_flag, caps_table
 from covalent_gcpbatch_plugin.protocol import TASKS_PREFIX
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy.sh"
-FAKE_GCLOUD = Path(__file__).with_name("fake_gcloud.py")
+FAKE_GCLOUD = Path(__file__).resolve().parents[1] / "support" / "fake_gcloud.py"
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
 PROJECT, REGION, PREFIX = "my-project-42", "europe-west4", "cgb-test"

@@ -36,7 +36,7 @@ def section():
 def test_readme_table_is_the_settings_model():
     """One declaration (settings.ExecutorPluginDefaults): the README's table is generated from it
     (`python -m covalent_gcpbatch_plugin.settings`)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = settings.settings_table()
     assert table in readme, "README's configuration table differs from settings.py: regenerate it"
     assert readme.count("| key | default | meaning |") == 1

@@ -14,7 +14,7 @@ from conftest import require_emulators
 
 pytestmark = pytest.mark.stack
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODE_KEYS = ("p1_p50_s", "p1_p90_s", "p1_max_s", "p2_reads_per_task", "p3_p50_s",
              "p4_tasks", "p4_completed", "p4_rss_growth_mb", "p5_ratio")
 MACHINE_KEYS = ("cpu_model", "cores", "memory_gib", "python", "os")

@@ -15,7 +15,7 @@ import covalent
 import pytest
 
 from covalent_gcpbatch_plugin import clients, protocol
-from test_protocol import spec as make_spec
+from specs import spec as make_spec
 
 pytestmark = pytest.mark.stack
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks defined here run in the worker

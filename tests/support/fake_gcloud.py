@@ -1,4 +1,4 @@
-"""A recording stand-in for the ``gcloud`` CLI, for tests/test_deploy.py. No network.
+"""A recording stand-in for the ``gcloud`` CLI, for tests/stack/test_deploy.py. No network.
 
 The test copies this file into a temporary ``bin/gcloud`` (with this interpreter as its shebang)
 and puts that directory first on PATH. Every call appends one JSON line to ``$FAKE_GCLOUD_LOG``:

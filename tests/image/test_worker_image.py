@@ -35,7 +35,7 @@ from covalent_gcpbatch_plugin.protocol import EXIT_TASK_FAILED, JobSpec, TaskObj
 # Task functions defined here are pickled by value, as they would be from a user's script.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "worker_image" / "Dockerfile"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 COVALENT_VERSION = version("covalent")

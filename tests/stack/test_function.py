@@ -17,10 +17,10 @@ from google.api_core import exceptions
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_plugin import clients, protocol
-from test_protocol import spec as make_spec
+from specs import spec as make_spec
 from workflow_helpers import batch_admin
 
-FUNCTION_SOURCE = Path(__file__).resolve().parents[1] / "functions" / "main.py"
+FUNCTION_SOURCE = Path(__file__).resolve().parents[2] / "functions" / "main.py"
 pytestmark = pytest.mark.stack
 TERMINAL = {batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED, batch_v1.JobStatus.State.CANCELLED}
 
