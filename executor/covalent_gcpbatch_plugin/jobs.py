@@ -56,6 +56,15 @@ def build_task_spec(spec: JobSpec, *, bucket: str, job_id: str) -> batch_v1.Task
     )
 
 
+#: Machine families whose VMs come with GPUs attached (A100, H100, L4): they need the drivers even
+#: when no accelerator is asked for separately.
+GPU_MACHINE_FAMILIES = ("a2-", "a3-", "g2-")
+
+
+def has_gpus(options) -> bool:
+    return bool(options.accelerator_count) or options.machine_type.startswith(GPU_MACHINE_FAMILIES)
+
+
 def build_allocation_policy(spec: JobSpec, settings: DeploymentSettings) -> batch_v1.AllocationPolicy:
     """Where and on what the task runs: machine, provisioning, GPUs, disk, network, locations,
     and the deployment's service account (never one from the spec)."""
@@ -73,7 +82,7 @@ def build_allocation_policy(spec: JobSpec, settings: DeploymentSettings) -> batc
         instances=[
             Policy.InstancePolicyOrTemplate(
                 policy=instance,
-                install_gpu_drivers=bool(options.accelerator_count) and options.install_gpu_drivers,
+                install_gpu_drivers=options.install_gpu_drivers and has_gpus(options),
             )
         ],
         location=Policy.LocationPolicy(allowed_locations=list(options.allowed_locations) or [f"regions/{settings.region}"]),

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import EXIT_CODE_MEANINGS, JobEvent, JobState
+from .protocol import EXIT_CODE_MEANINGS, JobEvent, JobState, exit_code_of_event
 
 #: After max run duration, the worker still uploads and Batch still publishes: allow for that.
 RUN_GRACE_S = 120
@@ -155,7 +155,7 @@ def explain_job_failure(job_id: str, state: JobState, job: Any) -> str:
     meaning (EXIT_CODE_MEANINGS). ``job`` is a ``batch_v1.Job``."""
     lines = []
     for event in job.status.status_events:
-        code = event.task_execution.exit_code if event.task_execution else 0
+        code = exit_code_of_event(event)
         meaning = EXIT_CODE_MEANINGS.get(code, "")
         lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
     events = "; ".join(lines) or "no status events"

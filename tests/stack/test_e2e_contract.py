@@ -11,7 +11,7 @@ from pathlib import Path
 import cloudpickle
 import covalent as ct
 import pytest
-from workflow_helpers import active_jobs, batch_admin, jobs_of_dispatch, node_results, nodes_by_name, wait_for
+from workflow_helpers import nonzero_exit_codes, active_jobs, batch_admin, jobs_of_dispatch, node_results, nodes_by_name, wait_for
 
 from covalent_gcpbatch_plugin import clients
 
@@ -19,8 +19,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.stack
 
 
-def exit_codes(job) -> list[int]:
-    return [e.task_execution.exit_code for e in job.status.status_events if e.task_execution and e.task_execution.exit_code]
+exit_codes = nonzero_exit_codes
 
 
 def test_stdout_and_stderr_reach_the_node_and_an_exception_runs_once(covalent_server, local_stack, tmp_path):

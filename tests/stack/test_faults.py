@@ -20,6 +20,7 @@ import pytest
 from conftest import ROOT
 from faults_report import record
 from workflow_helpers import (
+    nonzero_exit_codes,
     active_jobs,
     batch_admin,
     create_attempts_of_dispatch,
@@ -54,8 +55,7 @@ def no_active_job_left(stack, within_s: float = 30) -> None:
         time.sleep(0.3)
 
 
-def exit_codes(job) -> list[int]:
-    return [e.task_execution.exit_code for e in job.status.status_events if e.task_execution and e.task_execution.exit_code]
+exit_codes = nonzero_exit_codes
 
 
 def run_flow(flow, *args, timeout_s: float = SETTLE_S):

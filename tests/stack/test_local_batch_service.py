@@ -27,6 +27,7 @@ from google.protobuf import duration_pb2
 from covalent_gcpbatch_plugin import clients, protocol
 from covalent_gcpbatch_plugin.local.batch.model import Verdict, attempt_verdict, runnable_argv, task_environment
 from covalent_gcpbatch_plugin.local.batch.service import route
+from workflow_helpers import attempt_exit_codes
 
 from helpers_emulators import (
     EmulatorUnavailable,
@@ -203,8 +204,7 @@ def wait_state(client, name: str, states: set[State], timeout: float = 15.0) -> 
         time.sleep(0.05)
 
 
-def exit_codes(job: batch_v1.Job) -> list[int]:
-    return [e.task_execution.exit_code for e in job.status.status_events if e.description.startswith("Task state")]
+exit_codes = attempt_exit_codes
 
 
 def job_id_of(job: batch_v1.Job) -> str:

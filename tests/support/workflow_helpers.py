@@ -91,3 +91,13 @@ def create_attempts_of_dispatch(stack, dispatch_id: str) -> int:
     """create_job calls (failed ones too) for this dispatch's jobs, by the job id's prefix."""
     prefix = protocol.make_job_id(dispatch_id, 0, "x").rsplit("-", 2)[0] + "-"
     return sum(n for job_id, n in batch_admin(stack, "stats")["create_attempts"].items() if job_id.startswith(prefix))
+
+
+def attempt_exit_codes(job) -> list[int]:
+    """Each attempt's exit code, read from the job's status event text as on real Batch (its
+    job-level events have no task_execution): the local Batch service words one per attempt."""
+    return [protocol.exit_code_of_event(e) for e in job.status.status_events if e.description.startswith("Task state")]
+
+
+def nonzero_exit_codes(job) -> list[int]:
+    return [code for code in attempt_exit_codes(job) if code]

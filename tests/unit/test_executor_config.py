@@ -145,6 +145,7 @@ def test_running_bound_leaves_every_retry_its_time_limit(retries):
         ({"allowed_locations": ["us-east1"]}, "regions/us-east1"),
         ({"boot_disk_size_gb": -5}, "boot_disk_size_gb"),
         ({"machine_type": "N1 Standard"}, "machine_type"),
+        ({"no_external_ip": True}, "no_external_ip needs network and subnetwork"),
     ],
 )
 def test_invalid_job_options_fail_at_construction(kwargs, fragment):

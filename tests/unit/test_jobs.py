@@ -1,5 +1,6 @@
 """Job spec -> Batch Job translation, checked on real batch_v1 types and their JSON wire form."""
 
+import pytest
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_plugin import jobs
@@ -53,6 +54,22 @@ def test_wire_form_is_what_the_rest_client_sends():
     wire = batch_v1.Job.to_json(build(), use_integers_for_enums=True)
     assert '"maxRunDuration": "300s"' in wire
     assert batch_v1.Job.from_json(wire) == build()
+
+
+@pytest.mark.parametrize("machine_type, drivers", [("g2-standard-4", True), ("a2-highgpu-1g", True), ("a3-highgpu-8g", True),
+                                                   ("n2-standard-4", False), ("", False)])
+def test_gpu_machine_families_get_their_drivers(machine_type, drivers):
+    """g2/a2/a3 VMs come with GPUs: Batch must install the drivers though accelerator_count is 0."""
+    (instances,) = build(options=p.JobOptions(machine_type=machine_type)).allocation_policy.instances
+    assert instances.install_gpu_drivers is drivers
+    (off,) = build(options=p.JobOptions(machine_type=machine_type, install_gpu_drivers=False)).allocation_policy.instances
+    assert off.install_gpu_drivers is False, "the user can still opt out"
+
+
+def test_no_external_ip_needs_network_and_subnetwork():
+    with pytest.raises(ValueError, match="no_external_ip needs network and subnetwork"):
+        p.JobOptions(no_external_ip=True, network="global/networks/private")
+    p.JobOptions(no_external_ip=True, network="global/networks/private", subnetwork="regions/us-east1/subnetworks/b")
 
 
 def test_job_options_shape_the_allocation_policy():

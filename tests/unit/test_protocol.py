@@ -1,6 +1,7 @@
 """The shared contract: object layout, job id, job spec, notification parsing."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -121,13 +122,39 @@ def test_deployment_accepts_a_conforming_spec():
     deployment().check(spec(service_account_email="runner@my-project.iam.gserviceaccount.com"))
 
 
-def test_parses_batch_job_state_messages():
-    data, attributes = p.job_state_message(
-        "projects/123456789012/locations/us-east1/jobs/cov-8f1c2d3e-3-a1b2c3d4", "uid-1", "us-east1", "RUNNING", "SUCCEEDED"
-    )
-    event = p.parse_notification(attributes, data)
-    assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.SUCCEEDED, data.decode())
-    assert event.state.is_terminal
+REAL = json.loads((Path(__file__).resolve().parents[1] / "support" / "fixtures" / "batch_messages.json").read_text())
+
+
+def test_parses_a_real_job_message_without_type():
+    """Batch's job-level message has no Type attribute and names the project by NUMBER."""
+    real = REAL["job_message"]
+    event = p.parse_notification(real["attributes"], real["data"].encode())
+    assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.SUCCEEDED, real["data"])
+    assert p.parse_notification({**real["attributes"], "Type": p.JOB_STATE_CHANGED}, real["data"].encode()) == event
+
+
+def test_the_local_batch_service_publishes_the_real_shape():
+    real = REAL["job_message"]
+    data, attributes = p.job_state_message(real["attributes"]["JobName"], real["attributes"]["JobUID"], "us-central1",
+                                           "RUNNING", "SUCCEEDED", "2023-08-24T16:21:14-07:00")
+    assert (attributes, data.decode()) == (real["attributes"], real["data"])
+
+
+def test_parses_a_real_task_message():
+    real = REAL["task_message"]
+    assert p.parse_task_notification(real["attributes"], real["data"].encode()) == p.TaskEvent(
+        "cov-8f1c2d3e-3-a1b2c3d4", 5, "SUCCEEDED", real["data"])
+    assert p.parse_notification(real["attributes"], real["data"].encode()) is None, "not a job-level state"
+    assert p.parse_task_notification(REAL["job_message"]["attributes"], b"") is None
+
+
+def test_exit_code_comes_from_task_execution_or_the_event_text():
+    from google.cloud import batch_v1
+
+    assert p.exit_code_of_event(batch_v1.StatusEvent(description=REAL["job_failed_event"])) == 127
+    with_execution = batch_v1.StatusEvent(description="x", task_execution=batch_v1.TaskExecution(exit_code=50001))
+    assert p.exit_code_of_event(with_execution) == 50001
+    assert p.exit_code_of_event(batch_v1.StatusEvent(description="Job state is set from QUEUED to SCHEDULED")) == 0
 
 
 def test_ignores_task_level_and_foreign_messages():

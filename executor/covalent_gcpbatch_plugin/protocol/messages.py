@@ -3,6 +3,7 @@ this task" messages, parsed into what a waiting executor needs (``parse_notifica
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -40,6 +41,8 @@ JOB_STATE_CHANGED = "JOB_STATE_CHANGED"
 #: ``Type`` attribute of the function's messages for a task it created no job for.
 TASK_REJECTED = "COVALENT_GCPBATCH_TASK_REJECTED"
 TASK_NOT_CREATED = "COVALENT_GCPBATCH_TASK_NOT_CREATED"
+#: ``Type`` attribute of Batch's task-level state change messages (job-level ones have none).
+TASK_STATE_CHANGED = "TASK_STATE_CHANGED"
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,12 @@ class JobEvent:
 
 
 def parse_notification(attributes: Mapping[str, str], data: bytes) -> JobEvent | None:
-    """A JobEvent for a job-level state change or a rejection; None for anything else.
+    """A JobEvent for a job-level state change or a "no job" message; None for anything else.
 
-    Batch's job messages carry ``Type``, ``JobName`` (with the project NUMBER), ``JobUID``,
-    ``NewJobState`` and ``Region``; task-level messages (``TASK_STATE_CHANGED``) are ignored.
+    A real job message (tests/support/fixtures/batch_messages.json, with its source) carries
+    ``JobName`` (with the project NUMBER, so jobs are matched by their id alone), ``JobUID``,
+    ``NewJobState`` and ``Region``, and no ``Type``; ``Type=JOB_STATE_CHANGED`` is accepted too.
+    Task-level messages are ``parse_task_notification``'s.
     """
     kind = attributes.get("Type")
     if kind in (TASK_REJECTED, TASK_NOT_CREATED):
@@ -64,7 +69,7 @@ def parse_notification(attributes: Mapping[str, str], data: bytes) -> JobEvent |
             return None
         state = JobState.REJECTED if kind == TASK_REJECTED else JobState.CANCELLED
         return JobEvent(job_id, state, data.decode("utf-8", "replace"))
-    if kind != JOB_STATE_CHANGED:
+    if kind not in (None, "", JOB_STATE_CHANGED):
         return None
     job_name = attributes.get("JobName", "")
     try:
@@ -74,6 +79,31 @@ def parse_notification(attributes: Mapping[str, str], data: bytes) -> JobEvent |
     if not job_name or state is JobState.REJECTED:
         return None
     return JobEvent(job_id_of_job_name(job_name), state, data.decode("utf-8", "replace"))
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """A task-level state change: task ``task_index`` of job ``job_id`` entered ``state``."""
+
+    job_id: str
+    task_index: int
+    state: str
+    detail: str = ""
+
+
+_TASK_NAME = re.compile(r"projects/[^/]+/locations/[^/]+/jobs/([^/]+)/taskGroups/[^/]+/tasks/(\d+)")
+
+
+def parse_task_notification(attributes: Mapping[str, str], data: bytes) -> TaskEvent | None:
+    """A TaskEvent for Batch's ``Type=TASK_STATE_CHANGED`` message (``TaskName`` ends
+    ``/jobs/<id>/taskGroups/group0/tasks/<index>``, ``NewTaskState``); None for anything else."""
+    if attributes.get("Type") != TASK_STATE_CHANGED:
+        return None
+    match = _TASK_NAME.fullmatch(attributes.get("TaskName", ""))
+    state = attributes.get("NewTaskState", "")
+    if match is None or not state:
+        return None
+    return TaskEvent(match.group(1), int(match.group(2)), state, data.decode("utf-8", "replace"))
 
 
 class NotCreated(BaseModel):
@@ -115,14 +145,16 @@ def loads_not_created(payload: bytes) -> NotCreated:
         return NotCreated(state=JobState.REJECTED, reason=payload[:2000].decode("utf-8", "replace"))
 
 
-def job_state_message(job_name: str, job_uid: str, region: str, previous: str, current: str) -> tuple[bytes, dict[str, str]]:
-    """(data, attributes) of a Batch job state change message, as Batch publishes it.
+def job_state_message(job_name: str, job_uid: str, region: str, previous: str, current: str,
+                      timestamp: str) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of a Batch job state change message, as Batch publishes it (no ``Type``;
+    see tests/support/fixtures/batch_messages.json for the real one and its source).
 
     Used by the local Batch service; kept here so its format and the parser above cannot drift.
     """
-    data = f"Job state was updated: jobName={job_name}, previousState={previous}, currentState={current}"
+    data = (f"Job state was updated: jobName={job_name}, jobUID={job_uid}, previousState={previous}, "
+            f"currentState={current}, timestamp={timestamp}")
     attributes = {
-        "Type": JOB_STATE_CHANGED,
         "JobName": job_name,
         "JobUID": job_uid,
         "NewJobState": current,

@@ -4,6 +4,7 @@ Batch's), and the error record it writes when a task fails."""
 from __future__ import annotations
 
 import json
+import re
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from typing import Literal
@@ -40,6 +41,21 @@ EXIT_CODE_MEANINGS = {
     137: "the worker was killed (SIGKILL: out of memory, or stopped)",
     143: "the worker was stopped (SIGTERM)",
 }
+
+
+#: How Batch writes an exit code into a status event's text (job-level events have no
+#: task_execution: "... task with index 0 failed due to the following task event: "Task state is
+#: updated from RUNNING to FAILED on zones/.../instances/... with exit code 127."").
+_EXIT_CODE_IN_TEXT = re.compile(r"with exit code (-?\d+)")
+
+
+def exit_code_of_event(event) -> int:
+    """A ``batch_v1.StatusEvent``'s exit code: ``task_execution.exit_code`` where Batch gives one
+    (task-level events), else the last "with exit code N" in its description; 0 if neither."""
+    if event.task_execution and event.task_execution.exit_code:
+        return event.task_execution.exit_code
+    codes = _EXIT_CODE_IN_TEXT.findall(event.description or "")
+    return int(codes[-1]) if codes else 0
 
 
 def worker_environment(bucket: str, job_id: str) -> dict[str, str]:

@@ -41,7 +41,8 @@ class JobOptions(BaseModel):
     accelerator_count: int = Field(
         default=0, ge=0, le=16, description="GPUs per task (0 to 16; capped by the deployment, 8 by default).")
     install_gpu_drivers: bool = Field(
-        default=True, description="Let Batch install the GPU drivers when GPUs are requested.")
+        default=True, description="Let Batch install the GPU drivers when the task has GPUs: `accelerator_count`, or a machine "
+                    "type that comes with them (`a2-`, `a3-`, `g2-`).")
     boot_disk_size_gb: int = Field(
         default=0, ge=0, le=65536, description="Boot disk size; `0` keeps Batch's default.")
     labels: dict[str, str] = Field(
@@ -56,7 +57,8 @@ class JobOptions(BaseModel):
         description="Subnetwork, e.g. `regions/us-east1/subnetworks/batch`.")
     no_external_ip: bool = Field(
         default=False,
-        description="VMs without external IPs (needs Cloud NAT or Private Google Access to pull images and reach GCS).")
+        description="VMs without external IPs; needs `network` and `subnetwork` (with Cloud NAT or Private Google "
+                    "Access to pull images and reach GCS).")
     allowed_locations: tuple[str, ...] = Field(
         default=(), max_length=32,
         description="`regions/...` or `zones/...` entries inside the deployment's region; empty means the whole region.")
@@ -88,6 +90,10 @@ class JobOptions(BaseModel):
     def model_post_init(self, _context: object) -> None:
         if bool(self.accelerator_type) != bool(self.accelerator_count):
             raise ValueError("accelerator_type and accelerator_count go together: set both (or neither)")
+        if self.no_external_ip and not (self.network and self.subnetwork):
+            # Batch refuses the job: VMs without an external IP must be placed in a given subnet.
+            raise ValueError("no_external_ip needs network and subnetwork: set both (a VPC with Cloud NAT or "
+                             "Private Google Access), or leave no_external_ip false")
 
 
 class JobSpec(BaseModel):

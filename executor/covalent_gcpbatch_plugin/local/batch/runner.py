@@ -23,6 +23,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from google.cloud import batch_v1
@@ -285,14 +286,16 @@ class LocalBatch:
             job.status.run_duration = duration(time.time() - record.running_since)
         return job
 
-    def _enter(self, record: JobRecord, state: State, *, at: float | None = None) -> None:
+    def _enter(self, record: JobRecord, state: State, *, at: float | None = None, because: str = "") -> None:
+        """Move the job to ``state``: a job-level status event (no task_execution, as Batch writes
+        them; ``because`` is appended to its text) and the notifications."""
         now = time.time() if at is None else at
         status = record.job.status
         previous = State(status.state)
         status.state = state
         status.status_events.append(batch_v1.StatusEvent(
             type_="STATUS_CHANGED", event_time=timestamp(now),
-            description=f"Job state is set from {previous.name} to {state.name} for job {record.job.name}."))
+            description=f"Job state is set from {previous.name} to {state.name} for job {record.job.name}.{because}"))
         record.job.update_time = timestamp(now)
         if state == State.RUNNING:
             record.running_since = now
@@ -301,11 +304,12 @@ class LocalBatch:
         if state in (State.SUCCEEDED, State.FAILED):
             status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(counts={state.name: 1})}
         self.state_times.setdefault(record.job_id, {})[state.name] = now
-        self._notify(record, previous, state)
+        self._notify(record, previous, state, now)
 
-    def _notify(self, record: JobRecord, previous: State, state: State) -> None:
+    def _notify(self, record: JobRecord, previous: State, state: State, now: float) -> None:
+        stamp = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
         data, attributes = protocol.job_state_message(record.number_name, record.job.uid, record.region,
-                                                      previous.name, state.name)
+                                                      previous.name, state.name, stamp)
         for notification in record.job.notifications:
             message = notification.message
             if message.type_ != batch_v1.JobNotification.Type.JOB_STATE_CHANGED:
@@ -318,12 +322,23 @@ class LocalBatch:
             for _ in range(2 if self.faults.duplicate_notifications else 1):
                 self.publish(notification.pubsub_topic, data, attributes)
 
+    def _task_text(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str = "") -> str:
+        """A task event's text as Batch words it (the VM's zone and instance in place of ours)."""
+        return (f"Task state is updated from RUNNING to {task_state.name} on zones/{record.region}-local/instances/"
+                f"{self.hostname} with exit code {exit_code}{note}.")
+
     def _task_event(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str) -> None:
+        """An attempt's end, among the job's events as text only: Batch keeps task_execution for the
+        task's own status (get_task), so nothing here may depend on it."""
         record.job.status.status_events.append(batch_v1.StatusEvent(
             type_="STATUS_CHANGED", event_time=timestamp(time.time()), task_state=task_state,
-            task_execution=batch_v1.TaskExecution(exit_code=exit_code),
-            description=f"Task state is updated from RUNNING to {task_state.name} on {self.hostname} "
-                        f"with exit code {exit_code}{note}."))
+            description=self._task_text(record, exit_code, task_state, note)))
+
+    def _failed_because(self, record: JobRecord, exit_code: int) -> str:
+        """The job-level FAILED event's tail, as real Batch writes it (see tests/support/fixtures)."""
+        task = self._task_text(record, exit_code, batch_v1.TaskStatus.State.FAILED)
+        return (" Job failed due to task failure. Specifically, task with index 0 failed due to the following "
+                f'task event: "{task}"')
 
     def _stop(self, record: JobRecord, reason: str, state: State) -> None:
         record.stop = reason
@@ -363,7 +378,8 @@ class LocalBatch:
                         ok = verdict is Verdict.SUCCEEDED
                         task_state = batch_v1.TaskStatus.State.SUCCEEDED if ok else batch_v1.TaskStatus.State.FAILED
                         self._task_event(record, exit_code, task_state, why)
-                        self._enter(record, State.SUCCEEDED if ok else State.FAILED)
+                        self._enter(record, State.SUCCEEDED if ok else State.FAILED,
+                                    because="" if ok else self._failed_because(record, exit_code))
                         break
                 retries += 1
         except Exception as err:  # a bug here must not leave the job RUNNING forever
@@ -371,7 +387,7 @@ class LocalBatch:
             with self.lock:
                 if record.stop is None and record.state not in TERMINAL_STATES:
                     self._task_event(record, EXIT_NOT_STARTED, batch_v1.TaskStatus.State.FAILED, f": {err}")
-                    self._enter(record, State.FAILED)
+                    self._enter(record, State.FAILED, because=self._failed_because(record, EXIT_NOT_STARTED))
         finally:
             with self.lock:
                 if record.stop == "cancel":
