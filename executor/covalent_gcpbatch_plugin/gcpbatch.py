@@ -15,6 +15,7 @@ Its settings are declared once, in settings.py; its errors in errors.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -35,7 +36,6 @@ from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-ex
 from .protocol import (
     JOB_ID_PATTERN,
     JobEvent,
-    JobOptions,
     JobSpec,
     JobState,
     TaskObjects,
@@ -257,15 +257,19 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         )
 
     def _upload_task(self, objects: TaskObjects, spec: JobSpec, workdir: Path, task: tuple) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
+        """The pickle is the user's code and data: readable by this user only, and gone afterwards
+        whether or not the upload worked."""
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = workdir / "task.pkl"
-        with path.open("wb") as f:
-            cloudpickle.dump(task, f)
-        blob = self._bucket().blob(objects.task)
-        blob.metadata = spec.to_metadata()
-        # Generation 0 precondition: a task object is written once; a duplicate never re-fires.
-        blob.upload_from_filename(path, content_type="application/octet-stream", if_generation_match=0)
-        path.unlink()
+        try:
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                cloudpickle.dump(task, f)
+            blob = self._bucket().blob(objects.task)
+            blob.metadata = spec.to_metadata()
+            # Generation 0 precondition: a task object is written once; a duplicate never re-fires.
+            blob.upload_from_filename(path, content_type="application/octet-stream", if_generation_match=0)
+        finally:
+            path.unlink(missing_ok=True)
 
     def _wait_plan(self) -> WaitPlan:
         return WaitPlan.for_task(submit_timeout=self.submit_timeout, queue_timeout=self.queue_timeout,
@@ -341,7 +345,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 print(blob.download_as_text(), end="", file=stream)
         if outcome.state is JobState.SUCCEEDED:
             result_path = workdir / "result.pkl"
-            workdir.mkdir(parents=True, exist_ok=True)
+            workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             blob = bucket.get_blob(objects.result)
             if blob is not None:
                 blob.download_to_filename(result_path)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TextIO
 
 import cloudpickle
+from google.api_core.exceptions import PreconditionFailed
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from . import clients
@@ -177,14 +178,22 @@ def run(bucket, objects: TaskObjects, workdir: Path) -> int:
 
 
 def store_outcome(bucket, objects: TaskObjects, stdout: str, stderr: str, outcome: tuple[str, bytes | Path]) -> None:
-    """Output first, the result or error record last: its existence means the rest is there."""
+    """Output first, the result or error record last: its existence means the rest is there.
+
+    The result or error record is written only if no object of that name exists (generation 0):
+    the executor unpickles the result, so the worker never replaces one it did not write."""
     bucket.blob(objects.stdout).upload_from_string(stdout, content_type="text/plain", retry=STORE_RETRY)
     bucket.blob(objects.stderr).upload_from_string(stderr, content_type="text/plain", retry=STORE_RETRY)
     name, payload = outcome
-    if isinstance(payload, Path):
-        bucket.blob(name).upload_from_filename(payload, content_type="application/octet-stream", retry=STORE_RETRY)
-    else:
-        bucket.blob(name).upload_from_string(payload, content_type="application/json", retry=STORE_RETRY)
+    blob = bucket.blob(name)
+    try:
+        if isinstance(payload, Path):
+            blob.upload_from_filename(payload, content_type="application/octet-stream", if_generation_match=0, retry=STORE_RETRY)
+        else:
+            blob.upload_from_string(payload, content_type="application/json", if_generation_match=0, retry=STORE_RETRY)
+    except PreconditionFailed:
+        raise WorkerError(f"gs://{bucket.name}/{name} already exists: refusing to replace an outcome this worker did "
+                          "not write (another writer in the bucket, or an earlier attempt of this task)") from None
 
 
 def main() -> int:

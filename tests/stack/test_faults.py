@@ -764,6 +764,41 @@ def test_registration_failure_fails_that_task_and_others_go_on(local_stack, tmp_
     record("one task cannot subscribe", "that task FAILED, the other COMPLETED", "TaskRuntimeError + 14", elapsed)
 
 
+class _ModeProbe:
+    """Pickled inside the task: records the mode of the task file while it is being written."""
+
+    seen: list[int] = []
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        _ModeProbe.seen.append(os.stat(self.path).st_mode & 0o777)
+        return (int, ())
+
+
+def test_task_pickle_is_private_and_removed_when_its_upload_fails(local_stack, tmp_path):
+    """The task pickle is the user's code and data: 0600 in a 0700 directory while it exists, and
+    removed even when the upload fails (here: an object of that name exists, precondition 412)."""
+    from google.api_core.exceptions import PreconditionFailed
+
+    started = time.monotonic()
+    executor = DirectExecutor(**{**local_stack.executor_config(), "cache_dir": str(tmp_path)})
+    job_id = protocol.make_job_id("private", 0, protocol.new_attempt_token())
+    objects = protocol.TaskObjects(job_id)
+    bucket(local_stack).blob(objects.task).upload_from_string(b"already here")
+    workdir = tmp_path / job_id
+    try:
+        with pytest.raises(PreconditionFailed):
+            executor._upload_task(objects, _spec(), workdir, (len, [_ModeProbe(workdir / "task.pkl")], {}))
+    finally:
+        bucket(local_stack).blob(objects.task).delete()
+    assert _ModeProbe.seen == [0o600]
+    assert workdir.stat().st_mode & 0o777 == 0o700
+    assert list(workdir.iterdir()) == [], "the pickle is gone although the upload failed"
+    record("task upload fails (412)", "pickle 0600, removed", "0600, removed", time.monotonic() - started)
+
+
 def _raises(call):
     try:
         call()

@@ -477,3 +477,17 @@ def test_sigterm_kills_running_jobs(tmp_path):
         assert process_gone(pid)
     finally:
         stop_process_group(proc)
+
+
+def test_requests_for_another_host_are_refused(endpoint):
+    """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own Host header."""
+    import http.client
+
+    port = int(endpoint.rsplit(":", 1)[1])
+    for host, status in ((f"evil.example:{port}", 403), (f"127.0.0.1:{port}", 200)):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("GET", "/_admin/stats", headers={"Host": host})
+            assert connection.getresponse().status == status, host
+        finally:
+            connection.close()

@@ -150,3 +150,25 @@ def test_sigterm_stops_the_task_and_removes_the_temporary_directory(tmp_path):
     assert worker.returncode == 128 + signal.SIGTERM, err.decode()
     assert list(scratch.iterdir()) == [], "the worker's temporary directory (which held the task) is gone"
     assert b"stopped by SIGTERM" in err
+
+
+def test_the_worker_never_replaces_a_result_it_did_not_write(tmp_path):
+    """The executor unpickles result.pkl: a result already in the bucket (another writer, or an
+    earlier attempt) is left alone, and the worker exits with the no-retry storage code."""
+    from helpers_emulators import stop_process_group
+
+    gcs, host = _own_gcs_server(tmp_path)
+    try:
+        go = tmp_path / "go"
+        worker, _ = _start_worker(host, "planted", tmp_path, cloudpickle.dumps((_wait_for_file, [str(go)], {})))
+        planted = clients.storage_client("p", host).bucket("planted")
+        job_id = [b.name for b in planted.list_blobs()][0].split("/")[1]
+        result = planted.blob(protocol.TaskObjects(job_id).result)
+        result.upload_from_string(b"planted by someone else")
+        go.touch()  # only now may the task finish
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == protocol.EXIT_UPLOAD_FAILED, err.decode()
+        assert b"already exists: refusing to replace" in err
+        assert result.download_as_bytes() == b"planted by someone else"
+    finally:
+        stop_process_group(gcs)

@@ -238,6 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
+            self._check_host()
             status, text = self.server.app.handle(method, self.path, body)
         except ApiError as err:
             status, text = err.code, error_json(err)
@@ -250,6 +251,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _check_host(self) -> None:
+        """Answer only requests addressed to this loopback address: a web page that rebinds a name
+        to 127.0.0.1 sends its own Host, and must not reach the service (DNS rebinding)."""
+        port = self.server.server_address[1]
+        allowed = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+        host = self.headers.get("Host", "")
+        if host not in allowed:
+            raise ApiError(403, f"Host {host!r} is not this service's loopback address ({', '.join(sorted(allowed))})")
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's names)
         self._serve("GET")
