@@ -10,10 +10,10 @@ processes share the topic) are acknowledged and dropped.
 Nothing here polls: events are pushed by the streaming pull's callback thread into each waiting
 task's asyncio queue on that task's event loop.
 
-Two locks, so the Covalent server's event loop never waits on the network: ``_start_lock`` guards
-the subscription's lifecycle (network calls, only ever taken on worker threads), ``_routes_lock``
-guards the job id -> queue table (dictionary operations only; ``unregister`` and the message
-callback take just this one).
+The Covalent server's event loop never waits on the network: ``_start_lock`` guards the
+subscription's lifecycle (network calls, only ever taken on worker threads); routing by job id is
+``waiting.Inboxes``, whose lock guards dictionary operations only (``unregister`` and the message
+callback use just that).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from google.protobuf import duration_pb2
 from . import clients
 from .errors import SubscribeError
 from .protocol import JobEvent, parse_notification, topic_path
+from .waiting import Inboxes
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ class JobEvents:
         clean = "".join(c if c.isalnum() or c == "-" else "-" for c in suffix)
         self.subscription_path = f"projects/{endpoint.project_id}/subscriptions/covalent-gcpbatch-{clean}"[:255]
         self._start_lock = threading.Lock()
-        self._routes_lock = threading.Lock()
-        self._waiters: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[JobEvent]]] = {}
+        self._routes = Inboxes()
         self._subscriber: pubsub_v1.SubscriberClient | None = None
         self._future = None
         self._closing = False
@@ -168,28 +168,18 @@ class JobEvents:
         subscription; raises SubscribeError): call it from a worker thread, before uploading."""
         self._ensure_started()
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-        with self._routes_lock:
-            self._waiters[job_id] = (loop, queue)
+        self._routes.register(job_id, loop, queue)
         return queue
 
     def unregister(self, job_id: str) -> None:
         """Stop routing ``job_id``; never blocks on the network (safe on an event loop)."""
-        with self._routes_lock:
-            self._waiters.pop(job_id, None)
+        self._routes.unregister(job_id)
 
     def _on_message(self, message) -> None:
         event = parse_notification(dict(message.attributes), message.data)
         message.ack()
-        if event is None:
-            return
-        with self._routes_lock:
-            waiter = self._waiters.get(event.job_id)
-        if waiter is not None:
-            loop, queue = waiter
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the task's loop has closed: nobody is waiting any more
-                self.unregister(event.job_id)
+        if event is not None:
+            self._routes.put(event.job_id, event)  # other processes' jobs: nobody here waits, dropped
 
 
 _registry: dict[Endpoint, JobEvents] = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +47,7 @@ from .protocol import (
 from .waiting import (
     GIVE_UP,
     CancelRequested,
+    Inboxes,
     JobWait,
     Outcome,
     WaitPlan,
@@ -63,39 +63,8 @@ EXECUTOR_PLUGIN_NAME = "GCPBatchExecutor"
 _EXECUTOR_PLUGIN_DEFAULTS = settings.PLUGIN_DEFAULTS
 
 
-class Waiting:
-    """The ``run()`` calls of this process that wait on a job, by job id.
-
-    Covalent calls ``cancel()`` on another executor instance in the same server process: this is
-    how it reaches the waiting ``run()`` at once. Thread-safe; never blocks on I/O.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-
-    def register(self, job_id: str, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue) -> None:
-        with self._lock:
-            self._inboxes[job_id] = (loop, inbox)
-
-    def unregister(self, job_id: str) -> None:
-        with self._lock:
-            self._inboxes.pop(job_id, None)
-
-    def put(self, job_id: str, item: Any) -> bool:
-        with self._lock:
-            waiter = self._inboxes.get(job_id)
-        if waiter is None:
-            return False
-        loop, inbox = waiter
-        try:
-            loop.call_soon_threadsafe(inbox.put_nowait, item)
-        except RuntimeError:  # that loop has closed: nobody waits any more
-            return False
-        return True
-
-
-_waiting = Waiting()
+#: cancel() reaches a waiting run() of this process through its inbox.
+_waiting = Inboxes()
 
 
 @dataclass

@@ -21,6 +21,8 @@ task fails with ``give_up_reason``.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +75,41 @@ class CancelRequested:
     """Put in a waiting task's inbox by ``cancel()`` (the marker is written, Batch asked)."""
 
     job_id: str
+
+
+class Inboxes:
+    """The inboxes (asyncio queues) of the tasks of this process that wait on a job, by job id.
+
+    Items are put from any thread (the Pub/Sub callback, Covalent's cancel() on another executor
+    instance) onto the waiting task's own event loop. Thread-safe; never blocks on I/O, so it is
+    safe to call on the Covalent server's event loop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+
+    def register(self, job_id: str, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue) -> None:
+        with self._lock:
+            self._inboxes[job_id] = (loop, inbox)
+
+    def unregister(self, job_id: str) -> None:
+        with self._lock:
+            self._inboxes.pop(job_id, None)
+
+    def put(self, job_id: str, item: Any) -> bool:
+        """Hand ``item`` to the task waiting on ``job_id``; False if none does."""
+        with self._lock:
+            waiter = self._inboxes.get(job_id)
+        if waiter is None:
+            return False
+        loop, inbox = waiter
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+        except RuntimeError:  # that loop has closed: nobody waits any more
+            self.unregister(job_id)
+            return False
+        return True
 
 
 _ORDER = [JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING]

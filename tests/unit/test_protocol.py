@@ -164,7 +164,8 @@ def test_ignores_task_level_and_foreign_messages():
 
 
 def test_parses_rejections():
-    data, attributes = p.rejection_message("cov-8f1c2d3e-3-a1b2c3d4", "image not allowed")
+    rejected = p.NotCreated(state=p.JobState.REJECTED, reason="image not allowed")
+    data, attributes = p.not_created_message("cov-8f1c2d3e-3-a1b2c3d4", rejected)
     event = p.parse_notification(attributes, data)
     assert event == p.JobEvent("cov-8f1c2d3e-3-a1b2c3d4", p.JobState.REJECTED, "image not allowed")
     assert event.state.is_terminal

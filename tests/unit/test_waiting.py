@@ -99,3 +99,25 @@ def test_failure_explanation_gives_each_exit_code_its_meaning():
     assert text.startswith("Batch job j ended FAILED without a result or error record: Job state is set")
     assert "[exit code 50001: the VM was preempted (spot)]" in text
     assert "no status events" in explain_job_failure("j", JobState.FAILED, batch_v1.Job())
+
+
+def test_inboxes_deliver_on_the_waiting_loop_and_forget_closed_ones():
+    import asyncio
+
+    from covalent_gcpbatch_plugin.waiting import Inboxes
+
+    inboxes = Inboxes()
+    assert inboxes.put("nobody", "x") is False
+
+    async def deliver():
+        inbox: asyncio.Queue = asyncio.Queue()
+        inboxes.register("job", asyncio.get_running_loop(), inbox)
+        assert inboxes.put("job", "hello") is True
+        return await asyncio.wait_for(inbox.get(), 5)
+
+    assert asyncio.run(deliver()) == "hello"
+    closed = asyncio.new_event_loop()
+    closed.close()
+    inboxes.register("gone", closed, asyncio.Queue())
+    assert inboxes.put("gone", "x") is False
+    assert inboxes.put("gone", "x") is False, "a closed loop's inbox is forgotten"

@@ -69,7 +69,6 @@ from .messages import (  # noqa: F401
     TASK_STATE_CHANGED,
     NotCreated,
     not_created_message,
-    rejection_message,
     dumps_not_created,
     loads_not_created,
     job_state_message,

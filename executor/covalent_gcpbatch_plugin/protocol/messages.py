@@ -128,11 +128,6 @@ def not_created_message(job_id: str, record: NotCreated) -> tuple[bytes, dict[st
     return record.reason.encode(), {"Type": kind, "JobId": job_id}
 
 
-def rejection_message(job_id: str, reason: str) -> tuple[bytes, dict[str, str]]:
-    """(data, attributes) of the message the function publishes when it refuses a task."""
-    return not_created_message(job_id, NotCreated(state=JobState.REJECTED, reason=reason))
-
-
 def dumps_not_created(record: NotCreated) -> bytes:
     return record.model_dump_json().encode()
 
