@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     # these directories, never the user's; the stack's processes inherit them.
     os.environ.update(isolated_env(root / "covalent", 0))
     os.environ.pop("COVALENT_SERVER_IFACE_ANY", None)
-    worker_command = shlex.join([sys.executable, str(BENCH_DIR / "timed_worker.py"), str(timings_dir)])
+    # "python": the workers' own (the worker image's environment), see LocalStack.
+    worker_command = shlex.join(["python", str(BENCH_DIR / "timed_worker.py"), str(timings_dir)])
     stack = LocalStack(root / "stack", batch_max_running=args.max_running, batch_worker_command=worker_command)
     drivers: dict[str, dict | None] = {}
     try:

@@ -36,7 +36,9 @@ class DeploymentSettings(BaseSettings):
     topic: str = Field(min_length=3, description="Topic id (not path) job state changes and rejections are published to.")
     job_service_account: str | None = Field(
         None, description="The service account jobs run as. Never taken from the uploaded object.")
-    allowed_images: CsvList = Field((), description="Images a job may run; empty means any (only sensible for the local stack).")
+    allowed_images: CsvList = Field(
+        (), description="Images a job may run: exact URIs, or prefixes ending in `*` (deploy.sh allows "
+        "`<registry>/<repo>/worker*`, every worker image it builds); empty means any (only sensible for the local stack).")
     batch_api_endpoint: str | None = Field(None, description="Batch API endpoint override (the local Batch service).")
     max_vcpus: float = Field(64, gt=0, json_schema_extra=CAP, description="Most vCPUs a task may ask for (`vcpus`).")
     max_memory_mb: int = Field(
@@ -78,6 +80,13 @@ class DeploymentSettings(BaseSettings):
     def topic_path(self) -> str:
         return topic_path(self.project_id, self.topic)
 
+    def image_allowed(self, uri: str) -> bool:
+        """Whether ``uri`` is in the allowlist: equal to an entry, or starting with an entry's text
+        before its trailing ``*``. Empty allows any."""
+        if not self.allowed_images:
+            return True
+        return any(uri.startswith(entry[:-1]) if entry.endswith("*") else uri == entry for entry in self.allowed_images)
+
     def check(self, spec: JobSpec) -> None:
         """Raise SpecError naming the first thing in ``spec`` this deployment does not allow."""
         if spec.project_id != self.project_id or spec.region != self.region:
@@ -85,7 +94,7 @@ class DeploymentSettings(BaseSettings):
                 f"this deployment creates jobs in project {self.project_id!r}, region {self.region!r}; "
                 f"the task asked for {spec.project_id!r}, {spec.region!r}: set project_id and region to match"
             )
-        if self.allowed_images and spec.container_image_uri not in self.allowed_images:
+        if not self.image_allowed(spec.container_image_uri):
             raise SpecError(
                 f"container image {spec.container_image_uri!r} is not allowed by this deployment; "
                 f"allowed: {', '.join(self.allowed_images)}"

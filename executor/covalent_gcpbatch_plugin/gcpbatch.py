@@ -308,8 +308,9 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if outcome.state is JobState.CANCELLED:
             raise TaskCancelledError(f"Batch job {job_id} was cancelled")
         bucket = self._bucket()
-        for name, stream in ((objects.stdout, self.task_stdout), (objects.stderr, self.task_stderr)):
-            blob = bucket.get_blob(name)
+        last = objects.last_attempt(blob.name for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30))
+        for name, stream in ((objects.stdout(last), self.task_stdout), (objects.stderr(last), self.task_stderr)):
+            blob = None if last is None else bucket.get_blob(name)
             if blob is not None:
                 print(blob.download_as_text(), end="", file=stream)
         if outcome.state is JobState.SUCCEEDED:
@@ -348,14 +349,16 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if self.keep_artifacts:
             return
         bucket = self._bucket()
-        for name in objects.disposable():
-            try:
-                bucket.delete_blob(name, timeout=30)
-            except exceptions.NotFound:
-                pass
-            except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome
-                app_log.warning(f"gcpbatch: could not delete gs://{self.bucket_name}/{name}: {type(err).__name__}: {err}")
-                return
+        name = objects.prefix
+        try:
+            for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30):
+                if objects.disposable(name := blob.name):
+                    try:
+                        bucket.delete_blob(name, timeout=30)
+                    except exceptions.NotFound:
+                        pass
+        except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome
+            app_log.warning(f"gcpbatch: could not delete gs://{self.bucket_name}/{name}: {type(err).__name__}: {err}")
 
     # -- clients (lazy: Covalent rebuilds the executor from its attributes inside its server) --
 

@@ -4,12 +4,13 @@ Downloads ``task.pkl`` (Covalent's wrapped callable, so DepsPip/DepsBash/call_be
 here), runs it, and writes back to GCS, all before exiting so the job's terminal state implies its
 objects exist:
 
-* stdout.log / stderr.log: the task's output (also echoed to the container's own streams, which
-  Batch sends to Cloud Logging);
+* attempt-<N>/stdout.log, attempt-<N>/stderr.log: the task's output, one pair per attempt (also
+  echoed to the container's own streams, which Batch sends to Cloud Logging);
 * result.pkl on success, exit 0;
 * error.json (type, message, traceback) on failure, exit EXIT_TASK_FAILED if the task raised and
   EXIT_WORKER_ERROR if it could not be run at all; the job's FAIL_TASK policy keeps either from
   being retried;
+* every object only if none of its name exists (it never replaces anything);
 * if those writes fail, exit EXIT_UPLOAD_FAILED (also FAIL_TASK: the user's code is never re-run
   because its outcome could not be stored), saying why on the container's stderr.
 
@@ -40,6 +41,7 @@ from .errors import SpecError, WorkerError
 from .protocol import (
     ENV_BUCKET,
     ENV_JOB_ID,
+    ENV_RETRY_ATTEMPT,
     EXIT_TASK_FAILED,
     EXIT_UPLOAD_FAILED,
     EXIT_WORKER_ERROR,
@@ -177,13 +179,21 @@ def run(bucket, objects: TaskObjects, workdir: Path) -> int:
     return exit_code
 
 
+def attempt() -> int:
+    """This attempt's number (Batch's BATCH_TASK_RETRY_ATTEMPT; 0 if unset)."""
+    value = os.environ.get(ENV_RETRY_ATTEMPT, "0")
+    return int(value) if value.isdigit() else 0
+
+
 def store_outcome(bucket, objects: TaskObjects, stdout: str, stderr: str, outcome: tuple[str, bytes | Path]) -> None:
     """Output first, the result or error record last: its existence means the rest is there.
 
-    The result or error record is written only if no object of that name exists (generation 0):
-    the executor unpickles the result, so the worker never replaces one it did not write."""
-    bucket.blob(objects.stdout).upload_from_string(stdout, content_type="text/plain", retry=STORE_RETRY)
-    bucket.blob(objects.stderr).upload_from_string(stderr, content_type="text/plain", retry=STORE_RETRY)
+    Every object is written only if none of its name exists (generation 0): the worker's account
+    may create objects, never replace them, and the executor unpickles the result, so the worker
+    never replaces one it did not write. Each attempt writes its own stdout and stderr."""
+    number = attempt()
+    for name, text in ((objects.stdout(number), stdout), (objects.stderr(number), stderr)):
+        bucket.blob(name).upload_from_string(text, content_type="text/plain", if_generation_match=0, retry=STORE_RETRY)
     name, payload = outcome
     blob = bucket.blob(name)
     try:

@@ -1,10 +1,9 @@
 """The worker image's contents, without Docker: what worker_image/Dockerfile installs, installed into
 a fresh virtualenv, runs real Covalent tasks from the local stack's bucket.
 
-The package list is not repeated here: the Dockerfile is parsed. Its build stage's COPY lines are
-replayed into a scratch directory (so a file the Dockerfile forgets to copy is missing here too),
-its ``pip install`` lines are run with its build arguments set to this environment's versions (as
-deploy.sh sets them), and the worker is started with the final stage's ENTRYPOINT. Docker itself
+The package list is not repeated here: the Dockerfile is parsed and replayed by
+``covalent_gcpbatch_plugin.local.worker_env`` (the same code that builds the local stack's worker
+environment), and the worker is started with the final stage's ENTRYPOINT. Docker itself
 (the slim base, the user, the copy between stages) is checked statically.
 
 Slow (a fresh ``pip install`` of Covalent, a minute or two on a cold cache), but part of
@@ -14,14 +13,11 @@ Slow (a fresh ``pip install`` of Covalent, a minute or two on a cold cache), but
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import venv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +26,8 @@ import cloudpickle
 import pytest
 
 from covalent_gcpbatch_plugin import clients
+from covalent_gcpbatch_plugin.local import worker_env as worker_env_module
+from covalent_gcpbatch_plugin.local.worker_env import parse_dockerfile
 from covalent_gcpbatch_plugin.protocol import EXIT_TASK_FAILED, JobSpec, TaskObjects, loads_error
 
 # Task functions defined here are pickled by value, as they would be from a user's script.
@@ -40,9 +38,6 @@ DOCKERFILE = REPO / "worker_image" / "Dockerfile"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 COVALENT_VERSION = version("covalent")
 BUILD_ARGS = {"PYTHON_VERSION": PYTHON_VERSION, "COVALENT_VERSION": COVALENT_VERSION}
-#: .dockerignore keeps these out of the build context.
-IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-PIP_TIMEOUT_S = 900
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(1500)]
 
@@ -50,37 +45,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(1500)]
 # ---------------------------------------------------------------------------------------------------
 # The Dockerfile
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str = ""
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [arg for kw, arg in self.instructions if kw == keyword]
-
-
-def parse_dockerfile(path: Path) -> list[Stage]:
-    text = re.sub(r"\\\n", " ", path.read_text())
-    stages: list[Stage] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        keyword, _, argument = line.partition(" ")
-        keyword, argument = keyword.upper(), argument.strip()
-        if keyword == "FROM":
-            base, _, name = argument.partition(" AS ")
-            stages.append(Stage(base=base.strip(), name=name.strip()))
-        elif stages:
-            stages[-1].instructions.append((keyword, argument))
-    return stages
-
-
-def substitute(text: str, values: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
 def test_dockerfile_has_what_the_issue_asks_for():
@@ -119,52 +83,15 @@ class WorkerEnv:
     home: Path
 
 
-def replay_copy(argument: str, context: Path, root: Path, values: dict[str, str]) -> None:
-    """A build-stage COPY (no --from) into ``root``, the scratch image filesystem."""
-    *sources, dest = shlex.split(substitute(argument, values))
-    assert not any(s.startswith("--") for s in sources), f"unexpected COPY flags: {argument}"
-    target = root / dest.lstrip("/")
-    for source in sources:
-        src = context / source
-        if src.is_dir():
-            shutil.copytree(src, target, ignore=IGNORED, dirs_exist_ok=True)
-        elif dest.endswith("/"):
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target / src.name)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
-
-
-def pip_install_args(run: str, root: Path, values: dict[str, str]) -> list[str] | None:
-    """The arguments of a ``pip install`` RUN line, its image paths mapped into ``root``."""
-    words = shlex.split(substitute(run, values))
-    if words[:2] != ["pip", "install"]:
-        return None
-    return [str(root / w.lstrip("/")) if w.startswith("/") and (root / w.lstrip("/")).exists() else w for w in words[2:]]
-
-
 @pytest.fixture(scope="module")
 def worker_env(tmp_path_factory) -> WorkerEnv:
-    stages = parse_dockerfile(DOCKERFILE)
-    build, final = stages[0], stages[-1]
+    """Built fresh (not from the local stack's cache): this test is the check that the pins install."""
+    final = parse_dockerfile(DOCKERFILE)[-1]
     scratch = tmp_path_factory.mktemp("worker-image")
-    root, venv_dir = scratch / "root", scratch / "venv"
-    root.mkdir()
-    venv.EnvBuilder(with_pip=True).create(venv_dir)  # `RUN python -m venv /opt/venv`
+    venv_dir = scratch / "venv"
     python = venv_dir / "bin" / "python"
-    installs = 0
-    for keyword, argument in build.instructions:
-        if keyword == "COPY":
-            replay_copy(argument, REPO, root, BUILD_ARGS)
-        elif keyword == "RUN" and (args := pip_install_args(argument, root, BUILD_ARGS)) is not None:
-            result = subprocess.run(
-                [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args],
-                cwd=scratch, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
-            )  # fmt: skip
-            assert result.returncode == 0, f"pip install {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-            installs += 1
-    assert installs == 2, "the build stage installs the requirements with covalent, then this package"
+    installs = worker_env_module.build(venv_dir, values=BUILD_ARGS)
+    assert installs == 3, "the build stage installs the requirements with covalent, this package, the user's packages"
 
     env = {}
     for argument in final.all("ENV"):
@@ -274,7 +201,7 @@ def test_worker_env_runs_a_covalent_task_from_the_bucket(worker_env, local_stack
     output = cloudpickle.loads(payload)
     assert isinstance(output, TransportableObject)
     assert output.get_deserialized() == {"sum": 42, "hook": "from-deps-bash"}
-    assert read(local_stack, objects.stdout).decode() == f"adding 20 and 1 on Python {sys.version.split()[0]}\n"
+    assert read(local_stack, objects.stdout(0)).decode() == f"adding 20 and 1 on Python {sys.version.split()[0]}\n"
     assert read(local_stack, objects.error) is None
 
 

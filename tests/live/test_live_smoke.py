@@ -4,7 +4,7 @@ Deploys nothing. Skipped unless ``GCPBATCH_LIVE_PROJECT`` is set (so it is skipp
 has no Google Cloud project):
 
     ./deploy.sh up --project P --region R
-    pip install -e '.[test,demo]'
+    pip install -e '.[test]'
     GCPBATCH_LIVE_PROJECT=P python -m pytest tests/live -ra
 
 It reads the deployment's ``[executors.gcpbatch]`` section from ``GCPBATCH_LIVE_CONFIG`` (default:
@@ -96,7 +96,6 @@ def drain(subscriber, subscription: str, idle_s: float) -> list[dict]:
 
 
 def test_svm_workflow_on_the_live_deployment(tmp_path):
-    pytest.importorskip("sklearn", reason="examples/svm.py needs the demo extras: pip install -e '.[demo]'")
     for name in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST"):
         if os.environ.get(name):
             pytest.fail(f"{name} is set: the live test must talk to Google, not an emulator")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import cloudpickle
 import covalent as ct
@@ -123,8 +122,9 @@ def test_task_objects_are_removed_unless_kept(covalent_server, local_stack, keep
     (job,) = jobs_of_dispatch(local_stack, dispatch_id)
     job_id = job.name.rsplit("/", 1)[-1]
     storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
-    names = sorted(Path(b.name).name for b in storage.list_blobs(local_stack.bucket_name, prefix=f"covalent-gcpbatch/{job_id}/"))
-    assert names == (["result.pkl", "stderr.log", "stdout.log", "task.pkl"] if keep else [])
+    prefix = f"covalent-gcpbatch/{job_id}/"
+    names = sorted(b.name.removeprefix(prefix) for b in storage.list_blobs(local_stack.bucket_name, prefix=prefix))
+    assert names == (["attempt-0/stderr.log", "attempt-0/stdout.log", "result.pkl", "task.pkl"] if keep else [])
 
 
 def test_queue_timeout_cancels_a_job_that_cannot_start(covalent_server, local_stack):

@@ -469,10 +469,8 @@ def test_bad_task_object_fails_once_without_retry(local_stack, kind):
         assert detail.message, detail
         no_active_job_left(local_stack)
     finally:
-        for name in objects.all():
-            leftover = bucket(local_stack).get_blob(name)
-            if leftover is not None:
-                leftover.delete()
+        for leftover in bucket(local_stack).list_blobs(prefix=objects.prefix):
+            leftover.delete()
     record(kind + " task object", "FAILED exit 11, no retry", f"FAILED {exit_codes(job)}: {detail.type}", elapsed)
 
 

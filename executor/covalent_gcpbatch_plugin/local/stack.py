@@ -21,8 +21,10 @@ import fcntl
 import importlib.resources
 import importlib.util
 import json
+import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,7 +39,10 @@ from pydantic import BaseModel
 from .. import clients, protocol
 from ..errors import StackError
 from ..deployment import DeploymentSettings
+from . import worker_env
 from .processes import free_ports, http_answers, process_alive, process_start_ticks, tail, terminate_group
+
+log = logging.getLogger(__name__)
 
 PUBSUB_EMULATOR_PACKAGE = "google-cloud-cli-pubsub-emulator"
 PUBSUB_LAUNCHER = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
@@ -75,6 +80,8 @@ class StackSettings(BaseModel):
     batch_api_endpoint: str = ""
     function_url: str = ""
     state_dir: str = ""
+    #: The python the workers run with: the worker image's environment (local/worker_env.py).
+    worker_python: str = ""
 
     def executor_config(self) -> dict[str, str]:
         """The ``[executors.gcpbatch]`` values that point the executor at this stack."""
@@ -204,7 +211,8 @@ class LocalStack:
         """``batch_max_running``: jobs the local Batch service runs at once (its ``--max-running``;
         None keeps its default of 2). ``batch_worker_command``: what a container runnable runs
         instead of ``python -m covalent_gcpbatch_plugin.worker`` (its ``--worker-command``, e.g.
-        the benchmarks' timing wrapper). Both only apply when ``up`` starts a new stack."""
+        the benchmarks' timing wrapper; a leading bare ``python`` is the workers' python). Both
+        only apply when ``up`` starts a new stack."""
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.function_source = Path(function_source).resolve() if function_source else None
         if batch_max_running is not None and (isinstance(batch_max_running, bool) or batch_max_running < 1):
@@ -306,6 +314,7 @@ class LocalStack:
     def _start_all(self) -> StackSettings:
         s = StackSettings(state_dir=str(self.state_dir))
         self._settings = s
+        s.worker_python = str(worker_python())  # first: building it may take a minute
         pubsub_port, gcs_port, batch_port, function_port = free_ports(4)
         s.pubsub_emulator_host = f"127.0.0.1:{pubsub_port}"
         s.storage_emulator_host = f"http://127.0.0.1:{gcs_port}"
@@ -349,6 +358,10 @@ class LocalStack:
         )
         clients.storage_client(s.project_id, s.storage_emulator_host).create_bucket(s.bucket_name, location=s.region)
 
+        worker_argv = shlex.split(self.batch_worker_command or "python -m covalent_gcpbatch_plugin.worker")
+        if worker_argv[0] in ("python", "python3"):
+            worker_argv[0] = s.worker_python
+        worker_base_env = {key: value for key, value in emulator_env.items() if key != "PYTHONPATH"}
         self._start(
             "batch",
             [
@@ -357,11 +370,12 @@ class LocalStack:
                 "--state-dir", str(self.data_dir / "batch"),
                 "--project-number-map", f"{s.project_id}={s.project_number}",
                 *(["--max-running", str(self.batch_max_running)] if self.batch_max_running is not None else []),
-                *(["--worker-command", self.batch_worker_command] if self.batch_worker_command else []),
+                "--worker-command", shlex.join(worker_argv),
             ],
-            # The workers' "image": this venv first on PATH, as the Dockerfile's ENV PATH does, so
-            # that ct.DepsPip's bare `pip install` lands in the environment the worker runs in.
-            {**emulator_env, "PATH": os.pathsep.join((str(Path(python).parent), os.environ.get("PATH", "")))},
+            # The workers' "image": its environment first on PATH, as the Dockerfile's ENV PATH does,
+            # so that ct.DepsPip's bare `pip` is the image's (the service points it at each attempt's
+            # own directory: what one task installs, the next does not see).
+            {**worker_base_env, "PATH": os.pathsep.join((str(Path(s.worker_python).parent), os.environ.get("PATH", "")))},
             url=s.batch_api_endpoint,
             ready=lambda: http_answers(f"{s.batch_api_endpoint}/_admin/stats"),
         )
@@ -488,6 +502,19 @@ class LocalStack:
 
 def _start_order(name: str) -> int:
     return COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS)
+
+
+def worker_python() -> Path:
+    """The python the local workers run: the worker image's environment, built from
+    worker_image/Dockerfile (local/worker_env.py), so that a task can import only what the image
+    has. An installation without the Dockerfile (not a source checkout) falls back to this
+    interpreter, with a warning: its workers can import more than the image would give them."""
+    if worker_env.available():
+        return worker_env.ensure()
+    log.warning("worker_image/Dockerfile not found beside %s: local workers run in %s, which may have packages "
+                "the worker image lacks (install from a source checkout to get the image's environment)",
+                worker_env.REPO_ROOT, sys.executable)
+    return Path(sys.executable)
 
 
 def _venv_script(name: str) -> Path:

@@ -44,6 +44,7 @@ from .spec import (  # noqa: F401
 from .outcome import (  # noqa: F401
     ENV_BUCKET,
     ENV_JOB_ID,
+    ENV_RETRY_ATTEMPT,
     EXIT_TASK_FAILED,
     EXIT_WORKER_ERROR,
     EXIT_UPLOAD_FAILED,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Every object this plugin writes lives under this prefix; the function ignores the rest.
@@ -21,6 +22,9 @@ CANCEL_OBJECT = "cancelled"
 #: Written by the function when it creates no job for a task (refused, or cancelled first): a
 #: ``NotCreated`` record, so an executor that polls (no Pub/Sub) learns it too.
 NOT_CREATED_OBJECT = "not-created.json"
+#: stdout.log and stderr.log of attempt N sit under ``attempt-N/``.
+ATTEMPT_DIR = "attempt-"
+_ATTEMPT_OUTPUT = re.compile(rf"{ATTEMPT_DIR}(\d+)/(?:{re.escape(STDOUT_OBJECT)}|{re.escape(STDERR_OBJECT)})")
 
 JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -47,13 +51,21 @@ class TaskObjects:
     def error(self) -> str:
         return self.prefix + ERROR_OBJECT
 
-    @property
-    def stdout(self) -> str:
-        return self.prefix + STDOUT_OBJECT
+    def stdout(self, attempt: int) -> str:
+        return self._output(attempt, STDOUT_OBJECT)
 
-    @property
-    def stderr(self) -> str:
-        return self.prefix + STDERR_OBJECT
+    def stderr(self, attempt: int) -> str:
+        return self._output(attempt, STDERR_OBJECT)
+
+    def _output(self, attempt: int, name: str) -> str:
+        # One set per attempt (Batch's BATCH_TASK_RETRY_ATTEMPT): the worker's account may create
+        # objects but not replace them, and a retried task must not fail for its first attempt's logs.
+        return f"{self.prefix}{ATTEMPT_DIR}{attempt}/{name}"
+
+    def last_attempt(self, names: Iterable[str]) -> int | None:
+        """The highest attempt with output among ``names`` (a listing of ``prefix``), or None."""
+        attempts = [int(m.group(1)) for name in names if (m := _ATTEMPT_OUTPUT.fullmatch(name.removeprefix(self.prefix)))]
+        return max(attempts, default=None)
 
     @property
     def cancelled(self) -> str:
@@ -63,12 +75,14 @@ class TaskObjects:
     def not_created(self) -> str:
         return self.prefix + NOT_CREATED_OBJECT
 
-    def all(self) -> tuple[str, ...]:
-        return (self.task, self.result, self.error, self.stdout, self.stderr, self.cancelled, self.not_created)
+    def fixed(self) -> tuple[str, ...]:
+        """The objects of fixed name (the per-attempt outputs aside)."""
+        return (self.task, self.result, self.error, self.cancelled, self.not_created)
 
-    def disposable(self) -> tuple[str, ...]:
-        """What the executor deletes when the task is over: everything but the cancel marker."""
-        return tuple(name for name in self.all() if name != self.cancelled)
+    def disposable(self, name: str) -> bool:
+        """Whether the executor deletes ``name`` (from a listing of ``prefix``) when the task is
+        over: everything of the task but the cancel marker."""
+        return name.startswith(self.prefix) and name != self.cancelled
 
 
 def job_id_of_task_object(object_name: str) -> str | None:

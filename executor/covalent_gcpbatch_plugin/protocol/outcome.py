@@ -11,6 +11,8 @@ from typing import Literal
 
 ENV_BUCKET = "GCPBATCH_BUCKET"
 ENV_JOB_ID = "GCPBATCH_JOB_ID"
+#: Set by Batch in every task: 0 for the first attempt, then 1, 2... for its retries.
+ENV_RETRY_ATTEMPT = "BATCH_TASK_RETRY_ATTEMPT"
 
 
 #: Worker exit codes. Batch retries any other non-zero exit (up to ``retries``), so these two, which

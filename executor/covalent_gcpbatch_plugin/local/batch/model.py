@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from google.cloud import batch_v1
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -82,9 +83,12 @@ def validate_job(job_id: str, job: batch_v1.Job) -> str | None:
     if not spec.runnables:
         return "task_spec.runnables must contain at least one runnable"
     for i, runnable in enumerate(spec.runnables):
-        runs_something = runnable.container.image_uri or runnable.script.text or runnable.script.path
-        if runnable.background or "barrier" in runnable or not runs_something:
-            return f"runnable {i}: the local Batch service runs foreground container or script runnables only"
+        # Anyone on this machine can reach the service: it runs the worker image's entrypoint and
+        # nothing else a request names (no script, no entrypoint override, no background runnable).
+        if runnable.background or "barrier" in runnable or not runnable.container.image_uri:
+            return f"runnable {i}: the local Batch service runs foreground container runnables (the worker image) only"
+        if runnable.container.entrypoint:
+            return f"runnable {i}: the local Batch service runs the worker image's own entrypoint; container.entrypoint must be empty"
     if not 0 <= spec.max_retry_count <= MAX_RETRY_COUNT:
         return f"task_spec.max_retry_count must be between 0 and {MAX_RETRY_COUNT}"
     if len(spec.lifecycle_policies) > 1:
@@ -106,26 +110,23 @@ def parse_worker_command(command: str | Sequence[str] | None) -> tuple[str, ...]
 
 
 def runnable_argv(runnable: batch_v1.Runnable, worker_command: Sequence[str]) -> list[str]:
-    """How a runnable runs on the host.
-
-    A container runs the worker command (the worker image's entrypoint) followed by
-    ``container.commands``; ``container.entrypoint`` replaces the worker command, as Docker's
-    ``--entrypoint`` does. A script runs with ``/bin/sh -c`` (text) or ``/bin/sh`` (path).
-    """
-    if runnable.container.image_uri:
-        container = runnable.container
-        head = shlex.split(container.entrypoint) if container.entrypoint else list(worker_command)
-        return [*head, *container.commands]
-    if runnable.script.text:
-        return ["/bin/sh", "-c", runnable.script.text]
-    return ["/bin/sh", runnable.script.path]
+    """How a (validated) container runnable runs on the host: the worker command, standing in for
+    the worker image's entrypoint, followed by ``container.commands`` as its arguments."""
+    return [*worker_command, *runnable.container.commands]
 
 
 def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable: batch_v1.Runnable,
-                     retry_attempt: int) -> dict[str, str]:
-    """The service's environment, Batch's predefined variables, the task's, then the runnable's."""
+                     retry_attempt: int, site_packages: Path) -> dict[str, str]:
+    """The service's environment, Batch's predefined variables, the task's, then the runnable's.
+
+    Every attempt runs in a fresh container on Batch: what a task pip-installs (ct.DepsPip) is gone
+    for the next one. Here the image's environment is shared, so pip installs into the attempt's own
+    ``site_packages`` (PIP_TARGET), which is on the attempt's PYTHONPATH.
+    """
     return {
         **base,
+        "PIP_TARGET": str(site_packages),
+        "PYTHONPATH": str(site_packages),
         "BATCH_TASK_INDEX": "0",
         "BATCH_TASK_COUNT": "1",
         "BATCH_TASK_RETRY_ATTEMPT": str(retry_attempt),

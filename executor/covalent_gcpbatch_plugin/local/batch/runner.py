@@ -415,7 +415,9 @@ class LocalBatch:
         with open(record.workdir / f"attempt-{retries}.log", "wb") as out:
             for runnable in spec.runnables:
                 argv = runnable_argv(runnable, self.worker_command)
-                env = task_environment(self.base_env, spec, runnable, retries)
+                site_packages = workdir / ".task-site-packages"
+                site_packages.mkdir(exist_ok=True)  # before start: Python skips a PYTHONPATH entry missing then
+                env = task_environment(self.base_env, spec, runnable, retries, site_packages)
                 try:
                     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
