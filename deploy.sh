@@ -3,6 +3,7 @@
 #
 #   ./deploy.sh up     --project P [--region R] [--prefix X] [options]
 #   ./deploy.sh status --project P [--region R] [--prefix X]
+#   ./deploy.sh image  --project P [--region R] [--prefix X] --name N --requirements FILE
 #   ./deploy.sh down   --project P [--region R] [--prefix X] [--yes]
 #
 # `up` is idempotent: every resource is looked up before it is created, so a second `up` changes
@@ -17,7 +18,8 @@ readonly APIS=(
   cloudfunctions.googleapis.com run.googleapis.com eventarc.googleapis.com
   cloudbuild.googleapis.com artifactregistry.googleapis.com logging.googleapis.com
 )
-readonly UP_STEPS=(apis bucket repo topic accounts image iam function config)
+# iam before image: the build runs as the build account, which needs its roles first.
+readonly UP_STEPS=(apis bucket repo topic accounts iam image function config)
 readonly DOWN_STEPS=(config function iam accounts topic repo bucket)
 readonly FINALIZED=google.cloud.storage.object.v1.finalized
 readonly ENTRY_POINT=on_task_uploaded
@@ -26,10 +28,12 @@ readonly NOT_FOUND='not[ _]?found|404|does not exist|manifest unknown'
 
 usage() {
   cat <<EOF
-Usage: ./deploy.sh up|down|status --project P [options]
+Usage: ./deploy.sh up|down|status|image --project P [options]
 
   up       create (or complete) the deployment and write [executors.gcpbatch] in the Covalent config
   status   show which of the deployment's resources and roles exist
+  image    build a worker image with your packages (--name N --requirements FILE) into the
+           deployment's repository; tasks use it with container_image_uri
   down     delete what up created (asks first; --yes to skip; without a terminal it needs --yes)
 
 Options (environment fallbacks in parentheses):
@@ -44,6 +48,10 @@ Options (environment fallbacks in parentheses):
   --max-vcpus N, --max-memory-mb N, --max-time-limit-s N, --max-accelerator-count N,
   --allowed-machine-types T1,T2
                            caps the function enforces on every task (defaults: deployment.py)
+  --allowed-images I1,I2   images a task may run (default: every worker image in the deployment's
+                           repository, <region>-docker.pkg.dev/<project>/<prefix>/worker*)
+  --name N, --requirements FILE
+                           image: the image is worker-N, with FILE's packages (pip requirements)
   --only STEP[,STEP...]    run only these steps (up: ${UP_STEPS[*]};
                            down: ${DOWN_STEPS[*]})
   --yes, -y                do not ask before deleting (down)
@@ -113,10 +121,10 @@ parse_args() {
   ACTION=${1:-}
   [ $# -eq 0 ] || shift
   case "$ACTION" in
-    up | down | status) ;;
+    up | down | status | image) ;;
     -h | --help | help) usage; exit 0 ;;
     "") usage >&2; exit 2 ;;
-    *) die "unknown command '$ACTION' (up, down or status)" ;;
+    *) die "unknown command '$ACTION' (up, down, status or image)" ;;
   esac
   PROJECT=${GCPBATCH_PROJECT:-}
   REGION=${GCPBATCH_REGION:-us-east1}
@@ -126,6 +134,7 @@ parse_args() {
   RETENTION_DAYS=7
   FUNCTION_RUNTIME=python311
   MAX_VCPUS="" MAX_MEMORY_MB="" MAX_TIME_LIMIT_S="" MAX_ACCELERATOR_COUNT="" ALLOWED_MACHINE_TYPES=""
+  ALLOWED_IMAGES="" IMAGE_SUFFIX="" REQUIREMENTS=""
   ONLY=""
   YES=0
   while [ $# -gt 0 ]; do
@@ -149,6 +158,9 @@ parse_args() {
       --max-time-limit-s) MAX_TIME_LIMIT_S=$value ;;
       --max-accelerator-count) MAX_ACCELERATOR_COUNT=$value ;;
       --allowed-machine-types) ALLOWED_MACHINE_TYPES=$value ;;
+      --allowed-images) ALLOWED_IMAGES=$value ;;
+      --name) IMAGE_SUFFIX=$value ;;
+      --requirements) REQUIREMENTS=$value ;;
       --only) ONLY=$value ;;
       --yes | -y) YES=1 ;;
       --help | -h) usage; exit 0 ;;
@@ -166,6 +178,12 @@ validate() {
     die "prefix '$PREFIX' must be 3-23 of a-z, 0-9 and -, starting with a letter"
   [[ $RETENTION_DAYS =~ ^[1-9][0-9]*$ ]] || die "--retention-days must be a whole number of days >= 1"
   [[ $FUNCTION_RUNTIME =~ ^python3[0-9]+$ ]] || die "--function-runtime must be a Python runtime (e.g. python311)"
+  if [ "$ACTION" = image ]; then
+    [[ $IMAGE_SUFFIX =~ ^[a-z0-9][a-z0-9-]{0,29}$ ]] ||
+      die "image needs --name N (1-30 of a-z, 0-9 and -): the image is named worker-N"
+    [ -f "$REQUIREMENTS" ] || die "image needs --requirements FILE (pip requirements of your tasks): '$REQUIREMENTS' is not a file"
+    REQUIREMENTS=$(cd "$(dirname "$REQUIREMENTS")" && pwd)/$(basename "$REQUIREMENTS")
+  fi
   local step steps allowed
   if [ "$ACTION" = down ]; then allowed=" ${DOWN_STEPS[*]} "; else allowed=" ${UP_STEPS[*]} "; fi
   IFS=, read -ra steps <<<"$ONLY"
@@ -181,29 +199,44 @@ derive_names() {
   REPO=$PREFIX
   TOPIC=$PREFIX-jobs
   FUNCTION=$PREFIX-submit
+  # Cloud Build's source uploads (the worker image's and the function's), deleted after a day.
+  STAGING_BUCKET=$PREFIX-build-$PROJECT
   RUNNER_SA=$PREFIX-runner@$PROJECT.iam.gserviceaccount.com
   FUNCTION_SA=$PREFIX-fn@$PROJECT.iam.gserviceaccount.com
+  BUILD_SA=$PREFIX-build@$PROJECT.iam.gserviceaccount.com
+  REGISTRY=$REGION-docker.pkg.dev/$PROJECT/$REPO
+  ALLOWED_IMAGES=${ALLOWED_IMAGES:-$REGISTRY/worker*}
+  IMAGE_NAME=worker${IMAGE_SUFFIX:+-$IMAGE_SUFFIX}
   IMAGE=""
   GCS_AGENT=""
+  PUBSUB_AGENT=""
 }
 
-# The worker image: tagged with the dispatching environment's Python and covalent versions and a
-# digest of what the Dockerfile copies, so a changed source or environment gets a new image.
+# The worker image: its build context staged in $WORK/context (exactly what the Dockerfile copies,
+# plus --requirements for `image`), tagged with the dispatching environment's Python and covalent
+# versions and the context's digest, so a changed source, requirement or environment gets a new image.
 resolve_image() {
   [ -z "$IMAGE" ] || return 0
-  local versions source_digest
+  local versions context_digest
   versions=$(helper versions) ||
     die "could not ask '$PYTHON' for its Python and covalent versions: pass --python <the python you dispatch from>"
   read -r PY_VERSION COVALENT_VERSION <<<"$versions"
-  source_digest=$(helper digest "$ROOT/worker_image" "$ROOT/executor" "$ROOT/pyproject.toml" \
-    "$ROOT/functions/__init__.py" "$ROOT/functions/main.py" "$ROOT/functions/requirements.txt")
-  IMAGE=$REGION-docker.pkg.dev/$PROJECT/$REPO/worker:py$PY_VERSION-covalent$COVALENT_VERSION-$source_digest
+  context_digest=$(helper stage-context "$WORK/context" ${REQUIREMENTS:+--requirements "$REQUIREMENTS"}) ||
+    die "could not stage the worker image's build context"
+  IMAGE=$REGISTRY/$IMAGE_NAME:py$PY_VERSION-covalent$COVALENT_VERSION-$context_digest
 }
 
 resolve_gcs_agent() {
   [ -z "$GCS_AGENT" ] || return 0
   lookup gcloud storage service-agent --project="$PROJECT" || die "no Cloud Storage service agent in $PROJECT"
   GCS_AGENT=$FOUND
+}
+
+resolve_pubsub_agent() {
+  [ -z "$PUBSUB_AGENT" ] || return 0
+  lookup gcloud projects describe "$PROJECT" --format='value(projectNumber)' || die "project $PROJECT not found"
+  [[ $FOUND =~ ^[0-9]+$ ]] || die "could not read the project number of $PROJECT"
+  PUBSUB_AGENT=service-$FOUND@gcp-sa-pubsub.iam.gserviceaccount.com
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +277,17 @@ ensure_bucket() {
     --uniform-bucket-level-access --public-access-prevention --lifecycle-file="$WORK/lifecycle.json"
 }
 
+ensure_staging_bucket() {
+  section "Build staging bucket gs://$STAGING_BUCKET"
+  if lookup gcloud storage buckets describe "gs://$STAGING_BUCKET" --project="$PROJECT" --format='value(name)'; then
+    present "gs://$STAGING_BUCKET"
+    return
+  fi
+  helper lifecycle --days 1 --everything >"$WORK/staging-lifecycle.json"
+  run gcloud storage buckets create "gs://$STAGING_BUCKET" --project="$PROJECT" --location="$REGION" \
+    --uniform-bucket-level-access --public-access-prevention --lifecycle-file="$WORK/staging-lifecycle.json"
+}
+
 ensure_repository() {
   section "Artifact Registry repository $REPO"
   if lookup gcloud artifacts repositories describe "$REPO" --location="$REGION" --project="$PROJECT" --format='value(name)'; then
@@ -277,6 +321,7 @@ ensure_service_account() {
 ensure_accounts() {
   ensure_service_account "$RUNNER_SA" "covalent-gcpbatch: the Batch jobs run as this account"
   ensure_service_account "$FUNCTION_SA" "covalent-gcpbatch: the Cloud Function that creates the Batch jobs"
+  ensure_service_account "$BUILD_SA" "covalent-gcpbatch: Cloud Build builds the worker image and the function as this account"
 }
 
 ensure_image() {
@@ -288,8 +333,10 @@ ensure_image() {
   fi
   helper build-config --image "$IMAGE" --python-version "$PY_VERSION" --covalent-version "$COVALENT_VERSION" \
     >"$WORK/cloudbuild.json"
-  # Uploads the repository root, filtered by .gcloudignore to what worker_image/Dockerfile copies.
-  run gcloud builds submit "$ROOT" --project="$PROJECT" --config="$WORK/cloudbuild.json"
+  # Runs as the build account (projects created since mid-2024 give Cloud Build's default account
+  # no roles), with the source staged in our own bucket and the logs in Cloud Logging.
+  run gcloud builds submit "$WORK/context" --project="$PROJECT" --region="$REGION" --config="$WORK/cloudbuild.json" \
+    --service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA" --gcs-source-staging-dir="gs://$STAGING_BUCKET/source"
 }
 
 # IAM: where a role is granted sets what an account can reach. iam_target KIND RESOURCE sets
@@ -336,12 +383,13 @@ ensure_binding() {
 # The whole IAM plan, in one place: each_binding ACTION calls ACTION KIND RESOURCE ROLE MEMBER.
 # The function's own run.invoker grant comes after it is deployed (ensure_function).
 each_binding() {
-  local action=$1 runner=serviceAccount:$RUNNER_SA fn=serviceAccount:$FUNCTION_SA
-  # The job runner: report to Batch, write logs, read/write objects of THIS bucket, pull from
-  # THIS repository, publish job notifications to THIS topic. Nothing project-wide beyond that.
+  local action=$1 runner=serviceAccount:$RUNNER_SA fn=serviceAccount:$FUNCTION_SA build=serviceAccount:$BUILD_SA
+  # The job runner: report to Batch, write logs, read and create (never replace or delete) objects
+  # of THIS bucket, pull from THIS repository, publish job notifications to THIS topic.
   "$action" project "$PROJECT" roles/batch.agentReporter "$runner"
   "$action" project "$PROJECT" roles/logging.logWriter "$runner"
-  "$action" bucket "gs://$BUCKET" roles/storage.objectUser "$runner"
+  "$action" bucket "gs://$BUCKET" roles/storage.objectViewer "$runner"
+  "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$runner"
   "$action" repo "$REPO" roles/artifactregistry.reader "$runner"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$runner"
   # The function: create Batch jobs that run as the runner account (and only it), read task
@@ -353,10 +401,20 @@ each_binding() {
   "$action" bucket "gs://$BUCKET" roles/storage.objectViewer "$fn"
   "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$fn"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$fn"
-  # Storage triggers: Cloud Storage publishes the bucket's events to Eventarc's topic.
+  # The builds (worker image, function): write build logs, push to THIS repository, read the
+  # sources staged in THIS staging bucket (the documented minimum for a custom build account).
+  "$action" project "$PROJECT" roles/logging.logWriter "$build"
+  "$action" repo "$REPO" roles/artifactregistry.writer "$build"
+  "$action" bucket "gs://$STAGING_BUCKET" roles/storage.objectAdmin "$build"
   if [ "$action" != remove_binding ]; then
+    # Storage triggers: Cloud Storage publishes the bucket's events to Eventarc's topic.
     resolve_gcs_agent
     "$action" project "$PROJECT" roles/pubsub.publisher "serviceAccount:$GCS_AGENT"
+    # The trigger's push subscription authenticates as the function's account: the Pub/Sub agent
+    # mints that token (granted by default only to agents created after April 2021; on that
+    # account alone, not project-wide).
+    resolve_pubsub_agent
+    "$action" account "$FUNCTION_SA" roles/iam.serviceAccountTokenCreator "serviceAccount:$PUBSUB_AGENT"
   fi
 }
 
@@ -368,9 +426,11 @@ ensure_bindings() {
 # plan_function: the function's settings (env file) and deploy flags, in FUNCTION_DEPLOY, and
 # FUNCTION_DIGEST, the digest of those and of functions/ that up records as a label on it.
 plan_function() {
-  resolve_image
+  local allowed=() images=() image
+  IFS=, read -ra images <<<"$ALLOWED_IMAGES"
+  for image in "${images[@]}"; do allowed+=(--allowed-image "$image"); done
   helper function-env --project "$PROJECT" --region "$REGION" --topic "$TOPIC" \
-    --job-service-account "$RUNNER_SA" --allowed-image "$IMAGE" \
+    --job-service-account "$RUNNER_SA" "${allowed[@]}" \
     --max-vcpus "$MAX_VCPUS" --max-memory-mb "$MAX_MEMORY_MB" --max-time-limit-s "$MAX_TIME_LIMIT_S" \
     --max-accelerator-count "$MAX_ACCELERATOR_COUNT" --allowed-machine-types "$ALLOWED_MACHINE_TYPES" \
     >"$WORK/function-env.yaml"
@@ -380,6 +440,8 @@ plan_function() {
     --trigger-event-filters="type=$FINALIZED" --trigger-event-filters="bucket=$BUCKET"
     --trigger-location="$REGION" --retry
     --service-account="$FUNCTION_SA" --trigger-service-account="$FUNCTION_SA"
+    --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA"
+    --docker-repository="projects/$PROJECT/locations/$REGION/repositories/$REPO" --stage-bucket="$STAGING_BUCKET"
     --ingress-settings=internal-only --no-allow-unauthenticated
     --memory=256Mi --timeout=180s
   )
@@ -428,7 +490,7 @@ cmd_up() {
     wanted "$step" || continue
     case "$step" in
       apis) ensure_apis ;;
-      bucket) ensure_bucket ;;
+      bucket) ensure_bucket; ensure_staging_bucket ;;
       repo) ensure_repository ;;
       topic) ensure_topic ;;
       accounts) ensure_accounts ;;
@@ -502,6 +564,7 @@ delete_service_account() {
 delete_accounts() {
   delete_service_account "$FUNCTION_SA"
   delete_service_account "$RUNNER_SA"
+  delete_service_account "$BUILD_SA"
 }
 
 delete_topic() {
@@ -523,12 +586,15 @@ delete_repository() {
 }
 
 delete_bucket() {
-  section "Bucket gs://$BUCKET (and its objects)"
-  if lookup gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" --format='value(name)'; then
-    run gcloud storage rm --recursive "gs://$BUCKET" --project="$PROJECT"
-  else
-    printf '   absent: gs://%s\n' "$BUCKET"
-  fi
+  local bucket
+  for bucket in "$BUCKET" "$STAGING_BUCKET"; do
+    section "Bucket gs://$bucket (and its objects)"
+    if lookup gcloud storage buckets describe "gs://$bucket" --project="$PROJECT" --format='value(name)'; then
+      run gcloud storage rm --recursive "gs://$bucket" --project="$PROJECT"
+    else
+      printf '   absent: gs://%s\n' "$bucket"
+    fi
+  done
 }
 
 cmd_down() {
@@ -547,8 +613,8 @@ cmd_down() {
     esac
   done
   section "Done"
-  echo "Deployment '$PREFIX' in $PROJECT is down. The APIs stay enabled; Cloud Build's source bucket"
-  echo "(gs://${PROJECT}_cloudbuild) and the Cloud Storage service agent's pubsub.publisher grant are kept."
+  echo "Deployment '$PREFIX' in $PROJECT is down. The APIs stay enabled, and the Cloud Storage service"
+  echo "agent keeps its pubsub.publisher grant (any storage trigger needs it)."
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -584,11 +650,13 @@ cmd_status() {
   resolve_image
   section "Resources of '$PREFIX' in $PROJECT ($REGION)"
   report "bucket gs://$BUCKET" gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" --format='value(name)'
+  report "bucket gs://$STAGING_BUCKET" gcloud storage buckets describe "gs://$STAGING_BUCKET" --project="$PROJECT" --format='value(name)'
   report "repository $REPO" gcloud artifacts repositories describe "$REPO" --location="$REGION" --project="$PROJECT" --format='value(name)'
   report "image $IMAGE" gcloud artifacts docker images describe "$IMAGE" --project="$PROJECT" --format='value(image_summary.digest)'
   report "topic $TOPIC" gcloud pubsub topics describe "$TOPIC" --project="$PROJECT" --format='value(name)'
   report "account $RUNNER_SA" gcloud iam service-accounts describe "$RUNNER_SA" --project="$PROJECT" --format='value(email)'
   report "account $FUNCTION_SA" gcloud iam service-accounts describe "$FUNCTION_SA" --project="$PROJECT" --format='value(email)'
+  report "account $BUILD_SA" gcloud iam service-accounts describe "$BUILD_SA" --project="$PROJECT" --format='value(email)'
   plan_function
   deployed_digest
   if [ -z "$DEPLOYED" ]; then
@@ -612,6 +680,17 @@ cmd_status() {
   fi
 }
 
+# image: a worker image with the user's packages, beside the default one in the repository.
+cmd_image() {
+  lookup gcloud iam service-accounts describe "$BUILD_SA" --project="$PROJECT" --format='value(email)' ||
+    die "no deployment '$PREFIX' in $PROJECT (its build account is missing): run ./deploy.sh up first"
+  ensure_image
+  section "Done"
+  echo "Run tasks on it: ct.executor.GCPBatchExecutor(container_image_uri=\"$IMAGE\")"
+  echo "(or set container_image_uri in [executors.gcpbatch]). The function allows it if its allowlist"
+  echo "covers it: the default allows every worker image in $REGISTRY."
+}
+
 main() {
   parse_args "$@"
   validate
@@ -624,6 +703,7 @@ main() {
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
+    image) cmd_image ;;
   esac
 }
 

@@ -7,8 +7,9 @@ Commands (each prints its answer on stdout; a check answers with its exit status
 ``versions``
     ``<python major.minor> <covalent version>`` of this interpreter: the worker image must be built
     for the environment tasks are dispatched from.
-``lifecycle --days N``
-    The bucket's lifecycle file: delete objects under protocol.TASKS_PREFIX after N days.
+``lifecycle --days N [--everything]``
+    The bucket's lifecycle file: delete objects under protocol.TASKS_PREFIX (or every object: the
+    build staging bucket) after N days.
 ``bucket-matches --days N`` (bucket resource JSON, ``describe --raw``, on stdin)
     Exit 0 if the bucket has that lifecycle rule, uniform bucket-level access and public access
     prevention; else exit 3 (NO), saying what differs on stderr.
@@ -17,10 +18,13 @@ Commands (each prints its answer on stdout; a check answers with its exit status
 ``build-config --image URI --python-version X.Y --covalent-version V``
     The Cloud Build config (JSON) that builds worker_image/Dockerfile with those build arguments
     from the repository root and pushes it.
-``function-env --project P --region R --topic T --job-service-account SA --allowed-image URI [caps]``
+``function-env --project P --region R --topic T --job-service-account SA --allowed-image URI... [caps]``
     The function's environment (YAML, for ``gcloud functions deploy --env-vars-file``), written by
     deployment.DeploymentSettings.to_env, so it is exactly what DeploymentSettings.from_env reads.
     The caps' flags are deployment.CAP_FIELDS (``--max-vcpus``...).
+``stage-context DEST [--requirements FILE]``
+    Copy the worker image's build context (the Dockerfile and exactly what it copies; FILE as the
+    user's extra requirements) into DEST and print its digest, which tags the image.
 ``digest [--text S]... PATH...``
     A short content digest of files (directories recursively, symlinks followed, caches skipped).
 ``config-set KEY=VALUE...`` / ``config-unset --if-bucket B [KEY...]`` / ``config-show``
@@ -70,7 +74,7 @@ def _lifecycle(args: argparse.Namespace) -> int:
 
     if args.days < 1:
         raise DeployError("--days must be at least 1")
-    return _print(json.dumps(cloud.lifecycle(args.days), indent=2))
+    return _print(json.dumps(cloud.lifecycle(args.days, "" if args.everything else cloud.TASKS_PREFIX), indent=2))
 
 
 def _bucket_matches(args: argparse.Namespace) -> int:
@@ -121,6 +125,19 @@ def _function_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_context(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .deploy import image
+
+    return _print(image.stage_context(Path(args.dest), Path(args.requirements) if args.requirements else None))
+
+
+def _stage_context_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dest")
+    p.add_argument("--requirements", default="")
+
+
 def _digest(args: argparse.Namespace) -> int:
     from .deploy import image
 
@@ -148,6 +165,11 @@ def _config_show(args: argparse.Namespace) -> int:
 
 def _days(p: argparse.ArgumentParser) -> None:
     p.add_argument("--days", type=int, required=True)
+
+
+def _lifecycle_arguments(p: argparse.ArgumentParser) -> None:
+    _days(p)
+    p.add_argument("--everything", action="store_true", help="every object, not only the task objects")
 
 
 def _nothing(p: argparse.ArgumentParser) -> None:
@@ -180,11 +202,12 @@ def _config_unset_arguments(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, Command] = {
     "versions": Command(_nothing, _versions),
-    "lifecycle": Command(_days, _lifecycle),
+    "lifecycle": Command(_lifecycle_arguments, _lifecycle),
     "bucket-matches": Command(_days, _bucket_matches),
     "has-binding": Command(_has_binding_arguments, _has_binding),
     "build-config": Command(_build_config_arguments, _build_config),
     "function-env": Command(_function_env_arguments, _function_env),
+    "stage-context": Command(_stage_context_arguments, _stage_context),
     "digest": Command(_digest_arguments, _digest),
     "config-set": Command(_config_set_arguments, _config_set),
     "config-unset": Command(_config_unset_arguments, _config_unset),

@@ -255,6 +255,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             try:
                 item = await asyncio.wait_for(inbox.get(), wait.timeout(loop.time()))
                 wait.heard()
+                if isinstance(item, JobEvent) and item.state is JobState.SUCCEEDED:
+                    item = await asyncio.to_thread(self._confirm_succeeded, item)
             except asyncio.TimeoutError:
                 wait.silence()
                 item = await asyncio.to_thread(self._reconcile, job_id)
@@ -272,6 +274,18 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 # Cancelled while the function was creating the job: cancel it now that it exists.
                 await asyncio.to_thread(self._cancel_job, job_id)
                 wait.cancel_sent = True
+
+    def _confirm_succeeded(self, event: JobEvent) -> JobEvent | None:
+        """Pub/Sub does not say who published a message, and more than Batch can publish to the
+        topic (any job's account can). A SUCCEEDED heard there is confirmed with one get_job before
+        result.pkl is unpickled: a job SUCCEEDED only if its worker wrote result.pkl itself
+        (generation 0). Anything else Batch says replaces the message."""
+        confirmed = self._reconcile(event.job_id)
+        if confirmed is None or confirmed.state is not JobState.SUCCEEDED:
+            app_log.warning(f"gcpbatch: ignored a SUCCEEDED message for {event.job_id}: Batch says "
+                            f"{confirmed.state.value if confirmed else 'there is no such job'}")
+            return confirmed
+        return event
 
     def _reconcile(self, job_id: str) -> JobEvent | None:
         """One read of the job's state: a notification is overdue. None if the job does not exist."""

@@ -35,7 +35,10 @@ REPOSITORY = PREFIX
 FUNCTION = f"{PREFIX}-submit"
 RUNNER = f"{PREFIX}-runner@{PROJECT}.iam.gserviceaccount.com"
 FN = f"{PREFIX}-fn@{PROJECT}.iam.gserviceaccount.com"
+BUILDER = f"{PREFIX}-build@{PROJECT}.iam.gserviceaccount.com"
+STAGING = f"{PREFIX}-build-{PROJECT}"
 GCS_AGENT = "service-424242424242@gs-project-accounts.iam.gserviceaccount.com"
+PUBSUB_AGENT = "service-424242424242@gcp-sa-pubsub.iam.gserviceaccount.com"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 COVALENT_VERSION = version("covalent")
 ARGS = ["--project", PROJECT, "--region", REGION, "--prefix", PREFIX, "--python", sys.executable]
@@ -134,9 +137,9 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         "apis": find(all_calls, "services", "enable"),
     }
     assert {name: len(calls) for name, calls in creations.items()} == {
-        "bucket": 1, "repository": 1, "topic": 1, "accounts": 2, "image build": 1, "function": 1, "apis": 1,
+        "bucket": 2, "repository": 1, "topic": 1, "accounts": 3, "image build": 1, "function": 1, "apis": 1,
     }  # fmt: skip
-    assert [c["argv"][3] for c in creations["accounts"]] == [f"{PREFIX}-runner", f"{PREFIX}-fn"]
+    assert [c["argv"][3] for c in creations["accounts"]] == [f"{PREFIX}-runner", f"{PREFIX}-fn", f"{PREFIX}-build"]
     assert creations["topic"][0]["argv"][3] == TOPIC
     assert set(creations["apis"][0]["argv"][2:-1]) == {
         f"{api}.googleapis.com"
@@ -151,24 +154,38 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert [c["argv"] for c in calls_second if verb_of(c) in MUTATING] == []
     assert "+ gcloud" not in second.stdout
     # Every change is echoed before it runs.
-    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 21
+    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 28
 
     # -- the bucket: region, uniform access, no public access, task objects expire ------------------
-    bucket_create = creations["bucket"][0]
+    bucket_create, staging_create = creations["bucket"]
     assert bucket_create["argv"][3] == f"gs://{BUCKET}"
     assert f"--location={REGION}" in bucket_create["argv"]
     assert "--uniform-bucket-level-access" in bucket_create["argv"]
     assert "--public-access-prevention" in bucket_create["argv"]
     lifecycle = json.loads(bucket_create["files"]["--lifecycle-file"])
     assert lifecycle == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 7, "matchesPrefix": [TASKS_PREFIX]}}]}
+    # Cloud Build's sources go to a staging bucket of the deployment's own, kept one day.
+    assert staging_create["argv"][3] == f"gs://{STAGING}"
+    assert {"--uniform-bucket-level-access", "--public-access-prevention", f"--location={REGION}"} <= set(staging_create["argv"])
+    assert json.loads(staging_create["files"]["--lifecycle-file"]) == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 1}}]}
 
     # -- the repository and the image, built for this environment's versions -------------------------
     repo_create = creations["repository"][0]
     assert repo_create["argv"][3] == REPOSITORY
     assert "--repository-format=docker" in repo_create["argv"] and f"--location={REGION}" in repo_create["argv"]
     build = creations["image build"][0]
-    assert build["argv"][2] == str(REPO), "the build context is the repository root"
+    # The build context is exactly what the Dockerfile copies, the user's extra requirements empty.
+    context = build["context"]
+    assert {"worker_image/Dockerfile", "worker_image/requirements.txt", "worker_image/extra-requirements.txt",
+            "pyproject.toml", "README.md", "functions/main.py", "executor/covalent_gcpbatch_plugin/worker.py"} <= set(context)
+    assert not [name for name in context if name.startswith(("tests/", "bench/", ".git/", "deploy.sh", "examples/"))]
+    assert context["worker_image/extra-requirements.txt"] == (REPO / "worker_image" / "extra-requirements.txt").read_text()
+    # Run as the build account, regionally, sources staged in the deployment's bucket, logs in Logging.
+    assert flag_values(build, "--service-account") == [f"projects/{PROJECT}/serviceAccounts/{BUILDER}"]
+    assert flag_values(build, "--gcs-source-staging-dir") == [f"gs://{STAGING}/source"]
+    assert flag_values(build, "--region") == [REGION]
     config = json.loads(build["files"]["--config"])
+    assert config["options"] == {"logging": "CLOUD_LOGGING_ONLY"}
     (step,) = config["steps"]
     image = config["images"][0]
     assert image.startswith(f"{REGION}-docker.pkg.dev/{PROJECT}/{REPOSITORY}/worker:py{PYTHON_VERSION}-covalent{COVALENT_VERSION}-")
@@ -193,6 +210,9 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert flag_values(deploy, "--runtime")[0].startswith("python3")
     assert flag_values(deploy, "--service-account") == [FN]
     assert flag_values(deploy, "--trigger-service-account") == [FN]
+    assert flag_values(deploy, "--build-service-account") == [f"projects/{PROJECT}/serviceAccounts/{BUILDER}"]
+    assert flag_values(deploy, "--docker-repository") == [f"projects/{PROJECT}/locations/{REGION}/repositories/{REPOSITORY}"]
+    assert flag_values(deploy, "--stage-bucket") == [STAGING]
     assert flag_values(deploy, "--ingress-settings") == ["internal-only"]
     assert "--no-allow-unauthenticated" in argv and "--allow-unauthenticated" not in argv
     assert "--retry" in argv, "the function answers 500 on transient errors and relies on redelivery"
@@ -205,29 +225,40 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         monkeypatch.delenv(name)
     assert (settings.project_id, settings.region, settings.topic) == (PROJECT, REGION, TOPIC)
     assert settings.job_service_account == RUNNER
-    assert settings.allowed_images == (image,)
+    assert settings.allowed_images == (f"{REGION}-docker.pkg.dev/{PROJECT}/{REPOSITORY}/worker*",)
+    assert settings.image_allowed(image), "every worker image of the deployment's repository"
+    assert not settings.image_allowed(f"{REGION}-docker.pkg.dev/{PROJECT}/{REPOSITORY}/{FUNCTION}:latest")
     assert settings.batch_api_endpoint is None
 
     # -- roles: each to the right account, at the right level ----------------------------------------
-    runner, fn = f"serviceAccount:{RUNNER}", f"serviceAccount:{FN}"
-    ours = {runner, fn}
+    runner, fn, builder = f"serviceAccount:{RUNNER}", f"serviceAccount:{FN}", f"serviceAccount:{BUILDER}"
+    ours = {runner, fn, builder}
     project_roles = {(r, m) for r, m in recorder.bindings(f"projects/{PROJECT}") if m in ours}
     assert project_roles == {
         ("roles/batch.agentReporter", runner),
         ("roles/logging.logWriter", runner),
         ("roles/batch.jobsEditor", fn),
         ("roles/eventarc.eventReceiver", fn),
+        ("roles/logging.logWriter", builder),
     }, "nothing else project-wide: storage, Pub/Sub and the registry are granted on the resources"
     assert ("roles/pubsub.publisher", f"serviceAccount:{GCS_AGENT}") in recorder.bindings(f"projects/{PROJECT}")
     assert recorder.bindings(f"storage buckets/gs://{BUCKET}") == {
-        ("roles/storage.objectUser", runner),
+        ("roles/storage.objectViewer", runner),
+        ("roles/storage.objectCreator", runner),
         ("roles/storage.objectViewer", fn),
         ("roles/storage.objectCreator", fn),
-    }
+    }, "create and read only: nobody but the dispatching user replaces or deletes an object"
+    assert recorder.bindings(f"storage buckets/gs://{STAGING}") == {("roles/storage.objectAdmin", builder)}
     assert recorder.bindings(f"pubsub topics/{TOPIC}") == {("roles/pubsub.publisher", runner), ("roles/pubsub.publisher", fn)}
-    assert recorder.bindings(f"artifacts repositories/{REPOSITORY}@{REGION}") == {("roles/artifactregistry.reader", runner)}
+    assert recorder.bindings(f"artifacts repositories/{REPOSITORY}@{REGION}") == {
+        ("roles/artifactregistry.reader", runner),
+        ("roles/artifactregistry.writer", builder),
+    }
     assert recorder.bindings(f"iam service-accounts/{RUNNER}") == {("roles/iam.serviceAccountUser", fn)}
-    assert recorder.bindings(f"iam service-accounts/{FN}") == set(), "nobody may act as the function's account"
+    # Only the Pub/Sub agent, to authenticate the trigger's pushes as the function's account.
+    assert recorder.bindings(f"iam service-accounts/{FN}") == {
+        ("roles/iam.serviceAccountTokenCreator", f"serviceAccount:{PUBSUB_AGENT}")}
+    assert recorder.bindings(f"iam service-accounts/{BUILDER}") == set(), "nobody may act as the build account"
     assert recorder.bindings(f"run services/{FUNCTION}@{REGION}") == {("roles/run.invoker", fn)}
 
     # -- the Covalent config: everything the executor needs, emulators cleared, other keys kept ------
@@ -250,7 +281,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     status_start = len(recorder.calls())
     status = check(recorder.deploy("status", *ARGS))
     assert "MISSING" not in status.stdout
-    assert status.stdout.count("present") == 7 + 13, "7 resources, 13 role grants"
+    assert status.stdout.count("present") == 9 + 18, "9 resources, 18 role grants"
     assert [c["argv"] for c in recorder.calls()[status_start:] if verb_of(c) in MUTATING] == []
 
     # -- down: refuses without --yes when nobody can be asked ----------------------------------------
@@ -271,14 +302,16 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         ["functions", "delete", FUNCTION, f"--region={REGION}"],
         ["iam", "service-accounts", "delete", FN],
         ["iam", "service-accounts", "delete", RUNNER],
+        ["iam", "service-accounts", "delete", BUILDER],
         ["pubsub", "topics", "delete", TOPIC],
         ["artifacts", "repositories", "delete", REPOSITORY],
         ["storage", "rm", "--recursive", f"gs://{BUCKET}"],
+        ["storage", "rm", "--recursive", f"gs://{STAGING}"],
     ]
     assert recorder.config_section() == {"vcpus": 4}, "down takes out the keys up wrote, and only those"
 
     status_after = recorder.deploy("status", *ARGS)
-    assert status_after.returncode == 1 and status_after.stdout.count("MISSING") == 7
+    assert status_after.returncode == 1 and status_after.stdout.count("MISSING") == 9
 
     # A second down has nothing left to delete and still succeeds.
     again_start = len(recorder.calls())
@@ -296,6 +329,49 @@ def test_a_changed_setting_redeploys_only_the_function(recorder):
     assert [c["argv"][:3] for c in changed] == [["functions", "deploy", FUNCTION]]
     env_file = changed[0]["files"]["--env-vars-file"]
     assert 'GCPBATCH_MAX_VCPUS: "8.0"' in env_file or 'GCPBATCH_MAX_VCPUS: "8"' in env_file
+
+
+def test_image_builds_a_worker_image_with_the_users_packages(recorder, tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("scikit-learn==1.5.2\nnumpy<3\n")
+    refused = recorder.deploy("image", *ARGS, "--name", "ml", "--requirements", str(requirements))
+    assert refused.returncode != 0 and "run ./deploy.sh up first" in refused.stderr
+
+    check(recorder.deploy("up", *ARGS))
+    start = len(recorder.calls())
+    built = check(recorder.deploy("image", *ARGS, "--name", "ml", "--requirements", str(requirements)))
+    changed = [c for c in recorder.calls()[start:] if verb_of(c) in MUTATING]
+    assert [c["argv"][:2] for c in changed] == [["builds", "submit"]], "only the build: the function already allows it"
+    (build,) = changed
+    assert build["context"]["worker_image/extra-requirements.txt"] == requirements.read_text()
+    assert flag_values(build, "--service-account") == [f"projects/{PROJECT}/serviceAccounts/{BUILDER}"]
+    image = json.loads(build["files"]["--config"])["images"][0]
+    assert image.startswith(f"{REGION}-docker.pkg.dev/{PROJECT}/{REPOSITORY}/worker-ml:py{PYTHON_VERSION}-covalent{COVALENT_VERSION}-")
+    assert f'container_image_uri=\"{image}\"' in built.stdout
+    deployed = next(c for c in reversed(recorder.calls()) if c["argv"][:2] == ["functions", "deploy"])
+    allowed = [line for line in deployed["files"]["--env-vars-file"].splitlines() if line.startswith("GCPBATCH_ALLOWED_IMAGES")]
+    assert DeploymentSettings(project_id=PROJECT, region=REGION, topic=TOPIC,
+                              allowed_images=json.loads(allowed[0].partition(": ")[2]).split(",")).image_allowed(image)
+
+    # The same requirements again: the image exists, nothing is built. Others: a new image.
+    again = len(recorder.calls())
+    check(recorder.deploy("image", *ARGS, "--name", "ml", "--requirements", str(requirements)))
+    assert [c for c in recorder.calls()[again:] if verb_of(c) in MUTATING] == []
+    requirements.write_text("scikit-learn==1.6.0\n")
+    check(recorder.deploy("image", *ARGS, "--name", "ml", "--requirements", str(requirements)))
+    rebuilt = [c for c in recorder.calls()[again:] if verb_of(c) in MUTATING]
+    assert len(rebuilt) == 1 and json.loads(rebuilt[0]["files"]["--config"])["images"][0] != image
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [([], "--name"), (["--name", "ML"], "--name"), (["--name", "ml"], "--requirements"),
+     (["--name", "ml", "--requirements", "/nonexistent/requirements.txt"], "is not a file")],
+)
+def test_image_refuses_bad_arguments_before_any_call(recorder, extra, message):
+    result = recorder.deploy("image", *ARGS, *extra)
+    assert result.returncode != 0 and message in result.stderr
+    assert recorder.calls() == []
 
 
 def test_down_leaves_a_config_that_points_elsewhere(recorder):

@@ -775,6 +775,67 @@ class _ModeProbe:
         return (int, ())
 
 
+class _Planted:
+    """A result.pkl planted by someone who can write to the bucket: unpickling it makes a directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_a_forged_succeeded_message_is_confirmed_before_the_result_is_read(covalent_server, local_stack, tmp_path):
+    """Anyone who may publish to the topic (every job's account may) forges SUCCEEDED for a running
+    task and plants result.pkl beside it. The executor confirms with Batch before it unpickles
+    anything: the job is RUNNING, the message is ignored; the real worker then refuses to replace
+    the planted result (generation 0), so the task fails, saying so, and the plant is never loaded."""
+    go, started_file, unpickled = tmp_path / "go", tmp_path / "started", tmp_path / "planted-was-unpickled"
+
+    def body(started, go_path):
+        import os as _os
+        import time as _time
+
+        open(started, "w").close()
+        deadline = _time.monotonic() + 60
+        while not _os.path.exists(go_path) and _time.monotonic() < deadline:
+            _time.sleep(0.05)
+        return "real"
+
+    flow = one_node_flow(GCPBatchExecutor(time_limit=120, retries=0), body)
+    started = time.monotonic()
+    dispatch_id = ct.dispatch(flow)(str(started_file), str(go))
+    deadline = time.monotonic() + SETTLE_S
+    while not started_file.exists():
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.1)
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    job_id = protocol.job_id_of_job_name(job.name)
+    objects = protocol.TaskObjects(job_id)
+    bucket(local_stack).blob(objects.result).upload_from_string(cloudpickle.dumps(_Planted(str(unpickled))))
+    data, attributes = protocol.job_state_message(
+        protocol.job_name(local_stack.project_number, local_stack.region, job_id), "forged-uid", local_stack.region,
+        "RUNNING", "SUCCEEDED", "2026-11-26T00:00:00Z")
+    publisher = clients.publisher_client(local_stack.pubsub_emulator_host)
+    publisher.publish(local_stack.topic_path(local_stack.topic), data, **attributes).result(timeout=30)
+    # The forged message reaches the executor, which asks Batch (one get_job) and keeps waiting.
+    reads = batch_admin(local_stack, "stats")["calls"]["get"]
+    deadline = time.monotonic() + SETTLE_S
+    while batch_admin(local_stack, "stats")["calls"]["get"] == reads and not unpickled.exists():
+        assert time.monotonic() < deadline, "the executor did nothing with the message"
+        time.sleep(0.1)
+    go.touch()
+    result = wait_for(dispatch_id, timeout_s=SETTLE_S)
+    elapsed = time.monotonic() - started
+    node = nodes_by_name(result)["task"]
+    assert not unpickled.exists(), "the planted result.pkl was unpickled in the Covalent server"
+    assert str(node["status"]) == "FAILED"
+    assert "already exists" in node["stderr"] or "could not be stored" in node["stderr"], node["stderr"]
+    no_active_job_left(local_stack)
+    record("forged SUCCEEDED + planted result.pkl", "FAILED, plant never loaded",
+           f"{node['status']}, plant loaded: {unpickled.exists()}", elapsed)
+
+
 def test_task_pickle_is_private_and_removed_when_its_upload_fails(local_stack, tmp_path):
     """The task pickle is the user's code and data: 0600 in a 0700 directory while it exists, and
     removed even when the upload fails (here: an object of that name exists, precondition 412)."""

@@ -25,7 +25,8 @@ VERBS = {
     "describe", "list", "create", "delete", "update", "enable", "deploy", "submit", "rm",
     "get-iam-policy", "add-iam-policy-binding", "remove-iam-policy-binding", "service-agent",
 }  # fmt: skip
-GCS_AGENT = "service-424242424242@gs-project-accounts.iam.gserviceaccount.com"
+PROJECT_NUMBER = "424242424242"
+GCS_AGENT = f"service-{PROJECT_NUMBER}@gs-project-accounts.iam.gserviceaccount.com"
 
 
 def parse(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -74,8 +75,13 @@ def main() -> None:
     for flag in FILE_FLAGS:
         for path in flags.get(flag, []):
             files[flag] = Path(path).read_text()
+    context = {}
+    if positionals[:2] == ["builds", "submit"] and len(positionals) > 2:
+        # The build's source directory (deploy.sh stages it in a temporary directory): its files.
+        top = Path(positionals[2])
+        context = {path.relative_to(top).as_posix(): path.read_text() for path in sorted(top.rglob("*")) if path.is_file()}
     with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
-        log.write(json.dumps({"argv": argv, "files": files}) + "\n")
+        log.write(json.dumps({"argv": argv, "files": files, "context": context}) + "\n")
 
     state_file = Path(os.environ["FAKE_GCLOUD_STATE"])
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -115,6 +121,8 @@ def main() -> None:
         save()
     elif group == "storage" and verb == "service-agent":
         print(GCS_AGENT)
+    elif group == "projects" and verb == "describe":
+        show({"projectId": name, "projectNumber": PROJECT_NUMBER}, flags)
     elif verb == "describe":
         show(require(key), flags)
     elif verb == "get-iam-policy":

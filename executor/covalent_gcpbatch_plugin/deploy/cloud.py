@@ -8,8 +8,10 @@ from ..deployment import DeploymentSettings
 from ..protocol import TASKS_PREFIX
 
 
-def lifecycle(days: int) -> dict:
-    return {"rule": [{"action": {"type": "Delete"}, "condition": {"age": days, "matchesPrefix": [TASKS_PREFIX]}}]}
+def lifecycle(days: int, prefix: str = TASKS_PREFIX) -> dict:
+    """Delete objects under ``prefix`` (every object if empty) after ``days``."""
+    condition = {"age": days, "matchesPrefix": [prefix]} if prefix else {"age": days}
+    return {"rule": [{"action": {"type": "Delete"}, "condition": condition}]}
 
 
 def bucket_differences(bucket: dict, days: int) -> list[str]:

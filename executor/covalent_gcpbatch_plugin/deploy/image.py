@@ -4,6 +4,7 @@ content digest that names it."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from ..errors import DeployError
 
 DOCKERFILE = "worker_image/Dockerfile"
+#: Where the Dockerfile reads the user's packages from (empty in the checkout: the default image).
+EXTRA_REQUIREMENTS = "worker_image/extra-requirements.txt"
 #: Cloud Build's default timeout is 10 minutes; installing Covalent can take longer on a cold cache.
 BUILD_TIMEOUT = "1800s"
 SKIPPED_PARTS = {"__pycache__", ".pytest_cache", ".mypy_cache"}
@@ -37,6 +40,33 @@ def versions() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor} {covalent_version}"
 
 
+def stage_context(dest: Path, requirements: Path | None = None) -> str:
+    """Copy into ``dest`` the build context of the worker image: the Dockerfile and what its build
+    stage copies (local/worker_env.py reads the Dockerfile), nothing else; with ``requirements``,
+    the user's packages in place of the empty extra-requirements.txt. Returns its digest, which
+    names the image: a changed source or requirement gets a new image."""
+    from ..local import worker_env
+
+    if not worker_env.available():
+        raise DeployError(f"{worker_env.DOCKERFILE} not found: run deploy.sh from a source checkout")
+    root = worker_env.REPO_ROOT
+    if dest.exists():
+        shutil.rmtree(dest)
+    sources = [DOCKERFILE]
+    for argument in worker_env.parse_dockerfile()[0].all("COPY"):
+        sources += worker_env.copy_sources(argument, {})[0]
+    for source in sources:
+        for path in _files(root / source):
+            target = dest / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    if requirements is not None:
+        if not requirements.is_file():
+            raise DeployError(f"--requirements {requirements}: no such file")
+        shutil.copy2(requirements, dest / EXTRA_REQUIREMENTS)
+    return digest([str(dest)], [])
+
+
 def build_config(image: str, python_version: str, covalent_version: str) -> dict:
     build = [
         "build",
@@ -46,7 +76,13 @@ def build_config(image: str, python_version: str, covalent_version: str) -> dict
         "-t", image,
         ".",
     ]  # fmt: skip
-    return {"steps": [{"name": "gcr.io/cloud-builders/docker", "args": build}], "images": [image], "timeout": BUILD_TIMEOUT}
+    return {
+        "steps": [{"name": "gcr.io/cloud-builders/docker", "args": build}],
+        "images": [image],
+        "timeout": BUILD_TIMEOUT,
+        # A build that runs as a user-specified service account must say where its logs go.
+        "options": {"logging": "CLOUD_LOGGING_ONLY"},
+    }
 
 
 def _files(path: Path) -> Iterator[Path]:
