@@ -392,6 +392,34 @@ def test_success_publishes_every_state_with_project_number(client, endpoint, sta
     assert seen["env"]["STORAGE_EMULATOR_HOST"] == "http://127.0.0.1:9"
 
 
+def test_tasks_keep_their_attempts_exit_codes_and_publish_task_messages(client, endpoint, topic):
+    """get_task/list_tasks as Batch serves them: the exit code of every attempt in the task's own
+    status events (task_execution), and TASK_STATE_CHANGED messages in Batch's shape."""
+    topic_path, pull = topic
+    task_notice = batch_v1.JobNotification(pubsub_topic=topic_path, message=batch_v1.JobNotification.Message(
+        type_=batch_v1.JobNotification.Type.TASK_STATE_CHANGED))
+    created = create(client, make_job({"FAKE_EXIT_CODES": "7,0"}, retries=2, policy=FAIL_NO_RETRY,
+                                      notifications=[task_notice]))
+    wait_state(client, created.name, {State.SUCCEEDED})
+    group = f"{created.name}/taskGroups/group0"
+    task = client.get_task(name=f"{group}/tasks/0")
+    assert task.status.state == batch_v1.TaskStatus.State.SUCCEEDED
+    assert [e.task_execution.exit_code for e in task.status.status_events if "exit code" in e.description] == [7, 0]
+    assert [t.name for t in client.list_tasks(parent=group)] == [task.name]
+    with pytest.raises(exceptions.NotFound):
+        client.get_task(name=f"{group}/tasks/1")
+
+    messages = pull(lambda got: any(m.attributes.get("NewTaskState") == "SUCCEEDED" for m in got))
+    events = [protocol.parse_task_notification(m.attributes, m.data) for m in messages]
+    assert [(e.job_id, e.task_index) for e in events] == [(job_id_of(created), 0)] * len(events)
+    assert [e.state for e in events] == ["ASSIGNED", "RUNNING", "SUCCEEDED"], "a retried attempt stays RUNNING"
+    for m in messages:
+        assert m.attributes["TaskName"] == f"projects/{PROJECT_NUMBER}/locations/{REGION}/jobs/{job_id_of(created)}/taskGroups/group0/tasks/0"
+        assert m.attributes["JobUID"] == created.uid and m.data.startswith(b"Task state was updated: ")
+    assert not [m for m in messages if "NewJobState" in m.attributes], "no job messages were asked for"
+    assert admin(endpoint, "stats")["calls"]["get_task"] == 2
+
+
 def test_nonzero_exit_fails_with_exit_code(client):
     created = create(client, make_job({"FAKE_EXIT_CODES": "3"}))
     done = wait_state(client, created.name, {State.FAILED})
@@ -435,7 +463,12 @@ def test_cancel_running_and_queued_jobs(client, endpoint, state_dir):
     assert client.get_job(name=queued.name).status.state == State.CANCELLED
     assert not (state_dir / "jobs" / job_id_of(queued) / "attempt-0").exists()
 
-    client.cancel_job(name=long_jobs[0].name).result(timeout=10)
+    # As Batch does: the operation is not done when cancel_job answers; the client's result()
+    # follows it (GET /v1/<operation name>) until the job is CANCELLED.
+    operation = client.cancel_job(name=long_jobs[0].name)
+    assert operation.operation.done is False
+    operation.result(timeout=10)
+    assert operation.metadata.verb == "cancel" and operation.metadata.target == long_jobs[0].name
     cancelled = client.get_job(name=long_jobs[0].name)
     assert cancelled.status.state == State.CANCELLED
     assert "to CANCELLATION_IN_PROGRESS" in " ".join(e.description for e in cancelled.status.status_events)

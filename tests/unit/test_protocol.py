@@ -165,6 +165,11 @@ def test_the_local_batch_service_publishes_the_real_shape():
     data, attributes = p.job_state_message(real["attributes"]["JobName"], real["attributes"]["JobUID"], "us-central1",
                                            "RUNNING", "SUCCEEDED", "2023-08-24T16:21:14-07:00")
     assert (attributes, data.decode()) == (real["attributes"], real["data"])
+    task = REAL["task_message"]
+    data, attributes = p.task_state_message(task["attributes"]["TaskName"], task["attributes"]["JobUID"],
+                                            task["attributes"]["TaskUID"], "us-central1", "PENDING", "SUCCEEDED",
+                                            "2023-08-24T16:21:14-07:00")
+    assert (attributes, data.decode()) == (task["attributes"], task["data"])
 
 
 def test_parses_a_real_task_message():

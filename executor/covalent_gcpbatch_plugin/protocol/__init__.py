@@ -73,4 +73,5 @@ from .messages import (  # noqa: F401
     dumps_not_created,
     loads_not_created,
     job_state_message,
+    task_state_message,
 )

@@ -156,3 +156,19 @@ def job_state_message(job_name: str, job_uid: str, region: str, previous: str, c
         "Region": region,
     }
     return data.encode(), attributes
+
+
+def task_state_message(task_name: str, job_uid: str, task_uid: str, region: str, previous: str, current: str,
+                       timestamp: str) -> tuple[bytes, dict[str, str]]:
+    """(data, attributes) of a Batch task state change message (``Type=TASK_STATE_CHANGED``), as
+    Batch publishes it (tests/support/fixtures/batch_messages.json, "task_message")."""
+    data = f"Task state was updated: taskUID={task_uid}, previousState={previous}, currentState={current}, timestamp={timestamp}"
+    attributes = {
+        "Type": TASK_STATE_CHANGED,
+        "JobUID": job_uid,
+        "NewTaskState": current,
+        "TaskName": task_name,
+        "TaskUID": task_uid,
+        "Region": region,
+    }
+    return data.encode(), attributes

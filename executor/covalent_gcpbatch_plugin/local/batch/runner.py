@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +51,15 @@ from .model import (
 )
 
 log = logging.getLogger("covalent_gcpbatch_plugin.local.batch")
+TaskState = batch_v1.TaskStatus.State
+#: The task's state as its job's moves (one task per job here). A task of a cancelled job that never
+#: started is UNEXECUTED (Batch's meaning); one that was running ends FAILED, its process killed
+#: (an assumption: Batch does not document it).
+TASK_STATE_OF_JOB_STATE = {
+    State.SCHEDULED: TaskState.ASSIGNED,
+    State.RUNNING: TaskState.RUNNING,
+    State.CANCELLED: TaskState.FAILED,
+}
 
 #: The task's compute_resource.memory_mib is enforced as an address-space limit (RLIMIT_AS) on
 #: the worker process, plus this allowance for what a real VM does not count against the task
@@ -96,6 +105,16 @@ Key = tuple[str, str, str]  # (project number, region, job id)
 
 
 @dataclass
+class Operation:
+    """A cancel or delete, as Batch answers them: a long-running operation, not done at once."""
+
+    name: str
+    target: str
+    verb: str
+    done: Callable[[], bool]
+
+
+@dataclass
 class JobRecord:
     job: batch_v1.Job
     job_id: str
@@ -107,6 +126,9 @@ class JobRecord:
     stop: str | None = None  # "cancel", "delete" or "shutdown" once requested
     running_since: float | None = None
     finished: threading.Event = field(default_factory=threading.Event)
+    #: The job's one task (get_task, list_tasks); its name in the API's form and the notifications'.
+    task: batch_v1.Task = field(default_factory=batch_v1.Task)
+    task_number_name: str = ""
 
     @property
     def state(self) -> State:
@@ -138,6 +160,7 @@ class LocalBatch:
         self.notices: Counter[str] = Counter()
         self.state_times: dict[str, dict[str, float]] = {}
         self.faults = Faults()
+        self.operations: dict[str, Operation] = {}
 
     # -- API ------------------------------------------------------------------------------
 
@@ -171,6 +194,9 @@ class LocalBatch:
             workdir.mkdir(parents=True)
             record = JobRecord(job=job, job_id=job_id, key=key, region=region, workdir=workdir,
                                number_name=protocol.job_name(key[0], region, job_id))
+            record.task = batch_v1.Task(name=f"{name}/taskGroups/group0/tasks/0",
+                                        status=batch_v1.TaskStatus(state=TaskState.PENDING))
+            record.task_number_name = f"{record.number_name}/taskGroups/group0/tasks/0"
             self.jobs[key] = record
             self.state_times[job_id] = {}
             self._enter(record, State.QUEUED, at=now)
@@ -194,24 +220,21 @@ class LocalBatch:
             return [self._snapshot(r) for (p, reg, _), r in self.jobs.items()
                     if p == number and reg == region and (state_filter is None or r.state == state_filter)]
 
-    def cancel(self, project: str, region: str, job_id: str) -> str:
-        """Cancel the job and return its name once it is CANCELLED (or already terminal)."""
+    def cancel(self, project: str, region: str, job_id: str) -> Operation:
+        """Start cancelling the job; the operation is done once it is CANCELLED (or was terminal)."""
         with self.lock:
             self.calls["cancel"] += 1
             record = self._find(project, region, job_id)
             if record.state == State.QUEUED:
                 self.queue.remove(self.key(project, region, job_id))
+                self._enter(record, State.CANCELLATION_IN_PROGRESS)
                 self._enter(record, State.CANCELLED)
-                return record.job.name
-            if record.state in TERMINAL_STATES:
-                return record.job.name
-            if record.stop is None:
+            elif record.state not in TERMINAL_STATES and record.stop is None:
                 self._stop(record, "cancel", State.CANCELLATION_IN_PROGRESS)
-        record.finished.wait(KILL_GRACE_S + 10)
-        return record.job.name
+            return self._operation(record, "cancel", lambda: record.state in TERMINAL_STATES)
 
-    def delete(self, project: str, region: str, job_id: str) -> str:
-        """Delete the job (killing its task) and return its name once it is gone."""
+    def delete(self, project: str, region: str, job_id: str) -> Operation:
+        """Start deleting the job (killing its task); the operation is done once it is gone."""
         with self.lock:
             self.calls["delete"] += 1
             key = self.key(project, region, job_id)
@@ -221,11 +244,39 @@ class LocalBatch:
                     self.queue.remove(key)
                 self._enter(record, State.DELETION_IN_PROGRESS)
                 del self.jobs[key]
-                return record.job.name
-            if record.stop != "delete":
+            elif record.stop != "delete":
                 self._stop(record, "delete", State.DELETION_IN_PROGRESS)
-        record.finished.wait(KILL_GRACE_S + 10)
-        return record.job.name
+            return self._operation(record, "delete", lambda: self.jobs.get(key) is not record)
+
+    def _operation(self, record: JobRecord, verb: str, done: Callable[[], bool]) -> Operation:
+        parent = record.job.name.split("/jobs/")[0]
+        operation = Operation(name=f"{parent}/operations/operation-{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}",
+                              target=record.job.name, verb=verb, done=done)
+        self.operations[operation.name] = operation
+        return operation
+
+    def operation(self, name: str) -> Operation:
+        with self.lock:
+            operation = self.operations.get(name)
+            if operation is None:
+                raise ApiError(404, f"Operation {name} not found")
+            return operation
+
+    def get_task(self, project: str, region: str, job_id: str, group: str, index: str) -> batch_v1.Task:
+        with self.lock:
+            self.calls["get_task"] += 1
+            record = self._find(project, region, job_id)
+            if group != "group0" or index != "0":
+                raise ApiError(404, f"Task {record.job.name}/taskGroups/{group}/tasks/{index} not found")
+            return batch_v1.Task(record.task)
+
+    def list_tasks(self, project: str, region: str, job_id: str, group: str) -> list[batch_v1.Task]:
+        with self.lock:
+            self.calls["list_tasks"] += 1
+            record = self._find(project, region, job_id)
+            if group not in ("group0", "-"):
+                raise ApiError(404, f"Task group {record.job.name}/taskGroups/{group} not found")
+            return [batch_v1.Task(record.task)]
 
     def active(self) -> list[str]:
         with self.lock:
@@ -234,7 +285,7 @@ class LocalBatch:
     def stats(self) -> dict:
         with self.lock:
             return {
-                "calls": {m: self.calls[m] for m in ("create", "get", "list", "cancel", "delete")},
+                "calls": {m: self.calls[m] for m in ("create", "get", "list", "cancel", "delete", "get_task", "list_tasks")},
                 "create_attempts": dict(self.create_attempts),
                 "jobs": {job_id: dict(times) for job_id, times in self.state_times.items()},
                 "notifications": dict(self.notices),
@@ -305,6 +356,32 @@ class LocalBatch:
             status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(counts={state.name: 1})}
         self.state_times.setdefault(record.job_id, {})[state.name] = now
         self._notify(record, previous, state, now)
+        task_state = TASK_STATE_OF_JOB_STATE.get(state)
+        if state == State.CANCELLED and record.task.status.state in (TaskState.PENDING, TaskState.ASSIGNED):
+            task_state = TaskState.UNEXECUTED
+        if task_state is not None and task_state != record.task.status.state:
+            self._task_enter(record, task_state, now)
+
+    def _task_enter(self, record: JobRecord, state: TaskState, now: float,
+                    execution: batch_v1.TaskExecution | None = None, description: str = "") -> None:
+        """The task's own state (get_task) and its TASK_STATE_CHANGED notifications."""
+        status = record.task.status
+        previous = TaskState(status.state)
+        status.state = state
+        status.status_events.append(batch_v1.StatusEvent(
+            type_="STATUS_CHANGED", event_time=timestamp(now), task_state=state, task_execution=execution,
+            description=description or f"Task state is updated from {previous.name} to {state.name}."))
+        stamp = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
+        task_uid = f"{record.job.uid}-group0-0"
+        data, attributes = protocol.task_state_message(record.task_number_name, record.job.uid, task_uid, record.region,
+                                                       previous.name, state.name, stamp)
+        for notification in record.job.notifications:
+            message = notification.message
+            if message.type_ != batch_v1.JobNotification.Type.TASK_STATE_CHANGED:
+                continue
+            if message.new_task_state and message.new_task_state != state:
+                continue
+            self.publish(notification.pubsub_topic, data, attributes)
 
     def _notify(self, record: JobRecord, previous: State, state: State, now: float) -> None:
         stamp = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
@@ -327,12 +404,20 @@ class LocalBatch:
         return (f"Task state is updated from RUNNING to {task_state.name} on zones/{record.region}-local/instances/"
                 f"{self.hostname} with exit code {exit_code}{note}.")
 
-    def _task_event(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str) -> None:
-        """An attempt's end, among the job's events as text only: Batch keeps task_execution for the
-        task's own status (get_task), so nothing here may depend on it."""
+    def _task_event(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str,
+                    *, retried: bool = False) -> None:
+        """An attempt's end: among the job's events as text only, and in the task's own status
+        (get_task) with its task_execution, where Batch keeps the exit code."""
+        now, text = time.time(), self._task_text(record, exit_code, task_state, note)
         record.job.status.status_events.append(batch_v1.StatusEvent(
-            type_="STATUS_CHANGED", event_time=timestamp(time.time()), task_state=task_state,
-            description=self._task_text(record, exit_code, task_state, note)))
+            type_="STATUS_CHANGED", event_time=timestamp(now), task_state=task_state, description=text))
+        execution = batch_v1.TaskExecution(exit_code=exit_code)
+        if retried:  # the task runs again: it stays RUNNING, the failed attempt is one of its events
+            record.task.status.status_events.append(batch_v1.StatusEvent(
+                type_="STATUS_CHANGED", event_time=timestamp(now), task_state=task_state, task_execution=execution,
+                description=text))
+        else:
+            self._task_enter(record, task_state, now, execution, text)
 
     def _failed_because(self, record: JobRecord, exit_code: int) -> str:
         """The job-level FAILED event's tail, as real Batch writes it (see tests/support/fixtures)."""
@@ -373,7 +458,7 @@ class LocalBatch:
                         break
                     if verdict is Verdict.RETRY:
                         note = f"{why}; retrying (retry {retries + 1} of {spec.max_retry_count})"
-                        self._task_event(record, exit_code, batch_v1.TaskStatus.State.FAILED, note)
+                        self._task_event(record, exit_code, batch_v1.TaskStatus.State.FAILED, note, retried=True)
                     else:
                         ok = verdict is Verdict.SUCCEEDED
                         task_state = batch_v1.TaskStatus.State.SUCCEEDED if ok else batch_v1.TaskStatus.State.FAILED

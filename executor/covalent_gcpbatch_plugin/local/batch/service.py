@@ -5,11 +5,13 @@ client (``clients.batch_client("http://127.0.0.1:P")``).
         [--project-number-map local-project=123456789012] [--max-running 2] \\
         [--worker-command "python -m covalent_gcpbatch_plugin.worker"]
 
-Batch API (``/v1``): create, get, list, cancel and delete jobs, camelCase JSON, enums as integers
-when the client asks (``$alt=json;enum-encoding=int``), errors as ``{"error": {code, message,
-status}}``. Job state changes are published to each job's JOB_STATE_CHANGED notification topics
-through the real Pub/Sub publisher (only when PUBSUB_EMULATOR_HOST is set: a local service never
-publishes to Google).
+Batch API (``/v1``): create, get, list, cancel and delete jobs; get and list a job's task (its
+state and, per attempt, its ``task_execution`` exit code). Cancel and delete answer with a
+long-running operation that is not done yet (``GET /v1/<operation name>`` follows it). camelCase
+JSON, enums as integers when the client asks (``$alt=json;enum-encoding=int``), errors as
+``{"error": {code, message, status}}``. Job and task state changes are published to each job's
+JOB_STATE_CHANGED and TASK_STATE_CHANGED notification topics through the real Pub/Sub publisher
+(only when PUBSUB_EMULATOR_HOST is set: a local service never publishes to Google).
 
 Admin API (``/_admin``): ``GET stats`` (call counters, per-job state-entry wall-clock times,
 notification counters), ``GET active`` (ids of jobs not yet terminal), ``POST faults`` (see
@@ -40,11 +42,12 @@ from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2, json_format
 
 from .model import ApiError, State, parse_worker_command
-from .runner import LocalBatch
+from .runner import LocalBatch, Operation
 
 log = logging.getLogger("covalent_gcpbatch_plugin.local.batch")
 
-Action = Literal["create", "get", "list", "cancel", "delete", "stats", "active", "faults", "reset"]
+Action = Literal["create", "get", "list", "cancel", "delete", "operation", "get_task", "list_tasks", "stats", "active",
+                 "faults", "reset"]
 
 # ---------------------------------------------------------------------------------------------
 # Pure translation: request -> action, results -> JSON
@@ -57,6 +60,9 @@ class Route:
     project: str = ""
     region: str = ""
     job_id: str = ""
+    operation: str = ""  # the operation's name, for "operation"
+    group: str = ""  # the task group, for "get_task" and "list_tasks"
+    task: str = ""  # the task index, for "get_task"
 
 
 _ADMIN: dict[tuple[str, str], Action] = {
@@ -70,10 +76,26 @@ _JOBS = re.compile(
 )
 
 
+_TASKS = re.compile(
+    r"^/v1/projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/jobs/(?P<job>[^/:]+)/taskGroups/(?P<group>[^/]+)"
+    r"/tasks(?:/(?P<task>[^/]+))?$"
+)
+_OPERATION = re.compile(r"^/v1/(?P<name>projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/operations/[^/:]+)$")
+
+
 def route(method: str, path: str) -> Route | None:
     """The action a request asks for, or None if the service has no such method."""
     if (method, path) in _ADMIN:
         return Route(_ADMIN[(method, path)])
+    operation = _OPERATION.fullmatch(unquote(path))
+    if operation and method == "GET":
+        return Route("operation", operation["project"], operation["region"], operation=operation["name"])
+    tasks = _TASKS.fullmatch(unquote(path))
+    if tasks:
+        if method != "GET":
+            return None
+        action = "get_task" if tasks["task"] is not None else "list_tasks"
+        return Route(action, tasks["project"], tasks["region"], tasks["job"], group=tasks["group"], task=tasks["task"] or "")
     match = _JOBS.fullmatch(unquote(path))
     if not match:
         return None
@@ -107,14 +129,20 @@ def message_json(message, *, enums_as_ints: bool) -> str:
                                  always_print_fields_with_no_presence=False)
 
 
-def operation_json(target: str, verb: str, response) -> str:
-    """A finished long-running operation (cancel and delete complete before they answer)."""
-    parent = target.split("/jobs/")[0]
-    op = operations_pb2.Operation(name=f"{parent}/operations/operation-{uuid.uuid4().hex}", done=True)
-    metadata = batch_v1.OperationMetadata(target=target, verb=verb, api_version="v1")
+def operation_json(operation: Operation, response) -> str:
+    """A long-running operation as Batch answers cancel and delete: not done when first returned
+    (the client's ``.result()`` polls ``GET /v1/<operation name>``), its response once done."""
+    op = operations_pb2.Operation(name=operation.name, done=operation.done())
+    metadata = batch_v1.OperationMetadata(target=operation.target, verb=operation.verb, api_version="v1")
     op.metadata.Pack(batch_v1.OperationMetadata.pb(metadata))
-    op.response.Pack(response)
+    if op.done:
+        op.response.Pack(response)
     return json_format.MessageToJson(op, indent=None)
+
+
+#: What a finished operation of each verb answers.
+OPERATION_RESPONSES = {"cancel": lambda: batch_v1.CancelJobResponse.pb(batch_v1.CancelJobResponse()),
+                       "delete": empty_pb2.Empty}
 
 
 def error_json(err: ApiError) -> str:
@@ -206,12 +234,19 @@ class BatchApp:
         if a == "list":
             jobs = b.list(where.project, where.region, state_filter(query.get("filter", "")))
             return 200, message_json(batch_v1.ListJobsResponse(jobs=jobs), enums_as_ints=ints)
-        if a == "cancel":
-            name = b.cancel(where.project, where.region, where.job_id)
-            return 200, operation_json(name, "cancel", batch_v1.CancelJobResponse.pb(batch_v1.CancelJobResponse()))
-        if a == "delete":
-            name = b.delete(where.project, where.region, where.job_id)
-            return 200, operation_json(name, "delete", empty_pb2.Empty())
+        if a in ("cancel", "delete"):
+            started = b.cancel if a == "cancel" else b.delete
+            operation = started(where.project, where.region, where.job_id)
+            return 200, operation_json(operation, OPERATION_RESPONSES[a]())
+        if a == "get_task":
+            task = b.get_task(where.project, where.region, where.job_id, where.group, where.task)
+            return 200, message_json(task, enums_as_ints=ints)
+        if a == "list_tasks":
+            tasks = b.list_tasks(where.project, where.region, where.job_id, where.group)
+            return 200, message_json(batch_v1.ListTasksResponse(tasks=tasks), enums_as_ints=ints)
+        if a == "operation":
+            operation = b.operation(where.operation)
+            return 200, operation_json(operation, OPERATION_RESPONSES[operation.verb]())
         if a == "stats":
             stats = b.stats()
             stats["notifications"] = {**self.notifier.stats(), **stats["notifications"]}
