@@ -5,7 +5,7 @@ has no Google Cloud project):
 
     ./deploy.sh up --project P --region R
     pip install -e '.[test]'
-    GCPBATCH_LIVE_PROJECT=P python -m pytest tests/live -ra
+    GCPBATCH_LIVE_PROJECT=P python -m pytest tests/live -ra   # GCPBATCH_LIVE_PREFIX if up had --prefix
 
 It reads the deployment's ``[executors.gcpbatch]`` section from ``GCPBATCH_LIVE_CONFIG`` (default:
 ``~/.config/covalent/covalent.conf``, where deploy.sh writes it), starts its own isolated Covalent
@@ -39,6 +39,7 @@ from covalent_gcpbatch_plugin.local.processes import free_ports
 from covalent_gcpbatch_plugin.protocol import JOB_STATE_CHANGED, JobState, parse_notification
 
 LIVE_PROJECT = os.environ.get("GCPBATCH_LIVE_PROJECT", "")
+LIVE_PREFIX = os.environ.get("GCPBATCH_LIVE_PREFIX", "covalent-gcpbatch")
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "svm.py"
 WORKFLOW_TIMEOUT_S = 3600
@@ -163,3 +164,57 @@ def test_svm_workflow_on_the_live_deployment(tmp_path):
     terminal = {n.rsplit("/", 1)[-1] for n in job_names for m in ours
                 if m["attributes"]["JobName"] == n and m["attributes"].get("NewJobState") == JobState.SUCCEEDED.value}  # fmt: skip
     assert len(terminal) >= 3, f"expected a SUCCEEDED notification for each of the 3 electrons' jobs: {observations['states_seen']}"
+
+
+def test_deploy_status_finds_every_resource_and_grant():
+    """The deployment as deploy.sh made it: the build account and its staging bucket, the runner's
+    create-only access, the Pub/Sub agent's token grant, ... all present (status exits 1 otherwise)."""
+    config = deployment()
+    done = subprocess.run([str(REPO / "deploy.sh"), "status", "--project", LIVE_PROJECT, "--region", config["region"],
+                           "--prefix", LIVE_PREFIX, "--python", sys.executable],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert "MISSING" not in done.stdout
+    assert f"roles/storage.objectCreator -> {LIVE_PREFIX}-runner@" in done.stdout
+    assert "roles/storage.objectUser" not in done.stdout
+    assert "roles/iam.serviceAccountTokenCreator -> service-" in done.stdout
+
+
+FAILING_FLOW = """
+import covalent as ct
+
+@ct.electron(executor=ct.executor.GCPBatchExecutor(time_limit=300, retries=0))
+def exits_three():
+    import os
+    os._exit(3)
+
+@ct.lattice
+def flow():
+    return exits_three()
+
+dispatch_id = ct.dispatch(flow)()
+result = ct.get_result(dispatch_id, wait=True)
+node = result.get_all_node_results()[0]
+print("STATUS", result.status)
+print("STDERR", node["stderr"])
+"""
+
+
+def test_an_exit_code_is_explained_from_real_batch_events(tmp_path):
+    """A worker that dies with exit 3 leaves no error record: the executor's explanation must find
+    the code where real Batch puts it (job-level event text, the task's own status)."""
+    config = deployment()
+    (port,) = free_ports(1)
+    server = CovalentServer(tmp_path / "covalent", port)
+    env = server.env()
+    covalent_config.write_executor_section(config, Path(env["COVALENT_CONFIG_DIR"]) / "covalent.conf")
+    script = tmp_path / "failing_flow.py"
+    script.write_text(FAILING_FLOW)
+    try:
+        server.start()
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=WORKFLOW_TIMEOUT_S)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "STATUS FAILED" in done.stdout
+    assert "exit code 3" in done.stdout, done.stdout[-3000:]
