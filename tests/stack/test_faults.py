@@ -628,13 +628,19 @@ def test_pubsub_emulator_restart_while_tasks_wait(local_stack, tmp_path):
 
 def test_out_of_order_notifications_settle_on_the_first_terminal_state():
     """QUEUED after RUNNING does not move the wait back, RUNNING after SUCCEEDED is never read:
-    the first terminal state settles the task, without a get_job."""
+    the first terminal state settles the task, with one get_job only, confirming that SUCCEEDED."""
     import asyncio
 
     from covalent_gcpbatch_plugin.protocol import JobEvent, JobState
 
     executor = DirectExecutor(reconcile_interval=30, submit_timeout=30)
-    executor._reconcile = lambda job_id: pytest.fail("no reconcile needed: the notifications arrived")
+    reads = []
+
+    def batch_says_succeeded(job_id):  # the one read: Batch confirms the SUCCEEDED message
+        reads.append(job_id)
+        return JobEvent(job_id, JobState.SUCCEEDED, "reconciled by get_job")
+
+    executor._reconcile = batch_says_succeeded
     order = [JobState.SCHEDULED, JobState.RUNNING, JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED,
              JobState.RUNNING, JobState.SUCCEEDED]
 
@@ -649,6 +655,7 @@ def test_out_of_order_notifications_settle_on_the_first_terminal_state():
     outcome, left = asyncio.run(scenario())
     assert outcome.state is JobState.SUCCEEDED and not outcome.gave_up
     assert left == 2, "the events after the first SUCCEEDED are not consumed"
+    assert reads == ["job-x"], "one read, for the SUCCEEDED; none for the states before it"
     record("out-of-order notifications", "SUCCEEDED once", f"{outcome.state.value}",
            time.monotonic() - started)
 
