@@ -52,6 +52,8 @@ Options (environment fallbacks in parentheses):
                            repository, <region>-docker.pkg.dev/<project>/<prefix>/worker*)
   --name N, --requirements FILE
                            image: the image is worker-N, with FILE's packages (pip requirements)
+  --covalent-conf FILE     write the deployment's settings to FILE ([gcpbatch], for
+                           covalent deploy up gcpbatch) instead of the Covalent config
   --only STEP[,STEP...]    run only these steps (up: ${UP_STEPS[*]};
                            down: ${DOWN_STEPS[*]})
   --yes, -y                do not ask before deleting (down)
@@ -134,7 +136,7 @@ parse_args() {
   RETENTION_DAYS=7
   FUNCTION_RUNTIME=python311
   MAX_VCPUS="" MAX_MEMORY_MB="" MAX_TIME_LIMIT_S="" MAX_ACCELERATOR_COUNT="" ALLOWED_MACHINE_TYPES=""
-  ALLOWED_IMAGES="" IMAGE_SUFFIX="" REQUIREMENTS=""
+  ALLOWED_IMAGES="" IMAGE_SUFFIX="" REQUIREMENTS="" COVALENT_CONF=""
   ONLY=""
   YES=0
   while [ $# -gt 0 ]; do
@@ -161,6 +163,7 @@ parse_args() {
       --allowed-images) ALLOWED_IMAGES=$value ;;
       --name) IMAGE_SUFFIX=$value ;;
       --requirements) REQUIREMENTS=$value ;;
+      --covalent-conf) COVALENT_CONF=$value ;;
       --only) ONLY=$value ;;
       --yes | -y) YES=1 ;;
       --help | -h) usage; exit 0 ;;
@@ -478,10 +481,15 @@ ensure_function() {
 write_config() {
   resolve_image
   section "Covalent config"
-  helper config-set project_id="$PROJECT" region="$REGION" bucket_name="$BUCKET" \
-    container_image_uri="$IMAGE" service_account_email="$RUNNER_SA" pubsub_topic="$TOPIC" \
-    pubsub_emulator_host= storage_emulator_host= batch_api_endpoint=
-  helper config-show
+  local pairs=(project_id="$PROJECT" region="$REGION" bucket_name="$BUCKET"
+    container_image_uri="$IMAGE" service_account_email="$RUNNER_SA" pubsub_topic="$TOPIC"
+    pubsub_emulator_host= storage_emulator_host= batch_api_endpoint=)
+  if [ -n "$COVALENT_CONF" ]; then
+    helper conf-file "$COVALENT_CONF" "${pairs[@]}"  # covalent deploy reads it into its config
+  else
+    helper config-set "${pairs[@]}"
+    helper config-show
+  fi
 }
 
 cmd_up() {
@@ -522,6 +530,10 @@ confirm_down() {
 
 remove_config() {
   section "Covalent config"
+  if [ -n "$COVALENT_CONF" ]; then
+    rm -f "$COVALENT_CONF"
+    return
+  fi
   helper config-unset --if-bucket "$BUCKET"  # every key a deployment writes (settings.DEPLOYMENT_KEYS)
 }
 

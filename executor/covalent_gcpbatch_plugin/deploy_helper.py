@@ -27,6 +27,9 @@ Commands (each prints its answer on stdout; a check answers with its exit status
     user's extra requirements) into DEST and print its digest, which tags the image.
 ``digest [--text S]... PATH...``
     A short content digest of files (directories recursively, symlinks followed, caches skipped).
+``conf-file PATH KEY=VALUE...``
+    Write the settings as the ``[gcpbatch]`` section of PATH, for ``covalent deploy up gcpbatch``
+    (infra.py), which reads it into the Covalent config itself.
 ``config-set KEY=VALUE...`` / ``config-unset --if-bucket B [KEY...]`` / ``config-show``
     Edit or show ``[executors.gcpbatch]`` of the Covalent config in use (covalent_config.py,
     which honours COVALENT_CONFIG_DIR). Keys must be GCPBatchExecutor settings (settings.py).
@@ -157,6 +160,17 @@ def _config_unset(args: argparse.Namespace) -> int:
     return covalent.config_unset(args.keys or DEPLOYMENT_KEYS, args.if_bucket)
 
 
+def _conf_file(args: argparse.Namespace) -> int:
+    from .deploy import covalent
+
+    return covalent.conf_file(args.path, args.pairs)
+
+
+def _conf_file_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path")
+    p.add_argument("pairs", nargs="+")
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from .deploy import covalent
 
@@ -212,6 +226,7 @@ COMMANDS: dict[str, Command] = {
     "config-set": Command(_config_set_arguments, _config_set),
     "config-unset": Command(_config_unset_arguments, _config_unset),
     "config-show": Command(_nothing, _config_show),
+    "conf-file": Command(_conf_file_arguments, _conf_file),
 }
 
 

@@ -61,6 +61,18 @@ EXECUTOR_PLUGIN_NAME = "GCPBatchExecutor"
 
 #: Covalent merges these into [executors.gcpbatch]; every key is declared once, in settings.py.
 _EXECUTOR_PLUGIN_DEFAULTS = settings.PLUGIN_DEFAULTS
+#: `covalent deploy up gcpbatch` validates its options against these two models (infra.py).
+ExecutorPluginDefaults = settings.ExecutorPluginDefaults
+
+
+def __getattr__(name: str):
+    # Loaded on first use only: infra.py needs pydantic-settings (deployment.py), which the worker
+    # image (where every `import covalent` loads this module) does not have.
+    if name == "ExecutorInfraDefaults":
+        from .infra import ExecutorInfraDefaults
+
+        return ExecutorInfraDefaults
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: cancel() reaches a waiting run() of this process through its inbox.

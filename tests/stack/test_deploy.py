@@ -14,18 +14,18 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+
+from gcloud_recorder import MUTATING, Recorder, check, find, flag_values, verb_of
 
 from covalent_gcpbatch_plugin.deployment import CAP_FIELDS, DeploymentSettings, cap_flag, caps_table
 from covalent_gcpbatch_plugin.protocol import TASKS_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy.sh"
-FAKE_GCLOUD = Path(__file__).resolve().parents[1] / "support" / "fake_gcloud.py"
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
 PROJECT, REGION, PREFIX = "my-project-42", "europe-west4", "cgb-test"
@@ -42,72 +42,6 @@ PUBSUB_AGENT = "service-424242424242@gcp-sa-pubsub.iam.gserviceaccount.com"
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 COVALENT_VERSION = version("covalent")
 ARGS = ["--project", PROJECT, "--region", REGION, "--prefix", PREFIX, "--python", sys.executable]
-MUTATING = {"create", "delete", "update", "enable", "deploy", "submit", "rm", "add-iam-policy-binding",
-            "remove-iam-policy-binding"}  # fmt: skip
-
-
-class Recorder:
-    """The fake gcloud's log and state, and deploy.sh run with it first on PATH."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        bin_dir = root / "bin"
-        bin_dir.mkdir(parents=True)
-        gcloud = bin_dir / "gcloud"
-        gcloud.write_text(f"#!{sys.executable}\n" + FAKE_GCLOUD.read_text())
-        gcloud.chmod(0o755)
-        self.log, self.state_file, self.config_dir = root / "gcloud.log", root / "gcloud-state.json", root / "covalent"
-        self.env = {
-            **os.environ,
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-            "FAKE_GCLOUD_LOG": str(self.log),
-            "FAKE_GCLOUD_STATE": str(self.state_file),
-            "COVALENT_CONFIG_DIR": str(self.config_dir),
-        }
-        for name in ("GCPBATCH_PROJECT", "GCPBATCH_REGION", "GCPBATCH_PREFIX", "GCPBATCH_PYTHON"):
-            self.env.pop(name, None)
-
-    def deploy(self, *args: str, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-        return subprocess.run([str(DEPLOY), *args], env=self.env, stdin=stdin, capture_output=True, text=True, timeout=120)
-
-    def calls(self) -> list[dict]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
-
-    @property
-    def state(self) -> dict:
-        return json.loads(self.state_file.read_text())
-
-    def bindings(self, resource: str) -> set[tuple[str, str]]:
-        """(role, member) pairs bound on one resource of the fake's state."""
-        policy = self.state["policies"].get(resource, {"bindings": []})
-        return {(b["role"], m) for b in policy["bindings"] for m in b["members"]}
-
-    def config_section(self) -> dict:
-        path = self.config_dir / "covalent.conf"
-        return tomllib.loads(path.read_text()).get("executors", {}).get("gcpbatch", {}) if path.exists() else {}
-
-
-def verb_of(call: dict) -> str:
-    return next((arg for arg in call["argv"] if not arg.startswith("-") and arg in MUTATING | {"describe", "list",
-                 "get-iam-policy", "service-agent"}), "")  # fmt: skip
-
-
-def flag_values(call: dict, name: str) -> list[str]:
-    return [arg.split("=", 1)[1] for arg in call["argv"] if arg.startswith(f"{name}=")]
-
-
-def find(calls: list[dict], *words: str) -> list[dict]:
-    """Calls whose argv starts with these words (``gcloud`` itself is not in argv)."""
-    return [c for c in calls if c["argv"][: len(words)] == list(words)]
-
-
-def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"deploy.sh failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 @pytest.fixture
 def recorder(tmp_path) -> Recorder:
     return Recorder(tmp_path)
@@ -445,7 +379,7 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
             pytest.fail("CI=true and the gcloud CLI is not installed")
         pytest.skip("the gcloud CLI is not installed")
     project, prefix = local_stack.project_id, "covdeploy"
-    bucket, topic = f"{prefix}-{project}", f"{prefix}-jobs"
+    bucket, staging, topic = f"{prefix}-{project}", f"{prefix}-build-{project}", f"{prefix}-jobs"
     (tmp_path / "gcloud-config").mkdir()
     env = {
         **os.environ,
@@ -476,8 +410,9 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
         assert storage.lookup_bucket(bucket) is not None
         assert publisher.get_topic(topic=topic_path).name == topic_path
         sent = _requests(first.stderr)
-        (bucket_insert,) = [r for r in sent if r[0] == "POST" and "/storage/v1/b?" in r[1]]
-        body = json.loads(bucket_insert[2])
+        inserted = {json.loads(r[2])["name"]: json.loads(r[2]) for r in sent if r[0] == "POST" and "/storage/v1/b?" in r[1]}
+        assert set(inserted) == {bucket, staging}, "the bucket and Cloud Build's staging bucket"
+        body = inserted[bucket]
         assert body["name"] == bucket and body["location"] == local_stack.region
         assert body["iamConfiguration"] == {"publicAccessPrevention": "enforced", "uniformBucketLevelAccess": {"enabled": True}}
         assert body["lifecycle"] == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 7, "matchesPrefix": [TASKS_PREFIX]}}]}
@@ -497,9 +432,10 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
         topics = [t.name for t in publisher.list_topics(project=f"projects/{project}")]
         assert topic_path not in topics
     finally:
-        with_bucket = storage.lookup_bucket(bucket)
-        if with_bucket is not None:
-            with_bucket.delete(force=True)
+        for name in (bucket, staging):
+            with_bucket = storage.lookup_bucket(name)
+            if with_bucket is not None:
+                with_bucket.delete(force=True)
         try:
             publisher.delete_topic(topic=topic_path)
         except Exception:  # noqa: BLE001 - already deleted by down
@@ -507,15 +443,17 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
 
 
 def test_deploy_writes_exactly_the_deployment_keys():
-    """deploy.sh's config-set names the keys a deployment writes; settings.DEPLOYMENT_KEYS is
+    """deploy.sh's pairs name the keys a deployment writes (to the Covalent config, or to the
+    file `covalent deploy up` reads); settings.DEPLOYMENT_KEYS is
     what `down` removes and what `covalent-gcpbatch local up` writes."""
     import re
 
     from covalent_gcpbatch_plugin.settings import DEPLOYMENT_KEYS
 
     script = (REPO / "deploy.sh").read_text()
-    call = script[script.index("helper config-set"):].split("\n  helper config-show")[0]
-    assert set(re.findall(r"([a-z_]+)=", call)) == set(DEPLOYMENT_KEYS)
+    pairs = script[script.index("local pairs=("):].split(")\n")[0]
+    assert set(re.findall(r"([a-z_]+)=", pairs)) == set(DEPLOYMENT_KEYS)
+    assert 'helper config-set "${pairs[@]}"' in script and 'helper conf-file "$COVALENT_CONF" "${pairs[@]}"' in script
 
 
 def test_caps_are_declared_once():

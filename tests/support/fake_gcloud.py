@@ -25,6 +25,18 @@ VERBS = {
     "describe", "list", "create", "delete", "update", "enable", "deploy", "submit", "rm",
     "get-iam-policy", "add-iam-policy-binding", "remove-iam-policy-binding", "service-agent",
 }  # fmt: skip
+ACCOUNT = "deployer@example.com"
+
+
+def settings() -> dict:
+    """``log`` and ``state`` file paths, and ``fail`` (words a call starting with them fails on):
+    fake-gcloud.json beside this script, which the test writes (callers may clear the environment,
+    as Terraform does), with FAKE_GCLOUD_LOG/FAKE_GCLOUD_STATE from the environment first."""
+    sidecar = Path(sys.argv[0]).resolve().with_name("fake-gcloud.json")
+    values = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    if os.environ.get("FAKE_GCLOUD_LOG"):
+        values.update(log=os.environ["FAKE_GCLOUD_LOG"], state=os.environ["FAKE_GCLOUD_STATE"])
+    return values
 PROJECT_NUMBER = "424242424242"
 GCS_AGENT = f"service-{PROJECT_NUMBER}@gs-project-accounts.iam.gserviceaccount.com"
 
@@ -80,10 +92,16 @@ def main() -> None:
         # The build's source directory (deploy.sh stages it in a temporary directory): its files.
         top = Path(positionals[2])
         context = {path.relative_to(top).as_posix(): path.read_text() for path in sorted(top.rglob("*")) if path.is_file()}
-    with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+    config = settings()
+    state_file = Path(config["state"])
+    with open(config["log"], "a") as log:
         log.write(json.dumps({"argv": argv, "files": files, "context": context}) + "\n")
+    if config.get("fail") and " ".join(positionals).startswith(config["fail"]):
+        fail(f"PERMISSION_DENIED: {config['fail']} refused (injected by the test)")
+    if positionals[:2] == ["auth", "list"]:
+        print(ACCOUNT)
+        return
 
-    state_file = Path(os.environ["FAKE_GCLOUD_STATE"])
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     resources: dict[str, dict] = state.setdefault("resources", {})
     policies: dict[str, dict] = state.setdefault("policies", {})

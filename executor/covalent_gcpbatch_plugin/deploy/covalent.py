@@ -11,15 +11,37 @@ from ..errors import DeployError
 from ..settings import SETTING_KEYS
 
 
-def config_set(pairs: Sequence[str]) -> int:
+def parse_pairs(pairs: Sequence[str]) -> dict[str, str]:
     values = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise DeployError(f"config-set: expected KEY=VALUE, got {pair!r}")
+            raise DeployError(f"expected KEY=VALUE, got {pair!r}")
         if key not in SETTING_KEYS:
-            raise DeployError(f"config-set: {key!r} is not a GCPBatchExecutor setting (settings.py lists them)")
+            raise DeployError(f"{key!r} is not a GCPBatchExecutor setting (settings.py lists them)")
         values[key] = value
+    return values
+
+
+def conf_file(path: str, pairs: Sequence[str]) -> int:
+    """Write the settings as ``[gcpbatch]`` of an INI file: what ``covalent deploy up gcpbatch``
+    reads back with a ConfigParser and validates with ExecutorPluginDefaults."""
+    from configparser import ConfigParser
+    from pathlib import Path
+
+    values = parse_pairs(pairs)
+    parser = ConfigParser(interpolation=None)
+    parser[covalent_config.SECTION] = values
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w") as f:
+        parser.write(f)
+    print(f"[{covalent_config.SECTION}] written to {target}: {', '.join(values)}")
+    return 0
+
+
+def config_set(pairs: Sequence[str]) -> int:
+    values = parse_pairs(pairs)
     before = covalent_config.read_executor_section()
     path = covalent_config.write_executor_section(values)
     changed = [key for key in values if before.get(key) != values[key]]

@@ -10,13 +10,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import DeployError
+from ..local.worker_env import IGNORED_PARTS, IGNORED_SUFFIXES
 
 DOCKERFILE = "worker_image/Dockerfile"
 #: Where the Dockerfile reads the user's packages from (empty in the checkout: the default image).
 EXTRA_REQUIREMENTS = "worker_image/extra-requirements.txt"
 #: Cloud Build's default timeout is 10 minutes; installing Covalent can take longer on a cold cache.
 BUILD_TIMEOUT = "1800s"
-SKIPPED_PARTS = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 
 
 def versions() -> str:
@@ -88,7 +88,7 @@ def build_config(image: str, python_version: str, covalent_version: str) -> dict
 def _files(path: Path) -> Iterator[Path]:
     if path.is_dir():
         for child in sorted(path.iterdir(), key=lambda p: p.name):
-            if child.name not in SKIPPED_PARTS and not child.name.endswith((".pyc", ".egg-info")):
+            if child.name not in IGNORED_PARTS and not child.name.endswith(IGNORED_SUFFIXES):
                 yield from _files(child)
     else:
         yield path

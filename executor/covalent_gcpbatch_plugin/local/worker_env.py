@@ -36,8 +36,9 @@ from ..errors import StackError
 #: The repository root of a source checkout (executor/covalent_gcpbatch_plugin/local/ is 3 below).
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = REPO_ROOT / "worker_image" / "Dockerfile"
-#: .dockerignore keeps these out of the build context.
-IGNORED_PARTS = ("__pycache__", ".pytest_cache", ".mypy_cache")
+#: .dockerignore keeps these out of the build context (``assets``: what ``covalent deploy`` uses,
+#: Terraform's working files among them; the worker never deploys).
+IGNORED_PARTS = ("__pycache__", ".pytest_cache", ".mypy_cache", "assets")
 IGNORED_SUFFIXES = (".pyc", ".egg-info")
 PIP_TIMEOUT_S = 900
 #: Environments kept in the cache; older ones unused for STALE_S are removed when one is built.
