@@ -451,7 +451,7 @@ def test_deploy_writes_exactly_the_deployment_keys():
     from covalent_gcpbatch_plugin.settings import DEPLOYMENT_KEYS
 
     script = (REPO / "deploy.sh").read_text()
-    pairs = script[script.index("local pairs=("):].split(")\n")[0]
+    pairs = script[script.index("local pairs=(") + len("local pairs=("):].split(")\n")[0]
     assert set(re.findall(r"([a-z_]+)=", pairs)) == set(DEPLOYMENT_KEYS)
     assert 'helper config-set "${pairs[@]}"' in script and 'helper conf-file "$COVALENT_CONF" "${pairs[@]}"' in script
 

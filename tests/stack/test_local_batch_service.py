@@ -60,6 +60,8 @@ FAKE_WORKER = textwrap.dedent(
 )
 
 
+MODEL_SCALE = 0.01
+
 # ---------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +108,17 @@ def service(tmp_path_factory, pubsub_host):
     yield endpoint, root / "state"
     stop_process_group(proc)
     assert proc.returncode == 0, (root / "service.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def modelled(tmp_path_factory, pubsub_host):
+    """A service running the realistic latency model, 100x faster than Batch (a 90 s boot in 0.9 s)."""
+    root = tmp_path_factory.mktemp("batch-modelled")
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_host, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
+    proc, endpoint = start_service(root, env, "--max-running", "8", "--latency-model", "realistic",
+                                   "--time-scale", str(MODEL_SCALE))
+    yield endpoint
+    stop_process_group(proc)
 
 
 @pytest.fixture
@@ -539,3 +552,32 @@ def test_requests_for_another_host_are_refused(endpoint):
             assert connection.getresponse().status == status, host
         finally:
             connection.close()
+
+
+def test_the_latency_model_admits_boots_and_bills_as_batch(modelled):
+    """Admission 5 s after create and one job per 2 s, a 90 s boot per VM, every VM billed its
+    lifetime with a one-minute minimum: model seconds, as the service's own stamps show them."""
+    from covalent_gcpbatch_plugin.local.batch.latency import LatencyModel
+
+    model, client = LatencyModel.realistic(MODEL_SCALE), clients.batch_client(modelled)
+    jobs = [create(client, make_job({"FAKE_SLEEP_S": "0.2"})) for _ in range(4)]
+    cancelled = create(client, make_job({"FAKE_SLEEP_S": "30"}))
+    wait_state(client, cancelled.name, {State.SCHEDULED}, timeout=30)
+    client.cancel_job(name=cancelled.name).result(timeout=30)  # during its VM's boot
+    for job in jobs:
+        wait_state(client, job.name, {State.SUCCEEDED}, timeout=60)
+    stats = admin(modelled, "stats")
+    times = [stats["jobs"][job_id_of(j)] for j in jobs]
+    tolerance = 0.005
+    for t in times:
+        assert t["SCHEDULED"] - t["QUEUED"] >= model.real(model.create_to_scheduled_s) - tolerance
+        assert t["RUNNING"] - t["SCHEDULED"] >= model.real(model.boot_s) - tolerance
+    admitted = sorted(t["SCHEDULED"] for t in times)
+    assert all(b - a >= model.real(1 / model.admission_per_s) - tolerance for a, b in zip(admitted, admitted[1:]))
+    assert "RUNNING" not in stats["jobs"][job_id_of(cancelled)], "cancelled while its VM booted"
+    vms = stats["vms"]
+    assert vms["boots"] == 5
+    ran = model.boot_s + model.model_seconds(0.2)  # each finished job's VM lived at least this long
+    assert vms["lifetime_s"] >= 4 * ran
+    assert vms["billed_s"] >= 4 * ran + model.min_billed_s, "the cancelled VM is billed its minute minimum"
+    assert stats["model"]["enabled"] is True and stats["model"]["time_scale"] == MODEL_SCALE

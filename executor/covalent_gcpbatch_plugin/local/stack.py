@@ -207,18 +207,26 @@ class LocalStack:
         *,
         batch_max_running: int | None = None,
         batch_worker_command: str | None = None,
+        batch_latency_model: str = "off",
+        batch_time_scale: float = 1.0,
     ) -> None:
         """``batch_max_running``: jobs the local Batch service runs at once (its ``--max-running``;
         None keeps its default of 2). ``batch_worker_command``: what a container runnable runs
         instead of ``python -m covalent_gcpbatch_plugin.worker`` (its ``--worker-command``, e.g.
-        the benchmarks' timing wrapper; a leading bare ``python`` is the workers' python). Both
-        only apply when ``up`` starts a new stack."""
+        the benchmarks' timing wrapper; a leading bare ``python`` is the workers' python).
+        ``batch_latency_model`` ("off" or "realistic") and ``batch_time_scale``: Batch's own
+        latency, modelled (local/batch/latency.py). All only apply when ``up`` starts a new stack."""
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.function_source = Path(function_source).resolve() if function_source else None
         if batch_max_running is not None and (isinstance(batch_max_running, bool) or batch_max_running < 1):
             raise ValueError(f"batch_max_running must be a positive integer, got {batch_max_running!r}")
         self.batch_max_running = batch_max_running
         self.batch_worker_command = batch_worker_command
+        if batch_latency_model not in ("off", "realistic") or batch_time_scale <= 0:
+            raise ValueError(f"batch_latency_model must be 'off' or 'realistic' and batch_time_scale positive, "
+                             f"got {batch_latency_model!r}, {batch_time_scale!r}")
+        self.batch_latency_model = batch_latency_model
+        self.batch_time_scale = batch_time_scale
         self.logs_dir = self.state_dir / "logs"
         self.data_dir = self.state_dir / "data"
         self._records: list[ProcessRecord] = []
@@ -371,6 +379,7 @@ class LocalStack:
                 "--project-number-map", f"{s.project_id}={s.project_number}",
                 *(["--max-running", str(self.batch_max_running)] if self.batch_max_running is not None else []),
                 "--worker-command", shlex.join(worker_argv),
+                "--latency-model", self.batch_latency_model, "--time-scale", str(self.batch_time_scale),
             ],
             # The workers' "image": its environment first on PATH, as the Dockerfile's ENV PATH does,
             # so that ct.DepsPip's bare `pip` is the image's (the service points it at each attempt's

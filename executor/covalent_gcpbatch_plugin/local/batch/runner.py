@@ -30,6 +30,7 @@ from google.cloud import batch_v1
 
 from ... import protocol
 from .faults import Faults
+from .latency import Admission, LatencyModel, VmLedger
 from .model import (
     DEFAULT_WORKER_COMMAND,
     EXIT_NOT_STARTED,
@@ -129,6 +130,10 @@ class JobRecord:
     #: The job's one task (get_task, list_tasks); its name in the API's form and the notifications'.
     task: batch_v1.Task = field(default_factory=batch_v1.Task)
     task_number_name: str = ""
+    #: The latency model's: when the job may leave QUEUED; when its VM was created (None: no VM).
+    admit_at: float = 0.0
+    vm_since: float | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def state(self) -> State:
@@ -140,7 +145,7 @@ class LocalBatch:
 
     def __init__(self, state_dir: Path, *, publish: Publish, worker_command: Sequence[str] = DEFAULT_WORKER_COMMAND,
                  max_running: int = 2, project_numbers: Mapping[str, str] | None = None,
-                 base_env: Mapping[str, str] | None = None) -> None:
+                 base_env: Mapping[str, str] | None = None, model: LatencyModel | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.publish = publish
         self.worker_command = tuple(worker_command)
@@ -161,6 +166,9 @@ class LocalBatch:
         self.state_times: dict[str, dict[str, float]] = {}
         self.faults = Faults()
         self.operations: dict[str, Operation] = {}
+        self.model = model or LatencyModel()
+        self.admission = Admission(self.model)
+        self.vms = VmLedger(self.model)
 
     # -- API ------------------------------------------------------------------------------
 
@@ -201,7 +209,12 @@ class LocalBatch:
             self.state_times[job_id] = {}
             self._enter(record, State.QUEUED, at=now)
             created = batch_v1.Job(record.job)  # Batch answers a create with the QUEUED job
+            record.admit_at = self.admission.admit_at(now)
             self.queue.append(key)
+            if record.admit_at > now:
+                timer = threading.Timer(record.admit_at - now, self._dispatch_when_due)
+                timer.daemon = True
+                timer.start()
             self._dispatch()
             return created
 
@@ -291,6 +304,8 @@ class LocalBatch:
                 "notifications": dict(self.notices),
                 "running": self.running,
                 "queued": len(self.queue),
+                "vms": self.vms.to_json(),
+                "model": self.model.to_json(),
                 "faults": self.faults.to_json(),
             }
 
@@ -317,6 +332,7 @@ class LocalBatch:
             records = [r for r in self.jobs.values() if r.state not in TERMINAL_STATES and r.state != State.QUEUED]
             for record in records:
                 record.stop = record.stop or "shutdown"
+                record.stopping.set()
                 if record.proc is not None:
                     _signal_group(record.proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
@@ -427,15 +443,24 @@ class LocalBatch:
 
     def _stop(self, record: JobRecord, reason: str, state: State) -> None:
         record.stop = reason
+        record.stopping.set()
         self._enter(record, state)
         if record.proc is not None:
             terminate(record.proc)
 
+    def _dispatch_when_due(self) -> None:
+        with self.lock:
+            self._dispatch()
+
     def _dispatch(self) -> None:
         while not self.closing and self.queue and self.running < self.max_running:
-            record = self.jobs.get(self.queue.popleft())
+            record = self.jobs.get(self.queue[0])
             if record is None or record.state != State.QUEUED:
+                self.queue.popleft()
                 continue
+            if record.admit_at > time.time():
+                break  # admitted in creation order: its timer dispatches it
+            self.queue.popleft()
             self.running += 1
             self._enter(record, State.SCHEDULED)
             threading.Thread(target=self._run, args=(record,), name=f"job-{record.job_id}", daemon=True).start()
@@ -447,6 +472,11 @@ class LocalBatch:
             spec = batch_v1.TaskSpec(record.job.task_groups[0].task_spec)  # a copy: the job changes under the lock
         retries = 0
         try:
+            with self.lock:
+                record.vm_since = time.time()  # the VM is created as the job is scheduled
+                self.vms.boot()
+            if record.stopping.wait(self.model.real(self.model.boot_s)):
+                return  # stopped while its VM booted (finally: the state and the VM's bill)
             while True:
                 outcome = self._attempt(record, spec, retries)
                 if outcome is None:
@@ -475,6 +505,8 @@ class LocalBatch:
                     self._enter(record, State.FAILED, because=self._failed_because(record, EXIT_NOT_STARTED))
         finally:
             with self.lock:
+                if record.vm_since is not None:
+                    self.vms.release(time.time() - record.vm_since)
                 if record.stop == "cancel":
                     self._enter(record, State.CANCELLED)
                 elif record.stop == "delete":
