@@ -3,11 +3,16 @@
     covalent-gcpbatch local up [--state-dir D] [--foreground]
     covalent-gcpbatch local down [--state-dir D]
     covalent-gcpbatch local status [--state-dir D] [--json]
+    covalent-gcpbatch logs DISPATCH_ID [NODE_ID] [--follow]
+    covalent-gcpbatch jobs [DISPATCH_ID] [--cancel]
+    covalent-gcpbatch cost DISPATCH_ID [--prices FILE]
 
 ``local up`` starts the local emulation stack (see local/stack.py) and points the Covalent
 executor config at it; ``local down`` stops it and takes those config keys out again (restoring
 values they replaced). ``up`` of a stack that is already running reuses it. The state directory
 defaults to ``$COVALENT_GCPBATCH_LOCAL_DIR`` or ``~/.cache/covalent-gcpbatch/local``.
+``logs``, ``jobs`` and ``cost`` watch the tasks of the deployment the Covalent config points at
+(watch.py).
 """
 
 from __future__ import annotations
@@ -150,11 +155,40 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("down", parents=[state], help="stop the stack and remove its executor config keys")
     status = actions.add_parser("status", parents=[state], help="show the stack's components (exit 0 if all run)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    logs = commands.add_parser("logs", help="what a dispatch's tasks printed so far (--follow: as they print)")
+    logs.add_argument("dispatch_id")
+    logs.add_argument("node_id", nargs="?", type=int, default=None)
+    logs.add_argument("--follow", "-f", action="store_true", help="stream one task's stdout until it ends")
+    jobs = commands.add_parser("jobs", help="this deployment's Batch jobs, with state, node, age and VM time")
+    jobs.add_argument("dispatch_id", nargs="?", default=None)
+    jobs.add_argument("--cancel", action="store_true",
+                      help="cancel the active ones that no running Covalent dispatch waits for (left by a dead server)")
+    cost = commands.add_parser("cost", help="VM time and an on-demand price estimate of a dispatch's jobs")
+    cost.add_argument("dispatch_id")
+    cost.add_argument("--prices", default=None, help="JSON file overriding usage.DEFAULT_PRICES (USD per hour)")
     return parser
+
+
+def watch_command(args: argparse.Namespace) -> int:
+    from . import watch
+    from .errors import GCPBatchError
+
+    try:
+        if args.command == "logs":
+            return watch.logs(args.dispatch_id, args.node_id, args.follow)
+        if args.command == "jobs":
+            return watch.jobs(args.dispatch_id, args.cancel)
+        return watch.cost(args.dispatch_id, args.prices)
+    except GCPBatchError as err:
+        _print_err(str(err))
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "local":
+        return watch_command(args)
     state_dir = (args.state_dir or default_state_dir()).expanduser().resolve()
     if args.action == "up":
         return local_up(state_dir, args.foreground)

@@ -30,7 +30,7 @@ from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 from google.api_core import exceptions
 
-from . import clients, settings
+from . import clients, settings, usage
 from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-exported: users catch it from here
 from .protocol import (
     JOB_ID_PATTERN,
@@ -38,6 +38,7 @@ from .protocol import (
     JobSpec,
     JobState,
     TaskObjects,
+    job_console_url,
     job_name,
     loads_error,
     loads_not_created,
@@ -157,6 +158,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             step.now = f"uploading the task to gs://{self.bucket_name}/{objects.task}"
             await asyncio.to_thread(self._upload_task, objects, spec, workdir, task)
             app_log.debug(f"gcpbatch: uploaded {objects.task}, waiting for job {job_id}")
+            app_log.info(f"gcpbatch: task runs as Batch job {self._job_name(job_id)}: {self._job_link(job_id)}")
             step.now = "waiting for the Batch job"
             return await self._wait(job_id, inbox, listening=events is not None)
         finally:
@@ -291,21 +293,24 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """Pub/Sub does not say who published a message, and more than Batch can publish to the
         topic (any job's account can). A SUCCEEDED heard there is confirmed with one get_job before
         result.pkl is unpickled: a job SUCCEEDED only if its worker wrote result.pkl itself
-        (generation 0). Anything else Batch says replaces the message."""
-        confirmed = self._reconcile(event.job_id)
+        (generation 0). Anything else Batch says replaces the message. The same read gives the
+        job's VM time, logged."""
+        confirmed = self._reconcile(event.job_id, log_usage=True)
         if confirmed is None or confirmed.state is not JobState.SUCCEEDED:
             app_log.warning(f"gcpbatch: ignored a SUCCEEDED message for {event.job_id}: Batch says "
                             f"{confirmed.state.value if confirmed else 'there is no such job'}")
             return confirmed
         return event
 
-    def _reconcile(self, job_id: str) -> JobEvent | None:
+    def _reconcile(self, job_id: str, *, log_usage: bool = False) -> JobEvent | None:
         """One read of the job's state: a notification is overdue. None if the job does not exist."""
         try:
             job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
         except exceptions.NotFound:
             return self._not_created(job_id)
         state = JobState(job.status.state.name)
+        if log_usage and state is JobState.SUCCEEDED:
+            self._log_usage(job)
         app_log.debug(f"gcpbatch: reconciled {job_id}: {state.value}")
         return JobEvent(job_id, state, "reconciled by get_job")
 
@@ -366,7 +371,20 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
         except exceptions.GoogleAPICallError as err:
             return f"Batch job {job_id} ended {state.value} without a result or error record ({err.message})"
+        self._log_usage(job)
         return explain_job_failure(job_id, state, job)
+
+    def _log_usage(self, job) -> None:
+        """The job's VM time and an on-demand estimate (usage.py), once, when it has ended."""
+        try:
+            app_log.info(f"gcpbatch: {usage.summary(usage.usage_of(job))}")
+        except Exception as err:  # noqa: BLE001 - a report, never the task's outcome
+            app_log.debug(f"gcpbatch: no usage for {job.name}: {err!r}")
+
+    def _job_link(self, job_id: str) -> str:
+        if self.batch_api_endpoint:
+            return f"local Batch service {self.batch_api_endpoint}"
+        return job_console_url(self.project_id, self.region, job_id)
 
     def _clean_up(self, objects: TaskObjects, workdir: Path) -> None:
         """Remove the task's local and bucket files, best effort. The cancel marker stays (the

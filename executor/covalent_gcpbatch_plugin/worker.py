@@ -4,8 +4,11 @@ Downloads ``task.pkl`` (Covalent's wrapped callable, so DepsPip/DepsBash/call_be
 here), runs it, and writes back to GCS, all before exiting so the job's terminal state implies its
 objects exist:
 
-* attempt-<N>/stdout.log, attempt-<N>/stderr.log: the task's output, one pair per attempt (also
-  echoed to the container's own streams, which Batch sends to Cloud Logging);
+* attempt-<N>/live/stdout-<seq>.log, ...: what the task printed so far, every LIVE_INTERVAL_S
+  while it runs (``covalent-gcpbatch logs --follow`` reads them);
+* attempt-<N>/stdout.log, attempt-<N>/stderr.log: the task's output (its last OUTPUT_LIMIT
+  characters), one pair per attempt (also echoed to the container's own streams, which Batch
+  sends to Cloud Logging);
 * result.pkl on success, exit 0;
 * error.json (type, message, traceback) on failure, exit EXIT_TASK_FAILED if the task raised and
   EXIT_WORKER_ERROR if it could not be run at all; the job's FAIL_TASK policy keeps either from
@@ -22,12 +25,14 @@ Run as ``python -m covalent_gcpbatch_plugin.worker`` with GCPBATCH_BUCKET and GC
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 from typing import TextIO
@@ -69,23 +74,97 @@ def _raise_terminated(signum: int, _frame) -> None:
     raise Terminated(signum)
 
 
-class Tee(io.TextIOBase):
-    """Captures what the task prints while still passing it through to the container's stream."""
+#: What the worker keeps of each stream: the last OUTPUT_LIMIT characters (what was cut is said).
+OUTPUT_LIMIT = 8 * 1024 * 1024
+#: While the task runs, what it printed is uploaded every LIVE_INTERVAL_S seconds as a new object
+#: (the worker's account cannot replace one), until LIVE_LIMIT characters per stream; after that
+#: only the final log (its tail) is written.
+LIVE_INTERVAL_S = 2.0
+LIVE_LIMIT = 1024 * 1024
+LIVE_TIMEOUT_S = 10.0
 
-    def __init__(self, passthrough: TextIO) -> None:
-        self.buffer_ = io.StringIO()
+
+class Tee(io.TextIOBase):
+    """Captures what the task prints (its last ``limit`` characters) while passing it through to
+    the container's stream. Thread-safe: the live uploader reads while the task writes."""
+
+    def __init__(self, passthrough: TextIO, limit: int = OUTPUT_LIMIT) -> None:
         self.passthrough = passthrough
+        self.limit = limit
+        self._parts: collections.deque[str] = collections.deque()
+        self._kept = 0
+        self.written = 0  # characters ever written
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        self.buffer_.write(text)
+        with self._lock:
+            self._parts.append(text)
+            self._kept += len(text)
+            self.written += len(text)
+            while self._kept - len(self._parts[0]) >= self.limit:
+                self._kept -= len(self._parts.popleft())
         self.passthrough.write(text)
         return len(text)
 
     def flush(self) -> None:
         self.passthrough.flush()
 
+    def since(self, position: int) -> tuple[str, int]:
+        """(what was written after ``position`` and is still kept, the new position)."""
+        with self._lock:
+            kept = "".join(self._parts)
+            first = self.written - len(kept)
+            return kept[max(0, position - first):], self.written
+
     def getvalue(self) -> str:
-        return self.buffer_.getvalue()
+        with self._lock:
+            kept = "".join(self._parts)
+            cut = self.written - len(kept)
+        if cut <= 0:
+            return kept
+        tail = kept[-self.limit :]
+        return f"[covalent-gcpbatch: the first {self.written - len(tail)} characters of this output were cut]\n{tail}"
+
+
+class LiveOutput(threading.Thread):
+    """Uploads what the task prints while it runs (``TaskObjects.live_chunk``), every
+    ``interval`` seconds, each chunk a new object, at most ``limit`` characters per stream. Best
+    effort: a failed upload stops it (the final log is still written), the task never waits on it."""
+
+    def __init__(self, bucket, objects: TaskObjects, attempt: int, streams: dict[str, Tee],
+                 interval: float = LIVE_INTERVAL_S, limit: int = LIVE_LIMIT) -> None:
+        super().__init__(name="live-output", daemon=True)
+        self.bucket, self.objects, self.attempt, self.streams = bucket, objects, attempt, streams
+        self.interval, self.limit = interval, limit
+        self.done = threading.Event()
+        self.uploaded = {name: 0 for name in streams}
+        self._positions = {name: 0 for name in streams}
+        self._seq = {name: 0 for name in streams}
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                self.upload_new()
+            except Exception as err:  # noqa: BLE001 - live output is a convenience, never the task's failure
+                print(f"covalent-gcpbatch worker: live output stopped: {type(err).__name__}: {err}", file=sys.__stderr__)
+                return
+
+    def upload_new(self) -> None:
+        for name, tee in self.streams.items():
+            if self.uploaded[name] >= self.limit:
+                continue
+            text, self._positions[name] = tee.since(self._positions[name])
+            if not text:
+                continue
+            text = text[: self.limit - self.uploaded[name]]
+            self._seq[name] += 1
+            blob = self.bucket.blob(self.objects.live_chunk(self.attempt, name, self._seq[name]))
+            blob.upload_from_string(text, content_type="text/plain", if_generation_match=0, timeout=LIVE_TIMEOUT_S)
+            self.uploaded[name] += len(text)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(LIVE_TIMEOUT_S + 1)
 
 
 def running_versions() -> tuple[str, str]:
@@ -142,8 +221,10 @@ def run(bucket, objects: TaskObjects, workdir: Path) -> int:
     stdout, stderr = Tee(sys.stdout), Tee(sys.stderr)
     outcome: tuple[str, bytes | Path] | None = None
     exit_code = 0
+    live = LiveOutput(bucket, objects, attempt(), {"stdout": stdout, "stderr": stderr})
     try:
         function, args, kwargs = load_task(bucket, objects, workdir)
+        live.start()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 result = function(*args, **kwargs)
@@ -152,6 +233,8 @@ def run(bucket, objects: TaskObjects, workdir: Path) -> int:
             except BaseException as exc:  # noqa: BLE001 - the task's failure is reported, not raised
                 record = error_record(exc, "task")
                 outcome, exit_code = (objects.error, dumps_error(record)), EXIT_TASK_FAILED
+            finally:
+                live.done.set()
         if exit_code:
             # To the container's log only; the executor appends it to Covalent's stderr once.
             print(record.traceback, end="", file=stderr.passthrough)
@@ -167,6 +250,8 @@ def run(bucket, objects: TaskObjects, workdir: Path) -> int:
         print(f"covalent-gcpbatch worker: {exc!r}", file=stderr)
         outcome, exit_code = (objects.error, dumps_error(error_record(exc, "worker"))), EXIT_WORKER_ERROR
 
+    if live.ident is not None:
+        live.stop()  # before the final log: nothing live is written after it
     try:
         store_outcome(bucket, objects, stdout.getvalue(), stderr.getvalue(), outcome)
     except Exception as exc:  # noqa: BLE001 - any failure to store is the same failure for the user

@@ -33,6 +33,10 @@ from .layout import (  # noqa: F401
     job_name,
     topic_path,
     job_id_of_job_name,
+    job_console_url,
+    job_logs_command,
+    dispatch_prefix,
+    STREAMS,
 )
 from .spec import (  # noqa: F401
     PROTOCOL_VERSION,

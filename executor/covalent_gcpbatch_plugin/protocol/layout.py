@@ -22,9 +22,13 @@ CANCEL_OBJECT = "cancelled"
 #: Written by the function when it creates no job for a task (refused, or cancelled first): a
 #: ``NotCreated`` record, so an executor that polls (no Pub/Sub) learns it too.
 NOT_CREATED_OBJECT = "not-created.json"
-#: stdout.log and stderr.log of attempt N sit under ``attempt-N/``.
+#: stdout.log and stderr.log of attempt N sit under ``attempt-N/``; what the task printed so far,
+#: while it runs, under ``attempt-N/live/`` (``stdout-000001.log``, ...: each chunk a new object).
 ATTEMPT_DIR = "attempt-"
-_ATTEMPT_OUTPUT = re.compile(rf"{ATTEMPT_DIR}(\d+)/(?:{re.escape(STDOUT_OBJECT)}|{re.escape(STDERR_OBJECT)})")
+LIVE_DIR = "live"
+STREAMS = ("stdout", "stderr")
+_ATTEMPT_OUTPUT = re.compile(rf"{ATTEMPT_DIR}(\d+)/(?:{re.escape(STDOUT_OBJECT)}|{re.escape(STDERR_OBJECT)}|{LIVE_DIR}/.*)")
+_LIVE_CHUNK = re.compile(rf"{ATTEMPT_DIR}(\d+)/{LIVE_DIR}/(stdout|stderr)-(\d{{6}})\.log")
 
 JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -61,6 +65,18 @@ class TaskObjects:
         # One set per attempt (Batch's BATCH_TASK_RETRY_ATTEMPT): the worker's account may create
         # objects but not replace them, and a retried task must not fail for its first attempt's logs.
         return f"{self.prefix}{ATTEMPT_DIR}{attempt}/{name}"
+
+    def live_chunk(self, attempt: int, stream: str, seq: int) -> str:
+        return f"{self.prefix}{ATTEMPT_DIR}{attempt}/{LIVE_DIR}/{stream}-{seq:06d}.log"
+
+    def live_chunks(self, names: Iterable[str], attempt: int, stream: str) -> list[str]:
+        """The live chunks of one attempt's stream among ``names``, in order."""
+        chunks = []
+        for name in names:
+            found = _LIVE_CHUNK.fullmatch(name.removeprefix(self.prefix))
+            if found and int(found.group(1)) == attempt and found.group(2) == stream:
+                chunks.append((int(found.group(3)), name))
+        return [name for _, name in sorted(chunks)]
 
     def last_attempt(self, names: Iterable[str]) -> int | None:
         """The highest attempt with output among ``names`` (a listing of ``prefix``), or None."""
@@ -107,13 +123,17 @@ def new_attempt_token() -> str:
     return secrets.token_hex(4)
 
 
+def _dispatch_short(dispatch_id: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", dispatch_id.lower())[:8] or "x"
+
+
 def make_job_id(dispatch_id: str, node_id: int, attempt: str) -> str:
     """``cov-<first 8 of dispatch id>-<node id>-<attempt>``, valid for Batch's job id pattern.
 
     Deterministic in its inputs: the function derives the id from the object name, so a duplicate
     finalize event for the same upload maps to the same job, and Batch's ALREADY_EXISTS dedupes it.
     """
-    short = re.sub(r"[^a-z0-9]", "", dispatch_id.lower())[:8] or "x"
+    short = _dispatch_short(dispatch_id)
     token = re.sub(r"[^a-z0-9]", "", attempt.lower())
     if not token:
         raise ValueError("attempt token must contain at least one [a-z0-9] character")
@@ -141,6 +161,22 @@ def job_name(project: str, region: str, job_id: str) -> str:
 def topic_path(project: str, topic: str) -> str:
     """A Pub/Sub topic's resource name."""
     return f"projects/{project}/topics/{topic}"
+
+
+def job_console_url(project: str, region: str, job_id: str) -> str:
+    """The job's page in the Google Cloud console (its logs are a tab there)."""
+    return f"https://console.cloud.google.com/batch/jobsDetail/regions/{region}/jobs/{job_id}/details?project={project}"
+
+
+def job_logs_command(project: str, job_uid: str) -> str:
+    """The gcloud command that reads the job's task logs from Cloud Logging."""
+    return (f"gcloud logging read 'logName=\"projects/{project}/logs/batch_task_logs\" AND labels.job_uid=\"{job_uid}\"' "
+            f"--project {project} --format 'value(textPayload)' --order asc")
+
+
+def dispatch_prefix(dispatch_id: str, node_id: int | None = None) -> str:
+    """The object prefix of a dispatch's tasks (or one node's): job ids start ``cov-<dispatch 8>-<node>-``."""
+    return f"{TASKS_PREFIX}cov-{_dispatch_short(dispatch_id)}-" + ("" if node_id is None else f"{node_id}-")
 
 
 def job_id_of_job_name(job_name: str) -> str:

@@ -1,0 +1,228 @@
+"""Watching tasks: ``covalent-gcpbatch logs``, ``jobs`` and ``cost`` (cli.py parses, this reads).
+
+Everything comes from the deployment the Covalent config points at (``[executors.gcpbatch]``, as
+the executor reads it): the task objects in its bucket (a task's job id starts
+``cov-<dispatch id's first 8>-<node id>-``, protocol.dispatch_prefix) and its Batch jobs (their
+``covalent-dispatch-id`` and ``covalent-node-id`` labels). On the local stack and on Google Cloud alike.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TextIO
+
+from google.api_core import exceptions
+from google.cloud import batch_v1
+
+from . import clients, covalent_config, protocol, usage
+from .errors import ConfigError
+from .jobs import sanitize_label_value
+from .settings import PLUGIN_DEFAULTS
+
+#: --follow reads the task's objects this often (an upload of the worker's comes every
+#: worker.LIVE_INTERVAL_S), and stops after FOLLOW_LIMIT_S without the task ending.
+FOLLOW_INTERVAL_S = 1.0
+FOLLOW_LIMIT_S = 7 * 24 * 3600.0
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    project_id: str
+    region: str
+    bucket_name: str
+    storage_emulator_host: str
+    batch_api_endpoint: str
+
+    @classmethod
+    def from_config(cls) -> Deployment:
+        section = {**PLUGIN_DEFAULTS, **covalent_config.read_executor_section()}
+        missing = [k for k in ("project_id", "bucket_name") if not section.get(k)]
+        if missing:
+            raise ConfigError(f"[executors.gcpbatch] has no {', '.join(missing)}: run ./deploy.sh up (or "
+                              "covalent deploy up gcpbatch, or covalent-gcpbatch local up) first")
+        return cls(section["project_id"], section["region"], section["bucket_name"],
+                   section.get("storage_emulator_host") or "", section.get("batch_api_endpoint") or "")
+
+    def bucket(self):
+        return clients.storage_client(self.project_id, self.storage_emulator_host or None).bucket(self.bucket_name)
+
+    def batch(self):
+        return clients.batch_client(self.batch_api_endpoint or None)
+
+    @property
+    def local(self) -> bool:
+        return bool(self.batch_api_endpoint)
+
+
+def job_ids_in(names: Iterable[str]) -> list[str]:
+    """The job ids of the task objects among ``names`` (a listing of a dispatch's prefix)."""
+    ids = {name[len(protocol.TASKS_PREFIX):].split("/", 1)[0] for name in names}
+    return sorted(i for i in ids if protocol.JOB_ID_PATTERN.fullmatch(i))
+
+
+def node_of(job_id: str) -> str:
+    return job_id.split("-")[2] if job_id.count("-") >= 3 else "?"
+
+
+class TaskOutput:
+    """What one task printed, read from its objects: the final log of its last attempt once
+    written, else what its live chunks hold so far."""
+
+    def __init__(self, bucket, job_id: str, stream: str = "stdout") -> None:
+        self.bucket, self.objects, self.stream = bucket, protocol.TaskObjects(job_id), stream
+
+    def read(self) -> tuple[str, bool]:
+        """(the text so far, whether it is final)."""
+        names = [b.name for b in self.bucket.list_blobs(prefix=self.objects.prefix, timeout=30)]
+        attempt = self.objects.last_attempt(names)
+        if attempt is None:
+            return "", False
+        final_name = getattr(self.objects, self.stream)(attempt)
+        if final_name in names:
+            blob = self.bucket.get_blob(final_name, timeout=30)
+            if blob is not None:
+                return blob.download_as_text(timeout=60), True
+        chunks = self.objects.live_chunks(names, attempt, self.stream)
+        return "".join(self.bucket.blob(name).download_as_text(timeout=60) for name in chunks), False
+
+
+def links(deployment: Deployment, job: batch_v1.Job | None, job_id: str) -> str:
+    if deployment.local:
+        return f"(local stack: the job's container log is under the local Batch service's state directory, jobs/{job_id}/)"
+    lines = [f"Console: {protocol.job_console_url(deployment.project_id, deployment.region, job_id)}"]
+    if job is not None and job.uid:
+        lines.append(f"Cloud Logging: {protocol.job_logs_command(deployment.project_id, job.uid)}")
+    return "\n".join(lines)
+
+
+def _job(deployment: Deployment, job_id: str) -> batch_v1.Job | None:
+    try:
+        return deployment.batch().get_job(name=protocol.job_name(deployment.project_id, deployment.region, job_id), timeout=30)
+    except exceptions.NotFound:
+        return None
+
+
+def logs(dispatch_id: str, node_id: int | None, follow: bool, out: TextIO = sys.stdout,
+         stop: threading.Event | None = None) -> int:
+    deployment = Deployment.from_config()
+    bucket = deployment.bucket()
+    names = [b.name for b in bucket.list_blobs(prefix=protocol.dispatch_prefix(dispatch_id, node_id), timeout=30)]
+    job_ids = job_ids_in(names)
+    if not job_ids:
+        print(f"No task objects of dispatch {dispatch_id}{'' if node_id is None else f' node {node_id}'} in "
+              f"gs://{deployment.bucket_name}: not started yet, or ended and cleaned up (its output is then in "
+              "Covalent's result, and in Cloud Logging).", file=out)
+        return 1
+    if follow and len(job_ids) > 1:
+        print(f"--follow needs one task: dispatch {dispatch_id} has {len(job_ids)} "
+              f"(nodes {', '.join(node_of(j) for j in job_ids)}): pass NODE_ID", file=out)
+        return 2
+    for job_id in job_ids:
+        print(f"== node {node_of(job_id)} (Batch job {job_id})", file=out)
+        print(links(deployment, _job(deployment, job_id), job_id), file=out, flush=True)
+        if follow:
+            return _follow(deployment, bucket, job_id, out, stop or threading.Event())
+        for stream in protocol.STREAMS:
+            text, final = TaskOutput(bucket, job_id, stream).read()
+            if text:
+                print(f"-- {stream}{'' if final else ' (so far)'}", file=out)
+                print(text, end="" if text.endswith("\n") else "\n", file=out, flush=True)
+    return 0
+
+
+def _follow(deployment: Deployment, bucket, job_id: str, out: TextIO, stop: threading.Event) -> int:
+    """Print stdout as it arrives until the task's final log is written or its job has ended."""
+    output = TaskOutput(bucket, job_id, "stdout")
+    shown, deadline = 0, time.monotonic() + FOLLOW_LIMIT_S
+    while True:
+        text, final = output.read()
+        if len(text) > shown:
+            out.write(text[shown:])
+            out.flush()
+            shown = len(text)
+        if final:
+            return 0
+        job = _job(deployment, job_id)
+        if job is None or job.status.state.name in TERMINAL:
+            text, _ = output.read()  # what came between the two reads
+            out.write(text[shown:])
+            print(f"-- job {job_id}: {job.status.state.name if job else 'gone'}", file=out, flush=True)
+            return 0
+        if stop.wait(FOLLOW_INTERVAL_S) or time.monotonic() > deadline:
+            return 0
+
+
+def dispatch_jobs(deployment: Deployment, dispatch_id: str | None) -> list[batch_v1.Job]:
+    """This deployment's jobs (label created-by), of one dispatch if given, newest first."""
+    parent = protocol.location_name(deployment.project_id, deployment.region)
+    wanted = None if dispatch_id is None else sanitize_label_value(dispatch_id)
+    jobs = [j for j in deployment.batch().list_jobs(parent=parent, timeout=60)
+            if j.labels.get("created-by") == "covalent-gcpbatch"
+            and (wanted is None or j.labels.get("covalent-dispatch-id") == wanted)]  # fmt: skip
+    return sorted(jobs, key=lambda j: j.create_time, reverse=True)
+
+
+def _age(job: batch_v1.Job) -> str:
+    seconds = (datetime.now(timezone.utc) - job.create_time).total_seconds()
+    return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.1f} min" if seconds > 90 else f"{seconds:.0f} s"
+
+
+def covalent_is_running(dispatch_id: str) -> bool:
+    """Whether a Covalent server still runs this dispatch (its executors then still wait for its
+    jobs); False if no server answers, as after a crash."""
+    try:
+        import covalent as ct
+
+        return str(ct.get_result(dispatch_id, wait=False).status) in ("RUNNING", "NEW_OBJECT", "PENDING_REUSE")
+    except Exception:  # noqa: BLE001 - no server, or it does not know the dispatch
+        return False
+
+
+def jobs(dispatch_id: str | None, cancel: bool, out: TextIO = sys.stdout,
+         is_running: Callable[[str], bool] = covalent_is_running) -> int:
+    deployment = Deployment.from_config()
+    found = dispatch_jobs(deployment, dispatch_id)
+    print(f"{'JOB':<36} {'STATE':<24} {'DISPATCH':<38} {'NODE':>5} {'AGE':>9} {'VM':>9}", file=out)
+    for job in found:
+        vm = usage.vm_seconds(job)
+        print(f"{job.name.rsplit('/', 1)[-1]:<36} {job.status.state.name:<24} {job.labels.get('covalent-dispatch-id', ''):<38} "
+              f"{job.labels.get('covalent-node-id', ''):>5} {_age(job):>9} {vm:>8.0f}s", file=out)
+    if cancel:
+        active = [j for j in found if j.status.state.name not in (*TERMINAL, "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")]
+        batch, running = deployment.batch(), {}
+        for job in active:
+            dispatch = job.labels.get("covalent-dispatch-id", "")
+            if running.setdefault(dispatch, is_running(dispatch)):
+                print(f"kept {job.name.rsplit('/', 1)[-1]}: Covalent still runs dispatch {dispatch} "
+                      "(cancel it there: ct.cancel)", file=out)
+                continue
+            batch.cancel_job(name=job.name, timeout=30)
+            print(f"cancelled {job.name.rsplit('/', 1)[-1]}", file=out)
+        if not active:
+            print("nothing to cancel: no job of these is active", file=out)
+    return 0
+
+
+def cost(dispatch_id: str, prices_file: str | None, out: TextIO = sys.stdout) -> int:
+    deployment = Deployment.from_config()
+    prices = usage.load_prices(prices_file)
+    found = dispatch_jobs(deployment, dispatch_id)
+    if not found:
+        print(f"No Batch job of dispatch {dispatch_id} in {deployment.project_id} ({deployment.region}).", file=out)
+        return 1
+    total_vm = total_billed = total_usd = 0.0
+    for job in found:
+        used = usage.usage_of(job)
+        print(usage.summary(used, prices), file=out)
+        total_vm += used.vm_seconds
+        total_billed += used.billed_seconds
+        total_usd += usage.estimate(used, prices)
+    print(f"dispatch {dispatch_id}: {len(found)} job(s), VM-seconds {total_vm:.1f} (billed {total_billed:.0f}), "
+          f"about ${total_usd:.4f} on demand (estimate: list prices, no discounts, disks or network)", file=out)
+    return 0

@@ -1,0 +1,122 @@
+"""Watching a task while it runs: `covalent-gcpbatch logs --follow`, `jobs`, `cost`, on the local
+stack, through a real Covalent dispatch and the real worker's live output."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import covalent as ct
+import pytest
+from workflow_helpers import batch_admin, jobs_of_dispatch, wait_for
+
+from covalent_gcpbatch_plugin import protocol
+from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
+from covalent_gcpbatch_plugin.worker import Tee
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.stack
+CLI = str(Path(sys.executable).with_name("covalent-gcpbatch"))
+TICKS = 10
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_output_jobs_and_cost_while_a_task_runs(covalent_server, local_stack):
+    executor = GCPBatchExecutor(time_limit=120, keep_artifacts=True)
+
+    @ct.electron(executor=executor)
+    def ticker():
+        import time as _time
+
+        for i in range(TICKS):
+            print(f"tick {i}", flush=True)
+            _time.sleep(1)
+        return "done"
+
+    @ct.lattice
+    def flow():
+        return ticker()
+
+    dispatch_id = ct.dispatch(flow)()
+    deadline = time.monotonic() + 60
+    while not jobs_of_dispatch(local_stack, dispatch_id):
+        assert time.monotonic() < deadline, "no Batch job for the dispatch"
+        time.sleep(0.2)
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    job_id = protocol.job_id_of_job_name(job.name)
+
+    follow = subprocess.Popen([CLI, "logs", dispatch_id, "0", "--follow"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+    first_tick = threading.Event()
+    state_at_first_tick: list[str] = []
+
+    def read() -> None:
+        for line in follow.stdout:
+            lines.append(line)
+            if line.startswith("tick ") and not first_tick.is_set():
+                state_at_first_tick.append(batch_admin(local_stack, "stats")["jobs"][job_id].keys().__repr__())
+                first_tick.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert first_tick.wait(60), f"no output while the task ran: {lines} {follow.stderr.read() if follow.poll() is not None else ''}"
+        assert "SUCCEEDED" not in state_at_first_tick[0], "the first line arrived before the task ended"
+        listed = cli("jobs", dispatch_id)
+        assert listed.returncode == 0, listed.stderr
+        (row,) = [line for line in listed.stdout.splitlines() if line.startswith(job_id)]
+        assert "RUNNING" in row and " 0 " in f" {row.split()[3]} "
+        assert follow.wait(90) == 0, follow.stderr.read()
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    reader.join(10)
+    assert [line.strip() for line in lines if line.startswith("tick ")] == [f"tick {i}" for i in range(TICKS)]
+    assert lines[0].startswith(f"== node 0 (Batch job {job_id})")
+
+    result = wait_for(dispatch_id)
+    assert str(result.status) == "COMPLETED" and result.result == "done"
+
+    # cost: the VM-seconds of the job's status events, against the service's own clock
+    report = cli("cost", dispatch_id)
+    assert report.returncode == 0, report.stderr
+    vm = float(re.search(rf"job {job_id} SUCCEEDED: VM ([0-9.]+) s \(billed (\d+) s\)", report.stdout).group(1))
+    times = batch_admin(local_stack, "stats")["jobs"][job_id]
+    measured = times["SUCCEEDED"] - times["SCHEDULED"]
+    assert measured >= TICKS and abs(vm - measured) <= 0.1 * measured, (vm, measured)
+    assert "billed 60 s" in report.stdout, "a VM is billed at least a minute"
+    assert "on demand" in report.stdout
+
+
+def test_logs_without_follow_and_of_an_unknown_dispatch(local_stack):
+    unknown = cli("logs", "00000000-no-such-dispatch")
+    assert unknown.returncode == 1 and "No task objects" in unknown.stdout
+    nothing = cli("cost", "00000000-no-such-dispatch")
+    assert nothing.returncode == 1 and "No Batch job" in nothing.stdout
+
+
+def test_output_keeps_its_tail_when_a_task_prints_too_much():
+    class Sink:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            pass
+
+    tee = Tee(Sink(), limit=100)
+    for i in range(50):
+        tee.write(f"line {i:03d}\n")  # 9 characters each: 450 in all
+    text = tee.getvalue()
+    assert text.startswith("[covalent-gcpbatch: the first ") and "characters of this output were cut]" in text
+    assert text.endswith("line 049\n") and len(text.split("]\n", 1)[1]) <= 100
+    since, position = tee.since(441)
+    assert (since, position) == ("line 049\n", 450)
