@@ -65,7 +65,7 @@ die() {
   exit 1
 }
 
-section() { printf '\n== %s\n' "$*"; }
+section() { printf '\n== %s  [%ss]\n' "$*" "$SECONDS"; }  # with the seconds since the start
 present() { printf '   exists: %s\n' "$*"; }
 
 # run CMD...: a command that changes something, echoed before it runs.

@@ -44,9 +44,9 @@ def local_up(state_dir: Path, foreground: bool) -> int:
     from .errors import StackError
     from .local.stack import LocalStack
 
-    stack = LocalStack(state_dir)
-    already_running = stack.status()["running"]
     started = time.monotonic()
+    stack = LocalStack(state_dir, progress=lambda message: print(f"  [{time.monotonic() - started:5.1f} s] {message}", flush=True))
+    already_running = stack.status()["running"]
     try:
         settings = stack.up()
     except StackError as err:

@@ -392,6 +392,9 @@ def test_cli_up_status_down_round_trip(tmp_path):
         for key in EXECUTOR_CONFIG_KEYS:
             assert f"{key} = {json.dumps(section[key])}" in up.stdout  # printed as written
         assert section["project_id"] == "local-project"
+        # progress, step by step, with the elapsed time
+        steps = [line.split("] ", 1)[1].split(" ready in ")[0] for line in up.stdout.splitlines() if " ready in " in line]
+        assert steps == ["workers' environment", *COMPONENTS], up.stdout
 
         status = run("status", "--json")
         assert status.returncode == 0, status.stderr

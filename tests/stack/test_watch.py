@@ -120,3 +120,42 @@ def test_output_keeps_its_tail_when_a_task_prints_too_much():
     assert text.endswith("line 049\n") and len(text.split("]\n", 1)[1]) <= 100
     since, position = tee.since(441)
     assert (since, position) == ("line 049\n", 450)
+
+
+def test_jobs_cancel_spares_what_a_running_dispatch_waits_for(covalent_server, local_stack, tmp_path):
+    """`jobs --cancel` is for jobs a dead Covalent server left behind: one a live dispatch still
+    waits for is kept; the same job, once no server runs its dispatch, is cancelled."""
+    import io
+
+    from covalent_gcpbatch_plugin import watch
+
+    started = tmp_path / "started"
+
+    @ct.electron(executor=GCPBatchExecutor(time_limit=120))
+    def waits(path):
+        import time as _time
+
+        open(path, "w").close()
+        _time.sleep(60)
+
+    @ct.lattice
+    def flow(path):
+        return waits(path)
+
+    dispatch_id = ct.dispatch(flow)(str(started))
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.2)
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    job_id = protocol.job_id_of_job_name(job.name)
+
+    kept = cli("jobs", dispatch_id, "--cancel")
+    assert kept.returncode == 0 and f"kept {job_id}: Covalent still runs dispatch" in kept.stdout, kept.stdout + kept.stderr
+
+    out = io.StringIO()
+    assert watch.jobs(dispatch_id, cancel=True, out=out, is_running=lambda dispatch: False) == 0  # as if the server died
+    assert f"cancelled {job_id}" in out.getvalue()
+    result = wait_for(dispatch_id, timeout_s=60)
+    assert str(result.status) in ("CANCELLED", "FAILED")
+    assert jobs_of_dispatch(local_stack, dispatch_id)[0].status.state.name == "CANCELLED"

@@ -32,7 +32,7 @@ PACKAGED_SOURCE = PACKAGE / "assets" / "source"
 #: What deploy.sh needs beside itself, as in the repository (the package itself goes to executor/).
 SOURCE_ENTRIES = ("deploy.sh", "worker_image", "functions", "pyproject.toml", "README.md")
 SKIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", "assets")
-SECTION = re.compile(r"^== (.+)$")
+SECTION = re.compile(r"^== (.+?)(?:\s+\[\d+s\])?$")  # deploy.sh's section(): a step, its elapsed time
 
 
 def say(message: str) -> None:

@@ -209,6 +209,7 @@ class LocalStack:
         batch_worker_command: str | None = None,
         batch_latency_model: str = "off",
         batch_time_scale: float = 1.0,
+        progress: Callable[[str], None] = lambda message: None,
     ) -> None:
         """``batch_max_running``: jobs the local Batch service runs at once (its ``--max-running``;
         None keeps its default of 2). ``batch_worker_command``: what a container runnable runs
@@ -226,6 +227,8 @@ class LocalStack:
             raise ValueError(f"batch_latency_model must be 'off' or 'realistic' and batch_time_scale positive, "
                              f"got {batch_latency_model!r}, {batch_time_scale!r}")
         self.batch_latency_model = batch_latency_model
+        #: Told each step as it completes (the CLI prints them).
+        self.progress = progress
         self.batch_time_scale = batch_time_scale
         self.logs_dir = self.state_dir / "logs"
         self.data_dir = self.state_dir / "data"
@@ -322,7 +325,9 @@ class LocalStack:
     def _start_all(self) -> StackSettings:
         s = StackSettings(state_dir=str(self.state_dir))
         self._settings = s
+        building = time.monotonic()
         s.worker_python = str(worker_python())  # first: building it may take a minute
+        self.progress(f"workers' environment ready in {time.monotonic() - building:.1f} s ({s.worker_python})")
         pubsub_port, gcs_port, batch_port, function_port = free_ports(4)
         s.pubsub_emulator_host = f"127.0.0.1:{pubsub_port}"
         s.storage_emulator_host = f"http://127.0.0.1:{gcs_port}"
@@ -475,6 +480,7 @@ class LocalStack:
                 raise StackError(f"{name} did not become ready within {timeout:.0f} s; log {log_path}:\n{tail(log_path)}")
             time.sleep(0.05)
         record.ready_s = round(time.monotonic() - started, 3)
+        self.progress(f"{name} ready in {record.ready_s:.1f} s ({url or log_path})")
 
     # -- down / status ----------------------------------------------------------------------
 
