@@ -9,9 +9,12 @@ import urllib.request
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+_STARTED = time.monotonic()
+
+
 def log(message: str) -> None:
-    """Progress to stderr (stdout carries the table)."""
-    print(f"bench {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+    """Progress to stderr (stdout carries the table), with the time since the run started."""
+    print(f"bench {time.strftime('%H:%M:%S')} [+{time.monotonic() - _STARTED:.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 def batch_stats(endpoint: str) -> dict:

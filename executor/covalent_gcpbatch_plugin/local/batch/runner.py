@@ -82,6 +82,17 @@ def limit_memory(pid: int, memory_mib: int) -> None:
         log.debug("cannot limit the memory of %s: %s", pid, err)
 
 
+def subscribed(job: batch_v1.Job, kind: batch_v1.JobNotification.Type, state) -> list[str]:
+    """The topics of the job's notifications of ``kind`` that want ``state`` (all, or just it)."""
+    topics = []
+    for notification in job.notifications:
+        message = notification.message
+        wanted = message.new_job_state if kind == batch_v1.JobNotification.Type.JOB_STATE_CHANGED else message.new_task_state
+        if message.type_ == kind and (not wanted or wanted == state):
+            topics.append(notification.pubsub_topic)
+    return topics
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -391,29 +402,19 @@ class LocalBatch:
         task_uid = f"{record.job.uid}-group0-0"
         data, attributes = protocol.task_state_message(record.task_number_name, record.job.uid, task_uid, record.region,
                                                        previous.name, state.name, stamp)
-        for notification in record.job.notifications:
-            message = notification.message
-            if message.type_ != batch_v1.JobNotification.Type.TASK_STATE_CHANGED:
-                continue
-            if message.new_task_state and message.new_task_state != state:
-                continue
-            self.publish(notification.pubsub_topic, data, attributes)
+        for topic in subscribed(record.job, batch_v1.JobNotification.Type.TASK_STATE_CHANGED, state):
+            self.publish(topic, data, attributes)
 
     def _notify(self, record: JobRecord, previous: State, state: State, now: float) -> None:
         stamp = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
         data, attributes = protocol.job_state_message(record.number_name, record.job.uid, record.region,
                                                       previous.name, state.name, stamp)
-        for notification in record.job.notifications:
-            message = notification.message
-            if message.type_ != batch_v1.JobNotification.Type.JOB_STATE_CHANGED:
-                continue
-            if message.new_job_state and message.new_job_state != state:
-                continue
+        for topic in subscribed(record.job, batch_v1.JobNotification.Type.JOB_STATE_CHANGED, state):
             if self.faults.drops(record.job_id, state.name):
                 self.notices["dropped"] += 1
                 continue
             for _ in range(2 if self.faults.duplicate_notifications else 1):
-                self.publish(notification.pubsub_topic, data, attributes)
+                self.publish(topic, data, attributes)
 
     def _task_text(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str = "") -> str:
         """A task event's text as Batch words it (the VM's zone and instance in place of ours)."""
