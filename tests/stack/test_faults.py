@@ -636,7 +636,7 @@ def test_out_of_order_notifications_settle_on_the_first_terminal_state():
     executor = DirectExecutor(reconcile_interval=30, submit_timeout=30)
     reads = []
 
-    def batch_says_succeeded(job_id):  # the one read: Batch confirms the SUCCEEDED message
+    def batch_says_succeeded(job_id, **_):  # the one read: Batch confirms the SUCCEEDED message
         reads.append(job_id)
         return JobEvent(job_id, JobState.SUCCEEDED, "reconciled by get_job")
 
