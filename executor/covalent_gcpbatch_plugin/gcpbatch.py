@@ -340,10 +340,11 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             raise TaskCancelledError(f"Batch job {job_id} was cancelled")
         bucket = self._bucket()
         last = objects.last_attempt(blob.name for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30))
-        for name, stream in ((objects.stdout(last), self.task_stdout), (objects.stderr(last), self.task_stderr)):
-            blob = None if last is None else bucket.get_blob(name)
-            if blob is not None:
-                print(blob.download_as_text(), end="", file=stream)
+        if last is not None:
+            for name, stream in ((objects.stdout(last), self.task_stdout), (objects.stderr(last), self.task_stderr)):
+                blob = bucket.get_blob(name)
+                if blob is not None:
+                    print(blob.download_as_text(), end="", file=stream)
         if outcome.state is JobState.SUCCEEDED:
             result_path = workdir / "result.pkl"
             workdir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -67,7 +67,8 @@ def job_ids_in(names: Iterable[str]) -> list[str]:
 
 
 def node_of(job_id: str) -> str:
-    return job_id.split("-")[2] if job_id.count("-") >= 3 else "?"
+    node = protocol.node_id_of_job_id(job_id)
+    return "?" if node is None else str(node)
 
 
 class TaskOutput:

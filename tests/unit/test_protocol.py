@@ -38,6 +38,7 @@ def test_layout_round_trips_the_job_id():
     assert objects.last_attempt(everything) == 2 and objects.last_attempt(objects.fixed()) is None
     assert p.job_id_of_task_object(objects.stdout(0)) is None, "outputs never start a job"
     assert p.job_id_of_task_object(objects.task) == objects.job_id
+    assert p.node_id_of_job_id(objects.job_id) == 3 and p.node_id_of_job_id("job-abc") is None
     name = p.job_name("proj", "us-east1", objects.job_id)
     assert name == "projects/proj/locations/us-east1/jobs/cov-8f1c2d3e-3-a1b2c3d4"
     assert p.job_id_of_job_name(name) == objects.job_id

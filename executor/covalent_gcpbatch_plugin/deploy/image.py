@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DeployError
-from ..local.worker_env import IGNORED_PARTS, IGNORED_SUFFIXES
+from ..local.worker_env import context_files
 
 DOCKERFILE = "worker_image/Dockerfile"
 #: Where the Dockerfile reads the user's packages from (empty in the checkout: the default image).
@@ -56,7 +56,7 @@ def stage_context(dest: Path, requirements: Path | None = None) -> str:
     for argument in worker_env.parse_dockerfile()[0].all("COPY"):
         sources += worker_env.copy_sources(argument, {})[0]
     for source in sources:
-        for path in _files(root / source):
+        for path in context_files(root / source):
             target = dest / path.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
@@ -85,22 +85,13 @@ def build_config(image: str, python_version: str, covalent_version: str) -> dict
     }
 
 
-def _files(path: Path) -> Iterator[Path]:
-    if path.is_dir():
-        for child in sorted(path.iterdir(), key=lambda p: p.name):
-            if child.name not in IGNORED_PARTS and not child.name.endswith(IGNORED_SUFFIXES):
-                yield from _files(child)
-    else:
-        yield path
-
-
 def digest(paths: Sequence[str], texts: Sequence[str]) -> str:
     h = hashlib.sha256()
     for text in texts:
         h.update(b"text\0" + text.encode() + b"\0")
     for top in paths:
         top_path = Path(top)
-        for path in _files(top_path):
+        for path in context_files(top_path):
             relative = path.relative_to(top_path).as_posix() if path != top_path else path.name
             h.update(b"file\0" + relative.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]

@@ -25,13 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DeployError
+from ..local.worker_env import COPY_IGNORE
 
 PACKAGE = Path(__file__).resolve().parents[1]
 CHECKOUT = PACKAGE.parents[1]
 PACKAGED_SOURCE = PACKAGE / "assets" / "source"
 #: What deploy.sh needs beside itself, as in the repository (the package itself goes to executor/).
 SOURCE_ENTRIES = ("deploy.sh", "worker_image", "functions", "pyproject.toml", "README.md")
-SKIPPED = shutil.ignore_patterns("__pycache__", "*.pyc", "assets")
 SECTION = re.compile(r"^== (.+?)(?:\s+\[\d+s\])?$")  # deploy.sh's section(): a step, its elapsed time
 
 
@@ -50,11 +50,11 @@ def source_root(scratch: Path) -> Path:
     for entry in SOURCE_ENTRIES:
         source = PACKAGED_SOURCE / entry
         if source.is_dir():
-            shutil.copytree(source, root / entry, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(source, root / entry, ignore=COPY_IGNORE)
         else:
             root.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / entry)
-    shutil.copytree(PACKAGE, root / "executor" / PACKAGE.name, ignore=SKIPPED)
+    shutil.copytree(PACKAGE, root / "executor" / PACKAGE.name, ignore=COPY_IGNORE)  # caches and assets left out
     (root / "deploy.sh").chmod(0o755)
     return root
 

@@ -40,6 +40,8 @@ DOCKERFILE = REPO_ROOT / "worker_image" / "Dockerfile"
 #: Terraform's working files among them; the worker never deploys).
 IGNORED_PARTS = ("__pycache__", ".pytest_cache", ".mypy_cache", "assets")
 IGNORED_SUFFIXES = (".pyc", ".egg-info")
+#: The same, for shutil.copytree.
+COPY_IGNORE = shutil.ignore_patterns(*IGNORED_PARTS, *(f"*{suffix}" for suffix in IGNORED_SUFFIXES))
 PIP_TIMEOUT_S = 900
 #: Environments kept in the cache; older ones unused for STALE_S are removed when one is built.
 KEEP = 3
@@ -95,12 +97,14 @@ def _ignored(path: Path) -> bool:
     return path.name in IGNORED_PARTS or path.name.endswith(IGNORED_SUFFIXES)
 
 
-def _files(path: Path) -> Iterator[Path]:
+def context_files(path: Path) -> Iterator[Path]:
+    """The files of ``path`` (itself, or a directory's, recursively, in name order) that a build
+    context holds: caches and the package's ``assets`` left out (.dockerignore)."""
     if path.is_dir():
         for child in sorted(path.iterdir(), key=lambda p: p.name):
             if not _ignored(child):
-                yield from _files(child)
-    elif path.exists():
+                yield from context_files(child)
+    else:
         yield path
 
 
@@ -113,8 +117,7 @@ def replay_copy(argument: str, context: Path, root: Path, values: Mapping[str, s
         if not src.exists():
             raise StackError(f"worker_image/Dockerfile copies {source}, which is not in {context}")
         if src.is_dir():
-            shutil.copytree(src, target, ignore=shutil.ignore_patterns(*IGNORED_PARTS, *(f"*{s}" for s in IGNORED_SUFFIXES)),
-                            dirs_exist_ok=True)
+            shutil.copytree(src, target, ignore=COPY_IGNORE, dirs_exist_ok=True)
         elif dest.endswith("/"):
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target / src.name)
@@ -140,7 +143,9 @@ def digest(context: Path = REPO_ROOT, dockerfile: Path = DOCKERFILE, values: Map
     for argument in parse_dockerfile(dockerfile)[0].all("COPY"):
         for source in copy_sources(argument, values)[0]:
             top = context / source
-            for path in _files(top):
+            if not top.exists():
+                raise StackError(f"worker_image/Dockerfile copies {source}, which is not in {context}")
+            for path in context_files(top):
                 h.update(b"\0file\0" + path.relative_to(context).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 

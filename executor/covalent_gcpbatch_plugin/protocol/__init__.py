@@ -29,6 +29,7 @@ from .layout import (  # noqa: F401
     job_id_of_task_object,
     new_attempt_token,
     make_job_id,
+    node_id_of_job_id,
     location_name,
     job_name,
     topic_path,

@@ -148,6 +148,15 @@ def make_job_id(dispatch_id: str, node_id: int, attempt: str) -> str:
 # Resource names
 
 
+_JOB_ID_PARTS = re.compile(r"cov-[a-z0-9]+-(\d+)-[a-z0-9]+")
+
+
+def node_id_of_job_id(job_id: str) -> int | None:
+    """The node id in a job id made by ``make_job_id`` (None for any other id)."""
+    found = _JOB_ID_PARTS.fullmatch(job_id)
+    return int(found.group(1)) if found else None
+
+
 def location_name(project: str, region: str) -> str:
     """The Batch parent of a region's jobs (create_job, list_jobs)."""
     return f"projects/{project}/locations/{region}"
