@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from google.cloud import batch_v1
+
 from .model import State
 
 @dataclass
@@ -22,12 +24,14 @@ class Faults:
     fail_get: int = 0
     fail_get_status: int = 403
     drop_notifications: dict[str, set[str]] = field(default_factory=dict)
+    #: Task-level messages not published: job id (or ``*``) -> task states, for every task of the job.
+    drop_task_notifications: dict[str, set[str]] = field(default_factory=dict)
     duplicate_notifications: bool = False
 
     def update(self, body: Mapping) -> None:
         """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
         known = {"preempt", "preempt_after_s", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
-                 "drop_notifications", "duplicate_notifications"}
+                 "drop_notifications", "drop_task_notifications", "duplicate_notifications"}
         unknown = set(body) - known
         if unknown:
             raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
@@ -47,6 +51,8 @@ class Faults:
                 setattr(self, f"fail_{kind}_status", status)
         for job, states in dict(body.get("drop_notifications", {})).items():
             self.drop_notifications[str(job)] = {State[s].name for s in states}
+        for job, states in dict(body.get("drop_task_notifications", {})).items():
+            self.drop_task_notifications[str(job)] = {batch_v1.TaskStatus.State[s].name for s in states}
         if "duplicate_notifications" in body:
             self.duplicate_notifications = bool(body["duplicate_notifications"])
 
@@ -78,8 +84,12 @@ class Faults:
     def drops(self, job_id: str, state: str) -> bool:
         return any(state in self.drop_notifications.get(key, ()) for key in (job_id, "*"))
 
+    def drops_task(self, job_id: str, state: str) -> bool:
+        return any(state in self.drop_task_notifications.get(key, ()) for key in (job_id, "*"))
+
     def to_json(self) -> dict:
         return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
                 "fail_get": self.fail_get, "fail_get_status": self.fail_get_status,
                 "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
+                "drop_task_notifications": {k: sorted(v) for k, v in self.drop_task_notifications.items()},
                 "duplicate_notifications": self.duplicate_notifications}

@@ -1,6 +1,6 @@
 """What a job means to the local Batch service: pure, typed translation, no I/O.
 
-* ``validate_job``: which jobs the service accepts (Batch's own rules plus its one-task limits);
+* ``validate_job``: which jobs the service accepts (Batch's own rules plus the service's limits);
 * ``runnable_argv`` / ``task_environment``: how a runnable becomes a host process;
 * ``attempt_verdict``: exit code + ``max_retry_count`` + lifecycle policy -> succeed, retry or fail.
 
@@ -32,6 +32,8 @@ EXIT_NOT_STARTED = 127
 #: SIGTERM first, SIGKILL this much later (like ``docker stop``).
 KILL_GRACE_S = 2.0
 MAX_RETRY_COUNT = 10
+#: Batch's limit on tasks per task group (../shared/notes/platform.md, "Quotas").
+MAX_TASK_COUNT = 100_000
 _TOPIC = re.compile(r"^projects/[^/]+/topics/[^/]+$")
 
 Publish = Callable[[str, bytes, dict[str, str]], None]
@@ -77,8 +79,14 @@ def validate_job(job_id: str, job: batch_v1.Job) -> str | None:
     if len(job.task_groups) > 1:
         return "only one task group is supported"
     group = job.task_groups[0]
-    if group.task_count > 1:
-        return "the local Batch service supports task_count 1 only"
+    if not 0 <= group.task_count <= MAX_TASK_COUNT:
+        return f"task_groups[0].task_count must be between 1 and {MAX_TASK_COUNT} (Batch's tasks-per-group limit)"
+    if group.task_environments:
+        # Not used by this plugin (its pack manifest names each task's electron): refused rather
+        # than run with the wrong environment.
+        return "task_groups[0].task_environments is not supported by the local Batch service"
+    if group.parallelism < 0:
+        return "task_groups[0].parallelism must be positive"
     spec = group.task_spec
     if not spec.runnables:
         return "task_spec.runnables must contain at least one runnable"
@@ -116,7 +124,7 @@ def runnable_argv(runnable: batch_v1.Runnable, worker_command: Sequence[str]) ->
 
 
 def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable: batch_v1.Runnable,
-                     retry_attempt: int, site_packages: Path) -> dict[str, str]:
+                     retry_attempt: int, site_packages: Path, *, index: int = 0, count: int = 1) -> dict[str, str]:
     """The service's environment, Batch's predefined variables, the task's, then the runnable's.
 
     Every attempt runs in a fresh container on Batch: what a task pip-installs (ct.DepsPip) is gone
@@ -127,8 +135,8 @@ def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable:
         **base,
         "PIP_TARGET": str(site_packages),
         "PYTHONPATH": str(site_packages),
-        "BATCH_TASK_INDEX": "0",
-        "BATCH_TASK_COUNT": "1",
+        "BATCH_TASK_INDEX": str(index),
+        "BATCH_TASK_COUNT": str(count),
         "BATCH_TASK_RETRY_ATTEMPT": str(retry_attempt),
         **spec.environment.variables,
         **runnable.environment.variables,

@@ -53,14 +53,17 @@ from .model import (
 
 log = logging.getLogger("covalent_gcpbatch_plugin.local.batch")
 TaskState = batch_v1.TaskStatus.State
-#: The task's state as its job's moves (one task per job here). A task of a cancelled job that never
-#: started is UNEXECUTED (Batch's meaning); one that was running ends FAILED, its process killed
-#: (an assumption: Batch does not document it).
-TASK_STATE_OF_JOB_STATE = {
-    State.SCHEDULED: TaskState.ASSIGNED,
-    State.RUNNING: TaskState.RUNNING,
-    State.CANCELLED: TaskState.FAILED,
+#: What a task still open becomes when its job is cancelled: one never started is UNEXECUTED
+#: (Batch's meaning); one that was running ends FAILED, its process killed (an assumption: Batch
+#: does not document it).
+TASK_STATE_ON_CANCEL = {
+    TaskState.PENDING: TaskState.UNEXECUTED,
+    TaskState.ASSIGNED: TaskState.UNEXECUTED,
+    TaskState.RUNNING: TaskState.FAILED,
 }
+#: list_tasks answers in pages (the client's pager follows next_page_token), as Batch's API does;
+#: Batch does not document its default page size: 100 is an assumption.
+LIST_TASKS_PAGE_SIZE = 100
 
 #: The task's compute_resource.memory_mib is enforced as an address-space limit (RLIMIT_AS) on
 #: the worker process, plus this allowance for what a real VM does not count against the task
@@ -127,6 +130,22 @@ class Operation:
 
 
 @dataclass
+class TaskRecord:
+    """One task of a job: its state (get_task, list_tasks), its names, its running process."""
+
+    index: int
+    task: batch_v1.Task
+    number_name: str  # .../jobs/<id>/taskGroups/group0/tasks/<index>, with the project NUMBER
+    uid: str
+    workdir: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def state(self) -> TaskState:
+        return TaskState(self.task.status.state)
+
+
+@dataclass
 class JobRecord:
     job: batch_v1.Job
     job_id: str
@@ -134,21 +153,27 @@ class JobRecord:
     number_name: str  # projects/<number>/locations/<region>/jobs/<id>, as notifications name it
     region: str
     workdir: Path
-    proc: subprocess.Popen | None = None
     stop: str | None = None  # "cancel", "delete" or "shutdown" once requested
     running_since: float | None = None
     finished: threading.Event = field(default_factory=threading.Event)
-    #: The job's one task (get_task, list_tasks); its name in the API's form and the notifications'.
-    task: batch_v1.Task = field(default_factory=batch_v1.Task)
-    task_number_name: str = ""
-    #: The latency model's: when the job may leave QUEUED; when its VM was created (None: no VM).
+    tasks: list[TaskRecord] = field(default_factory=list)
+    #: Indices of the tasks no VM has taken yet, in order.
+    pending: deque[int] = field(default_factory=deque)
+    #: VMs the job may still start (its parallelism, less those started) and VMs alive now.
+    vms_wanted: int = 0
+    vms_live: int = 0
+    #: The latency model's: when the job may leave QUEUED.
     admit_at: float = 0.0
-    vm_since: float | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def state(self) -> State:
         return State(self.job.status.state)
+
+    @property
+    def task(self) -> batch_v1.Task:
+        """Task 0 (the only one of a job without an array)."""
+        return self.tasks[0].task
 
 
 class LocalBatch:
@@ -206,16 +231,27 @@ class LocalBatch:
             job.uid = f"j-{uuid.uuid4()}"
             job.create_time = job.update_time = timestamp(now)
             job.status = batch_v1.JobStatus()
-            job.task_groups[0].name = f"{name}/taskGroups/group0"
-            job.task_groups[0].task_count = 1
+            group = job.task_groups[0]
+            group.name = f"{name}/taskGroups/group0"
+            group.task_count = max(1, group.task_count)
+            # Batch's default parallelism: min(task_count, its parallel-tasks-per-job limit).
+            group.parallelism = min(group.parallelism or group.task_count, group.task_count, protocol.MAX_PARALLELISM)
             workdir = self.state_dir / "jobs" / job_id
             shutil.rmtree(workdir, ignore_errors=True)  # a deleted job of the same id
             workdir.mkdir(parents=True)
             record = JobRecord(job=job, job_id=job_id, key=key, region=region, workdir=workdir,
                                number_name=protocol.job_name(key[0], region, job_id))
-            record.task = batch_v1.Task(name=f"{name}/taskGroups/group0/tasks/0",
-                                        status=batch_v1.TaskStatus(state=TaskState.PENDING))
-            record.task_number_name = f"{record.number_name}/taskGroups/group0/tasks/0"
+            for index in range(group.task_count):
+                record.tasks.append(TaskRecord(
+                    index=index,
+                    task=batch_v1.Task(name=f"{name}/taskGroups/group0/tasks/{index}",
+                                       status=batch_v1.TaskStatus(state=TaskState.PENDING)),
+                    number_name=f"{record.number_name}/taskGroups/group0/tasks/{index}",
+                    uid=f"{job.uid}-group0-{index}",
+                    # Task 0 keeps the job's directory (as before arrays); task i has task-<i>/.
+                    workdir=workdir if index == 0 else workdir / f"task-{index}",
+                ))
+            record.pending.extend(range(group.task_count))
             self.jobs[key] = record
             self.state_times[job_id] = {}
             self._enter(record, State.QUEUED, at=now)
@@ -290,17 +326,25 @@ class LocalBatch:
         with self.lock:
             self.calls["get_task"] += 1
             record = self._find(project, region, job_id)
-            if group != "group0" or index != "0":
+            if group != "group0" or not index.isdigit() or int(index) >= len(record.tasks):
                 raise ApiError(404, f"Task {record.job.name}/taskGroups/{group}/tasks/{index} not found")
-            return batch_v1.Task(record.task)
+            return batch_v1.Task(record.tasks[int(index)].task)
 
-    def list_tasks(self, project: str, region: str, job_id: str, group: str) -> list[batch_v1.Task]:
+    def list_tasks(self, project: str, region: str, job_id: str, group: str, page_size: int = 0,
+                   page_token: str = "") -> tuple[list[batch_v1.Task], str]:
+        """One page of the group's tasks and the next page's token ("" after the last)."""
         with self.lock:
             self.calls["list_tasks"] += 1
             record = self._find(project, region, job_id)
             if group not in ("group0", "-"):
                 raise ApiError(404, f"Task group {record.job.name}/taskGroups/{group} not found")
-            return [batch_v1.Task(record.task)]
+            if page_token and not page_token.isdigit():
+                raise ApiError(400, f"invalid page token {page_token!r}")
+            start = int(page_token or 0)
+            size = page_size if page_size > 0 else LIST_TASKS_PAGE_SIZE
+            tasks = [batch_v1.Task(t.task) for t in record.tasks[start:start + size]]
+            following = start + size
+            return tasks, str(following) if following < len(record.tasks) else ""
 
     def active(self) -> list[str]:
         with self.lock:
@@ -344,8 +388,9 @@ class LocalBatch:
             for record in records:
                 record.stop = record.stop or "shutdown"
                 record.stopping.set()
-                if record.proc is not None:
-                    _signal_group(record.proc.pid, signal.SIGKILL)
+                for task in record.tasks:
+                    if task.proc is not None:
+                        _signal_group(task.proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
         for record in records:
             record.finished.wait(max(0.0, deadline - time.monotonic()))
@@ -366,7 +411,8 @@ class LocalBatch:
 
     def _enter(self, record: JobRecord, state: State, *, at: float | None = None, because: str = "") -> None:
         """Move the job to ``state``: a job-level status event (no task_execution, as Batch writes
-        them; ``because`` is appended to its text) and the notifications."""
+        them; ``because`` is appended to its text) and the notifications. Its tasks move on their
+        own (``_task_enter``), but a cancelled job's open tasks end with it."""
         now = time.time() if at is None else at
         status = record.job.status
         previous = State(status.state)
@@ -379,30 +425,32 @@ class LocalBatch:
             record.running_since = now
         if state in TERMINAL_STATES and record.running_since is not None:
             status.run_duration = duration(now - record.running_since)
-        if state in (State.SUCCEEDED, State.FAILED):
-            status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(counts={state.name: 1})}
+        if state == State.CANCELLED:
+            for task in record.tasks:
+                if task.state in TASK_STATE_ON_CANCEL:
+                    self._task_enter(record, task, TASK_STATE_ON_CANCEL[task.state], now)
+        if state in TERMINAL_STATES:
+            counts = Counter(task.state.name for task in record.tasks)
+            status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(counts=dict(counts))}
         self.state_times.setdefault(record.job_id, {})[state.name] = now
         self._notify(record, previous, state, now)
-        task_state = TASK_STATE_OF_JOB_STATE.get(state)
-        if state == State.CANCELLED and record.task.status.state in (TaskState.PENDING, TaskState.ASSIGNED):
-            task_state = TaskState.UNEXECUTED
-        if task_state is not None and task_state != record.task.status.state:
-            self._task_enter(record, task_state, now)
 
-    def _task_enter(self, record: JobRecord, state: TaskState, now: float,
+    def _task_enter(self, record: JobRecord, task: TaskRecord, state: TaskState, now: float,
                     execution: batch_v1.TaskExecution | None = None, description: str = "") -> None:
         """The task's own state (get_task) and its TASK_STATE_CHANGED notifications."""
-        status = record.task.status
+        status = task.task.status
         previous = TaskState(status.state)
         status.state = state
         status.status_events.append(batch_v1.StatusEvent(
             type_="STATUS_CHANGED", event_time=timestamp(now), task_state=state, task_execution=execution,
             description=description or f"Task state is updated from {previous.name} to {state.name}."))
         stamp = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
-        task_uid = f"{record.job.uid}-group0-0"
-        data, attributes = protocol.task_state_message(record.task_number_name, record.job.uid, task_uid, record.region,
+        data, attributes = protocol.task_state_message(task.number_name, record.job.uid, task.uid, record.region,
                                                        previous.name, state.name, stamp)
         for topic in subscribed(record.job, batch_v1.JobNotification.Type.TASK_STATE_CHANGED, state):
+            if self.faults.drops_task(record.job_id, state.name):
+                self.notices["dropped"] += 1
+                continue
             self.publish(topic, data, attributes)
 
     def _notify(self, record: JobRecord, previous: State, state: State, now: float) -> None:
@@ -421,8 +469,8 @@ class LocalBatch:
         return (f"Task state is updated from RUNNING to {task_state.name} on zones/{record.region}-local/instances/"
                 f"{self.hostname} with exit code {exit_code}{note}.")
 
-    def _task_event(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str,
-                    *, retried: bool = False) -> None:
+    def _task_event(self, record: JobRecord, task: TaskRecord, exit_code: int, task_state: batch_v1.TaskStatus.State,
+                    note: str, *, retried: bool = False) -> None:
         """An attempt's end: among the job's events as text only, and in the task's own status
         (get_task) with its task_execution, where Batch keeps the exit code."""
         now, text = time.time(), self._task_text(record, exit_code, task_state, note)
@@ -430,30 +478,37 @@ class LocalBatch:
             type_="STATUS_CHANGED", event_time=timestamp(now), task_state=task_state, description=text))
         execution = batch_v1.TaskExecution(exit_code=exit_code)
         if retried:  # the task runs again: it stays RUNNING, the failed attempt is one of its events
-            record.task.status.status_events.append(batch_v1.StatusEvent(
+            task.task.status.status_events.append(batch_v1.StatusEvent(
                 type_="STATUS_CHANGED", event_time=timestamp(now), task_state=task_state, task_execution=execution,
                 description=text))
         else:
-            self._task_enter(record, task_state, now, execution, text)
+            self._task_enter(record, task, task_state, now, execution, text)
 
-    def _failed_because(self, record: JobRecord, exit_code: int) -> str:
+    def _failed_because(self, record: JobRecord, index: int, exit_code: int) -> str:
         """The job-level FAILED event's tail, as real Batch writes it (see tests/support/fixtures)."""
         task = self._task_text(record, exit_code, batch_v1.TaskStatus.State.FAILED)
-        return (" Job failed due to task failure. Specifically, task with index 0 failed due to the following "
+        return (f" Job failed due to task failure. Specifically, task with index {index} failed due to the following "
                 f'task event: "{task}"')
 
     def _stop(self, record: JobRecord, reason: str, state: State) -> None:
         record.stop = reason
         record.stopping.set()
         self._enter(record, state)
-        if record.proc is not None:
-            terminate(record.proc)
+        for task in record.tasks:
+            if task.proc is not None:
+                terminate(task.proc)
 
     def _dispatch_when_due(self) -> None:
         with self.lock:
             self._dispatch()
 
     def _dispatch(self) -> None:
+        """Start VMs while the host has room: first the further VMs of jobs already scheduled (up
+        to their parallelism), then the next admitted job's first VM."""
+        for record in list(self.jobs.values()):
+            while (not self.closing and self.running < self.max_running and record.vms_wanted > 0
+                   and record.stop is None and record.pending):
+                self._start_vm(record)
         while not self.closing and self.queue and self.running < self.max_running:
             record = self.jobs.get(self.queue[0])
             if record is None or record.state != State.QUEUED:
@@ -462,80 +517,122 @@ class LocalBatch:
             if record.admit_at > time.time():
                 break  # admitted in creation order: its timer dispatches it
             self.queue.popleft()
-            self.running += 1
+            record.vms_wanted = record.job.task_groups[0].parallelism
             self._enter(record, State.SCHEDULED)
-            threading.Thread(target=self._run, args=(record,), name=f"job-{record.job_id}", daemon=True).start()
+            while self.running < self.max_running and record.vms_wanted > 0 and record.pending:
+                self._start_vm(record)
 
-    # -- running (runner thread) ----------------------------------------------------------
+    def _start_vm(self, record: JobRecord) -> None:
+        """A new VM for the job, which takes its next pending task at once (ASSIGNED) and boots."""
+        record.vms_wanted -= 1
+        record.vms_live += 1
+        self.running += 1
+        self.vms.boot()
+        first = self._take(record)
+        threading.Thread(target=self._vm, args=(record, first), name=f"vm-{record.job_id}-{record.vms_live}",
+                         daemon=True).start()
 
-    def _run(self, record: JobRecord) -> None:
+    def _take(self, record: JobRecord) -> TaskRecord | None:
+        """The job's next pending task, now ASSIGNED to the calling VM (lock held)."""
+        if not record.pending or record.stop is not None or self.closing:
+            return None
+        task = record.tasks[record.pending.popleft()]
+        self._task_enter(record, task, TaskState.ASSIGNED, time.time())
+        return task
+
+    # -- running (one thread per VM) --------------------------------------------------------
+
+    def _vm(self, record: JobRecord, task: TaskRecord | None) -> None:
+        """A VM of the job: boot once, then run the job's pending tasks one after another (Batch
+        reuses a job's VMs for its next tasks), until none is left or the job is stopped."""
         with self.lock:
             spec = batch_v1.TaskSpec(record.job.task_groups[0].task_spec)  # a copy: the job changes under the lock
-        retries = 0
+        since = time.time()
         try:
-            with self.lock:
-                record.vm_since = time.time()  # the VM is created as the job is scheduled
-                self.vms.boot()
             if record.stopping.wait(self.model.real(self.model.boot_s)):
                 return  # stopped while its VM booted (finally: the state and the VM's bill)
-            while True:
-                outcome = self._attempt(record, spec, retries)
-                if outcome is None:
-                    break
-                exit_code, why = outcome
-                verdict = attempt_verdict(exit_code, retries, spec)
+            while task is not None:
+                try:
+                    self._run_task(record, task, spec)
+                except Exception as err:  # a bug here must not leave the task RUNNING forever
+                    log.exception("job %s task %s: runner failed", record.job_id, task.index)
+                    with self.lock:
+                        if record.stop is None and task.state not in (TaskState.SUCCEEDED, TaskState.FAILED):
+                            self._task_event(record, task, EXIT_NOT_STARTED, TaskState.FAILED, f": {err}")
                 with self.lock:
-                    if record.stop is not None:
-                        break
-                    if verdict is Verdict.RETRY:
-                        note = f"{why}; retrying (retry {retries + 1} of {spec.max_retry_count})"
-                        self._task_event(record, exit_code, batch_v1.TaskStatus.State.FAILED, note, retried=True)
-                    else:
-                        ok = verdict is Verdict.SUCCEEDED
-                        task_state = batch_v1.TaskStatus.State.SUCCEEDED if ok else batch_v1.TaskStatus.State.FAILED
-                        self._task_event(record, exit_code, task_state, why)
-                        self._enter(record, State.SUCCEEDED if ok else State.FAILED,
-                                    because="" if ok else self._failed_because(record, exit_code))
-                        break
-                retries += 1
-        except Exception as err:  # a bug here must not leave the job RUNNING forever
-            log.exception("job %s: runner failed", record.job_id)
-            with self.lock:
-                if record.stop is None and record.state not in TERMINAL_STATES:
-                    self._task_event(record, EXIT_NOT_STARTED, batch_v1.TaskStatus.State.FAILED, f": {err}")
-                    self._enter(record, State.FAILED, because=self._failed_because(record, EXIT_NOT_STARTED))
+                    task = self._take(record)
         finally:
             with self.lock:
-                if record.vm_since is not None:
-                    self.vms.release(time.time() - record.vm_since)
-                if record.stop == "cancel":
-                    self._enter(record, State.CANCELLED)
-                elif record.stop == "delete":
-                    self.jobs.pop(record.key, None)
+                self.vms.release(time.time() - since)
                 self.running -= 1
-                record.finished.set()
+                record.vms_live -= 1
+                if record.vms_live == 0 and (record.stop is not None or self.closing or not record.pending):
+                    self._finish(record)
                 self._dispatch()
 
-    def _attempt(self, record: JobRecord, spec: batch_v1.TaskSpec, retries: int) -> tuple[int, str] | None:
+    def _finish(self, record: JobRecord) -> None:
+        """The job's last VM is gone: the job's terminal state from its tasks' (lock held)."""
+        if record.stop == "cancel":
+            self._enter(record, State.CANCELLED)
+        elif record.stop == "delete":
+            self.jobs.pop(record.key, None)
+        elif record.stop is None and not self.closing:
+            failed = [t for t in record.tasks if t.state != TaskState.SUCCEEDED]
+            if not failed:
+                self._enter(record, State.SUCCEEDED)
+            else:
+                first = failed[0]
+                events = first.task.status.status_events
+                code = events[-1].task_execution.exit_code if events and events[-1].task_execution else EXIT_NOT_STARTED
+                self._enter(record, State.FAILED, because=self._failed_because(record, first.index, code))
+        record.finished.set()
+
+    def _run_task(self, record: JobRecord, task: TaskRecord, spec: batch_v1.TaskSpec) -> None:
+        """One task, attempt after attempt, until it succeeds, fails for good or the job stops."""
+        retries = 0
+        while True:
+            outcome = self._attempt(record, task, spec, retries)
+            if outcome is None:
+                return
+            exit_code, why = outcome
+            verdict = attempt_verdict(exit_code, retries, spec)
+            with self.lock:
+                if record.stop is not None:
+                    return
+                if verdict is Verdict.RETRY:
+                    note = f"{why}; retrying (retry {retries + 1} of {spec.max_retry_count})"
+                    self._task_event(record, task, exit_code, TaskState.FAILED, note, retried=True)
+                else:
+                    ok = verdict is Verdict.SUCCEEDED
+                    self._task_event(record, task, exit_code, TaskState.SUCCEEDED if ok else TaskState.FAILED, why)
+                    return
+            retries += 1
+
+    def _attempt(self, record: JobRecord, task: TaskRecord, spec: batch_v1.TaskSpec,
+                 retries: int) -> tuple[int, str] | None:
         """Run the task's runnables once: (exit code, note for the status event), or None if the
         job was stopped (cancel, delete, shutdown)."""
-        workdir = record.workdir / f"attempt-{retries}"
+        workdir = task.workdir / f"attempt-{retries}"
         workdir.mkdir(parents=True, exist_ok=True)
         with self.lock:
             if record.stop is not None or self.closing:
                 return None
+            if task.state != TaskState.RUNNING:
+                self._task_enter(record, task, TaskState.RUNNING, time.time())
             if record.state == State.SCHEDULED:
                 self._enter(record, State.RUNNING)
             preempt = self.faults.take_preempt(record.job_id)
             preempt_after = self.faults.take_preempt_after(record.job_id)
         limit = spec.max_run_duration.total_seconds() if spec.max_run_duration else 0.0
         deadline = time.monotonic() + limit if limit > 0 else None
-        with open(record.workdir / f"attempt-{retries}.log", "wb") as out:
+        count = len(record.tasks)
+        with open(task.workdir / f"attempt-{retries}.log", "wb") as out:
             for runnable in spec.runnables:
                 argv = runnable_argv(runnable, self.worker_command)
                 site_packages = workdir / ".task-site-packages"
                 site_packages.mkdir(exist_ok=True)  # before start: Python skips a PYTHONPATH entry missing then
-                env = task_environment(self.base_env, spec, runnable, retries, site_packages)
+                env = task_environment(self.base_env, spec, runnable, retries, site_packages,
+                                       index=task.index, count=count)
                 try:
                     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -544,7 +641,7 @@ class LocalBatch:
                     return EXIT_NOT_STARTED, f": cannot start {argv[0]!r}: {err.strerror}"
                 limit_memory(proc.pid, spec.compute_resource.memory_mib if spec.compute_resource else 0)
                 with self.lock:
-                    record.proc = proc
+                    task.proc = proc
                     if record.stop is not None:
                         terminate(proc)
                 try:
@@ -568,7 +665,7 @@ class LocalBatch:
                 finally:
                     _signal_group(proc.pid, signal.SIGKILL)  # what a container's exit does to stragglers
                     with self.lock:
-                        record.proc = None
+                        task.proc = None
                 if record.stop is not None:
                     return None
                 exit_code = exit_code_of(returncode)

@@ -243,8 +243,12 @@ class BatchApp:
             task = b.get_task(where.project, where.region, where.job_id, where.group, where.task)
             return 200, message_json(task, enums_as_ints=ints)
         if a == "list_tasks":
-            tasks = b.list_tasks(where.project, where.region, where.job_id, where.group)
-            return 200, message_json(batch_v1.ListTasksResponse(tasks=tasks), enums_as_ints=ints)
+            size = query.get("pageSize", "0")
+            tasks, following = b.list_tasks(where.project, where.region, where.job_id, where.group,
+                                            page_size=int(size) if size.isdigit() else 0,
+                                            page_token=query.get("pageToken", ""))
+            return 200, message_json(batch_v1.ListTasksResponse(tasks=tasks, next_page_token=following),
+                                     enums_as_ints=ints)
         if a == "operation":
             operation = b.operation(where.operation)
             return 200, operation_json(operation, OPERATION_RESPONSES[operation.verb]())
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True, help="job working directories and logs go here")
     parser.add_argument("--project-number-map", action="append", default=[], metavar="PROJECT=NUMBER",
                         help="project number used in notifications' JobName (repeatable, or comma-separated)")
-    parser.add_argument("--max-running", type=int, default=2, help="jobs running at once; the rest stay QUEUED")
+    parser.add_argument("--max-running", type=int, default=2, help="VMs (worker processes) at once, across jobs; jobs without one stay QUEUED")
     parser.add_argument("--worker-command", default=None,
                         help="what a container runnable runs (default: this python -m covalent_gcpbatch_plugin.worker)")
     parser.add_argument("--latency-model", choices=("off", "realistic"), default="off",
