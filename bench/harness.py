@@ -260,6 +260,9 @@ def driver_config(args: argparse.Namespace, settings, wait_mode: str, deadline: 
             "poll_freq": args.poll_freq,
             "time_limit": 300,
             "cache_dir": str(cache_dir),  # removed with the run's temporary directory
+            # P1-P5 measure the path of one job per task (the driver marks _upload_task): packing,
+            # which would put P4's 500 concurrent tasks into one job, is measured on its own.
+            "pack_window": 0,
             # Long queues at P4 must not trip the bounds (they would cancel jobs): generous.
             "queue_timeout": 3600,
             "submit_timeout": 600,

@@ -6,6 +6,10 @@ allows: the spec is validated and checked against the deployment's settings, and
 the deployment's service account. A refused task creates nothing; a rejection message on the
 notification topic tells the waiting executor why, at once.
 
+A pack (several electrons in one Batch job, one task each) is created from its manifest
+(``pack.json``), uploaded after its electrons' task objects; those name their pack in their
+metadata and create nothing themselves.
+
 Errors that a retry can fix (Batch unavailable) propagate: the function answers 500 and Eventarc
 redelivers. "Already exists" means a duplicate event for the same upload: success.
 """
@@ -39,6 +43,8 @@ CREATE_RETRY = retry.Retry(
     timeout=60.0,
 )
 CREATE_TIMEOUT_S = 30.0
+#: A manifest names at most protocol.MAX_PACK_TASKS ids of under 64 characters: anything larger is not one.
+MAX_MANIFEST_BYTES = 128 * 1024
 
 log = logging.getLogger("covalent_gcpbatch.function")
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -64,13 +70,14 @@ def storage():
     return clients.storage_client(settings().project_id)
 
 
-def task_objects_present(bucket: str, objects: protocol.TaskObjects) -> tuple[bool, bool]:
-    """(the task object exists, the cancel marker exists), in one list call."""
+def task_objects_present(bucket: str, objects, trigger: str) -> tuple[bool, bool]:
+    """(the trigger object exists, the cancel marker exists), in one list call. ``objects``: a
+    task's or a pack's (``protocol.TaskObjects``, ``protocol.PackObjects``)."""
     names = {blob.name for blob in storage().list_blobs(bucket, prefix=objects.prefix, timeout=30)}
-    return objects.task in names, objects.cancelled in names
+    return trigger in names, objects.cancelled in names
 
 
-def cancel_marked(bucket: str, objects: protocol.TaskObjects) -> bool:
+def cancel_marked(bucket: str, objects) -> bool:
     return storage().bucket(bucket).blob(objects.cancelled).exists(timeout=30)
 
 
@@ -78,7 +85,8 @@ def not_created(bucket: str, job_id: str, state: protocol.JobState, reason: str)
     """Tell the waiting executor at once that no job will come: a record beside the task (read by
     an executor that polls) and a message on the notification topic (read by one that listens)."""
     record = protocol.NotCreated(state=state, reason=reason)
-    blob = storage().bucket(bucket).blob(protocol.TaskObjects(job_id).not_created)
+    objects = protocol.PackObjects(job_id) if protocol.is_pack_id(job_id) else protocol.TaskObjects(job_id)
+    blob = storage().bucket(bucket).blob(objects.not_created)
     try:
         blob.upload_from_string(protocol.dumps_not_created(record), content_type="application/json",
                                 if_generation_match=0, timeout=30)
@@ -110,9 +118,15 @@ def on_task_uploaded(event: CloudEvent) -> None:
         return
     obj = event.data if isinstance(event.data, dict) else {}
     name, bucket = str(obj.get("name", "")), str(obj.get("bucket", ""))
+    pack_id = protocol.pack_id_of_pack_object(name)
+    if pack_id is not None:
+        on_pack_uploaded(obj, bucket, pack_id)
+        return
     job_id = protocol.job_id_of_task_object(name)
     if job_id is None:
         return  # results, logs and foreign objects land in the same bucket
+    if protocol.PACK_METADATA_KEY in (obj.get("metadata") or {}):
+        return  # an electron of a pack: the pack's manifest creates its job
 
     try:
         spec = protocol.JobSpec.from_metadata(obj.get("metadata"))
@@ -120,9 +134,44 @@ def on_task_uploaded(event: CloudEvent) -> None:
     except protocol.SpecError as err:
         not_created(bucket, job_id, protocol.JobState.REJECTED, str(err))
         return
+    create_unless_cancelled(bucket, name, job_id, protocol.TaskObjects(job_id),
+                            lambda: jobs.build_job(spec, bucket=bucket, job_id=job_id, settings=settings()))
 
-    objects = protocol.TaskObjects(job_id)
-    present, cancelled = task_objects_present(bucket, objects)
+
+def on_pack_uploaded(obj: dict, bucket: str, pack_id: str) -> None:
+    """A pack's manifest: validate its spec and its member list, then create its one job."""
+    name = str(obj.get("name", ""))
+    try:
+        spec = protocol.JobSpec.from_metadata(obj.get("metadata"))
+        settings().check(spec)
+        manifest = read_manifest(bucket, name, obj)
+    except protocol.SpecError as err:
+        not_created(bucket, pack_id, protocol.JobState.REJECTED, str(err))
+        return
+    if manifest is None:
+        log.info("not creating pack %s: gs://%s/%s is gone", pack_id, bucket, name)
+        return
+    create_unless_cancelled(
+        bucket, name, pack_id, protocol.PackObjects(pack_id),
+        lambda: jobs.build_job(spec, bucket=bucket, job_id=pack_id, settings=settings(), pack=manifest))
+
+
+def read_manifest(bucket: str, name: str, obj: dict) -> protocol.PackManifest | None:
+    """The pack's manifest (None if it is gone); SpecError if it is not one."""
+    size = int(obj.get("size") or 0)
+    if size > MAX_MANIFEST_BYTES:
+        raise protocol.SpecError(f"pack manifest is {size} bytes, over {MAX_MANIFEST_BYTES}")
+    try:
+        payload = storage().bucket(bucket).blob(name).download_as_bytes(timeout=30)
+    except exceptions.NotFound:
+        return None
+    return protocol.PackManifest.loads(payload[:MAX_MANIFEST_BYTES + 1])
+
+
+def create_unless_cancelled(bucket: str, name: str, job_id: str, objects, build) -> None:
+    """Create the job of ``objects`` (a task's or a pack's) unless it was cancelled or its trigger
+    object is gone; afterwards, cancel it if the cancel came while it was being created."""
+    present, cancelled = task_objects_present(bucket, objects, name)
     if cancelled:
         # A redelivered event may find the job created by an earlier delivery: cancel it.
         if not cancel_job_if_any(job_id):
@@ -133,12 +182,11 @@ def on_task_uploaded(event: CloudEvent) -> None:
         # job now would run without its task.
         log.info("not creating job %s: gs://%s/%s is gone", job_id, bucket, name)
         return
-    job = jobs.build_job(spec, bucket=bucket, job_id=job_id, settings=settings())
     try:
         batch().create_job(
             parent=jobs.job_parent(settings()),
             job_id=job_id,
-            job=job,
+            job=build(),
             retry=CREATE_RETRY,
             timeout=CREATE_TIMEOUT_S,
         )

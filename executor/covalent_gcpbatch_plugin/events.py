@@ -33,8 +33,8 @@ from google.protobuf import duration_pb2
 
 from . import clients
 from .errors import SubscribeError
-from .protocol import JobEvent, parse_notification, topic_path
-from .waiting import Inboxes
+from .protocol import JobEvent, member_event, parse_notification, parse_task_notification, topic_path
+from .waiting import Inboxes, PackEvent
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class JobEvents:
         self.subscription_path = f"projects/{endpoint.project_id}/subscriptions/covalent-gcpbatch-{clean}"[:255]
         self._start_lock = threading.Lock()
         self._routes = Inboxes()
+        #: pack id -> its electrons' ids by task index (their inboxes are in ``_routes``).
+        self._packs: dict[str, tuple[str, ...]] = {}
         self._subscriber: pubsub_v1.SubscriberClient | None = None
         self._future = None
         self._closing = False
@@ -175,11 +177,31 @@ class JobEvents:
         """Stop routing ``job_id``; never blocks on the network (safe on an event loop)."""
         self._routes.unregister(job_id)
 
+    def register_pack(self, pack_id: str, members: tuple[str, ...]) -> None:
+        """Route pack ``pack_id``'s task events to its electrons (registered already, each by its
+        own id), and its job events to all of them. Before the manifest is uploaded."""
+        self._packs[pack_id] = tuple(members)
+
+    def unregister_pack(self, pack_id: str) -> None:
+        self._packs.pop(pack_id, None)
+
     def _on_message(self, message) -> None:
-        event = parse_notification(dict(message.attributes), message.data)
+        attributes = dict(message.attributes)
+        task = parse_task_notification(attributes, message.data)
+        event = None if task is not None else parse_notification(attributes, message.data)
         message.ack()
-        if event is not None:
-            self._routes.put(event.job_id, event)  # other processes' jobs: nobody here waits, dropped
+        if task is not None:
+            members = self._packs.get(task.job_id, ())
+            if task.task_index < len(members):
+                member = member_event(members[task.task_index], task.state, task.detail)
+                if member is not None:
+                    self._routes.put(member.job_id, member)
+        elif event is not None:
+            # Other processes' jobs: nobody here waits, dropped. A pack's job event goes to each of
+            # its electrons, which read it as a hint (their own task decides).
+            if not self._routes.put(event.job_id, event):
+                for member in self._packs.get(event.job_id, ()):
+                    self._routes.put(member, PackEvent(event))
 
 
 _registry: dict[Endpoint, JobEvents] = {}

@@ -9,6 +9,10 @@ Lifecycle of one task (``run``):
      expected notification is overdue (the decisions: waiting.py); give up (and cancel the job) at a bound;
   5. read the result, or the error record, and the task's stdout/stderr back from GCS.
 
+With packing on (``pack_window``), step 3 waits up to the window for other electrons of the same
+job spec: together they are uploaded as one pack, one Batch job with a task each (packing.py), and
+each waits for its own task from step 4 on.
+
 Its settings are declared once, in settings.py; its errors in errors.py.
 """
 
@@ -30,20 +34,27 @@ from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 from google.api_core import exceptions
 
-from . import clients, settings, usage
+from . import clients, packing, settings, usage
 from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-exported: users catch it from here
 from .protocol import (
     JOB_ID_PATTERN,
+    PACK_METADATA_KEY,
     JobEvent,
     JobSpec,
     JobState,
+    PackManifest,
+    PackObjects,
     TaskObjects,
+    is_pack_id,
     job_console_url,
     job_name,
     loads_error,
     loads_not_created,
     make_job_id,
+    make_pack_id,
+    member_event,
     new_attempt_token,
+    task_name,
 )
 from .waiting import (
     GIVE_UP,
@@ -51,6 +62,7 @@ from .waiting import (
     Inboxes,
     JobWait,
     Outcome,
+    PackEvent,
     WaitPlan,
     explain_job_failure,
     give_up_reason,
@@ -78,6 +90,18 @@ def __getattr__(name: str):
 
 #: cancel() reaches a waiting run() of this process through its inbox.
 _waiting = Inboxes()
+#: The packs of this process: which run() calls share one (per event loop), and who is in which.
+_packer: packing.Packer[PackMember] = packing.Packer()
+_packs = packing.PackRegistry()
+
+
+@dataclass(frozen=True)
+class PackMember:
+    """An electron waiting to be packed: its id, its spec and its pickled task on local disk."""
+
+    job_id: str
+    spec: JobSpec
+    pickle: Path
 
 
 @dataclass
@@ -138,6 +162,9 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             )
         finally:
             await asyncio.shield(asyncio.to_thread(self._clean_up, objects, workdir))
+            settled = _packs.settle(job_id)
+            if settled is not None and settled.last:
+                await asyncio.shield(asyncio.to_thread(self._pack_over, settled))
 
     async def _submit_and_wait(self, job_id: str, objects: TaskObjects, workdir: Path, task: tuple,
                                task_metadata: dict, step: Step) -> Outcome:
@@ -156,9 +183,19 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
             _waiting.register(job_id, asyncio.get_running_loop(), inbox)
             step.now = f"uploading the task to gs://{self.bucket_name}/{objects.task}"
-            await asyncio.to_thread(self._upload_task, objects, spec, workdir, task)
-            app_log.debug(f"gcpbatch: uploaded {objects.task}, waiting for job {job_id}")
-            app_log.info(f"gcpbatch: task runs as Batch job {self._job_name(job_id)}: {self._job_link(job_id)}")
+            if self.pack_window > 0:
+                pickle = await asyncio.to_thread(self._pickle_task, workdir, task)
+                placement = await _packer.join(packing.pack_key(spec), PackMember(job_id, spec, pickle),
+                                               window=self.pack_window,
+                                               submit=lambda members: self._submit_pack(members, events))
+            else:
+                await asyncio.to_thread(self._upload_task, objects, spec, workdir, task)
+                placement = packing.ALONE
+            if placement.packed:
+                app_log.info(f"gcpbatch: task runs as task {placement.index} of Batch job "
+                             f"{self._job_name(placement.pack_id)}: {self._job_link(placement.pack_id)}")
+            else:
+                app_log.info(f"gcpbatch: task runs as Batch job {self._job_name(job_id)}: {self._job_link(job_id)}")
             step.now = "waiting for the Batch job"
             return await self._wait(job_id, inbox, listening=events is not None)
         finally:
@@ -208,13 +245,46 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 app_log.warning(f"gcpbatch: stopping job {job_id}: {step.__name__} failed: {type(err).__name__}: {err}")
 
     def _mark_cancelled(self, job_id: str) -> None:
-        self._bucket().blob(TaskObjects(job_id).cancelled).upload_from_string(b"", content_type="text/plain", timeout=30)
+        objects = PackObjects(job_id) if is_pack_id(job_id) else TaskObjects(job_id)
+        self._bucket().blob(objects.cancelled).upload_from_string(b"", content_type="text/plain", timeout=30)
 
     def _cancel_job(self, job_id: str) -> None:
+        if _packs.placement(job_id).packed:
+            return  # one task of a pack: its worker honours the marker; the pack's job goes on
         try:
             self._batch().cancel_job(name=self._job_name(job_id), timeout=30)
         except exceptions.NotFound:
             app_log.debug(f"gcpbatch: cancel of {job_id}: no such job (yet); the marker stops its creation")
+        except exceptions.FailedPrecondition as err:
+            app_log.debug(f"gcpbatch: cancel of {job_id}: {err.message} (already over)")
+
+    def _pack_over(self, settled: packing.Settled) -> None:
+        """No electron of the pack waits any more. A job still running now runs only electrons
+        nobody waits for (cancelled, or given up on): it is cancelled (the marker first, as for a
+        task), and its manifest stays for the workers it may still start (the bucket's lifecycle
+        rule removes it). A job over has its VM time logged and its manifest removed."""
+        pack_id = settled.pack_id
+        if self.wait_mode == "events":
+            from .events import Endpoint, job_events
+
+            job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None)).unregister_pack(pack_id)
+        try:
+            try:
+                job = self._batch().get_job(name=self._job_name(pack_id), timeout=30)
+            except exceptions.NotFound:
+                job = None
+            if job is None or not JobState(job.status.state.name).is_terminal:
+                self._mark_cancelled(pack_id)
+                self._cancel_job(pack_id)
+                app_log.info(f"gcpbatch: cancelled pack {pack_id}: none of its electrons is waited for any more")
+                if job is not None:
+                    return
+            else:
+                self._log_usage(job)
+            if not self.keep_artifacts:
+                self._bucket().delete_blob(PackObjects(pack_id).manifest, timeout=30)
+        except Exception as err:  # noqa: BLE001 - every electron already has its outcome
+            app_log.warning(f"gcpbatch: closing pack {pack_id}: {type(err).__name__}: {err}")
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -240,19 +310,58 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         )
 
     def _upload_task(self, objects: TaskObjects, spec: JobSpec, workdir: Path, task: tuple) -> None:
-        """The pickle is the user's code and data: readable by this user only, and gone afterwards
-        whether or not the upload worked."""
+        self._upload_pickle(objects, spec, self._pickle_task(workdir, task))
+
+    @staticmethod
+    def _pickle_task(workdir: Path, task: tuple) -> Path:
+        """The pickle is the user's code and data: readable by this user only (and removed once
+        uploaded, or with the task's directory)."""
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = workdir / "task.pkl"
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            cloudpickle.dump(task, f)
+        return path
+
+    def _upload_pickle(self, objects: TaskObjects, spec: JobSpec, path: Path, pack_id: str | None = None) -> None:
+        """Upload the task object: its spec as metadata (and, in a pack, the pack's id, so the
+        function leaves it to the pack's manifest)."""
         try:
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-                cloudpickle.dump(task, f)
             blob = self._bucket().blob(objects.task)
-            blob.metadata = spec.to_metadata()
+            blob.metadata = spec.to_metadata() | ({PACK_METADATA_KEY: pack_id} if pack_id else {})
             # Generation 0 precondition: a task object is written once; a duplicate never re-fires.
             blob.upload_from_filename(path, content_type="application/octet-stream", if_generation_match=0)
         finally:
             path.unlink(missing_ok=True)
+
+    async def _submit_pack(self, members: list[PackMember], events) -> list[packing.Placement]:
+        """Submit what the packer collected: a lone electron as its own job; several as a pack,
+        their task objects first, routed before the manifest (whose upload creates the job)."""
+        if len(members) == 1:
+            member = members[0]
+            await asyncio.to_thread(self._upload_pickle, TaskObjects(member.job_id), member.spec, member.pickle)
+            return [packing.ALONE]
+        first = members[0].spec
+        pack_id = make_pack_id(first.dispatch_id, new_attempt_token())
+        ids = tuple(member.job_id for member in members)
+        manifest = PackManifest(members=ids, parallelism=self.pack_parallelism)
+        placements = _packs.add(pack_id, ids)
+        if events is not None:
+            events.register_pack(pack_id, ids)
+        limit = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+        async def upload(member: PackMember) -> None:
+            async with limit:
+                await asyncio.to_thread(self._upload_pickle, TaskObjects(member.job_id), member.spec, member.pickle, pack_id)
+
+        await asyncio.gather(*(upload(member) for member in members))
+        await asyncio.to_thread(self._upload_manifest, pack_id, first, manifest)
+        app_log.debug(f"gcpbatch: uploaded pack {pack_id} of {len(ids)} electrons")
+        return placements
+
+    def _upload_manifest(self, pack_id: str, spec: JobSpec, manifest: PackManifest) -> None:
+        blob = self._bucket().blob(PackObjects(pack_id).manifest)
+        blob.metadata = spec.to_metadata()
+        blob.upload_from_string(manifest.dumps(), content_type="application/json", if_generation_match=0)
 
     def _wait_plan(self) -> WaitPlan:
         return WaitPlan.for_task(submit_timeout=self.submit_timeout, queue_timeout=self.queue_timeout,
@@ -269,13 +378,21 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             try:
                 item = await asyncio.wait_for(inbox.get(), wait.timeout(loop.time()))
                 wait.heard()
-                if isinstance(item, JobEvent) and item.state is JobState.SUCCEEDED:
+                if isinstance(item, PackEvent):
+                    # The pack's job moved: it exists (the electron is queued at least); once it has
+                    # ended, the electron's own task says how the electron did.
+                    item = (await asyncio.to_thread(self._reconcile, job_id) if item.event.state.is_terminal
+                            else JobEvent(job_id, JobState.QUEUED, item.event.detail))
+                elif isinstance(item, JobEvent) and item.state is JobState.SUCCEEDED:
                     item = await asyncio.to_thread(self._confirm_succeeded, item)
             except asyncio.TimeoutError:
                 wait.silence()
                 item = await asyncio.to_thread(self._reconcile, job_id)
             if isinstance(item, CancelRequested):
                 settled = wait.cancel_requested()
+                if settled is None and _packs.placement(job_id).packed:
+                    # Batch cannot cancel one task: the worker sees the marker and stops (or skips) it.
+                    settled = Outcome(JobState.CANCELLED, "cancelled; its task in the pack stops on its own")
                 if settled is not None:
                     return settled
                 continue
@@ -303,7 +420,11 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return event
 
     def _reconcile(self, job_id: str, *, log_usage: bool = False) -> JobEvent | None:
-        """One read of the job's state: a notification is overdue. None if the job does not exist."""
+        """One read of the job's state: a notification is overdue. None if the job does not exist.
+        An electron of a pack reads its own task instead."""
+        placement = _packs.placement(job_id)
+        if placement.packed:
+            return self._reconcile_member(job_id, placement)
         try:
             job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
         except exceptions.NotFound:
@@ -314,9 +435,22 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         app_log.debug(f"gcpbatch: reconciled {job_id}: {state.value}")
         return JobEvent(job_id, state, "reconciled by get_job")
 
+    def _reconcile_member(self, job_id: str, placement: packing.Placement) -> JobEvent | None:
+        """One get_task of the electron's task in its pack (None: the pack's job does not exist yet)."""
+        try:
+            task = self._batch().get_task(name=task_name(self._job_name(placement.pack_id), placement.index), timeout=30)
+        except exceptions.NotFound:
+            refused = self._not_created(placement.pack_id)
+            return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
+        event = member_event(job_id, task.status.state.name, "reconciled by get_task")
+        app_log.debug(f"gcpbatch: reconciled {job_id} (task {placement.index} of {placement.pack_id}): "
+                      f"{event.state.value if event else task.status.state.name}")
+        return event
+
     def _not_created(self, job_id: str) -> JobEvent | None:
-        """The function's record of a task it created no job for (refused or cancelled), if any."""
-        blob = self._bucket().get_blob(TaskObjects(job_id).not_created, timeout=30)
+        """The function's record of a task (or pack) it created no job for (refused or cancelled), if any."""
+        objects = PackObjects(job_id) if is_pack_id(job_id) else TaskObjects(job_id)
+        blob = self._bucket().get_blob(objects.not_created, timeout=30)
         if blob is None:
             return None
         return loads_not_created(blob.download_as_bytes(timeout=30)).event(job_id)
@@ -368,6 +502,14 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _explain_failure(self, job_id: str, state: JobState) -> str:
         """Why a job ended without an error record (killed, preempted, out of memory, image pull...)."""
+        placement = _packs.placement(job_id)
+        if placement.packed:
+            name = task_name(self._job_name(placement.pack_id), placement.index)
+            try:
+                task = self._batch().get_task(name=name, timeout=30)
+            except exceptions.GoogleAPICallError as err:
+                return f"Batch task {name} ended {state.value} without a result or error record ({err.message})"
+            return explain_job_failure(f"{placement.pack_id} task {placement.index}", state, task)
         try:
             job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
         except exceptions.GoogleAPICallError as err:
@@ -421,6 +563,9 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         )
         return client.bucket(self.bucket_name)
 
+
+#: Task objects of one pack uploaded at once (each upload is a thread).
+UPLOAD_CONCURRENCY = 16
 
 _clients: dict[tuple, Any] = {}
 

@@ -11,7 +11,7 @@ from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from .deployment import DeploymentSettings
-from .protocol import NO_RETRY_EXIT_CODES, JobSpec, location_name, worker_environment
+from .protocol import NO_RETRY_EXIT_CODES, JobSpec, PackManifest, location_name, pack_environment, worker_environment
 
 _LABEL_INVALID = re.compile(r"[^a-z0-9_-]")
 
@@ -21,17 +21,21 @@ def sanitize_label_value(value: str) -> str:
     return _LABEL_INVALID.sub("-", value.lower())[:63]
 
 
-def job_labels(spec: JobSpec) -> dict[str, str]:
-    """The user's labels plus automatic ones, which win: they are how a job is traced back."""
-    return {
+def job_labels(spec: JobSpec, pack: PackManifest | None = None) -> dict[str, str]:
+    """The user's labels plus automatic ones, which win: they are how a job is traced back. A
+    pack's job names the node of its first electron and how many it runs."""
+    labels = {
         **spec.options.labels,
         "covalent-dispatch-id": sanitize_label_value(spec.dispatch_id),
         "covalent-node-id": str(spec.node_id),
         "created-by": "covalent-gcpbatch",
     }
+    if pack is not None:
+        labels["covalent-pack-tasks"] = str(len(pack.members))
+    return labels
 
 
-def build_task_spec(spec: JobSpec, *, bucket: str, job_id: str) -> batch_v1.TaskSpec:
+def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.TaskSpec:
     """One container runnable (the worker image's entrypoint runs the task), sized and bounded.
 
     Retries are for infrastructure failures only: the worker's own failure codes and Batch's max
@@ -52,7 +56,7 @@ def build_task_spec(spec: JobSpec, *, bucket: str, job_id: str) -> batch_v1.Task
                 action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=list(NO_RETRY_EXIT_CODES)),
             )
         ],
-        environment=batch_v1.Environment(variables=worker_environment(bucket, job_id)),
+        environment=batch_v1.Environment(variables=environment),
     )
 
 
@@ -102,19 +106,28 @@ def build_allocation_policy(spec: JobSpec, settings: DeploymentSettings) -> batc
     return allocation
 
 
-def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSettings) -> batch_v1.Job:
-    """The Batch job for one task: one task group of one task, logs to Cloud Logging, and a
-    notification to the deployment's topic on every job state change."""
+def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSettings,
+              pack: PackManifest | None = None) -> batch_v1.Job:
+    """The Batch job for one task (one task group of one task) or for a pack (``pack``: one task
+    per electron, ``pack.parallelism`` at once, each task's VM reused for the next), logs to Cloud
+    Logging, and a notification to the deployment's topic on every job state change and, for a
+    pack, every task state change (each electron ends with its own task)."""
+    Notification = batch_v1.JobNotification
+    kinds = [Notification.Type.JOB_STATE_CHANGED]
+    if pack is None:
+        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=worker_environment(bucket, job_id)),
+                                   task_count=1)
+    else:
+        kinds.append(Notification.Type.TASK_STATE_CHANGED)
+        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=pack_environment(bucket, job_id)),
+                                   task_count=len(pack.members), parallelism=pack.parallelism)
     return batch_v1.Job(
-        task_groups=[batch_v1.TaskGroup(task_spec=build_task_spec(spec, bucket=bucket, job_id=job_id), task_count=1)],
+        task_groups=[group],
         allocation_policy=build_allocation_policy(spec, settings),
-        labels=job_labels(spec),
+        labels=job_labels(spec, pack),
         logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
         notifications=[
-            batch_v1.JobNotification(
-                pubsub_topic=settings.topic_path,
-                message=batch_v1.JobNotification.Message(type_=batch_v1.JobNotification.Type.JOB_STATE_CHANGED),
-            )
+            Notification(pubsub_topic=settings.topic_path, message=Notification.Message(type_=kind)) for kind in kinds
         ],
     )
 

@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
-from .protocol import JobOptions
+from .protocol import MAX_PARALLELISM, JobOptions
 
 #: json_schema_extra marks: a task cannot run without the key; a deployment writes the key.
 REQUIRED = {"required_to_run": True, "deployment": True}
@@ -88,6 +88,15 @@ class _TaskSettings(BaseModel):
         300, ge=0.1, strict=True,
         description="Seconds of silence after which one `get_job` checks a job (a notification may have been lost); "
                     "doubles each time.")
+    pack_window: float = Field(
+        0.25, ge=0, le=10, strict=True,
+        description="Packing: electrons whose `run()` calls follow each other within this many seconds and whose job "
+                    "specs are equal (but for the node) run as ONE Batch job, one task each (one admission, VMs reused "
+                    "task after task). A lone electron waits this long before it is submitted. `0` turns packing off.")
+    pack_parallelism: int = Field(
+        0, ge=0, le=MAX_PARALLELISM, strict=True,
+        description="Tasks of one pack running at once, one VM each (Batch's `parallelism`); `0` runs them all at once. "
+                    "Lower means fewer VM boots and VM-seconds, but the pack's electrons queue for its VMs.")
     keep_artifacts: bool = Field(
         False, strict=True,
         description="Keep the task's objects in the bucket after the result is read (for debugging).")

@@ -77,6 +77,14 @@ class CancelRequested:
     job_id: str
 
 
+@dataclass(frozen=True)
+class PackEvent:
+    """A job-level event of the pack an electron runs in: a hint (the job exists, or has ended),
+    not the electron's own outcome, which is its task's."""
+
+    event: JobEvent
+
+
 class Inboxes:
     """The inboxes (asyncio queues) of the tasks of this process that wait on a job, by job id.
 

@@ -20,7 +20,13 @@ objects exist:
 On SIGTERM (cancel, preemption, max run duration) the worker stops the task, removes its
 temporary directory and exits 143, as a process killed by SIGTERM would.
 
-Run as ``python -m covalent_gcpbatch_plugin.worker`` with GCPBATCH_BUCKET and GCPBATCH_JOB_ID set.
+In a pack (GCPBATCH_PACK_ID instead of GCPBATCH_JOB_ID) the worker runs the electron its
+BATCH_TASK_INDEX names in the pack's manifest. Batch cannot cancel one task of a job, so the
+worker honours the electron's cancel marker itself: present at the start, the electron is skipped;
+seen while it runs (checked every CANCEL_CHECK_S), it is stopped; either way exit EXIT_CANCELLED.
+
+Run as ``python -m covalent_gcpbatch_plugin.worker`` with GCPBATCH_BUCKET and GCPBATCH_JOB_ID (or
+GCPBATCH_PACK_ID) set.
 """
 
 from __future__ import annotations
@@ -46,12 +52,18 @@ from .errors import SpecError, WorkerError
 from .protocol import (
     ENV_BUCKET,
     ENV_JOB_ID,
+    ENV_PACK_ID,
     ENV_RETRY_ATTEMPT,
+    ENV_TASK_INDEX,
+    EXIT_CANCELLED,
     EXIT_TASK_FAILED,
     EXIT_UPLOAD_FAILED,
     EXIT_WORKER_ERROR,
     ErrorRecord,
+    PACK_METADATA_KEY,
     JobSpec,
+    PackManifest,
+    PackObjects,
     TaskObjects,
     dumps_error,
 )
@@ -64,6 +76,11 @@ STORE_RETRY = DEFAULT_RETRY.with_timeout(STORE_TIMEOUT_S)
 
 #: What a process killed by SIGTERM exits with (128 + 15); Batch records it as the exit code.
 EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+#: How often an electron of a pack checks its cancel marker while it runs (a cancel stops it
+#: within this plus the SIGTERM's unwinding: well inside 10 s).
+CANCEL_CHECK_S = 3.0
 
 
 class Terminated(BaseException):
@@ -167,6 +184,49 @@ class LiveOutput(threading.Thread):
         self.join(LIVE_TIMEOUT_S + 1)
 
 
+class CancelWatch(threading.Thread):
+    """In a pack: every ``interval`` seconds, whether the electron's cancel marker exists; once it
+    does, SIGTERM to this process (the task unwinds as on any stop) and ``cancelled`` is set."""
+
+    def __init__(self, bucket, objects: TaskObjects, interval: float = CANCEL_CHECK_S) -> None:
+        super().__init__(name="cancel-watch", daemon=True)
+        self.bucket, self.objects, self.interval = bucket, objects, interval
+        self.done = threading.Event()
+        self.cancelled = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                marked = self.bucket.blob(self.objects.cancelled).exists(timeout=LIVE_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 - a failed check is retried; the task goes on
+                print(f"covalent-gcpbatch worker: cancel check failed: {type(err).__name__}: {err}", file=sys.__stderr__)
+                continue
+            if marked and not self.done.is_set():
+                self.cancelled.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+def electron_of_task(bucket) -> tuple[TaskObjects, str | None]:
+    """(this task's electron, its pack id or None). A lone electron's job names it; a pack's task
+    finds it in the pack's manifest at its BATCH_TASK_INDEX."""
+    pack_id = os.environ.get(ENV_PACK_ID, "")
+    if not pack_id:
+        return TaskObjects(os.environ[ENV_JOB_ID]), None
+    manifest_name = PackObjects(pack_id).manifest
+    blob = bucket.get_blob(manifest_name)
+    if blob is None:
+        raise WorkerError(f"pack manifest gs://{bucket.name}/{manifest_name} does not exist")
+    try:
+        manifest = PackManifest.loads(blob.download_as_bytes())
+    except SpecError as err:
+        raise WorkerError(f"gs://{bucket.name}/{manifest_name}: {err}") from None
+    index = os.environ.get(ENV_TASK_INDEX, "")
+    if not index.isdigit() or int(index) >= len(manifest.members):
+        raise WorkerError(f"{ENV_TASK_INDEX}={index!r} names no electron of pack {pack_id} ({len(manifest.members)} tasks)")
+    return TaskObjects(manifest.members[int(index)]), pack_id
+
+
 def running_versions() -> tuple[str, str]:
     import covalent
 
@@ -195,11 +255,14 @@ def error_record(exc: BaseException, phase: str) -> ErrorRecord:
     )
 
 
-def load_task(bucket, objects: TaskObjects, workdir: Path):
-    """(function, args, kwargs) of the task, after checking the spec's versions against ours."""
+def load_task(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None):
+    """(function, args, kwargs) of the task, after checking the spec's versions against ours (and,
+    in a pack, that the task object belongs to it)."""
     blob = bucket.get_blob(objects.task)
     if blob is None:
         raise WorkerError(f"task object gs://{bucket.name}/{objects.task} does not exist")
+    if pack_id is not None and (blob.metadata or {}).get(PACK_METADATA_KEY) != pack_id:
+        raise WorkerError(f"task object gs://{bucket.name}/{objects.task} does not belong to pack {pack_id}")
     try:
         spec = JobSpec.from_metadata(blob.metadata)
     except SpecError as err:
@@ -217,13 +280,13 @@ def load_task(bucket, objects: TaskObjects, workdir: Path):
     return function, args, kwargs
 
 
-def run(bucket, objects: TaskObjects, workdir: Path) -> int:
+def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None) -> int:
     stdout, stderr = Tee(sys.stdout), Tee(sys.stderr)
     outcome: tuple[str, bytes | Path] | None = None
     exit_code = 0
     live = LiveOutput(bucket, objects, attempt(), {"stdout": stdout, "stderr": stderr})
     try:
-        function, args, kwargs = load_task(bucket, objects, workdir)
+        function, args, kwargs = load_task(bucket, objects, workdir, pack_id)
         live.start()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
@@ -292,19 +355,39 @@ def store_outcome(bucket, objects: TaskObjects, stdout: str, stderr: str, outcom
 
 
 def main() -> int:
-    missing = [name for name in (ENV_BUCKET, ENV_JOB_ID) if not os.environ.get(name)]
+    missing = [name for name in (ENV_BUCKET,) if not os.environ.get(name)]
+    if not (os.environ.get(ENV_JOB_ID) or os.environ.get(ENV_PACK_ID)):
+        missing.append(ENV_JOB_ID)
     if missing:
         print(f"covalent-gcpbatch worker: {', '.join(missing)} not set; the Batch job sets them", file=sys.stderr)
         return EXIT_WORKER_ERROR
     signal.signal(signal.SIGTERM, _raise_terminated)
+    watch: CancelWatch | None = None
     try:
         client = clients.storage_client(project=None)
         bucket = client.bucket(os.environ[ENV_BUCKET])
+        try:
+            objects, pack_id = electron_of_task(bucket)
+        except WorkerError as err:  # no electron to write an error record for: the job's log says it
+            print(f"covalent-gcpbatch worker: {err}", file=sys.stderr)
+            return EXIT_WORKER_ERROR
+        if pack_id is not None:
+            if bucket.blob(objects.cancelled).exists(timeout=LIVE_TIMEOUT_S):
+                print(f"covalent-gcpbatch worker: {objects.job_id} was cancelled; skipped", file=sys.stderr)
+                return EXIT_CANCELLED
+            watch = CancelWatch(bucket, objects)
+            watch.start()
         with tempfile.TemporaryDirectory(prefix="gcpbatch-worker-") as workdir:
-            return run(bucket, TaskObjects(os.environ[ENV_JOB_ID]), Path(workdir))
+            return run(bucket, objects, Path(workdir), pack_id)
     except Terminated:
+        if watch is not None and watch.cancelled.is_set():
+            print("covalent-gcpbatch worker: stopped: the electron was cancelled", file=sys.stderr)
+            return EXIT_CANCELLED
         print("covalent-gcpbatch worker: stopped by SIGTERM (cancel, preemption or time limit)", file=sys.stderr)
         return EXIT_TERMINATED
+    finally:
+        if watch is not None:
+            watch.done.set()
 
 
 if __name__ == "__main__":

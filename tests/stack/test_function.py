@@ -286,3 +286,70 @@ def test_the_deployed_function_imports_without_covalent(tmp_path):
     assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "deployment", "errors", "jobs", "protocol",
                                                                                     "protocol.layout", "protocol.spec", "protocol.outcome",
                                                                                     "protocol.messages")}
+
+
+def new_pack(stack, bucket, size: int = 3) -> tuple[str, list[str], protocol.PackManifest]:
+    """Task objects of ``size`` electrons of one pack (each naming it), and its manifest (not uploaded)."""
+    pack_id = protocol.make_pack_id("f00dbabe", protocol.new_attempt_token())
+    members = [protocol.make_job_id("f00dbabe", node, protocol.new_attempt_token()) for node in range(size)]
+    for member in members:
+        blob = bucket.blob(protocol.TaskObjects(member).task)
+        blob.metadata = spec_for(stack).to_metadata() | {protocol.PACK_METADATA_KEY: pack_id}
+        blob.upload_from_string(b"task")
+    return pack_id, members, protocol.PackManifest(members=tuple(members), parallelism=2)
+
+
+def test_a_pack_manifest_creates_one_job_with_a_task_per_electron(function, local_stack, direct_bucket):
+    pack_id, members, manifest = new_pack(local_stack, direct_bucket)
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
+    for member in members:  # the electrons' own uploads create nothing
+        metadata = spec_for(local_stack).to_metadata() | {protocol.PACK_METADATA_KEY: pack_id}
+        headers, body = finalize_event(direct_bucket.name, protocol.TaskObjects(member).task, metadata)
+        assert function.post("/", headers=headers, data=body).status_code == 200
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
+    response = post(function, direct_bucket, protocol.PackObjects(pack_id).manifest, spec_for(local_stack).to_metadata(),
+                    payload=manifest.dumps())
+    assert response.status_code == 200
+    job = get_job(local_stack, pack_id)
+    (group,) = job.task_groups
+    assert group.task_count == 3 and group.parallelism == 2
+    assert dict(group.task_spec.environment.variables) == protocol.pack_environment(direct_bucket.name, pack_id)
+    kinds = {n.message.type_.name for n in job.notifications}
+    assert kinds == {"JOB_STATE_CHANGED", "TASK_STATE_CHANGED"}, "each electron ends with its own task"
+    assert job.labels["covalent-pack-tasks"] == "3"
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before + 1
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"not json", "invalid pack manifest"),
+        (b'{"members": ["cov-f00dbabe-1-aa"]}', "at least 2 items"),
+        (b'{"members": ["cov-f00dbabe-1-aa", "cov-f00dbabe-1-aa"]}', "members must be distinct"),
+        (b'{"members": ["cov-f00dbabe-1-aa", "../../etc"]}', "is not an electron's job id"),
+        (b'{"members": ["cov-f00dbabe-1-aa", "cov-f00dbabe-2-bb"], "command": "sh"}', "Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_pack_manifest_creates_nothing_and_publishes_the_reason(function, local_stack, direct_bucket, not_created,
+                                                                     payload, reason):
+    pack_id = protocol.make_pack_id("f00dbabe", protocol.new_attempt_token())
+    response = post(function, direct_bucket, protocol.PackObjects(pack_id).manifest, spec_for(local_stack).to_metadata(),
+                    payload=payload)
+    assert response.status_code == 200
+    with pytest.raises(exceptions.NotFound):
+        get_job(local_stack, pack_id)
+    (event,) = [e for e in not_created() if e.job_id == pack_id]
+    assert event.state is protocol.JobState.REJECTED and reason in event.detail, event.detail
+    record = protocol.loads_not_created(direct_bucket.blob(protocol.PackObjects(pack_id).not_created).download_as_bytes())
+    assert reason in record.reason
+
+
+def test_a_cancelled_pack_gets_no_job(function, local_stack, direct_bucket, not_created):
+    pack_id, _, manifest = new_pack(local_stack, direct_bucket, size=2)
+    direct_bucket.blob(protocol.PackObjects(pack_id).cancelled).upload_from_string(b"")
+    post(function, direct_bucket, protocol.PackObjects(pack_id).manifest, spec_for(local_stack).to_metadata(),
+         payload=manifest.dumps())
+    with pytest.raises(exceptions.NotFound):
+        get_job(local_stack, pack_id)
+    (event,) = [e for e in not_created() if e.job_id == pack_id]
+    assert event.state is protocol.JobState.CANCELLED

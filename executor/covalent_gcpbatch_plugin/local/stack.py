@@ -211,7 +211,8 @@ class LocalStack:
         batch_time_scale: float = 1.0,
         progress: Callable[[str], None] = lambda message: None,
     ) -> None:
-        """``batch_max_running``: jobs the local Batch service runs at once (its ``--max-running``;
+        """``batch_max_running``: VMs (worker processes) the local Batch service runs at once, across
+        its jobs (its ``--max-running``;
         None keeps its default of 2). ``batch_worker_command``: what a container runnable runs
         instead of ``python -m covalent_gcpbatch_plugin.worker`` (its ``--worker-command``, e.g.
         the benchmarks' timing wrapper; a leading bare ``python`` is the workers' python).

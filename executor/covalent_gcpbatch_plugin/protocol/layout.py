@@ -22,6 +22,9 @@ CANCEL_OBJECT = "cancelled"
 #: Written by the function when it creates no job for a task (refused, or cancelled first): a
 #: ``NotCreated`` record, so an executor that polls (no Pub/Sub) learns it too.
 NOT_CREATED_OBJECT = "not-created.json"
+#: The manifest of a pack (one Batch job whose tasks run several electrons): ``PackManifest`` JSON
+#: under the pack's own prefix, with the pack's job spec as metadata. Its upload creates the job.
+PACK_OBJECT = "pack.json"
 #: stdout.log and stderr.log of attempt N sit under ``attempt-N/``; what the task printed so far,
 #: while it runs, under ``attempt-N/live/`` (``stdout-000001.log``, ...: each chunk a new object).
 ATTEMPT_DIR = "attempt-"
@@ -101,18 +104,52 @@ class TaskObjects:
         return name.startswith(self.prefix) and name != self.cancelled
 
 
+@dataclass(frozen=True)
+class PackObjects:
+    """Names of the objects of one pack: ``covalent-gcpbatch/<pack id>/``. Its electrons keep
+    their own ``TaskObjects`` (each member's id is its own prefix)."""
+
+    pack_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{TASKS_PREFIX}{self.pack_id}/"
+
+    @property
+    def manifest(self) -> str:
+        return self.prefix + PACK_OBJECT
+
+    @property
+    def cancelled(self) -> str:
+        return self.prefix + CANCEL_OBJECT
+
+    @property
+    def not_created(self) -> str:
+        return self.prefix + NOT_CREATED_OBJECT
+
+
+def _id_of(object_name: str, leaf: str) -> str | None:
+    if not object_name.startswith(TASKS_PREFIX):
+        return None
+    parts = object_name[len(TASKS_PREFIX) :].split("/")
+    if len(parts) != 2 or parts[1] != leaf:
+        return None
+    return parts[0] if JOB_ID_PATTERN.fullmatch(parts[0]) else None
+
+
+def pack_id_of_pack_object(object_name: str) -> str | None:
+    """The pack id if ``object_name`` is a pack manifest (``covalent-gcpbatch/<pack id>/pack.json``)."""
+    pack_id = _id_of(object_name, PACK_OBJECT)
+    return pack_id if pack_id is not None and _PACK_ID.fullmatch(pack_id) else None
+
+
 def job_id_of_task_object(object_name: str) -> str | None:
     """The job id if ``object_name`` is a task object (``covalent-gcpbatch/<job id>/task.pkl``).
 
     Anything else (results, logs, foreign objects, malformed ids) gives None: the function ignores
     those, since results land in the same bucket and fire the same trigger.
     """
-    if not object_name.startswith(TASKS_PREFIX):
-        return None
-    parts = object_name[len(TASKS_PREFIX) :].split("/")
-    if len(parts) != 2 or parts[1] != TASK_OBJECT:
-        return None
-    return parts[0] if JOB_ID_PATTERN.fullmatch(parts[0]) else None
+    return _id_of(object_name, TASK_OBJECT)
 
 
 # Job id
@@ -143,6 +180,27 @@ def make_job_id(dispatch_id: str, node_id: int, attempt: str) -> str:
     if not JOB_ID_PATTERN.fullmatch(job_id):
         raise ValueError(f"cannot build a valid Batch job id from {dispatch_id!r}, {node_id}, {attempt!r}")
     return job_id
+
+
+_PACK_ID = re.compile(r"cov-[a-z0-9]+-pack-[a-z0-9]+")
+
+
+def make_pack_id(dispatch_id: str, token: str) -> str:
+    """``cov-<first 8 of dispatch id>-pack-<token>``: the Batch job id of a pack of the dispatch's
+    electrons (no node id: it runs several; ``node_id_of_job_id`` gives None for it)."""
+    job_id = f"cov-{_dispatch_short(dispatch_id)}-pack-{re.sub(r'[^a-z0-9]', '', token.lower())}"
+    if not _PACK_ID.fullmatch(job_id) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(f"cannot build a valid pack id from {dispatch_id!r}, {token!r}")
+    return job_id
+
+
+def is_pack_id(job_id: str) -> bool:
+    return bool(_PACK_ID.fullmatch(job_id))
+
+
+def task_name(job_name: str, index: int) -> str:
+    """The Batch resource name of task ``index`` of a job (get_task): one task group, ``group0``."""
+    return f"{job_name}/taskGroups/group0/tasks/{index}"
 
 
 # Resource names

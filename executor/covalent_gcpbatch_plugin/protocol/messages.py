@@ -106,6 +106,25 @@ def parse_task_notification(attributes: Mapping[str, str], data: bytes) -> TaskE
     return TaskEvent(match.group(1), int(match.group(2)), state, data.decode("utf-8", "replace"))
 
 
+#: An electron of a pack lives as its Batch task does: the task's state, read as the job state a
+#: lone electron's job would be in (UNEXECUTED: its job was cancelled before the task started).
+JOB_STATE_OF_TASK_STATE = {
+    "PENDING": JobState.QUEUED,
+    "ASSIGNED": JobState.SCHEDULED,
+    "RUNNING": JobState.RUNNING,
+    "SUCCEEDED": JobState.SUCCEEDED,
+    "FAILED": JobState.FAILED,
+    "UNEXECUTED": JobState.CANCELLED,
+}
+
+
+def member_event(member_id: str, task_state: str, detail: str = "") -> JobEvent | None:
+    """The JobEvent of a pack's electron whose task entered ``task_state`` (None: a state of no
+    meaning here, STATE_UNSPECIFIED)."""
+    state = JOB_STATE_OF_TASK_STATE.get(task_state)
+    return None if state is None else JobEvent(member_id, state, detail)
+
+
 class NotCreated(BaseModel):
     """Why the function created no job for a task: refused by the deployment, or cancelled first.
 

@@ -11,6 +11,10 @@ from typing import Literal
 
 ENV_BUCKET = "GCPBATCH_BUCKET"
 ENV_JOB_ID = "GCPBATCH_JOB_ID"
+#: Set instead of ENV_JOB_ID in the tasks of a pack: the worker runs ``members[BATCH_TASK_INDEX]``.
+ENV_PACK_ID = "GCPBATCH_PACK_ID"
+#: Set by Batch in every task of a job: its index (0 for a job of one task).
+ENV_TASK_INDEX = "BATCH_TASK_INDEX"
 #: Set by Batch in every task: 0 for the first attempt, then 1, 2... for its retries.
 ENV_RETRY_ATTEMPT = "BATCH_TASK_RETRY_ATTEMPT"
 
@@ -22,9 +26,12 @@ EXIT_WORKER_ERROR = 11  # the task could not be run: bad pickle, version mismatc
 #: The task ran but its result, error record or output could not be written to the bucket. Not
 #: retried: the user's code is never run twice because storing its outcome failed.
 EXIT_UPLOAD_FAILED = 12
+#: An electron of a pack was cancelled (its marker object): skipped before it started, or stopped.
+#: Its siblings go on; never retried.
+EXIT_CANCELLED = 13
 #: Batch's exit code for a task killed at its max run duration; retrying would only repeat it.
 EXIT_MAX_RUN_DURATION = 50005
-NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_UPLOAD_FAILED, EXIT_MAX_RUN_DURATION)
+NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_UPLOAD_FAILED, EXIT_CANCELLED, EXIT_MAX_RUN_DURATION)
 #: Batch's infrastructure exit codes, which ``retries`` is for.
 INFRASTRUCTURE_EXIT_CODES = {
     50001: "the VM was preempted (spot)",
@@ -39,6 +46,7 @@ INFRASTRUCTURE_EXIT_CODES = {
 EXIT_CODE_MEANINGS = {
     **INFRASTRUCTURE_EXIT_CODES,
     EXIT_UPLOAD_FAILED: "the task ran, but its result could not be stored in the bucket (see the job's log)",
+    EXIT_CANCELLED: "the electron was cancelled (its pack's other tasks went on)",
     127: "the container's command was not found",
     137: "the worker was killed (SIGKILL: out of memory, or stopped)",
     143: "the worker was stopped (SIGTERM)",
@@ -63,6 +71,12 @@ def exit_code_of_event(event) -> int:
 def worker_environment(bucket: str, job_id: str) -> dict[str, str]:
     """The environment a job's container gets: where its task is and where its outputs go."""
     return {ENV_BUCKET: bucket, ENV_JOB_ID: job_id}
+
+
+def pack_environment(bucket: str, pack_id: str) -> dict[str, str]:
+    """The environment of a pack's tasks: each finds its electron in the pack's manifest by its
+    BATCH_TASK_INDEX."""
+    return {ENV_BUCKET: bucket, ENV_PACK_ID: pack_id}
 
 
 class ErrorRecord(BaseModel):

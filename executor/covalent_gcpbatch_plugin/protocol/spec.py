@@ -15,6 +15,14 @@ PROTOCOL_VERSION = 1
 
 #: The object metadata key that carries the JSON job spec.
 SPEC_METADATA_KEY = "gcpbatch-spec"
+#: The object metadata key of a task object that belongs to a pack: the pack's id. The function
+#: creates no job for such an object (its pack's manifest does); the worker checks it.
+PACK_METADATA_KEY = "gcpbatch-pack"
+#: Most electrons one pack (one Batch job) runs; Batch allows 100,000 tasks per job, but the
+#: manifest (one id per task) stays small, and one lost pack costs less.
+MAX_PACK_TASKS = 1000
+#: Batch's limit on tasks of one job running at once (../shared/notes/platform.md, "Quotas").
+MAX_PARALLELISM = 5000
 #: Cloud Storage limits all custom metadata of an object to 8 KiB.
 MAX_METADATA_BYTES = 8 * 1024
 
@@ -148,3 +156,39 @@ class JobSpec(BaseModel):
                 f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in err.errors()
             )
             raise SpecError(f"invalid job spec: {problems}") from None
+
+
+class PackManifest(BaseModel):
+    """What a pack runs: its electrons (each one's id, which is its objects' prefix) in task-index
+    order, and how many run at once. The worker of task i runs ``members[i]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = PROTOCOL_VERSION
+    members: tuple[str, ...] = Field(min_length=2, max_length=MAX_PACK_TASKS)
+    #: Tasks of the pack running at once (each on its own VM); 0: all of them.
+    parallelism: int = Field(default=0, ge=0, le=MAX_PARALLELISM)
+
+    @field_validator("members")
+    @classmethod
+    def _ids(cls, members: tuple[str, ...]) -> tuple[str, ...]:
+        from .layout import JOB_ID_PATTERN, is_pack_id
+
+        for member in members:
+            if not JOB_ID_PATTERN.fullmatch(member) or is_pack_id(member):
+                raise ValueError(f"member {member!r} is not an electron's job id")
+        if len(set(members)) != len(members):
+            raise ValueError("members must be distinct")
+        return members
+
+    def dumps(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def loads(cls, payload: bytes) -> PackManifest:
+        """The manifest, or SpecError saying what is wrong with it."""
+        try:
+            return cls.model_validate_json(payload)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in err.errors())
+            raise SpecError(f"invalid pack manifest: {problems}") from None

@@ -1,0 +1,185 @@
+"""Packing on the local stack: a fan-out of electrons with the same job spec runs as ONE Batch job
+with a task per electron, and every electron keeps its own life in Covalent (its result, its error,
+its output, its cancel)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import cloudpickle
+import covalent as ct
+import pytest
+from workflow_helpers import batch_admin, failure_details, jobs_of_dispatch, nodes_by_name, wait_for
+
+from covalent_gcpbatch_plugin import clients, protocol
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.stack
+
+FAN_OUT = 24
+
+
+def pack_jobs(stack, dispatch_id: str) -> list:
+    return [job for job in jobs_of_dispatch(stack, dispatch_id) if protocol.is_pack_id(protocol.job_id_of_job_name(job.name))]
+
+
+def tasks_of(stack, job) -> list:
+    batch = clients.batch_client(stack.batch_api_endpoint)
+    return list(batch.list_tasks(parent=f"{job.name}/taskGroups/group0"))
+
+
+def task_exit_codes(task) -> list[int]:
+    return [protocol.exit_code_of_event(e) for e in task.status.status_events if e.task_execution]
+
+
+def wait_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def test_a_fan_out_runs_as_one_job_and_each_electron_keeps_its_own_outcome(covalent_server, local_stack):
+    """24 electrons, 4 at once: one create_job for all of them; each its own result and stdout; the
+    one that raises fails alone, with its own error."""
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=4)
+
+    @ct.electron(executor=executor)
+    def square(i):
+        print(f"electron {i} says hello")
+        if i == 5:
+            raise ValueError(f"electron {i} refuses")
+        return i * i
+
+    @ct.lattice
+    def fan_out():
+        return [square(i) for i in range(FAN_OUT)]
+
+    before = batch_admin(local_stack, "stats")["calls"]
+    dispatch_id = ct.dispatch(fan_out)()
+    result = wait_for(dispatch_id, timeout_s=600)
+    after = batch_admin(local_stack, "stats")["calls"]
+
+    nodes = [n for n in (result.get_node_result(i) for i in result.lattice.transport_graph._graph.nodes)
+             if n["node_name"] == "square"]
+    assert len(nodes) == FAN_OUT
+    by_value = {}
+    for node in nodes:
+        if str(node["status"]) == "COMPLETED":
+            by_value[node["output"].get_deserialized()] = node
+        else:
+            assert str(node["status"]) == "FAILED", failure_details(result)
+            assert "ValueError: electron 5 refuses" in f"{node['error']}{node['stderr']}"
+            assert "electron 5 says hello" in node["stdout"]
+    assert sorted(by_value) == sorted(i * i for i in range(FAN_OUT) if i != 5), failure_details(result)
+    for value, node in by_value.items():
+        i = int(value ** 0.5)
+        assert node["stdout"].strip() == f"electron {i} says hello", "each electron's output is its own"
+
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert protocol.is_pack_id(protocol.job_id_of_job_name(job.name))
+    assert job.task_groups[0].task_count == FAN_OUT and job.task_groups[0].parallelism == 4
+    assert job.labels["covalent-pack-tasks"] == str(FAN_OUT)
+    assert after["create"] - before["create"] == 1, "one create_job for the whole fan-out"
+    assert job.status.state.name == "FAILED", "Batch fails a job with a failed task; its electrons did not"
+    states = sorted(t.status.state.name for t in tasks_of(local_stack, job))
+    assert states == ["FAILED"] + ["SUCCEEDED"] * (FAN_OUT - 1)
+
+
+def test_cancelling_one_electron_cancels_only_it(covalent_server, local_stack, tmp_path):
+    """Three electrons in a pack, one task at a time: the running one cancelled is stopped within
+    10 s, the one not yet started never runs; the third completes."""
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=1)
+    ran = tmp_path / "ran"
+    ran.mkdir()
+
+    @ct.electron(executor=executor)
+    def slow(i, seconds, ran_dir):
+        import pathlib
+        import time as _time
+
+        (pathlib.Path(ran_dir) / str(i)).touch()
+        _time.sleep(seconds)
+        return i
+
+    @ct.lattice
+    def three(ran_dir):
+        return [slow(0, 60, ran_dir), slow(1, 2, ran_dir), slow(2, 60, ran_dir)]
+
+    three.build_graph(str(ran))
+    graph = three.transport_graph._graph
+    slow_nodes = sorted(n for n, data in graph.nodes(data=True) if data["name"] == "slow")
+    dispatch_id = ct.dispatch(three)(str(ran))
+
+    (job,) = wait_until(lambda: pack_jobs(local_stack, dispatch_id), 120, "the pack's job was created")
+    tasks = wait_until(lambda: [t for t in tasks_of(local_stack, job) if t.status.state.name == "RUNNING"], 120,
+                       "a task of the pack started")
+    running_index = int(tasks[0].name.rsplit("/", 1)[1])
+    members = protocol.PackManifest.loads(
+        clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+        .bucket(local_stack.bucket_name).blob(protocol.PackObjects(protocol.job_id_of_job_name(job.name)).manifest)
+        .download_as_bytes()).members
+    node_of_member = {m: protocol.node_id_of_job_id(m) for m in members}
+    running_node = node_of_member[members[running_index]]
+    # The electron sleeping 60 s that is not running yet (parallelism 1): it must be skipped.
+    waiting_node = next(node_of_member[m] for i, m in enumerate(members)
+                        if i != running_index and node_of_member[m] in (slow_nodes[0], slow_nodes[2]))
+    waiting_index = members.index(next(m for m in members if node_of_member[m] == waiting_node))
+
+    started = time.monotonic()
+    ct.cancel(dispatch_id, task_ids=[running_node, waiting_node])
+    batch = clients.batch_client(local_stack.batch_api_endpoint)
+    stopped = wait_until(
+        lambda: (t := batch.get_task(name=f"{job.name}/taskGroups/group0/tasks/{running_index}")).status.state.name
+        in ("FAILED", "SUCCEEDED") and t, 30, "the cancelled running task ended")
+    assert time.monotonic() - started <= 10 + 1, "a running electron stops within 10 s of its cancel"
+    assert task_exit_codes(stopped) == [protocol.EXIT_CANCELLED]
+
+    result = wait_for(dispatch_id, timeout_s=300)
+    statuses = {n: str(result.get_node_result(n)["status"]) for n in slow_nodes}
+    other = next(n for n in slow_nodes if n not in (running_node, waiting_node))
+    assert statuses[running_node] == "CANCELLED" and statuses[waiting_node] == "CANCELLED", statuses
+    assert statuses[other] == "COMPLETED", (statuses, failure_details(result))
+    # Skipped by its worker (the marker: exit EXIT_CANCELLED), or by the job's cancel once no
+    # electron of the pack was waited for any more: its code never ran.
+    wait_until(lambda: batch.get_task(name=f"{job.name}/taskGroups/group0/tasks/{waiting_index}")
+               .status.state.name in ("FAILED", "UNEXECUTED"), 60, "the waiting electron's task ended")
+    started_code = {p.name for p in ran.iterdir()}
+    assert str(slow_nodes.index(waiting_node)) not in started_code, "the waiting electron never ran"
+    assert str(slow_nodes.index(other)) in started_code
+    final = wait_until(lambda: (j := batch.get_job(name=job.name)).status.state.name in ("CANCELLED", "SUCCEEDED", "FAILED")
+                       and j, 60, "the pack's job ended")
+    assert final.status.state.name != "RUNNING"
+
+
+def test_cancelling_every_electron_cancels_the_job(covalent_server, local_stack):
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=1)
+
+    @ct.electron(executor=executor)
+    def sleepy(i):
+        import time as _time
+
+        _time.sleep(60)
+        return i
+
+    @ct.lattice
+    def four():
+        return [sleepy(i) for i in range(4)]
+
+    dispatch_id = ct.dispatch(four)()
+    (job,) = wait_until(lambda: pack_jobs(local_stack, dispatch_id), 120, "the pack's job was created")
+    wait_until(lambda: any(t.status.state.name == "RUNNING" for t in tasks_of(local_stack, job)), 120, "a task started")
+    ct.cancel(dispatch_id)
+    result = wait_for(dispatch_id, timeout_s=120)
+    assert str(result.status) == "CANCELLED"
+    statuses = {str(n["status"]) for n in nodes_by_name(result).values() if n["node_name"] == "sleepy"}
+    assert statuses <= {"CANCELLED"}, statuses
+    batch = clients.batch_client(local_stack.batch_api_endpoint)
+    final = wait_until(lambda: (j := batch.get_job(name=job.name)).status.state.name == "CANCELLED" and j, 60,
+                       "the pack's job was cancelled")
+    assert final.status.state.name == "CANCELLED"

@@ -1,0 +1,121 @@
+"""Packing's pure parts: which run() calls share a pack (Packer), what a process knows of its packs
+(PackRegistry), the pack's contract (ids, manifest, job) and task events read as electron events."""
+
+import asyncio
+
+import pytest
+from google.cloud import batch_v1
+
+from covalent_gcpbatch_plugin import jobs, packing
+from covalent_gcpbatch_plugin import protocol as p
+from specs import deployment, spec
+
+
+def run_joins(arrivals: list[tuple[float, str, str]], window: float, fail: bool = False):
+    """Members join at (delay after the previous, key, name); returns (submitted packs, placements by name)."""
+    submitted: list[list[str]] = []
+
+    async def submit(members):
+        submitted.append(list(members))
+        if fail:
+            raise OSError("upload failed")
+        if len(members) == 1:
+            return [packing.ALONE]
+        return [packing.Placement("cov-x-pack-1", i) for i in range(len(members))]
+
+    async def main():
+        tasks = {}
+        packer = packing.Packer()
+        for delay, key, name in arrivals:
+            await asyncio.sleep(delay)
+            tasks[name] = asyncio.ensure_future(packer.join(key, name, window=window, submit=submit))
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return dict(zip(tasks, results))
+
+    return submitted, asyncio.run(main())
+
+
+def test_calls_close_together_with_one_spec_share_a_pack():
+    submitted, placed = run_joins([(0, "a", "x"), (0.01, "a", "y"), (0.01, "a", "z")], window=0.1)
+    assert submitted == [["x", "y", "z"]]
+    assert [placed[n].index for n in "xyz"] == [0, 1, 2] and placed["x"].packed
+
+
+def test_a_lone_call_runs_alone_and_other_specs_never_mix():
+    submitted, placed = run_joins([(0, "a", "x"), (0, "b", "y")], window=0.05)
+    assert sorted(submitted) == [["x"], ["y"]]
+    assert placed["x"] == packing.ALONE and placed["y"] == packing.ALONE
+
+
+def test_a_pack_closes_after_a_quiet_window():
+    submitted, _ = run_joins([(0, "a", "x"), (0.01, "a", "y"), (0.3, "a", "z")], window=0.1)
+    assert submitted == [["x", "y"], ["z"]]
+
+
+def test_a_failed_submit_reaches_every_member():
+    _, placed = run_joins([(0, "a", "x"), (0, "a", "y")], window=0.05, fail=True)
+    assert all(isinstance(placed[n], OSError) for n in "xy")
+
+
+def test_pack_key_ignores_only_the_node():
+    assert packing.pack_key(spec(node_id=1)) == packing.pack_key(spec(node_id=7))
+    assert packing.pack_key(spec(vcpus=1)) != packing.pack_key(spec(vcpus=2))
+    assert packing.pack_key(spec(dispatch_id="d1")) != packing.pack_key(spec(dispatch_id="d2"))
+
+
+def test_registry_knows_who_still_waits():
+    registry = packing.PackRegistry()
+    placements = registry.add("cov-x-pack-1", ("m0", "m1"))
+    assert registry.placement("m1") == placements[1] == packing.Placement("cov-x-pack-1", 1)
+    assert registry.placement("other") == packing.ALONE
+    assert registry.settle("other") is None
+    assert registry.settle("m0") == packing.Settled("cov-x-pack-1", last=False)
+    assert registry.settle("m1") == packing.Settled("cov-x-pack-1", last=True)
+    assert registry.placement("m0") == packing.ALONE, "settled electrons are forgotten"
+
+
+def test_pack_ids_and_objects():
+    pack_id = p.make_pack_id("8F1C2D3E-aaaa", "a1b2c3d4")
+    assert pack_id == "cov-8f1c2d3e-pack-a1b2c3d4" and p.JOB_ID_PATTERN.fullmatch(pack_id)
+    assert p.is_pack_id(pack_id) and not p.is_pack_id(p.make_job_id("8f1c2d3e", 3, "a1"))
+    assert p.node_id_of_job_id(pack_id) is None
+    objects = p.PackObjects(pack_id)
+    assert p.pack_id_of_pack_object(objects.manifest) == pack_id
+    assert p.pack_id_of_pack_object(p.TaskObjects(p.make_job_id("d", 1, "a")).prefix + p.PACK_OBJECT) is None, \
+        "only a pack's own prefix holds a manifest"
+    assert p.job_id_of_task_object(objects.manifest) is None
+    assert p.task_name("projects/p/locations/r/jobs/j", 7) == "projects/p/locations/r/jobs/j/taskGroups/group0/tasks/7"
+
+
+@pytest.mark.parametrize("members, parallelism, problem", [
+    (("cov-a-1-x",), 0, "at least 2"),
+    (("cov-a-1-x", "cov-a-1-x"), 0, "distinct"),
+    (("cov-a-1-x", "cov-a-pack-y"), 0, "not an electron"),
+    (("cov-a-1-x", "cov-a-2-y"), -1, "greater than or equal"),
+    (tuple(f"cov-a-{i}-x" for i in range(p.MAX_PACK_TASKS + 1)), 0, f"at most {p.MAX_PACK_TASKS}"),
+])
+def test_manifest_rules(members, parallelism, problem):
+    payload = f'{{"members": {list(members)!r}, "parallelism": {parallelism}}}'.replace("'", '"').encode()
+    with pytest.raises(p.SpecError, match=problem):
+        p.PackManifest.loads(payload)
+
+
+def test_a_pack_job_has_a_task_per_electron_and_task_notifications():
+    manifest = p.PackManifest(members=("cov-a-1-x", "cov-a-2-y", "cov-a-3-z"), parallelism=2)
+    job = jobs.build_job(spec(), bucket="b", job_id="cov-a-pack-q", settings=deployment(), pack=manifest)
+    (group,) = job.task_groups
+    assert group.task_count == 3 and group.parallelism == 2
+    assert dict(group.task_spec.environment.variables) == {p.ENV_BUCKET: "b", p.ENV_PACK_ID: "cov-a-pack-q"}
+    Type = batch_v1.JobNotification.Type
+    assert [n.message.type_ for n in job.notifications] == [Type.JOB_STATE_CHANGED, Type.TASK_STATE_CHANGED]
+    lone = jobs.build_job(spec(), bucket="b", job_id="cov-a-1-x", settings=deployment())
+    assert [n.message.type_ for n in lone.notifications] == [Type.JOB_STATE_CHANGED]
+
+
+def test_task_states_read_as_electron_states():
+    assert {s: p.member_event("m", s).state.value for s in p.JOB_STATE_OF_TASK_STATE} == {
+        "PENDING": "QUEUED", "ASSIGNED": "SCHEDULED", "RUNNING": "RUNNING", "SUCCEEDED": "SUCCEEDED",
+        "FAILED": "FAILED", "UNEXECUTED": "CANCELLED"}
+    assert p.member_event("m", "STATE_UNSPECIFIED") is None
+    assert set(p.JOB_STATE_OF_TASK_STATE) == {s.name for s in batch_v1.TaskStatus.State} - {"STATE_UNSPECIFIED"}, \
+        "every task state Batch has is read"
