@@ -60,6 +60,10 @@ PARAMETERS = {
     "poll_freq": (5.0, 0.5),
     "max_running": (8, 4),
     "budget_s": (1800.0, 240.0),
+    # The packing comparison (bench/packing.py), on a stack of its own with Batch's latency modelled.
+    "packing_electrons": (200, 0),
+    "packing_time_scale": (0.5, 0.5),
+    "packing_parallelism": (20, 20),
 }
 #: Seconds kept back from the budget for stack start, analysis and teardown.
 RESERVE_S = 60.0
@@ -80,6 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll-freq", type=float, help="polling mode's poll_freq in seconds (default 5, the old plugin's)")
     parser.add_argument("--max-running", type=int, help="workers the local Batch service runs at once (default 8)")
     parser.add_argument("--budget-s", type=float, help="hard bound on the whole run in seconds (default 1800)")
+    parser.add_argument("--packing-electrons", type=int,
+                        help="electrons of the packing comparison, packed and one job each (default 200; 0 skips it)")
+    parser.add_argument("--packing-time-scale", type=float,
+                        help="real seconds per model second of Batch's latency model in that comparison (default 0.5)")
+    parser.add_argument("--packing-parallelism", type=int, help="pack_parallelism of its packed run (default 20)")
     parser.add_argument("--modes", default="event,poll", help="modes to run, in this order (default event,poll)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib is the `bench` extra)")
@@ -229,10 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log("stopping the local stack")
         stack.down()
+    try:
+        packing = run_packing(args, root, hard_end)
+    finally:
         shutil.rmtree(root, ignore_errors=True)
 
     results = report.analyse(drivers, stats, timings, config=run_config(args), machine=machine(),
-                             started=started, ended=time.time())
+                             started=started, ended=time.time(), packing=packing)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = datetime.date.today().isoformat()
     if (args.out_dir / f"{stem}.json").exists():
@@ -245,6 +257,29 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results))
     print(f"\nresults: {json_path}" + (f"\nplot:    {plot_path}" if plot_path else ""))
     return 0 if results["complete"] else 1
+
+
+def run_packing(args: argparse.Namespace, root: Path, hard_end: float) -> dict | None:
+    """bench/packing.py in a process of its own (its own stack, Covalent server and config)."""
+    if not args.packing_electrons:
+        return None
+    remaining = hard_end - time.time() - 30
+    if remaining < 120:
+        log("packing: skipped: the time budget is spent")
+        return None
+    out = root / "packing.json"
+    command = [sys.executable, "-m", "bench.packing", str(out), "--electrons", str(args.packing_electrons),
+               "--time-scale", str(args.packing_time_scale), "--parallelism", str(args.packing_parallelism),
+               "--timeout-s", str(remaining / 2 - 30)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    proc = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True)
+    try:
+        proc.wait(timeout=remaining)
+    except subprocess.TimeoutExpired:
+        log("packing: over its time bound, stopped")
+    finally:
+        terminate_group(proc.pid, grace_s=20.0)
+    return json.loads(out.read_text()) if out.exists() else None
 
 
 def driver_config(args: argparse.Namespace, settings, wait_mode: str, deadline: float, cache_dir: Path,
@@ -300,5 +335,8 @@ def run_config(args: argparse.Namespace) -> dict:
         "batch_max_running": args.max_running,
         "budget_s": args.budget_s,
         "modes": args.modes,
+        "packing_electrons": args.packing_electrons,
+        "packing_time_scale": args.packing_time_scale,
+        "packing_parallelism": args.packing_parallelism,
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }

@@ -24,6 +24,10 @@ TARGETS = {
     "p3_p50_s": 0.150,
     "p4_rss_growth_mb": 150.0,
     "p5_ratio": 0.70,
+    # Packing (issue 15): packed against one job per electron, same fan-out, Batch's latency modelled.
+    "packing_wall_ratio": 0.35,
+    "packing_vm_seconds_ratio": 0.25,
+    "packing_mutations_per_electron": 0.05,
 }
 #: Worker phases, in order (timed_worker.py marks; the Batch service's RUNNING and terminal times).
 WORKER_PHASES = ("spawn", "imports", "client", "download", "call", "upload", "exit")
@@ -256,16 +260,33 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
+def packing_figures(packing: dict | None) -> dict[str, Any] | None:
+    """The packing comparison (bench/packing.py) with its ratios; timelines kept for the plot."""
+    if not packing or "packed" not in packing or "unpacked" not in packing:
+        return packing
+    packed, unpacked = packing["packed"], packing["unpacked"]
+
+    def ratio(key: str) -> float | None:
+        return round(packed[key] / unpacked[key], 3) if unpacked.get(key) else None
+
+    return {**packing, "wall_ratio": ratio("wall_s"), "vm_seconds_ratio": ratio("vm_seconds"),
+            "mutations_per_electron": round(packed["batch_mutations"] / max(1, packing["tasks"]), 4)}
+
+
 def analyse(drivers: dict[str, dict | None], stats: dict, timings: dict[str, dict], *, config: dict,
-            machine: dict, started: float, ended: float) -> dict[str, Any]:
+            machine: dict, started: float, ended: float, packing: dict | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine, "config": config, "started": started,
                                "duration_s": round(ended - started, 1)}
+    if config.get("packing_electrons"):
+        results["packing"] = packing_figures(packing) or {"error": "the packing comparison failed or overran"}
     for key, driver in drivers.items():
         if driver is None:
             results[key] = {**{k: None for k in REQUIRED_KEYS}, "error": "the executor process failed or overran"}
         else:
             results[key] = analyse_mode(ModeData(driver, stats, timings))
     results["batch_calls_total"] = stats["calls"]
+    #: The worker's fixed cost per task (RUNNING -> terminal, less the task's own call), event mode, p50.
+    results["worker_overhead_s"] = (results.get("event") or {}).get("worker_overhead_p50_s")
     results["notes"] = [
         f"The local Batch service runs at most {config['batch_max_running']} workers at once on this "
         f"{machine['cores']}-core machine, each a Python process (~1.5 CPU-s of start-up and imports): "
@@ -286,7 +307,9 @@ def analyse(drivers: dict[str, dict | None], stats: dict, timings: dict[str, dic
                 and (not config["p4_tasks"][key] or r.get("p4_completed") == r.get("p4_tasks"))
                 and (not config["payload_mib"] or bool(r.get("p5_completed"))))
 
-    results["complete"] = set(drivers) == {"event", "poll"} and all(complete(key) for key in drivers)
+    packed_ok = (not config.get("packing_electrons")
+                 or all((results["packing"].get(k) or {}).get("status") == "COMPLETED" for k in ("packed", "unpacked")))
+    results["complete"] = set(drivers) == {"event", "poll"} and all(complete(key) for key in drivers) and packed_ok
     return results
 
 
@@ -306,6 +329,11 @@ def targets(results: dict) -> dict[str, Any]:
         "p4_event_all_complete": None if not e.get("p4_tasks") else e.get("p4_completed") == e.get("p4_tasks"),
         "p4_event_rss_growth_le_150mb": le(e.get("p4_rss_growth_mb"), TARGETS["p4_rss_growth_mb"]),
         "p5_event_ratio_ge_70pct": None if e.get("p5_ratio") is None else e["p5_ratio"] >= TARGETS["p5_ratio"],
+        "packing_wall_le_035": le((results.get("packing") or {}).get("wall_ratio"), TARGETS["packing_wall_ratio"]),
+        "packing_vm_seconds_le_025": le((results.get("packing") or {}).get("vm_seconds_ratio"),
+                                        TARGETS["packing_vm_seconds_ratio"]),
+        "packing_mutations_per_electron_le_005": le((results.get("packing") or {}).get("mutations_per_electron"),
+                                                    TARGETS["packing_mutations_per_electron"]),
     }
 
 
@@ -380,6 +408,26 @@ def table(results: dict) -> str:
         worker.append(f"| {name} | {_ms((e.get('worker_p50_s') or {}).get(name))} | {_ms((p.get('worker_p50_s') or {}).get(name))} |")
     worker.append(f"| total (RUNNING -> terminal) | {_ms(e.get('worker_total_p50_s'))} | {_ms(p.get('worker_total_p50_s'))} |")
     worker.append(f"| overhead (total - call) | {_ms(e.get('worker_overhead_p50_s'))} | {_ms(p.get('worker_overhead_p50_s'))} |")
+    packing = results.get("packing") or {}
+    if packing.get("packed") and packing.get("unpacked"):
+        pk, up, t = packing["packed"], packing["unpacked"], results["targets"]
+        worker += ["", f"Packing: {packing['tasks']} electrons of {packing['task_model_s']:g} s (model time), Batch's latency "
+                   f"modelled at time scale {packing['time_scale']:g}, through a Covalent server; packed with "
+                   f"pack_parallelism {packing['pack_parallelism']}:", "",
+                   "| figure | packed | one job each | ratio | target | |", "|---|---|---|---|---|---|",
+                   f"| wall time (model s) | {pk['wall_s']:g} | {up['wall_s']:g} | {_num(packing['wall_ratio'])} | <= 0.35 | "
+                   f"{_yes(t['packing_wall_le_035'])} |",
+                   f"| VM-seconds billed | {pk['vm_seconds']:g} | {up['vm_seconds']:g} | {_num(packing['vm_seconds_ratio'])} | "
+                   f"<= 0.25 | {_yes(t['packing_vm_seconds_le_025'])} |",
+                   f"| VM boots | {pk['vm_boots']} | {up['vm_boots']} | | | |",
+                   f"| Batch jobs | {pk['jobs']} | {up['jobs']} | | | |",
+                   f"| Batch mutations per electron | {_num(packing['mutations_per_electron'])} | "
+                   f"{_num(round(up['batch_mutations'] / max(1, packing['tasks']), 4))} | | <= 0.05 | "
+                   f"{_yes(t['packing_mutations_per_electron_le_005'])} |",
+                   f"| Batch reads per electron | {_num(round(pk['batch_reads'] / max(1, packing['tasks']), 3))} | "
+                   f"{_num(round(up['batch_reads'] / max(1, packing['tasks']), 3))} | | | |"]
+    elif packing:
+        worker += ["", f"Packing: {packing.get('error', 'incomplete')}"]
     m = results["machine"]
     footer = ["", f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['os']}.",
               f"P1-P3: {c['tasks']} tasks per mode, {c['concurrency']} in flight; P4: {c['p4_tasks']['event']} (event) / "
@@ -462,6 +510,37 @@ def plot(results: dict, path: Path) -> Path | None:
     m = results["machine"]
     fig.suptitle(f"covalent-gcpbatch-plugin on the local stack: {m['cpu_model']}, {m['cores']} cores, "
                  f"Python {m['python']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    packing = results.get("packing") or {}
+    if packing.get("packed") and packing.get("unpacked"):
+        plot_packing(packing, path.with_name(path.stem + "-packing.png"), plt)
+    return path
+
+
+def running(intervals: list[list[float]], end: float, step: float) -> tuple[list[float], list[int]]:
+    """How many of ``intervals`` are open at each ``step`` from 0 to ``end``."""
+    xs = [i * step for i in range(int(end / step) + 2)]
+    return xs, [sum(1 for a, b in intervals if a <= x < b) for x in xs]
+
+
+def plot_packing(packing: dict, path: Path, plt) -> Path:
+    """Electrons running and VMs alive over time, packed against one job each (model seconds)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
+    end = max(packing[k]["wall_s"] for k in ("packed", "unpacked"))
+    for ax, key in zip(axes, ("unpacked", "packed")):
+        data = packing[key]
+        for name, intervals, colour in (("electrons in run()", data["electron_intervals"], "tab:blue"),
+                                        ("VMs alive", data["vm_intervals"], "tab:red")):
+            xs, ys = running(intervals, end, max(1.0, end / 400))
+            ax.step(xs, ys, where="post", color=colour, label=name)
+        ax.set_title(f"{key}: wall {data['wall_s']:g} s, {data['vm_boots']} VM boots, {data['vm_seconds']:g} VM-s")
+        ax.set_xlabel("model seconds since the dispatch")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"Packing: {packing['tasks']} electrons of {packing['task_model_s']:g} s, Batch latency modelled "
+                 f"(time scale {packing['time_scale']:g}), pack_parallelism {packing['pack_parallelism']}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

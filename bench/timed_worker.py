@@ -40,9 +40,9 @@ def main() -> int:
     marks["imported"] = time.time()
     load_task = worker.load_task
 
-    def timed_load_task(bucket, objects, workdir):
+    def timed_load_task(bucket, objects, workdir, *rest):
         marks["download_start"] = time.time()
-        function, args, kwargs = load_task(bucket, objects, workdir)
+        function, args, kwargs = load_task(bucket, objects, workdir, *rest)
         marks["download_end"] = time.time()
 
         def timed(*a, **k):

@@ -144,8 +144,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
         workdir = Path(self.cache_dir).expanduser() / job_id
         step = Step("preparing the task")
+        ended = False  # the task (not just this wait) is over: Batch said it succeeded or failed
         try:
             outcome = await self._submit_and_wait(job_id, objects, workdir, (function, args, kwargs), task_metadata, step)
+            ended = not outcome.gave_up and outcome.state in (JobState.SUCCEEDED, JobState.FAILED)
             step.now = "reading the task's outcome from the bucket"
             return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir)
         except (TaskCancelledError, TaskRuntimeError):
@@ -162,7 +164,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             )
         finally:
             await asyncio.shield(asyncio.to_thread(self._clean_up, objects, workdir))
-            settled = _packs.settle(job_id)
+            settled = _packs.settle(job_id, abandoned=not ended)
             if settled is not None and settled.last:
                 await asyncio.shield(asyncio.to_thread(self._pack_over, settled))
 
@@ -259,27 +261,24 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             app_log.debug(f"gcpbatch: cancel of {job_id}: {err.message} (already over)")
 
     def _pack_over(self, settled: packing.Settled) -> None:
-        """No electron of the pack waits any more. A job still running now runs only electrons
-        nobody waits for (cancelled, or given up on): it is cancelled (the marker first, as for a
-        task), and its manifest stays for the workers it may still start (the bucket's lifecycle
-        rule removes it). A job over has its VM time logged and its manifest removed."""
+        """No electron of the pack waits any more. If one stopped waiting before its task ended
+        (cancelled, given up on), the job may still run work nobody waits for: it is cancelled (the
+        marker first, as for a task) and its manifest stays for the workers it may still start (the
+        bucket's lifecycle rule removes it). Otherwise every task has ended: the job's VM time is
+        logged (once Batch has it ended) and the manifest removed."""
         pack_id = settled.pack_id
         if self.wait_mode == "events":
             from .events import Endpoint, job_events
 
             job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None)).unregister_pack(pack_id)
         try:
-            try:
-                job = self._batch().get_job(name=self._job_name(pack_id), timeout=30)
-            except exceptions.NotFound:
-                job = None
-            if job is None or not JobState(job.status.state.name).is_terminal:
+            if settled.abandoned:
                 self._mark_cancelled(pack_id)
                 self._cancel_job(pack_id)
                 app_log.info(f"gcpbatch: cancelled pack {pack_id}: none of its electrons is waited for any more")
-                if job is not None:
-                    return
-            else:
+                return
+            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30)
+            if JobState(job.status.state.name).is_terminal:
                 self._log_usage(job)
             if not self.keep_artifacts:
                 self._bucket().delete_blob(PackObjects(pack_id).manifest, timeout=30)

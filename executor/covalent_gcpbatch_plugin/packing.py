@@ -106,6 +106,7 @@ class Packer(Generic[T]):
 class _PackState:
     members: tuple[str, ...]
     waiting: set[str] = field(default_factory=set)
+    abandoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ class Settled:
 
     pack_id: str
     last: bool  # no electron of the pack waits any more
+    #: Some electron stopped waiting before its task ended (cancelled, given up on): the job may
+    #: still have work nobody waits for.
+    abandoned: bool = False
 
 
 class PackRegistry:
@@ -141,15 +145,16 @@ class PackRegistry:
             state = self._packs.get(pack_id)
             return state.members if state else ()
 
-    def settle(self, job_id: str) -> Settled | None:
-        """The electron is done waiting; None if it was not packed."""
+    def settle(self, job_id: str, *, abandoned: bool) -> Settled | None:
+        """The electron is done waiting (``abandoned``: before its task ended); None if it was not packed."""
         with self._lock:
             placement = self._placements.pop(job_id, None)
             if placement is None or placement.pack_id is None:
                 return None
             state = self._packs[placement.pack_id]
             state.waiting.discard(job_id)
+            state.abandoned = state.abandoned or abandoned
             last = not state.waiting
             if last:
                 del self._packs[placement.pack_id]
-            return Settled(placement.pack_id, last)
+            return Settled(placement.pack_id, last, state.abandoned)

@@ -52,7 +52,8 @@ def test_stdout_and_stderr_reach_the_node_and_an_exception_runs_once(covalent_se
 
 
 def test_cancel_stops_running_and_queued_jobs(covalent_server, local_stack):
-    executor = ct.executor.GCPBatchExecutor(time_limit=300)
+    # One job per electron (pack_window=0): a pack's cancel is tests/stack/test_packing.py's.
+    executor = ct.executor.GCPBatchExecutor(time_limit=300, pack_window=0)
 
     @ct.electron(executor=executor)
     def sleeper(i):
@@ -129,7 +130,7 @@ def test_task_objects_are_removed_unless_kept(covalent_server, local_stack, keep
 
 def test_queue_timeout_cancels_a_job_that_cannot_start(covalent_server, local_stack):
     """The local Batch service runs two workers at once: with both busy, a third job waits past its bound."""
-    busy = ct.executor.GCPBatchExecutor(time_limit=300)
+    busy = ct.executor.GCPBatchExecutor(time_limit=300, pack_window=0)  # two jobs fill the two local workers
     impatient = ct.executor.GCPBatchExecutor(time_limit=300, queue_timeout=3)
 
     @ct.electron(executor=busy)

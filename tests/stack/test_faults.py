@@ -578,7 +578,9 @@ def test_pubsub_emulator_restart_while_tasks_wait(local_stack, tmp_path):
     settings = stack.up()
     subscriber = job_events(Endpoint(settings.project_id, settings.topic, settings.pubsub_emulator_host))
     try:
-        config = {**settings.executor_config(), "time_limit": 120, "reconcile_interval": 2, "cache_dir": str(tmp_path / "cache")}
+        # Two jobs (pack_window=0): each must be settled on its own across the restart.
+        config = {**settings.executor_config(), "time_limit": 120, "reconcile_interval": 2, "cache_dir": str(tmp_path / "cache"),
+                  "pack_window": 0}
 
         def body(i):
             import time as _time

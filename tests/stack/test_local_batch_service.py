@@ -3,7 +3,7 @@ emulator: the service runs as a subprocess, jobs run as host processes.
 
 Jobs run a small fake worker (``--worker-command``) steered by its task environment:
 ``FAKE_SLEEP_S`` (seconds to sleep) and ``FAKE_EXIT_CODES`` (comma-separated exit code per retry
-attempt, the last one repeating). It writes ``pid`` and ``env.json`` into its working directory.
+attempt, the last one repeating; the task at index ``FAKE_FAIL_INDEX`` exits 10). It writes ``pid`` and ``env.json`` into its working directory.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ FAKE_WORKER = textwrap.dedent(
         json.dump({"cwd": os.getcwd(), "env": dict(os.environ)}, f)
     time.sleep(float(os.environ.get("FAKE_SLEEP_S", "0")))
     codes = os.environ.get("FAKE_EXIT_CODES", "0").split(",")
+    if os.environ.get("BATCH_TASK_INDEX") == os.environ.get("FAKE_FAIL_INDEX"):
+        codes = ["10"]
     attempt = int(os.environ.get("BATCH_TASK_RETRY_ATTEMPT", "0"))
     sys.exit(int(codes[min(attempt, len(codes) - 1)]))
     """
@@ -581,3 +583,30 @@ def test_the_latency_model_admits_boots_and_bills_as_batch(modelled):
     assert vms["lifetime_s"] >= 4 * ran
     assert vms["billed_s"] >= 4 * ran + model.min_billed_s, "the cancelled VM is billed its minute minimum"
     assert stats["model"]["enabled"] is True and stats["model"]["time_scale"] == MODEL_SCALE
+
+
+def test_a_task_array_runs_each_task_with_its_index_on_reused_vms(modelled, topic):
+    """Six tasks, two at once: two VM boots (each VM runs task after task), each task its own
+    BATCH_TASK_INDEX, state and TASK_STATE_CHANGED messages; the failing one fails alone and the
+    job ends FAILED naming it, as Batch does."""
+    topic_path, pull = topic
+    client = clients.batch_client(modelled)
+    job = make_job({"FAKE_SLEEP_S": "0.05", "FAKE_FAIL_INDEX": "3"}, notifications=[batch_v1.JobNotification(
+        pubsub_topic=topic_path, message=batch_v1.JobNotification.Message(type_=batch_v1.JobNotification.Type.TASK_STATE_CHANGED))])
+    job.task_groups[0].task_count, job.task_groups[0].parallelism = 6, 2
+    boots_before = admin(modelled, "stats")["vms"]["boots"]
+    created = create(client, job)
+    done = wait_state(client, created.name, {State.SUCCEEDED, State.FAILED}, timeout=60)
+    assert done.status.state == State.FAILED
+    assert "task with index 3 failed" in done.status.status_events[-1].description
+    assert admin(modelled, "stats")["vms"]["boots"] - boots_before == 2, "two VMs, reused for the other four tasks"
+
+    tasks = list(client.list_tasks(request={"parent": f"{created.name}/taskGroups/group0", "page_size": 4}))
+    assert [t.name.rsplit("/", 1)[1] for t in tasks] == [str(i) for i in range(6)], "the pager followed both pages"
+    assert [t.status.state.name for t in tasks] == ["SUCCEEDED"] * 3 + ["FAILED"] + ["SUCCEEDED"] * 2
+    assert tasks[3].status.status_events[-1].task_execution.exit_code == 10
+
+    messages = pull(lambda got: sum(m.attributes["NewTaskState"] in ("SUCCEEDED", "FAILED") for m in got) >= 6)
+    ended = {protocol.parse_task_notification(dict(m.attributes), m.data) for m in messages}
+    ended = sorted((e.task_index, e.state) for e in ended if e.state in ("SUCCEEDED", "FAILED"))
+    assert ended == [(i, "FAILED" if i == 3 else "SUCCEEDED") for i in range(6)]

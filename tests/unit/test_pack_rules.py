@@ -68,9 +68,12 @@ def test_registry_knows_who_still_waits():
     placements = registry.add("cov-x-pack-1", ("m0", "m1"))
     assert registry.placement("m1") == placements[1] == packing.Placement("cov-x-pack-1", 1)
     assert registry.placement("other") == packing.ALONE
-    assert registry.settle("other") is None
-    assert registry.settle("m0") == packing.Settled("cov-x-pack-1", last=False)
-    assert registry.settle("m1") == packing.Settled("cov-x-pack-1", last=True)
+    assert registry.settle("other", abandoned=True) is None
+    assert registry.settle("m0", abandoned=True) == packing.Settled("cov-x-pack-1", last=False, abandoned=True)
+    assert registry.settle("m1", abandoned=False) == packing.Settled("cov-x-pack-1", last=True, abandoned=True), \
+        "one electron given up on is enough: the job may still run its task"
+    registry.add("cov-x-pack-2", ("m2",))
+    assert registry.settle("m2", abandoned=False) == packing.Settled("cov-x-pack-2", last=True, abandoned=False)
     assert registry.placement("m0") == packing.ALONE, "settled electrons are forgotten"
 
 

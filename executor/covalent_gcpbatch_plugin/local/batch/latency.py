@@ -71,22 +71,27 @@ class Admission:
 
 @dataclass
 class VmLedger:
-    """The VMs the service's jobs would have used: boots, lifetime and billed seconds (model time)."""
+    """The VMs the service's jobs would have used: boots, lifetime and billed seconds (model time),
+    and each VM's life (real wall-clock start and end, for timelines)."""
 
     model: LatencyModel
     boots: int = 0
     lifetime_s: float = 0.0
     billed_s: float = 0.0
+    intervals: list[tuple[float, float]] = field(default_factory=list)
 
     def boot(self) -> None:
         self.boots += 1
 
-    def release(self, vm_real_s: float) -> float:
-        """A VM is deleted after ``vm_real_s`` real seconds: add its time; return its billed seconds."""
-        billed = self.model.billed(vm_real_s)
-        self.lifetime_s += self.model.model_seconds(vm_real_s)
+    def release(self, since: float, until: float) -> float:
+        """A VM created at ``since`` is deleted at ``until`` (wall clock): add its time; return its
+        billed seconds."""
+        billed = self.model.billed(until - since)
+        self.lifetime_s += self.model.model_seconds(until - since)
         self.billed_s += billed
+        self.intervals.append((round(since, 3), round(until, 3)))
         return billed
 
     def to_json(self) -> dict:
-        return {"boots": self.boots, "lifetime_s": round(self.lifetime_s, 3), "billed_s": round(self.billed_s, 3)}
+        return {"boots": self.boots, "lifetime_s": round(self.lifetime_s, 3), "billed_s": round(self.billed_s, 3),
+                "intervals": self.intervals}

@@ -563,7 +563,7 @@ class LocalBatch:
                     task = self._take(record)
         finally:
             with self.lock:
-                self.vms.release(time.time() - since)
+                self.vms.release(since, time.time())
                 self.running -= 1
                 record.vms_live -= 1
                 if record.vms_live == 0 and (record.stop is not None or self.closing or not record.pending):

@@ -1,0 +1,144 @@
+"""Packing, measured: one fan-out dispatched through a real Covalent server twice on a local stack
+whose Batch service runs the realistic latency model, once packed and once with one job per
+electron (``pack_window = 0``).
+
+    python -m bench.packing OUT.json [--electrons 200] [--task-s 5] [--time-scale 0.5]
+                                     [--parallelism 20] [--timeout-s 1500]
+
+Every electron sleeps ``--task-s`` seconds of model time (``task_s * time_scale`` real seconds).
+The figures, per mode: ``wall_s`` (dispatch -> the dispatch COMPLETED, in model seconds), and from
+the Batch service's own counters (``GET /_admin/stats``, before and after): ``vm_boots``,
+``vm_seconds`` (billed, model seconds), ``jobs`` (create_job calls) and ``batch_mutations``
+(create, cancel and delete calls). ``timeline`` holds each electron's start and end as Covalent
+recorded them, and the service's VM intervals, in model seconds from the dispatch, for the plot.
+
+Run by bench/harness.py in a process of its own (Covalent reads where its config lives when it is
+first imported: this process points it at a temporary directory before importing it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer, isolated_env
+from covalent_gcpbatch_plugin.local.processes import free_ports
+from covalent_gcpbatch_plugin.local.stack import LocalStack
+
+from . import batch_stats, log
+
+MODES = (("unpacked", 0.0), ("packed", None))  # (key, pack_window: None keeps the default)
+MUTATIONS = ("create", "cancel", "delete")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.packing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--electrons", type=int, default=200)
+    parser.add_argument("--task-s", type=float, default=5.0, help="each electron's run time, model seconds")
+    parser.add_argument("--time-scale", type=float, default=0.5, help="real seconds per model second")
+    parser.add_argument("--parallelism", type=int, default=20, help="pack_parallelism of the packed run")
+    parser.add_argument("--max-running", type=int, default=400, help="VMs the local Batch service runs at once")
+    parser.add_argument("--timeout-s", type=float, default=1500.0, help="bound on each mode's dispatch, real seconds")
+    return parser.parse_args(argv)
+
+
+def delta(before: dict, after: dict, scale: float, dispatched_at: float) -> dict:
+    calls = {k: after["calls"][k] - before["calls"][k] for k in after["calls"]}
+    vms_b, vms_a = before["vms"], after["vms"]
+    intervals = [[round((s - dispatched_at) / scale, 2), round((e - dispatched_at) / scale, 2)]
+                 for s, e in vms_a.get("intervals", []) if s >= dispatched_at]
+    return {
+        "vm_boots": vms_a["boots"] - vms_b["boots"],
+        "vm_seconds": round(vms_a["billed_s"] - vms_b["billed_s"], 1),
+        "jobs": calls["create"],
+        "batch_mutations": sum(calls[k] for k in MUTATIONS),
+        "batch_reads": calls["get"] + calls["list"] + calls["get_task"] + calls["list_tasks"],
+        "vm_intervals": intervals,
+    }
+
+
+def run_mode(ct, executor, electrons: int, sleep_s: float, endpoint: str, scale: float, timeout_s: float) -> dict:
+    @ct.electron(executor=executor)
+    def electron(i, seconds):
+        import time as _time
+
+        _time.sleep(seconds)
+        return i
+
+    @ct.lattice
+    def fan_out(n, seconds):
+        return [electron(i, seconds) for i in range(n)]
+
+    before = batch_stats(endpoint)
+    started = time.time()
+    dispatch_id = ct.dispatch(fan_out)(electrons, sleep_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = ct.get_result(dispatch_id, wait=False)
+        if result is not None and str(result.status) in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        if time.monotonic() > deadline:
+            ct.cancel(dispatch_id)
+            raise TimeoutError(f"dispatch {dispatch_id} did not end within {timeout_s:g} s")
+        time.sleep(0.5)  # Covalent offers no completion event to a client: a bounded watch of its API
+    ended = time.time()
+    after = batch_stats(endpoint)
+    nodes = [result.get_node_result(n) for n in result.lattice.transport_graph._graph.nodes]
+    nodes = [n for n in nodes if n["node_name"] == "electron"]
+    figures = delta(before, after, scale, started)
+    figures["status"] = str(result.status)
+    figures["completed"] = sum(str(n["status"]) == "COMPLETED" for n in nodes)
+    figures["wall_s"] = round((ended - started) / scale, 1)
+    figures["electron_intervals"] = sorted(
+        [round((n["start_time"].timestamp() - started) / scale, 2), round((n["end_time"].timestamp() - started) / scale, 2)]
+        for n in nodes if n["start_time"] and n["end_time"])
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="gcpbatch-bench-packing-"))
+    (port,) = free_ports(1)
+    os.environ.update(isolated_env(root / "covalent", port))
+    os.environ.pop("COVALENT_SERVER_IFACE_ANY", None)
+    stack = LocalStack(root / "stack", batch_max_running=args.max_running, batch_latency_model="realistic",
+                       batch_time_scale=args.time_scale)
+    server = CovalentServer(root / "covalent", port)
+    results: dict = {"tasks": args.electrons, "task_model_s": args.task_s, "time_scale": args.time_scale,
+                     "pack_parallelism": args.parallelism}
+    try:
+        log(f"packing: local stack with the realistic latency model, time scale {args.time_scale:g}")
+        settings = stack.up()
+        from covalent_gcpbatch_plugin import covalent_config
+
+        covalent_config.write_executor_section(settings.executor_config())
+        server.start()
+        import covalent as ct
+
+        for key, window in MODES:
+            kwargs = {"time_limit": 600, "queue_timeout": 7200, "pack_parallelism": args.parallelism}
+            if window is not None:
+                kwargs["pack_window"] = window
+            executor = ct.executor.GCPBatchExecutor(**kwargs)
+            log(f"packing: {key}: {args.electrons} electrons of {args.task_s:g} model seconds")
+            results[key] = run_mode(ct, executor, args.electrons, args.task_s * args.time_scale,
+                                    settings.batch_api_endpoint, args.time_scale, args.timeout_s)
+            log(f"packing: {key}: wall {results[key]['wall_s']} model s, {results[key]['vm_boots']} VM boots, "
+                f"{results[key]['vm_seconds']} VM-seconds, {results[key]['jobs']} jobs")
+    finally:
+        server.stop()
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0 if all(results.get(key, {}).get("status") == "COMPLETED" for key, _ in MODES) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
