@@ -85,8 +85,7 @@ def not_created(bucket: str, job_id: str, state: protocol.JobState, reason: str)
     """Tell the waiting executor at once that no job will come: a record beside the task (read by
     an executor that polls) and a message on the notification topic (read by one that listens)."""
     record = protocol.NotCreated(state=state, reason=reason)
-    objects = protocol.PackObjects(job_id) if protocol.is_pack_id(job_id) else protocol.TaskObjects(job_id)
-    blob = storage().bucket(bucket).blob(objects.not_created)
+    blob = storage().bucket(bucket).blob(protocol.objects_of(job_id).not_created)
     try:
         blob.upload_from_string(protocol.dumps_not_created(record), content_type="application/json",
                                 if_generation_match=0, timeout=30)

@@ -45,7 +45,7 @@ from .protocol import (
     PackManifest,
     PackObjects,
     TaskObjects,
-    is_pack_id,
+    objects_of,
     job_console_url,
     job_name,
     loads_error,
@@ -247,8 +247,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 app_log.warning(f"gcpbatch: stopping job {job_id}: {step.__name__} failed: {type(err).__name__}: {err}")
 
     def _mark_cancelled(self, job_id: str) -> None:
-        objects = PackObjects(job_id) if is_pack_id(job_id) else TaskObjects(job_id)
-        self._bucket().blob(objects.cancelled).upload_from_string(b"", content_type="text/plain", timeout=30)
+        self._bucket().blob(objects_of(job_id).cancelled).upload_from_string(b"", content_type="text/plain", timeout=30)
 
     def _cancel_job(self, job_id: str) -> None:
         if _packs.placement(job_id).packed:
@@ -448,8 +447,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _not_created(self, job_id: str) -> JobEvent | None:
         """The function's record of a task (or pack) it created no job for (refused or cancelled), if any."""
-        objects = PackObjects(job_id) if is_pack_id(job_id) else TaskObjects(job_id)
-        blob = self._bucket().get_blob(objects.not_created, timeout=30)
+        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30)
         if blob is None:
             return None
         return loads_not_created(blob.download_as_bytes(timeout=30)).event(job_id)

@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .packing import MAX_WAIT_S
 from .protocol import MAX_PARALLELISM, JobOptions
 
 #: json_schema_extra marks: a task cannot run without the key; a deployment writes the key.
@@ -89,10 +90,11 @@ class _TaskSettings(BaseModel):
         description="Seconds of silence after which one `get_job` checks a job (a notification may have been lost); "
                     "doubles each time.")
     pack_window: float = Field(
-        0.25, ge=0, le=10, strict=True,
+        0.5, ge=0, le=10, strict=True,
         description="Packing: electrons whose `run()` calls follow each other within this many seconds and whose job "
                     "specs are equal (but for the node) run as ONE Batch job, one task each (one admission, VMs reused "
-                    "task after task). A lone electron waits this long before it is submitted. `0` turns packing off.")
+                    f"task after task; a pack is closed {MAX_WAIT_S:g} s after its first electron at the latest). A lone electron "
+                    "waits this long before it is submitted. `0` turns packing off.")
     pack_parallelism: int = Field(
         0, ge=0, le=MAX_PARALLELISM, strict=True,
         description="Tasks of one pack running at once, one VM each (Batch's `parallelism`); `0` runs them all at once. "

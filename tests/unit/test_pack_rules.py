@@ -122,3 +122,25 @@ def test_task_states_read_as_electron_states():
     assert p.member_event("m", "STATE_UNSPECIFIED") is None
     assert set(p.JOB_STATE_OF_TASK_STATE) == {s.name for s in batch_v1.TaskStatus.State} - {"STATE_UNSPECIFIED"}, \
         "every task state Batch has is read"
+
+
+def test_objects_of_a_job_id_are_its_packs_or_its_tasks():
+    assert p.objects_of("cov-a-pack-q") == p.PackObjects("cov-a-pack-q")
+    assert p.objects_of("cov-a-1-x") == p.TaskObjects("cov-a-1-x")
+    assert p.PackObjects("cov-a-pack-q").cancelled == "covalent-gcpbatch/cov-a-pack-q/cancelled"
+
+
+def test_readme_states_the_packing_facts_as_declared():
+    from pathlib import Path
+
+    from covalent_gcpbatch_plugin import worker
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Packing"):readme.index("## Security model")]
+    assert f"at most {p.MAX_PACK_TASKS:,} electrons" in section
+    assert f"`CANCEL_CHECK_S` ({worker.CANCEL_CHECK_S:g} s)" in section
+    assert f"(exit {p.EXIT_CANCELLED})" in section
+    assert f"(0.5 by default; a pack closes {packing.MAX_WAIT_S:g} s after its first electron" in section
+    from covalent_gcpbatch_plugin import settings
+
+    assert settings.PLUGIN_DEFAULTS["pack_window"] == 0.5

@@ -28,6 +28,7 @@ from .layout import (  # noqa: F401
     PACK_OBJECT,
     TaskObjects,
     PackObjects,
+    objects_of,
     job_id_of_task_object,
     pack_id_of_pack_object,
     make_pack_id,

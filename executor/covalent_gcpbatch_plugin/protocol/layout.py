@@ -36,15 +36,28 @@ _LIVE_CHUNK = re.compile(rf"{ATTEMPT_DIR}(\d+)/{LIVE_DIR}/(stdout|stderr)-(\d{{6
 JOB_ID_PATTERN = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-@dataclass(frozen=True)
-class TaskObjects:
-    """Names of the objects of one task: everything sits under ``covalent-gcpbatch/<job id>/``."""
-
-    job_id: str
+class _Prefix:
+    """What every prefix of this plugin (a task's, a pack's) holds besides its own objects: the
+    executor's cancel marker and the function's record of a job it did not create."""
 
     @property
     def prefix(self) -> str:
         return f"{TASKS_PREFIX}{self.job_id}/"
+
+    @property
+    def cancelled(self) -> str:
+        return self.prefix + CANCEL_OBJECT
+
+    @property
+    def not_created(self) -> str:
+        return self.prefix + NOT_CREATED_OBJECT
+
+
+@dataclass(frozen=True)
+class TaskObjects(_Prefix):
+    """Names of the objects of one task: everything sits under ``covalent-gcpbatch/<job id>/``."""
+
+    job_id: str
 
     @property
     def task(self) -> str:
@@ -86,14 +99,6 @@ class TaskObjects:
         attempts = [int(m.group(1)) for name in names if (m := _ATTEMPT_OUTPUT.fullmatch(name.removeprefix(self.prefix)))]
         return max(attempts, default=None)
 
-    @property
-    def cancelled(self) -> str:
-        return self.prefix + CANCEL_OBJECT
-
-    @property
-    def not_created(self) -> str:
-        return self.prefix + NOT_CREATED_OBJECT
-
     def fixed(self) -> tuple[str, ...]:
         """The objects of fixed name (the per-attempt outputs aside)."""
         return (self.task, self.result, self.error, self.cancelled, self.not_created)
@@ -105,27 +110,20 @@ class TaskObjects:
 
 
 @dataclass(frozen=True)
-class PackObjects:
+class PackObjects(_Prefix):
     """Names of the objects of one pack: ``covalent-gcpbatch/<pack id>/``. Its electrons keep
     their own ``TaskObjects`` (each member's id is its own prefix)."""
 
-    pack_id: str
-
-    @property
-    def prefix(self) -> str:
-        return f"{TASKS_PREFIX}{self.pack_id}/"
+    job_id: str  # the pack's id, which is its Batch job's id
 
     @property
     def manifest(self) -> str:
         return self.prefix + PACK_OBJECT
 
-    @property
-    def cancelled(self) -> str:
-        return self.prefix + CANCEL_OBJECT
 
-    @property
-    def not_created(self) -> str:
-        return self.prefix + NOT_CREATED_OBJECT
+def objects_of(job_id: str) -> TaskObjects | PackObjects:
+    """The objects of a Batch job this plugin made: a pack's or a task's."""
+    return PackObjects(job_id) if is_pack_id(job_id) else TaskObjects(job_id)
 
 
 def _id_of(object_name: str, leaf: str) -> str | None:
