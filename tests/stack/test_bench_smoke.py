@@ -1,6 +1,7 @@
 """`make bench` in miniature, so that the benchmark harness does not rot: the same code path
 (bench/harness.py on its own local stack, one executor process per mode), a few tasks per mode,
-poll_freq 0.5 s, P4 with 4 tasks, P5 with 1 MiB. Checks the results' shape, not the numbers."""
+poll_freq 0.5 s, P4 with 4 tasks, P5 with 1 MiB, and the packing comparison with 6 electrons through
+a Covalent server (Batch's latency modelled 20x faster). Checks the results' shape, not the numbers."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     require_emulators()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+        cwd=REPO, capture_output=True, text=True, timeout=360, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
 
@@ -49,5 +50,13 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert results["event"]["p4_subscriber_streams"] == 1
     assert set(results["targets"]) >= {"p1_event_p50_le_100ms", "p3_event_p50_le_150ms", "p5_event_ratio_ge_70pct"}
     assert "| P1 notice latency p50 |" in proc.stdout
-    (png,) = tmp_path.glob("*.png")
-    assert png.read_bytes().startswith(b"\x89PNG")
+    packing = results["packing"]
+    assert packing["packed"]["status"] == packing["unpacked"]["status"] == "COMPLETED", packing
+    assert packing["unpacked"]["jobs"] == 6 and packing["packed"]["jobs"] == 1, "six electrons, one pack"
+    assert packing["packed"]["vm_boots"] == 2, "pack_parallelism 2: two VMs, each reused"
+    assert packing["mutations_per_electron"] == round(1 / 6, 4)
+    assert "| wall time (model s) |" in proc.stdout
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == 2 and pngs[1].endswith("-packing.png"), pngs
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes().startswith(b"\x89PNG")

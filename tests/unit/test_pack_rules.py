@@ -136,7 +136,7 @@ def test_readme_states_the_packing_facts_as_declared():
     from covalent_gcpbatch_plugin import worker
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Packing"):readme.index("## Security model")]
+    section = readme[readme.index("\n## Packing\n"):readme.index("\n## Security model")]
     assert f"at most {p.MAX_PACK_TASKS:,} electrons" in section
     assert f"`CANCEL_CHECK_S` ({worker.CANCEL_CHECK_S:g} s)" in section
     assert f"(exit {p.EXIT_CANCELLED})" in section
