@@ -64,6 +64,8 @@ PARAMETERS = {
     "packing_electrons": (200, 6),
     "packing_time_scale": (0.5, 0.05),
     "packing_parallelism": (20, 2),
+    # Per-electron overhead through Covalent, GCPBatchExecutor against LocalExecutor (bench/overhead.py).
+    "overhead_rounds": (10, 2),
 }
 #: Seconds kept back from the budget for stack start, analysis and teardown.
 RESERVE_S = 60.0
@@ -89,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--packing-time-scale", type=float,
                         help="real seconds per model second of Batch's latency model in that comparison (default 0.5)")
     parser.add_argument("--packing-parallelism", type=int, help="pack_parallelism of its packed run (default 20)")
+    parser.add_argument("--overhead-rounds", type=int,
+                        help="trivial electrons per executor in the overhead comparison (default 10; 0 skips it)")
     parser.add_argument("--modes", default="event,poll", help="modes to run, in this order (default event,poll)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib is the `bench` extra)")
@@ -240,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         stack.down()
     try:
         packing = run_packing(args, root, hard_end)
+        overhead = run_overhead(args, root, hard_end)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     results = report.analyse(drivers, stats, timings, config=run_config(args), machine=machine(),
-                             started=started, ended=time.time(), packing=packing)
+                             started=started, ended=time.time(), packing=packing, overhead=overhead)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = datetime.date.today().isoformat()
     if (args.out_dir / f"{stem}.json").exists():
@@ -263,20 +268,31 @@ def run_packing(args: argparse.Namespace, root: Path, hard_end: float) -> dict |
     """bench/packing.py in a process of its own (its own stack, Covalent server and config)."""
     if not args.packing_electrons:
         return None
-    remaining = hard_end - time.time() - 30
-    if remaining < 60:
-        log("packing: skipped: the time budget is spent")
+    return run_phase("packing", ["--electrons", str(args.packing_electrons), "--time-scale", str(args.packing_time_scale),
+                                 "--parallelism", str(args.packing_parallelism)], root, hard_end, share=0.5)
+
+
+def run_overhead(args: argparse.Namespace, root: Path, hard_end: float) -> dict | None:
+    """bench/overhead.py in a process of its own."""
+    if not args.overhead_rounds:
         return None
-    out = root / "packing.json"
-    command = [sys.executable, "-m", "bench.packing", str(out), "--electrons", str(args.packing_electrons),
-               "--time-scale", str(args.packing_time_scale), "--parallelism", str(args.packing_parallelism),
-               "--timeout-s", str(remaining / 2 - 30)]
+    return run_phase("overhead", ["--rounds", str(args.overhead_rounds)], root, hard_end, share=1.0)
+
+
+def run_phase(name: str, options: list[str], root: Path, hard_end: float, share: float) -> dict | None:
+    """``python -m bench.<name> OUT.json <options>``, bounded by ``share`` of what is left of the budget."""
+    remaining = (hard_end - time.time() - 30) * share
+    if remaining < 45:
+        log(f"{name}: skipped: the time budget is spent")
+        return None
+    out = root / f"{name}.json"
+    command = [sys.executable, "-m", f"bench.{name}", str(out), *options, "--timeout-s", str(max(30.0, remaining / 2 - 30))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
     proc = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True)
     try:
         proc.wait(timeout=remaining)
     except subprocess.TimeoutExpired:
-        log("packing: over its time bound, stopped")
+        log(f"{name}: over its time bound, stopped")
     finally:
         terminate_group(proc.pid, grace_s=20.0)
     return json.loads(out.read_text()) if out.exists() else None
@@ -338,5 +354,6 @@ def run_config(args: argparse.Namespace) -> dict:
         "packing_electrons": args.packing_electrons,
         "packing_time_scale": args.packing_time_scale,
         "packing_parallelism": args.packing_parallelism,
+        "overhead_rounds": args.overhead_rounds,
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }

@@ -20,18 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer, isolated_env
-from covalent_gcpbatch_plugin.local.processes import free_ports
-from covalent_gcpbatch_plugin.local.stack import LocalStack
-
 from . import batch_stats, log
+from .covalent_runs import electron_nodes, on_covalent, wait_dispatch
 
 MODES = (("unpacked", 0.0), ("packed", None))  # (key, pack_window: None keeps the default)
 MUTATIONS = ("create", "cancel", "delete")
@@ -79,20 +73,10 @@ def run_mode(ct, executor, electrons: int, sleep_s: float, endpoint: str, scale:
 
     before = batch_stats(endpoint)
     started = time.time()
-    dispatch_id = ct.dispatch(fan_out)(electrons, sleep_s)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = ct.get_result(dispatch_id, wait=False)
-        if result is not None and str(result.status) in ("COMPLETED", "FAILED", "CANCELLED"):
-            break
-        if time.monotonic() > deadline:
-            ct.cancel(dispatch_id)
-            raise TimeoutError(f"dispatch {dispatch_id} did not end within {timeout_s:g} s")
-        time.sleep(0.5)  # Covalent offers no completion event to a client: a bounded watch of its API
+    result = wait_dispatch(ct, ct.dispatch(fan_out)(electrons, sleep_s), timeout_s)
     ended = time.time()
     after = batch_stats(endpoint)
-    nodes = [result.get_node_result(n) for n in result.lattice.transport_graph._graph.nodes]
-    nodes = [n for n in nodes if n["node_name"] == "electron"]
+    nodes = electron_nodes(result, "electron")
     figures = delta(before, after, scale, started)
     figures["status"] = str(result.status)
     figures["completed"] = sum(str(n["status"]) == "COMPLETED" for n in nodes)
@@ -107,24 +91,11 @@ def run_mode(ct, executor, electrons: int, sleep_s: float, endpoint: str, scale:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="gcpbatch-bench-packing-"))
-    (port,) = free_ports(1)
-    os.environ.update(isolated_env(root / "covalent", port))
-    os.environ.pop("COVALENT_SERVER_IFACE_ANY", None)
-    stack = LocalStack(root / "stack", batch_max_running=args.max_running, batch_latency_model="realistic",
-                       batch_time_scale=args.time_scale)
-    server = CovalentServer(root / "covalent", port)
     results: dict = {"tasks": args.electrons, "task_model_s": args.task_s, "time_scale": args.time_scale,
                      "pack_parallelism": args.parallelism}
-    try:
-        log(f"packing: local stack with the realistic latency model, time scale {args.time_scale:g}")
-        settings = stack.up()
-        from covalent_gcpbatch_plugin import covalent_config
-
-        covalent_config.write_executor_section(settings.executor_config())
-        server.start()
-        import covalent as ct
-
+    log(f"packing: local stack with the realistic latency model, time scale {args.time_scale:g}")
+    with on_covalent("gcpbatch-bench-packing-", batch_max_running=args.max_running, batch_latency_model="realistic",
+                     batch_time_scale=args.time_scale) as (ct, settings):
         for key, window in [(k, w) for k, w in MODES if k in args.modes.split(",")]:
             kwargs = {"time_limit": 600, "queue_timeout": 7200, "pack_parallelism": args.parallelism}
             if window is not None:
@@ -135,10 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                                     settings.batch_api_endpoint, args.time_scale, args.timeout_s)
             log(f"packing: {key}: wall {results[key]['wall_s']} model s, {results[key]['vm_boots']} VM boots, "
                 f"{results[key]['vm_seconds']} VM-seconds, {results[key]['jobs']} jobs")
-    finally:
-        server.stop()
-        stack.down()
-        shutil.rmtree(root, ignore_errors=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0 if all(results.get(key, {}).get("status") == "COMPLETED" for key in args.modes.split(",")) else 1
 

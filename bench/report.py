@@ -28,6 +28,8 @@ TARGETS = {
     "packing_wall_ratio": 0.35,
     "packing_vm_seconds_ratio": 0.25,
     "packing_mutations_per_electron": 0.05,
+    "overhead_gcpbatch_p50_s": 0.3,
+    "worker_overhead_s": 0.3,
 }
 #: Worker phases, in order (timed_worker.py marks; the Batch service's RUNNING and terminal times).
 WORKER_PHASES = ("spawn", "imports", "client", "download", "call", "upload", "exit")
@@ -274,9 +276,12 @@ def packing_figures(packing: dict | None) -> dict[str, Any] | None:
 
 
 def analyse(drivers: dict[str, dict | None], stats: dict, timings: dict[str, dict], *, config: dict,
-            machine: dict, started: float, ended: float, packing: dict | None = None) -> dict[str, Any]:
+            machine: dict, started: float, ended: float, packing: dict | None = None,
+            overhead: dict | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine, "config": config, "started": started,
                                "duration_s": round(ended - started, 1)}
+    if config.get("overhead_rounds"):
+        results["overhead"] = overhead or {"error": "the overhead comparison failed or overran"}
     if config.get("packing_electrons"):
         results["packing"] = packing_figures(packing) or {"error": "the packing comparison failed or overran"}
     for key, driver in drivers.items():
@@ -329,6 +334,9 @@ def targets(results: dict) -> dict[str, Any]:
         "p4_event_all_complete": None if not e.get("p4_tasks") else e.get("p4_completed") == e.get("p4_tasks"),
         "p4_event_rss_growth_le_150mb": le(e.get("p4_rss_growth_mb"), TARGETS["p4_rss_growth_mb"]),
         "p5_event_ratio_ge_70pct": None if e.get("p5_ratio") is None else e["p5_ratio"] >= TARGETS["p5_ratio"],
+        "overhead_gcpbatch_p50_le_03s": le((results.get("overhead") or {}).get("gcpbatch_p50_s"),
+                                           TARGETS["overhead_gcpbatch_p50_s"]),
+        "worker_overhead_le_03s": le(results.get("worker_overhead_s"), TARGETS["worker_overhead_s"]),
         "packing_wall_le_035": le((results.get("packing") or {}).get("wall_ratio"), TARGETS["packing_wall_ratio"]),
         "packing_vm_seconds_le_025": le((results.get("packing") or {}).get("vm_seconds_ratio"),
                                         TARGETS["packing_vm_seconds_ratio"]),
@@ -408,6 +416,15 @@ def table(results: dict) -> str:
         worker.append(f"| {name} | {_ms((e.get('worker_p50_s') or {}).get(name))} | {_ms((p.get('worker_p50_s') or {}).get(name))} |")
     worker.append(f"| total (RUNNING -> terminal) | {_ms(e.get('worker_total_p50_s'))} | {_ms(p.get('worker_total_p50_s'))} |")
     worker.append(f"| overhead (total - call) | {_ms(e.get('worker_overhead_p50_s'))} | {_ms(p.get('worker_overhead_p50_s'))} |")
+    overhead, t = results.get("overhead") or {}, results["targets"]
+    if overhead.get("gcpbatch_p50_s") is not None:
+        worker += ["", f"Per-electron overhead through Covalent (a trivial electron, dispatch -> node end, p50 of "
+                   f"{overhead['rounds']}): GCPBatchExecutor {_ms(overhead['gcpbatch_p50_s'])} (target <= 300 ms: "
+                   f"{_yes(t['overhead_gcpbatch_p50_le_03s'])}), LocalExecutor {_ms(overhead['local_p50_s'])}; the worker's "
+                   f"fixed cost per task {_ms(results.get('worker_overhead_s'))} (target <= 300 ms: "
+                   f"{_yes(t['worker_overhead_le_03s'])})."]
+    elif overhead:
+        worker += ["", f"Overhead: {overhead.get('error', 'incomplete')}"]
     packing = results.get("packing") or {}
     if packing.get("packed") and packing.get("unpacked"):
         pk, up, t = packing["packed"], packing["unpacked"], results["targets"]

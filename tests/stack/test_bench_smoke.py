@@ -1,7 +1,8 @@
 """`make bench` in miniature, so that the benchmark harness does not rot: the same code path
 (bench/harness.py on its own local stack, one executor process per mode), a few tasks per mode,
 poll_freq 0.5 s, P4 with 4 tasks, P5 with 1 MiB, and the packing comparison with 6 electrons through
-a Covalent server (Batch's latency modelled 20x faster). Checks the results' shape, not the numbers."""
+a Covalent server (Batch's latency modelled 20x faster), and the per-electron overhead through Covalent
+(two trivial electrons per executor). Checks the results' shape, not the numbers."""
 
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert packing["packed"]["vm_boots"] == 2, "pack_parallelism 2: two VMs, each reused"
     assert packing["mutations_per_electron"] == round(1 / 6, 4)
     assert "| wall time (model s) |" in proc.stdout
+    overhead = results["overhead"]
+    assert len(overhead["samples_s"]["gcpbatch"]) == len(overhead["samples_s"]["local"]) == 2
+    assert 0 < overhead["local_p50_s"] and 0 < overhead["gcpbatch_p50_s"], overhead
+    assert results["worker_overhead_s"] > 0 and "worker_overhead_le_03s" in results["targets"]
+    assert "Per-electron overhead through Covalent" in proc.stdout
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) == 2 and sum(name.endswith("-packing.png") for name in pngs) == 1, pngs
     for png in tmp_path.glob("*.png"):
