@@ -25,7 +25,7 @@ test: $(STAMP)
 faults: $(STAMP)
 	PYTHONPATH=tests/support $(PY) -m pytest -p faults_report tests/stack/test_faults.py -q
 
-# Event-driven against polling on the local stack (README "Performance"): about 20 minutes,
+# Event-driven against polling on the local stack (README "Performance"): about 35 minutes (with the packing and overhead phases),
 # writes bench/results/<date>.json and .png and prints the table. Not part of `make test`.
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--smoke` (python -m bench --help).
 BENCH_ARGS ?=
