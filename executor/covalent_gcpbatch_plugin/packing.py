@@ -65,6 +65,8 @@ class Packer(Generic[T]):
 
     def __init__(self) -> None:
         self._open: dict[tuple[int, str], _OpenPack[T]] = {}
+        #: Submits in flight: the event loop keeps only a weak reference to a task.
+        self._submitting: set[asyncio.Task] = set()
 
     async def join(self, key: str, member: T, *, window: float,
                    submit: Callable[[list[T]], Awaitable[list[Placement]]]) -> Placement:
@@ -88,7 +90,9 @@ class Packer(Generic[T]):
     def _close(self, slot: tuple[int, str], pack: _OpenPack[T], submit) -> None:
         if self._open.get(slot) is pack:
             del self._open[slot]
-        asyncio.ensure_future(self._submit(pack, submit))
+        task = asyncio.ensure_future(self._submit(pack, submit))
+        self._submitting.add(task)
+        task.add_done_callback(self._submitting.discard)
 
     @staticmethod
     async def _submit(pack: _OpenPack[T], submit) -> None:
