@@ -133,7 +133,7 @@ def on_task_uploaded(event: CloudEvent) -> None:
     except protocol.SpecError as err:
         not_created(bucket, job_id, protocol.JobState.REJECTED, str(err))
         return
-    create_unless_cancelled(bucket, name, job_id, protocol.TaskObjects(job_id),
+    create_unless_cancelled(bucket, name, protocol.TaskObjects(job_id),
                             lambda: jobs.build_job(spec, bucket=bucket, job_id=job_id, settings=settings()))
 
 
@@ -151,7 +151,7 @@ def on_pack_uploaded(obj: dict, bucket: str, pack_id: str) -> None:
         log.info("not creating pack %s: gs://%s/%s is gone", pack_id, bucket, name)
         return
     create_unless_cancelled(
-        bucket, name, pack_id, protocol.PackObjects(pack_id),
+        bucket, name, protocol.PackObjects(pack_id),
         lambda: jobs.build_job(spec, bucket=bucket, job_id=pack_id, settings=settings(), pack=manifest))
 
 
@@ -167,9 +167,11 @@ def read_manifest(bucket: str, name: str, obj: dict) -> protocol.PackManifest | 
     return protocol.PackManifest.loads(payload[:MAX_MANIFEST_BYTES + 1])
 
 
-def create_unless_cancelled(bucket: str, name: str, job_id: str, objects, build) -> None:
-    """Create the job of ``objects`` (a task's or a pack's) unless it was cancelled or its trigger
-    object is gone; afterwards, cancel it if the cancel came while it was being created."""
+def create_unless_cancelled(bucket: str, name: str, objects, build) -> None:
+    """Create the job of ``objects`` (a task's or a pack's: ``objects.job_id``) unless it was
+    cancelled or its trigger object ``name`` is gone; afterwards, cancel it if the cancel came while
+    it was being created."""
+    job_id = objects.job_id
     present, cancelled = task_objects_present(bucket, objects, name)
     if cancelled:
         # A redelivered event may find the job created by an earlier delivery: cancel it.

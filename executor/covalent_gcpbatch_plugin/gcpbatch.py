@@ -177,11 +177,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         try:
             if self.wait_mode == "events":
                 step.now = f"subscribing to the job notifications of topic {self.pubsub_topic!r}"
-                # Imported here: `import covalent` loads every executor plugin in every process, the
-                # worker's too, and google-cloud-pubsub costs 0.15 s there and a package in the image.
-                from .events import Endpoint, job_events
-
-                events = job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
+                events = self._job_events()
                 inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
             _waiting.register(job_id, asyncio.get_running_loop(), inbox)
             step.now = f"uploading the task to gs://{self.bucket_name}/{objects.task}"
@@ -267,9 +263,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         logged (once Batch has it ended) and the manifest removed."""
         pack_id = settled.pack_id
         if self.wait_mode == "events":
-            from .events import Endpoint, job_events
-
-            job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None)).unregister_pack(pack_id)
+            self._job_events().unregister_pack(pack_id)
         try:
             if settled.abandoned:
                 self._mark_cancelled(pack_id)
@@ -548,6 +542,14 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _job_name(self, job_id: str) -> str:
         return job_name(self.project_id, self.region, job_id)
+
+    def _job_events(self):
+        """The process's subscriber to this executor's notification topic (events.py). Imported here:
+        `import covalent` loads every executor plugin in every process, the worker's too, and
+        google-cloud-pubsub costs 0.15 s there and a package in the image."""
+        from .events import Endpoint, job_events
+
+        return job_events(Endpoint(self.project_id, self.pubsub_topic, self.pubsub_emulator_host or None))
 
     def _batch(self):
         return _cached_client("batch", self.batch_api_endpoint, lambda: clients.batch_client(self.batch_api_endpoint or None))

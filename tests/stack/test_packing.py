@@ -135,7 +135,7 @@ def test_cancelling_one_electron_cancels_only_it(covalent_server, local_stack, t
     ct.cancel(dispatch_id, task_ids=[running_node, waiting_node])
     batch = clients.batch_client(local_stack.batch_api_endpoint)
     stopped = wait_until(
-        lambda: (t := batch.get_task(name=f"{job.name}/taskGroups/group0/tasks/{running_index}")).status.state.name
+        lambda: (t := batch.get_task(name=protocol.task_name(job.name, running_index))).status.state.name
         in ("FAILED", "SUCCEEDED") and t, 30, "the cancelled running task ended")
     assert time.monotonic() - started <= 10 + 1, "a running electron stops within 10 s of its cancel"
     assert task_exit_codes(stopped) == [protocol.EXIT_CANCELLED]
@@ -147,7 +147,7 @@ def test_cancelling_one_electron_cancels_only_it(covalent_server, local_stack, t
     assert statuses[other] == "COMPLETED", (statuses, failure_details(result))
     # Skipped by its worker (the marker: exit EXIT_CANCELLED), or by the job's cancel once no
     # electron of the pack was waited for any more: its code never ran.
-    wait_until(lambda: batch.get_task(name=f"{job.name}/taskGroups/group0/tasks/{waiting_index}")
+    wait_until(lambda: batch.get_task(name=protocol.task_name(job.name, waiting_index))
                .status.state.name in ("FAILED", "UNEXECUTED"), 60, "the waiting electron's task ended")
     started_code = {p.name for p in ran.iterdir()}
     assert str(slow_nodes.index(waiting_node)) not in started_code, "the waiting electron never ran"

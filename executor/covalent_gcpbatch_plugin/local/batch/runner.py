@@ -170,11 +170,6 @@ class JobRecord:
     def state(self) -> State:
         return State(self.job.status.state)
 
-    @property
-    def task(self) -> batch_v1.Task:
-        """Task 0 (the only one of a job without an array)."""
-        return self.tasks[0].task
-
 
 class LocalBatch:
     """Jobs, their state machine and their processes. Every method is thread-safe."""
@@ -244,9 +239,9 @@ class LocalBatch:
             for index in range(group.task_count):
                 record.tasks.append(TaskRecord(
                     index=index,
-                    task=batch_v1.Task(name=f"{name}/taskGroups/group0/tasks/{index}",
+                    task=batch_v1.Task(name=protocol.task_name(name, index),
                                        status=batch_v1.TaskStatus(state=TaskState.PENDING)),
-                    number_name=f"{record.number_name}/taskGroups/group0/tasks/{index}",
+                    number_name=protocol.task_name(record.number_name, index),
                     uid=f"{job.uid}-group0-{index}",
                     # Task 0 keeps the job's directory (as before arrays); task i has task-<i>/.
                     workdir=workdir if index == 0 else workdir / f"task-{index}",
