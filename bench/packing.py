@@ -24,11 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+from covalent_gcpbatch_plugin.local.batch.runner import MUTATING_CALLS
+
 from . import batch_stats, log
 from .covalent_runs import electron_nodes, on_covalent, wait_dispatch
 
 MODES = (("unpacked", 0.0), ("packed", None))  # (key, pack_window: None keeps the default)
-MUTATIONS = ("create", "cancel", "delete")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +54,7 @@ def delta(before: dict, after: dict, scale: float, dispatched_at: float) -> dict
         "vm_boots": vms_a["boots"] - vms_b["boots"],
         "vm_seconds": round(vms_a["billed_s"] - vms_b["billed_s"], 1),
         "jobs": calls["create"],
-        "batch_mutations": sum(calls[k] for k in MUTATIONS),
+        "batch_mutations": sum(calls[k] for k in MUTATING_CALLS),
         "batch_reads": calls["get"] + calls["list"] + calls["get_task"] + calls["list_tasks"],
         "vm_intervals": intervals,
     }

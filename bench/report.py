@@ -23,7 +23,7 @@ TARGETS = {
     "p2_event_reads_per_task": 1.0,
     "p3_p50_s": 0.150,
     "p4_rss_growth_mb": 150.0,
-    "p5_ratio": 0.70,
+    "p5_ratio": 0.85,  # issue 15 (was 0.70): medians over the payload rounds of one run
     # Packing (issue 15): packed against one job per electron, same fan-out, Batch's latency modelled.
     "packing_wall_ratio": 0.35,
     "packing_vm_seconds_ratio": 0.25,
@@ -333,7 +333,7 @@ def targets(results: dict) -> dict[str, Any]:
         "p3_event_p50_le_150ms": le(e.get("p3_p50_s"), TARGETS["p3_p50_s"]),
         "p4_event_all_complete": None if not e.get("p4_tasks") else e.get("p4_completed") == e.get("p4_tasks"),
         "p4_event_rss_growth_le_150mb": le(e.get("p4_rss_growth_mb"), TARGETS["p4_rss_growth_mb"]),
-        "p5_event_ratio_ge_70pct": None if e.get("p5_ratio") is None else e["p5_ratio"] >= TARGETS["p5_ratio"],
+        "p5_event_ratio_ge_85pct": None if e.get("p5_ratio") is None else e["p5_ratio"] >= TARGETS["p5_ratio"],
         "overhead_gcpbatch_p50_le_03s": le((results.get("overhead") or {}).get("gcpbatch_p50_s"),
                                            TARGETS["overhead_gcpbatch_p50_s"]),
         "worker_overhead_le_03s": le(results.get("worker_overhead_s"), TARGETS["worker_overhead_s"]),
@@ -400,7 +400,7 @@ def table(results: dict) -> str:
         ("P4 notice latency p50 / p90 under load", f"{_ms(e.get('p4_p1_p50_s'))} / {_ms(e.get('p4_p1_p90_s'))}",
          f"{_ms(p.get('p4_p1_p50_s'))} / {_ms(p.get('p4_p1_p90_s'))}", "", ""),
         (f"P5 {c['payload_mib']} MiB round trip / raw", _num(e.get("p5_ratio"), "{:.0%}"), _num(p.get("p5_ratio"), "{:.0%}"),
-         ">= 70%", _yes(t["p5_event_ratio_ge_70pct"])),
+         f">= {TARGETS['p5_ratio']:.0%}", _yes(t["p5_event_ratio_ge_85pct"])),
         ("P5 round trip (run() start -> return) / raw",
          f"{_num(e.get('p5_round_trip_s'), '{:.1f} s')} / {_num(e.get('p5_raw_round_trip_s'), '{:.1f} s')}",
          f"{_num(p.get('p5_round_trip_s'), '{:.1f} s')} / {_num(p.get('p5_raw_round_trip_s'), '{:.1f} s')}", "", ""),

@@ -11,7 +11,8 @@ same clock as the Batch service's state-entry times) written to ``<timings dir>/
 * ``download_start`` / ``download_end``: around ``worker.load_task`` (object metadata, version
   check, download, unpickle);
 * ``call_start`` / ``call_end``: around the task's own function;
-* ``end``: ``worker.main()`` returned (result pickled, stdout/stderr/result uploaded).
+* ``end``: ``worker.main()`` returned (result pickled, stdout/stderr/result uploaded); then it
+  exits as the worker does (``worker.exit_now``).
 
 Nothing in the worker is changed: ``load_task`` is wrapped through the module attribute that
 ``worker.run`` looks up at call time.
@@ -67,4 +68,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from covalent_gcpbatch_plugin.worker import exit_now
+
+    exit_now(main())  # as the worker ends: the service's exit time is the worker's own

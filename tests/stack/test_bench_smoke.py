@@ -49,7 +49,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert results["event"]["p2_reads_per_task"] == 1
     assert results["poll"]["p2_reads_per_task"] >= 1
     assert results["event"]["p4_subscriber_streams"] == 1
-    assert set(results["targets"]) >= {"p1_event_p50_le_100ms", "p3_event_p50_le_150ms", "p5_event_ratio_ge_70pct"}
+    assert set(results["targets"]) >= {"p1_event_p50_le_100ms", "p3_event_p50_le_150ms", "p5_event_ratio_ge_85pct"}
     assert "| P1 notice latency p50 |" in proc.stdout
     packing = results["packing"]
     assert packing["packed"]["status"] == packing["unpacked"]["status"] == "COMPLETED", packing

@@ -118,6 +118,9 @@ def terminate(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
 
 Key = tuple[str, str, str]  # (project number, region, job id)
 
+#: The calls (keys of ``stats["calls"]``) that change Batch: what "Batch mutations" counts.
+MUTATING_CALLS = ("create", "cancel", "delete")
+
 
 @dataclass
 class Operation:
@@ -189,7 +192,7 @@ class LocalBatch:
         self.queue: deque[Key] = deque()
         self.running = 0
         self.closing = False
-        self.calls: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()  # by API method; MUTATING_CALLS are the writes
         #: create_job calls per job id, failed ones included: what a test waits on to know the
         #: function reached Batch for ITS task (the global counter moves with other tests' retries).
         self.create_attempts: Counter[str] = Counter()
