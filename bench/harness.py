@@ -59,11 +59,13 @@ PARAMETERS = {
     "payload_rounds": (3, 1),
     "poll_freq": (5.0, 0.5),
     "max_running": (8, 4),
-    # Of the default 2700 s: about 900 s for event and poll, 600 s for packing, 60 s for overhead.
+    # Of the default 2700 s: about 700 s for event and poll, 900 s for packing, 90 s for overhead.
     "budget_s": (2700.0, 300.0),
     # The packing comparison (bench/packing.py), on a stack of its own with Batch's latency modelled.
     "packing_electrons": (200, 6),
-    "packing_time_scale": (0.5, 0.05),
+    # 1: the model in real time. Real CPU time is not scaled, so a scale below 1 inflates each task's
+    # CPU (the worker's start-up) in model seconds, the part that a pack's VMs share on this machine.
+    "packing_time_scale": (1.0, 0.05),
     "packing_parallelism": (20, 2),
     # Per-electron overhead through Covalent, GCPBatchExecutor against LocalExecutor (bench/overhead.py).
     "overhead_rounds": (10, 2),
@@ -72,28 +74,33 @@ PARAMETERS = {
 RESERVE_S = 60.0
 
 
+def _d(name: str) -> str:
+    """A parameter's default, for its --help."""
+    return f"{PARAMETERS[name][0]:g}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, help="P1-P3 tasks per mode (default 50)")
-    parser.add_argument("--concurrency", type=int, help="P1-P3 tasks in flight at once (default 3)")
-    parser.add_argument("--warmup", type=int, help="warm-up tasks per mode, not counted (default 2)")
+    parser.add_argument("--tasks", type=int, help=f"P1-P3 tasks per mode (default {_d('tasks')})")
+    parser.add_argument("--concurrency", type=int, help=f"P1-P3 tasks in flight at once (default {_d('concurrency')})")
+    parser.add_argument("--warmup", type=int, help=f"warm-up tasks per mode, not counted (default {_d('warmup')})")
     parser.add_argument("--stack-warmup", type=int,
                         help="tasks run through the fresh stack before any mode, so that neither mode pays for "
-                             "the emulators' warm-up (default 16)")
-    parser.add_argument("--p4-tasks", type=int, help="P4 tasks in flight at once, events mode (default 500; 0 skips P4)")
+                             f"the emulators' warm-up (default {_d('stack_warmup')})")
+    parser.add_argument("--p4-tasks", type=int, help=f"P4 tasks in flight at once, events mode (default {_d('p4_tasks')}; 0 skips P4)")
     parser.add_argument("--p4-poll-tasks", type=int, help="P4 tasks for polling mode (default: --p4-tasks)")
-    parser.add_argument("--payload-mib", type=int, help="P5 argument and result size in MiB (default 256; 0 skips P5)")
-    parser.add_argument("--payload-rounds", type=int, help="P5 round trips per mode, medians reported (default 3)")
-    parser.add_argument("--poll-freq", type=float, help="polling mode's poll_freq in seconds (default 5, the old plugin's)")
-    parser.add_argument("--max-running", type=int, help="workers the local Batch service runs at once (default 8)")
-    parser.add_argument("--budget-s", type=float, help="hard bound on the whole run in seconds (default 2700)")
+    parser.add_argument("--payload-mib", type=int, help=f"P5 argument and result size in MiB (default {_d('payload_mib')}; 0 skips P5)")
+    parser.add_argument("--payload-rounds", type=int, help=f"P5 round trips per mode, medians reported (default {_d('payload_rounds')})")
+    parser.add_argument("--poll-freq", type=float, help=f"polling mode's poll_freq in seconds (default {_d('poll_freq')}, the old plugin's)")
+    parser.add_argument("--max-running", type=int, help=f"workers the local Batch service runs at once (default {_d('max_running')})")
+    parser.add_argument("--budget-s", type=float, help=f"hard bound on the whole run in seconds (default {_d('budget_s')})")
     parser.add_argument("--packing-electrons", type=int,
-                        help="electrons of the packing comparison, packed and one job each (default 200; 0 skips it)")
+                        help=f"electrons of the packing comparison, packed and one job each (default {_d('packing_electrons')}; 0 skips it)")
     parser.add_argument("--packing-time-scale", type=float,
-                        help="real seconds per model second of Batch's latency model in that comparison (default 0.5)")
-    parser.add_argument("--packing-parallelism", type=int, help="pack_parallelism of its packed run (default 20)")
+                        help=f"real seconds per model second of Batch's latency model in that comparison (default {_d('packing_time_scale')})")
+    parser.add_argument("--packing-parallelism", type=int, help=f"pack_parallelism of its packed run (default {_d('packing_parallelism')})")
     parser.add_argument("--overhead-rounds", type=int,
-                        help="trivial electrons per executor in the overhead comparison (default 10; 0 skips it)")
+                        help=f"trivial electrons per executor in the overhead comparison (default {_d('overhead_rounds')}; 0 skips it)")
     parser.add_argument("--modes", default="event,poll", help="modes to run, in this order (default event,poll)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (matplotlib is the `bench` extra)")
@@ -270,7 +277,7 @@ def run_packing(args: argparse.Namespace, root: Path, hard_end: float) -> dict |
     if not args.packing_electrons:
         return None
     return run_phase("packing", ["--electrons", str(args.packing_electrons), "--time-scale", str(args.packing_time_scale),
-                                 "--parallelism", str(args.packing_parallelism)], root, hard_end, share=0.5)
+                                 "--parallelism", str(args.packing_parallelism)], root, hard_end, share=0.8)
 
 
 def run_overhead(args: argparse.Namespace, root: Path, hard_end: float) -> dict | None:

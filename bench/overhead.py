@@ -2,7 +2,7 @@
 time, on GCPBatchExecutor (local stack, Batch's latency model off) and on Covalent's LocalExecutor,
 in the same run.
 
-    python -m bench.overhead OUT.json [--rounds 10] [--timeout-s 300]
+    python -m bench.overhead OUT.json [--rounds N (make bench's default)] [--timeout-s 300]
 
 A round is one dispatch of a lattice of one electron that returns at once; its overhead is from
 just before ``ct.dispatch`` to the node's end as Covalent records it. One warm-up round per
@@ -22,12 +22,13 @@ from pathlib import Path
 
 from . import log
 from .covalent_runs import electron_nodes, on_covalent, wait_dispatch
+from .harness import PARAMETERS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=PARAMETERS["overhead_rounds"][0])
     parser.add_argument("--timeout-s", type=float, default=300.0, help="bound on each dispatch, seconds")
     return parser.parse_args(argv)
 

@@ -2,8 +2,10 @@
 whose Batch service runs the realistic latency model, once packed and once with one job per
 electron (``pack_window = 0``).
 
-    python -m bench.packing OUT.json [--electrons 200] [--task-s 5] [--time-scale 0.5]
-                                     [--parallelism 20] [--timeout-s 1500]
+    python -m bench.packing OUT.json [--electrons N] [--task-s 5] [--time-scale S]
+                                     [--parallelism P] [--timeout-s 1500]
+
+(N, S and P default to make bench's: bench/harness.py PARAMETERS.)
 
 Every electron sleeps ``--task-s`` seconds of model time (``task_s * time_scale`` real seconds).
 The figures, per mode: ``wall_s`` (dispatch -> the dispatch COMPLETED, in model seconds), and from
@@ -28,6 +30,7 @@ from covalent_gcpbatch_plugin.local.batch.runner import MUTATING_CALLS
 
 from . import batch_stats, log
 from .covalent_runs import electron_nodes, on_covalent, wait_dispatch
+from .harness import PARAMETERS
 
 MODES = (("unpacked", 0.0), ("packed", None))  # (key, pack_window: None keeps the default)
 
@@ -35,10 +38,12 @@ MODES = (("unpacked", 0.0), ("packed", None))  # (key, pack_window: None keeps t
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.packing", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--electrons", type=int, default=200)
+    parser.add_argument("--electrons", type=int, default=PARAMETERS["packing_electrons"][0])
     parser.add_argument("--task-s", type=float, default=5.0, help="each electron's run time, model seconds")
-    parser.add_argument("--time-scale", type=float, default=0.5, help="real seconds per model second")
-    parser.add_argument("--parallelism", type=int, default=20, help="pack_parallelism of the packed run")
+    parser.add_argument("--time-scale", type=float, default=PARAMETERS["packing_time_scale"][0],
+                        help="real seconds per model second")
+    parser.add_argument("--parallelism", type=int, default=PARAMETERS["packing_parallelism"][0],
+                        help="pack_parallelism of the packed run")
     parser.add_argument("--max-running", type=int, default=400, help="VMs the local Batch service runs at once")
     parser.add_argument("--modes", default="unpacked,packed", help="which runs, in order (default unpacked,packed)")
     parser.add_argument("--timeout-s", type=float, default=1500.0, help="bound on each mode's dispatch, real seconds")
