@@ -366,6 +366,57 @@ def test_one_failure_among_many_in_flight(covalent_server, local_stack):
     record("1 of 5 in flight fails", "4 COMPLETED, 1 FAILED", ", ".join(statuses).replace("COMPLETED, " * 4, "4 COMPLETED, "), elapsed)
 
 
+def fan_out_flow(executor, size: int):
+    """A lattice of ``size`` electrons ``add_one(i)``, which the executor packs (same spec)."""
+
+    @ct.electron(executor=executor)
+    def add_one(i):
+        return i + 1
+
+    @ct.lattice
+    def flow():
+        return [add_one(i) for i in range(size)]
+
+    return flow
+
+
+def test_a_pack_whose_notifications_are_all_lost_is_settled_by_get_task(covalent_server, local_stack):
+    """No task or job message of the pack arrives: each electron learns its task's end from its own
+    reconcile reads (get_task), a bounded number of them, not a polling loop."""
+    batch_admin(local_stack, "faults", {"drop_notifications": {"*": ["SUCCEEDED", "FAILED"]},
+                                        "drop_task_notifications": {"*": ["SUCCEEDED", "FAILED"]}})
+    before = batch_admin(local_stack, "stats")["calls"]
+    executor = GCPBatchExecutor(time_limit=120, reconcile_interval=2, pack_parallelism=0)
+    dispatch_id, result, elapsed = run_flow(fan_out_flow(executor, 3))
+    after = batch_admin(local_stack, "stats")["calls"]
+    assert str(result.status) == "COMPLETED" and result.result == [1, 2, 3]
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert protocol.is_pack_id(protocol.job_id_of_job_name(job.name))
+    reads = after["get_task"] - before.get("get_task", 0)
+    # Reconcile doubles its interval from 2 s: the tasks end within a few seconds, so each electron
+    # reads its task a few times at most.
+    assert 3 <= reads <= 3 * 4, f"{reads} get_task calls for 3 electrons"
+    assert elapsed < SETTLE_S
+    no_active_job_left(local_stack)
+    record("pack: every notification lost", "COMPLETED via get_task", f"{result.status} ({reads} get_task)", elapsed)
+
+
+def test_a_refused_pack_fails_every_electron_with_the_reason(covalent_server, local_stack):
+    creates = batch_admin(local_stack, "stats")["calls"]["create"]
+    executor = GCPBatchExecutor(time_limit=120, container_image_uri="docker.io/attacker/miner:latest")
+    dispatch_id, result, elapsed = run_flow(fan_out_flow(executor, 3))
+    nodes = [n for n in node_results(result) if n["node_name"] == "add_one"]
+    assert [str(n["status"]) for n in nodes] == ["FAILED"] * 3
+    for node in nodes:
+        assert "the deployment refused the task" in node["stderr"], node["stderr"]
+        assert "is not allowed by this deployment" in node["stderr"], node["stderr"]
+    assert jobs_of_dispatch(local_stack, dispatch_id) == []
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates
+    assert elapsed < 30
+    no_active_job_left(local_stack)
+    record("pack refused (image not allowed)", "3 FAILED (rejected), no job", "3 FAILED, reason in each", elapsed)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input and security
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ its output, its cancel)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -47,48 +48,56 @@ def wait_until(condition, timeout_s: float, what: str):
         time.sleep(0.2)
 
 
-def test_a_fan_out_runs_as_one_job_and_each_electron_keeps_its_own_outcome(covalent_server, local_stack):
-    """24 electrons, 4 at once: one create_job for all of them; each its own result and stdout; the
-    one that raises fails alone, with its own error."""
-    executor = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=4)
+def dispatch_fan_out(stack, executor, size: int, failing: int, timeout_s: float):
+    """Dispatch ``size`` electrons that each print their index and return its square, but for
+    ``failing``, which raises; check that every electron's outcome and output are its own.
+    (The dispatch's result, the local Batch service's API calls made meanwhile.)"""
 
     @ct.electron(executor=executor)
     def square(i):
         print(f"electron {i} says hello")
-        if i == 5:
+        if i == failing:
             raise ValueError(f"electron {i} refuses")
         return i * i
 
     @ct.lattice
     def fan_out():
-        return [square(i) for i in range(FAN_OUT)]
+        return [square(i) for i in range(size)]
 
-    before = batch_admin(local_stack, "stats")["calls"]
+    before = batch_admin(stack, "stats")["calls"]
     dispatch_id = ct.dispatch(fan_out)()
-    result = wait_for(dispatch_id, timeout_s=600)
-    after = batch_admin(local_stack, "stats")["calls"]
+    result = wait_for(dispatch_id, timeout_s=timeout_s)
+    after = batch_admin(stack, "stats")["calls"]
 
     nodes = [n for n in (result.get_node_result(i) for i in result.lattice.transport_graph._graph.nodes)
              if n["node_name"] == "square"]
-    assert len(nodes) == FAN_OUT
-    by_value = {}
+    assert len(nodes) == size
+    completed = {}
     for node in nodes:
         if str(node["status"]) == "COMPLETED":
-            by_value[node["output"].get_deserialized()] = node
+            completed[math.isqrt(node["output"].get_deserialized())] = node
         else:
             assert str(node["status"]) == "FAILED", failure_details(result)
-            assert "ValueError: electron 5 refuses" in f"{node['error']}{node['stderr']}"
-            assert "electron 5 says hello" in node["stdout"]
-    assert sorted(by_value) == sorted(i * i for i in range(FAN_OUT) if i != 5), failure_details(result)
-    for value, node in by_value.items():
-        i = int(value ** 0.5)
+            assert f"ValueError: electron {failing} refuses" in f"{node['error']}{node['stderr']}"
+            assert node["stdout"].strip() == f"electron {failing} says hello"
+    assert sorted(completed) == [i for i in range(size) if i != failing], failure_details(result)
+    for i, node in completed.items():
+        assert node["output"].get_deserialized() == i * i
         assert node["stdout"].strip() == f"electron {i} says hello", "each electron's output is its own"
+    return result, {call: after.get(call, 0) - before.get(call, 0) for call in after}
 
-    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+
+def test_a_fan_out_runs_as_one_job_and_each_electron_keeps_its_own_outcome(covalent_server, local_stack):
+    """24 electrons, 4 at once: one create_job for all of them; each its own result and stdout; the
+    one that raises fails alone, with its own error."""
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=4)
+    result, calls = dispatch_fan_out(local_stack, executor, FAN_OUT, failing=5, timeout_s=600)
+
+    (job,) = jobs_of_dispatch(local_stack, result.dispatch_id)
     assert protocol.is_pack_id(protocol.job_id_of_job_name(job.name))
     assert job.task_groups[0].task_count == FAN_OUT and job.task_groups[0].parallelism == 4
     assert job.labels["covalent-pack-tasks"] == str(FAN_OUT)
-    assert after["create"] - before["create"] == 1, "one create_job for the whole fan-out"
+    assert calls["create"] == 1, "one create_job for the whole fan-out"
     assert job.status.state.name == "FAILED", "Batch fails a job with a failed task; its electrons did not"
     states = sorted(t.status.state.name for t in tasks_of(local_stack, job))
     assert states == ["FAILED"] + ["SUCCEEDED"] * (FAN_OUT - 1)
@@ -103,44 +112,12 @@ def test_a_fan_out_of_200_electrons_runs_packed_with_each_electron_its_own_outco
     fan-out costs at most 0.05 Batch mutations per electron; every electron gets its own result and
     output, and the one that raises fails alone."""
     executor = ct.executor.GCPBatchExecutor(time_limit=300, pack_parallelism=20)
-    failing = 137
+    result, calls = dispatch_fan_out(local_stack, executor, LARGE_FAN_OUT, failing=137, timeout_s=780)
 
-    @ct.electron(executor=executor)
-    def cube(i):
-        print(f"cube {i}")
-        if i == failing:
-            raise ArithmeticError(f"cube {i} refuses")
-        return i ** 3
-
-    @ct.lattice
-    def wide():
-        return [cube(i) for i in range(LARGE_FAN_OUT)]
-
-    before = batch_admin(local_stack, "stats")["calls"]
-    dispatch_id = ct.dispatch(wide)()
-    result = wait_for(dispatch_id, timeout_s=780)
-    after = batch_admin(local_stack, "stats")["calls"]
-
-    nodes = [n for n in (result.get_node_result(i) for i in result.lattice.transport_graph._graph.nodes)
-             if n["node_name"] == "cube"]
-    assert len(nodes) == LARGE_FAN_OUT
-    completed = {}
-    for node in nodes:
-        if str(node["status"]) == "COMPLETED":
-            completed[round(node["output"].get_deserialized() ** (1 / 3))] = node
-        else:
-            assert str(node["status"]) == "FAILED", failure_details(result)
-            assert f"ArithmeticError: cube {failing} refuses" in f"{node['error']}{node['stderr']}"
-            assert node["stdout"].strip() == f"cube {failing}"
-    assert sorted(completed) == [i for i in range(LARGE_FAN_OUT) if i != failing], failure_details(result)
-    for i, node in completed.items():
-        assert node["output"].get_deserialized() == i ** 3
-        assert node["stdout"].strip() == f"cube {i}", "each electron's output is its own"
-
-    jobs = pack_jobs(local_stack, dispatch_id)
-    assert jobs and len(jobs) == len(jobs_of_dispatch(local_stack, dispatch_id)), "every job of the fan-out is a pack"
+    jobs = pack_jobs(local_stack, result.dispatch_id)
+    assert jobs and len(jobs) == len(jobs_of_dispatch(local_stack, result.dispatch_id)), "every job of the fan-out is a pack"
     assert sum(job.task_groups[0].task_count for job in jobs) == LARGE_FAN_OUT
-    mutations = sum(after.get(call, 0) - before.get(call, 0) for call in MUTATING_CALLS)
+    mutations = sum(calls.get(call, 0) for call in MUTATING_CALLS)
     assert mutations / LARGE_FAN_OUT <= TARGETS["packing_mutations_per_electron"], \
         f"{mutations} Batch mutations for {LARGE_FAN_OUT} electrons"
 
