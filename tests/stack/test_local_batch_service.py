@@ -25,7 +25,13 @@ from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from covalent_gcpbatch_plugin import clients, protocol
-from covalent_gcpbatch_plugin.local.batch.model import Verdict, attempt_verdict, runnable_argv, task_environment
+from covalent_gcpbatch_plugin.local.batch.model import (
+    HOST_ONLY_PREFIXES,
+    Verdict,
+    attempt_verdict,
+    runnable_argv,
+    task_environment,
+)
 from covalent_gcpbatch_plugin.local.batch.service import route
 from workflow_helpers import attempt_exit_codes
 
@@ -294,9 +300,14 @@ def test_route_and_runnable_translation():
 
     spec = batch_v1.TaskSpec(environment=batch_v1.Environment(variables={"A": "task", "B": "task"}))
     runnable = batch_v1.Runnable(environment=batch_v1.Environment(variables={"B": "runnable"}))
-    env = task_environment({"A": "base", "PATH": "/bin", "PYTHONPATH": "/dev/venv"}, spec, runnable, 2, Path("/a/site"))
+    host = {"A": "base", "PATH": "/bin", "PYTHONPATH": "/dev/venv", "HOME": "/home/me",
+            "COVALENT_CONFIG_DIR": "/home/me/cov", "XDG_CONFIG_DIR": "/home/me/xdg"}
+    env = task_environment(host, spec, runnable, 2, Path("/a/site"), home=Path("/a"))
     assert (env["A"], env["B"], env["PATH"], env["BATCH_TASK_RETRY_ATTEMPT"]) == ("task", "runnable", "/bin", "2")
     assert env["PIP_TARGET"] == env["PYTHONPATH"] == "/a/site", "what a task installs stays in its attempt"
+    assert env["HOME"] == "/a" and "COVALENT_CONFIG_DIR" not in env and "XDG_CONFIG_DIR" not in env, \
+        "a worker has its own home, never the dispatching user's Covalent config"
+    assert env["PIP_CACHE_DIR"] == "/home/me/.cache/pip"
 
 
 @pytest.mark.parametrize(
@@ -405,6 +416,10 @@ def test_success_publishes_every_state_with_project_number(client, endpoint, sta
     assert seen["env"]["FROM_TASK"] == "task" and seen["env"]["OVERRIDDEN"] == "runnable"
     assert seen["env"]["PUBSUB_EMULATOR_HOST"] == pubsub_host
     assert seen["env"]["STORAGE_EMULATOR_HOST"] == "http://127.0.0.1:9"
+    # As in a container: its own home, and nothing that locates this process's Covalent config
+    # (a worker's `import covalent` rewrites the config it finds).
+    assert Path(seen["env"]["HOME"]).resolve() == Path(seen["cwd"])
+    assert not [name for name in seen["env"] if name.startswith(HOST_ONLY_PREFIXES)], seen["env"]
 
 
 def test_tasks_keep_their_attempts_exit_codes_and_publish_task_messages(client, endpoint, topic):

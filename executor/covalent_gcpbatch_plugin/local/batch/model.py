@@ -123,16 +123,27 @@ def runnable_argv(runnable: batch_v1.Runnable, worker_command: Sequence[str]) ->
     return [*worker_command, *runnable.container.commands]
 
 
-def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable: batch_v1.Runnable,
-                     retry_attempt: int, site_packages: Path, *, index: int = 0, count: int = 1) -> dict[str, str]:
-    """The service's environment, Batch's predefined variables, the task's, then the runnable's.
+#: Host variables no worker sees: they locate the dispatching user's Covalent config and
+#: directories, which a worker's ``import covalent`` would rewrite (as no container on Batch can).
+HOST_ONLY_PREFIXES = ("COVALENT_", "XDG_")
 
-    Every attempt runs in a fresh container on Batch: what a task pip-installs (ct.DepsPip) is gone
-    for the next one. Here the image's environment is shared, so pip installs into the attempt's own
-    ``site_packages`` (PIP_TARGET), which is on the attempt's PYTHONPATH.
+
+def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable: batch_v1.Runnable,
+                     retry_attempt: int, site_packages: Path, *, home: Path, index: int = 0,
+                     count: int = 1) -> dict[str, str]:
+    """The service's environment (less HOST_ONLY_PREFIXES), Batch's predefined variables, the
+    task's, then the runnable's.
+
+    Every attempt runs in a fresh container on Batch: its own home, and what a task pip-installs
+    (ct.DepsPip) is gone for the next one. Here ``home`` is the attempt's own directory, the image's
+    environment is shared, so pip installs into the attempt's own ``site_packages`` (PIP_TARGET),
+    which is on the attempt's PYTHONPATH. Pip keeps the host's download cache: only faster.
     """
+    host = {name: value for name, value in base.items() if not name.startswith(HOST_ONLY_PREFIXES)}
     return {
-        **base,
+        **host,
+        "HOME": str(home),
+        "PIP_CACHE_DIR": base.get("PIP_CACHE_DIR") or str(_host_cache(base) / "pip"),
         "PIP_TARGET": str(site_packages),
         "PYTHONPATH": str(site_packages),
         "BATCH_TASK_INDEX": str(index),
@@ -141,6 +152,13 @@ def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable:
         **spec.environment.variables,
         **runnable.environment.variables,
     }
+
+
+def _host_cache(base: Mapping[str, str]) -> Path:
+    """The host's cache directory, as pip finds it (XDG_CACHE_HOME, else ~/.cache)."""
+    if base.get("XDG_CACHE_HOME"):
+        return Path(base["XDG_CACHE_HOME"])
+    return Path(base.get("HOME") or Path.home()) / ".cache"
 
 
 class Verdict(enum.Enum):

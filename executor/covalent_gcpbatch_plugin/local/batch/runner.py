@@ -629,7 +629,7 @@ class LocalBatch:
                 argv = runnable_argv(runnable, self.worker_command)
                 site_packages = workdir / ".task-site-packages"
                 site_packages.mkdir(exist_ok=True)  # before start: Python skips a PYTHONPATH entry missing then
-                env = task_environment(self.base_env, spec, runnable, retries, site_packages,
+                env = task_environment(self.base_env, spec, runnable, retries, site_packages, home=workdir,
                                        index=task.index, count=count)
                 try:
                     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
