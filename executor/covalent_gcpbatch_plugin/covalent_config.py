@@ -21,6 +21,8 @@ from typing import Any
 import filelock
 import toml
 
+from .errors import ConfigError
+
 SECTION = "gcpbatch"
 LOCK_TIMEOUT_S = 10
 
@@ -33,12 +35,23 @@ def config_file() -> Path:
     return Path(directory) / "covalent.conf"
 
 
-def read_executor_section(path: Path | None = None) -> dict[str, Any]:
+def read_executor_section(path: Path | None = None, timeout_s: float = LOCK_TIMEOUT_S) -> dict[str, Any]:
+    """``[executors.gcpbatch]`` as Covalent last wrote it. Covalent rewrites the file in place
+    (truncate, then write) under ``<file>.lock``, and every ``import covalent`` does so: read under
+    the same lock, or a reader can meet an empty file."""
     path = path or config_file()
+    if not path.exists():
+        return {}
     try:
-        return dict(toml.load(path).get("executors", {}).get(SECTION, {}))
+        with filelock.FileLock(f"{path}.lock", timeout=timeout_s):
+            return dict(toml.load(path).get("executors", {}).get(SECTION, {}))
     except FileNotFoundError:
         return {}
+    except filelock.Timeout:
+        raise ConfigError(
+            f"{path}.lock was held for over {timeout_s:g} s, so {path} could not be read: another process "
+            "(Covalent) is writing it; try again, or remove the lock file if no Covalent process is running"
+        ) from None
 
 
 def write_executor_section(values: Mapping[str, Any], path: Path | None = None) -> Path:

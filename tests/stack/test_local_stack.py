@@ -7,6 +7,7 @@ CloudEvent it receives, so these tests check the delivery path, not the real fun
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ from covalent_gcpbatch_plugin.local.stack import (
     find_fake_gcs_server,
     find_pubsub_emulator,
 )
+from covalent_gcpbatch_plugin.errors import ConfigError
 from covalent_gcpbatch_plugin.local.processes import group_members
 from covalent_gcpbatch_plugin.settings import DEPLOYMENT_KEYS
 
@@ -191,6 +193,33 @@ def test_config_section_written_then_removed_with_previous_values_restored(tmp_p
     assert config["executors"]["gcpbatch"] == {"project_id": "mine", "vcpus": 4}
     assert config["executors"]["other"] == {"x": 1}
     assert config["sdk"] == {"log_level": "warning"}
+
+
+def test_the_config_is_read_under_covalent_s_own_lock(tmp_path, monkeypatch):
+    """Covalent rewrites its config in place (truncate, then write) under ``<file>.lock``. Read
+    without the lock, an empty file was seen (`covalent-gcpbatch logs` said the section had no
+    project_id while another process's `import covalent` rewrote it): the read waits for the lock,
+    and past its bound says which lock held it."""
+    monkeypatch.setenv("COVALENT_CONFIG_DIR", str(tmp_path))
+    path = covalent_config.config_file()
+    section = '[executors.gcpbatch]\nproject_id = "mine"\n'
+    path.write_text(section)
+    hold = ("import filelock, sys; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+            "open(sys.argv[2], 'w').close(); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, f"{path}.lock", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n", "the writer holds the lock, the file is empty"
+        with pytest.raises(ConfigError, match="covalent.conf.lock was held"):
+            covalent_config.read_executor_section(timeout_s=0.2)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(covalent_config.read_executor_section)
+            path.write_text(section)  # the writer finishes
+            holder.stdin.close()  # and lets go
+            assert reading.result(timeout=30) == {"project_id": "mine"}
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_config_file_follows_covalent_resolution(tmp_path, monkeypatch):
