@@ -25,8 +25,9 @@ test: $(STAMP)
 faults: $(STAMP)
 	PYTHONPATH=tests/support $(PY) -m pytest -p faults_report tests/stack/test_faults.py -q
 
-# Event-driven against polling on the local stack (README "Performance"): about 35 minutes (with the packing and overhead phases),
-# writes bench/results/<date>.json and .png and prints the table. Not part of `make test`.
+# Event-driven against polling on the local stack, then packing and per-electron overhead through
+# Covalent (README "Performance"): 27 minutes on a 2-core machine, bounded by --budget-s;
+# writes bench/results/<date>.json and .png files and prints the tables. Not part of `make test`.
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--smoke` (python -m bench --help).
 BENCH_ARGS ?=
 bench: $(STAMP)

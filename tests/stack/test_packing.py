@@ -15,7 +15,7 @@ from workflow_helpers import batch_admin, failure_details, jobs_of_dispatch, nod
 
 from bench.report import TARGETS
 
-from covalent_gcpbatch_plugin import clients, protocol
+from covalent_gcpbatch_plugin import clients, protocol, worker
 from covalent_gcpbatch_plugin.local.batch.runner import MUTATING_CALLS
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -48,10 +48,11 @@ def wait_until(condition, timeout_s: float, what: str):
         time.sleep(0.2)
 
 
-def dispatch_fan_out(stack, executor, size: int, failing: int, timeout_s: float):
+def dispatch_fan_out(stack, executor, size: int, failing: int, timeout_s: float, cancel=None):
     """Dispatch ``size`` electrons that each print their index and return its square, but for
-    ``failing``, which raises; check that every electron's outcome and output are its own.
-    (The dispatch's result, the local Batch service's API calls made meanwhile.)"""
+    ``failing``, which raises; ``cancel(dispatch_id)``, if given, cancels some electrons and returns
+    their node ids. Check that every electron's outcome and output are its own, and that the
+    cancelled ones are CANCELLED. (The dispatch's result, the local Batch service's API calls.)"""
 
     @ct.electron(executor=executor)
     def square(i):
@@ -66,6 +67,7 @@ def dispatch_fan_out(stack, executor, size: int, failing: int, timeout_s: float)
 
     before = batch_admin(stack, "stats")["calls"]
     dispatch_id = ct.dispatch(fan_out)()
+    cancelled = cancel(dispatch_id) if cancel else set()
     result = wait_for(dispatch_id, timeout_s=timeout_s)
     after = batch_admin(stack, "stats")["calls"]
 
@@ -74,13 +76,15 @@ def dispatch_fan_out(stack, executor, size: int, failing: int, timeout_s: float)
     assert len(nodes) == size
     completed = {}
     for node in nodes:
-        if str(node["status"]) == "COMPLETED":
+        if node["node_id"] in cancelled:
+            assert str(node["status"]) == "CANCELLED", (node["node_id"], node["status"])
+        elif str(node["status"]) == "COMPLETED":
             completed[math.isqrt(node["output"].get_deserialized())] = node
         else:
             assert str(node["status"]) == "FAILED", failure_details(result)
             assert f"ValueError: electron {failing} refuses" in f"{node['error']}{node['stderr']}"
             assert node["stdout"].strip() == f"electron {failing} says hello"
-    assert sorted(completed) == [i for i in range(size) if i != failing], failure_details(result)
+    assert failing not in completed and len(completed) == size - 1 - len(cancelled), failure_details(result)
     for i, node in completed.items():
         assert node["output"].get_deserialized() == i * i
         assert node["stdout"].strip() == f"electron {i} says hello", "each electron's output is its own"
@@ -110,9 +114,31 @@ LARGE_FAN_OUT = 200
 def test_a_fan_out_of_200_electrons_runs_packed_with_each_electron_its_own_outcome(covalent_server, local_stack):
     """The issue's scale: 200 electrons, 20 tasks at once. However Covalent paces the hand-over, the
     fan-out costs at most 0.05 Batch mutations per electron; every electron gets its own result and
-    output, and the one that raises fails alone."""
+    output, the one that raises fails alone, and the one cancelled before its task starts (the
+    pack's last) is CANCELLED alone: its task is skipped by the worker (exit EXIT_CANCELLED)."""
     executor = ct.executor.GCPBatchExecutor(time_limit=300, pack_parallelism=20)
-    result, calls = dispatch_fan_out(local_stack, executor, LARGE_FAN_OUT, failing=137, timeout_s=780)
+    skipped = {}
+
+    def cancel_the_last_task(dispatch_id: str) -> set[int]:
+        job = wait_until(lambda: pack_jobs(local_stack, dispatch_id), 300, "a pack's job was created")[0]
+        bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
+        members = protocol.PackManifest.loads(
+            bucket.blob(protocol.PackObjects(protocol.job_id_of_job_name(job.name)).manifest).download_as_bytes()).members
+        node = protocol.node_id_of_job_id(members[-1])
+        ct.cancel(dispatch_id, task_ids=[node])
+        skipped.update(job=job, index=len(members) - 1)
+        return {node}
+
+    result, calls = dispatch_fan_out(local_stack, executor, LARGE_FAN_OUT, failing=137, timeout_s=780,
+                                     cancel=cancel_the_last_task)
+    batch = clients.batch_client(local_stack.batch_api_endpoint)
+    task = wait_until(lambda: (t := batch.get_task(name=protocol.task_name(skipped["job"].name, skipped["index"])))
+                      .status.state.name in ("FAILED", "SUCCEEDED", "UNEXECUTED") and t, 60,
+                      "the cancelled electron's task ended")
+    # Its code never ran: its worker skipped it (the marker), or the job's cancel, once no electron
+    # of the pack was waited for any more, came first (never started, or stopped while starting).
+    assert task.status.state.name != "SUCCEEDED"
+    assert set(task_exit_codes(task)) <= {protocol.EXIT_CANCELLED, worker.EXIT_TERMINATED}, task_exit_codes(task)
 
     jobs = pack_jobs(local_stack, result.dispatch_id)
     assert jobs and len(jobs) == len(jobs_of_dispatch(local_stack, result.dispatch_id)), "every job of the fan-out is a pack"
