@@ -124,7 +124,8 @@ def runnable_argv(runnable: batch_v1.Runnable, worker_command: Sequence[str]) ->
 
 
 #: Host variables no worker sees: they locate the dispatching user's Covalent config and
-#: directories, which a worker's ``import covalent`` would rewrite (as no container on Batch can).
+#: directories, which a worker's ``import covalent`` would rewrite; on Batch a worker can only
+#: rewrite its own container's.
 HOST_ONLY_PREFIXES = ("COVALENT_", "XDG_")
 
 
