@@ -183,7 +183,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             step.now = f"uploading the task to gs://{self.bucket_name}/{objects.task}"
             if self.pack_window > 0:
                 pickle = await asyncio.to_thread(self._pickle_task, workdir, task)
-                placement = await _packer.join(packing.pack_key(spec), PackMember(job_id, spec, pickle),
+                placement = await _packer.join(packing.pack_key(spec, self.__dict__), PackMember(job_id, spec, pickle),
                                                window=self.pack_window,
                                                submit=lambda members: self._submit_pack(members, events))
             else:

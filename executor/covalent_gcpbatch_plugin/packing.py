@@ -7,7 +7,7 @@ electron keeps its own objects, its own task (``BATCH_TASK_INDEX``), its own ret
 limit, and ends with its own task-level notification.
 
 Here: which ``run()`` calls share a pack (``Packer``: the calls of one event loop whose specs are
-equal but for the node id, closed after ``pack_window`` seconds with no newcomer), and what this
+equal but for the node id, from executors whose ``PACK_SETTING_KEYS`` are equal, closed after ``pack_window`` seconds with no newcomer), and what this
 process knows about its packs (``PackRegistry``: an electron's place, who is still waiting, who
 was cancelled). The uploads and Batch calls are the executor's (gcpbatch.py).
 """
@@ -15,10 +15,11 @@ was cancelled). The uploads and Batch calls are the executor's (gcpbatch.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .protocol import MAX_PACK_TASKS, JobSpec
 
@@ -45,9 +46,17 @@ class Placement:
 ALONE = Placement()
 
 
-def pack_key(spec: JobSpec) -> str:
-    """Electrons pack together only if their job specs are equal but for the node id."""
-    return spec.model_copy(update={"node_id": 0}).model_dump_json()
+#: Executor settings that shape a pack beyond its job spec: the bucket its objects go to, its
+#: parallelism, how its notifications reach the electrons, the endpoints its members read.
+PACK_SETTING_KEYS = ("bucket_name", "pack_parallelism", "wait_mode", "pubsub_topic", "keep_artifacts",
+                     "storage_emulator_host", "pubsub_emulator_host", "batch_api_endpoint")
+
+
+def pack_key(spec: JobSpec, settings: Mapping[str, Any]) -> str:
+    """Electrons pack together only if their job specs are equal but for the node id, and their
+    executors' ``PACK_SETTING_KEYS`` are equal too (``settings``: an executor's attributes)."""
+    shared = json.dumps({key: settings[key] for key in PACK_SETTING_KEYS}, sort_keys=True)
+    return f"{spec.model_copy(update={'node_id': 0}).model_dump_json()} {shared}"
 
 
 @dataclass

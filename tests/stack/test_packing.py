@@ -148,6 +148,31 @@ def test_a_fan_out_of_200_electrons_runs_packed_with_each_electron_its_own_outco
         f"{mutations} Batch mutations for {LARGE_FAN_OUT} electrons"
 
 
+def test_executors_that_differ_beyond_the_spec_pack_apart(covalent_server, local_stack):
+    """Same job spec, but two executors with their own pack_parallelism: each gets its own pack, run
+    at its own parallelism (one pack would run them all at the first executor's)."""
+    two = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=2)
+    three = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=3)
+
+    @ct.electron(executor=two)
+    def up(i):
+        return i
+
+    @ct.electron(executor=three)
+    def down(i):
+        return -i
+
+    @ct.lattice
+    def both():
+        return [up(i) for i in range(3)] + [down(i) for i in range(3)]
+
+    dispatch_id = ct.dispatch(both)()
+    result = wait_for(dispatch_id, timeout_s=300)
+    assert str(result.status) == "COMPLETED" and result.result == [0, 1, 2, 0, -1, -2], failure_details(result)
+    shapes = sorted((job.task_groups[0].task_count, job.task_groups[0].parallelism) for job in pack_jobs(local_stack, dispatch_id))
+    assert shapes == [(3, 2), (3, 3)]
+
+
 def test_cancelling_one_electron_cancels_only_it(covalent_server, local_stack, tmp_path):
     """Three electrons in a pack, one task at a time: the running one cancelled is stopped within
     10 s, the one not yet started never runs; the third completes."""

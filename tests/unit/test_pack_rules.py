@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_plugin import jobs, packing
+from covalent_gcpbatch_plugin import jobs, packing, settings
 from covalent_gcpbatch_plugin import protocol as p
 from specs import deployment, spec
 
@@ -58,9 +58,19 @@ def test_a_failed_submit_reaches_every_member():
 
 
 def test_pack_key_ignores_only_the_node():
-    assert packing.pack_key(spec(node_id=1)) == packing.pack_key(spec(node_id=7))
-    assert packing.pack_key(spec(vcpus=1)) != packing.pack_key(spec(vcpus=2))
-    assert packing.pack_key(spec(dispatch_id="d1")) != packing.pack_key(spec(dispatch_id="d2"))
+    shared = settings.PLUGIN_DEFAULTS
+    assert packing.pack_key(spec(node_id=1), shared) == packing.pack_key(spec(node_id=7), shared)
+    assert packing.pack_key(spec(vcpus=1), shared) != packing.pack_key(spec(vcpus=2), shared)
+    assert packing.pack_key(spec(dispatch_id="d1"), shared) != packing.pack_key(spec(dispatch_id="d2"), shared)
+
+
+@pytest.mark.parametrize("key, other", [("bucket_name", "another-bucket"), ("pack_parallelism", 7), ("wait_mode", "poll")])
+def test_executors_that_differ_beyond_the_spec_never_share_a_pack(key, other):
+    """Same spec, but the pack's objects would go to another bucket, or run at another parallelism,
+    or its events would not be routed to the electron: not the same pack."""
+    shared = settings.PLUGIN_DEFAULTS
+    assert packing.pack_key(spec(), shared) != packing.pack_key(spec(), {**shared, key: other})
+    assert set(packing.PACK_SETTING_KEYS) <= set(settings.PLUGIN_DEFAULTS), "every key is an executor setting"
 
 
 def test_registry_knows_who_still_waits():
@@ -141,6 +151,4 @@ def test_readme_states_the_packing_facts_as_declared():
     assert f"`CANCEL_CHECK_S` ({worker.CANCEL_CHECK_S:g} s)" in section
     assert f"(exit {p.EXIT_CANCELLED})" in section
     assert f"(0.5 by default; a pack closes {packing.MAX_WAIT_S:g} s after its first electron" in section
-    from covalent_gcpbatch_plugin import settings
-
     assert settings.PLUGIN_DEFAULTS["pack_window"] == 0.5
