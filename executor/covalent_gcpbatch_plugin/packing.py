@@ -7,9 +7,10 @@ electron keeps its own objects, its own task (``BATCH_TASK_INDEX``), its own ret
 limit, and ends with its own task-level notification.
 
 Here: which ``run()`` calls share a pack (``Packer``: the calls of one event loop whose specs are
-equal but for the node id, from executors whose ``PACK_SETTING_KEYS`` are equal, closed after ``pack_window`` seconds with no newcomer), and what this
-process knows about its packs (``PackRegistry``: an electron's place, who is still waiting, who
-was cancelled). The uploads and Batch calls are the executor's (gcpbatch.py).
+equal but for the node id, from executors whose ``PACK_SETTING_KEYS`` are equal, closed after
+``pack_window`` seconds with no newcomer), and what this process knows about its packs
+(``PackRegistry``: an electron's place, who is still waiting, who was cancelled). The uploads and
+Batch calls are the executor's (gcpbatch.py).
 """
 
 from __future__ import annotations
