@@ -34,6 +34,13 @@ def tasks_of(stack, job) -> list:
     return list(batch.list_tasks(parent=f"{job.name}/taskGroups/group0"))
 
 
+def pack_members(stack, job) -> tuple[str, ...]:
+    """The electrons' job ids in the pack's manifest, in task order."""
+    bucket = clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.bucket_name)
+    manifest = bucket.blob(protocol.PackObjects(protocol.job_id_of_job_name(job.name)).manifest)
+    return protocol.PackManifest.loads(manifest.download_as_bytes()).members
+
+
 def task_exit_codes(task) -> list[int]:
     return [protocol.exit_code_of_event(e) for e in task.status.status_events if e.task_execution]
 
@@ -121,9 +128,7 @@ def test_a_fan_out_of_200_electrons_runs_packed_with_each_electron_its_own_outco
 
     def cancel_the_last_task(dispatch_id: str) -> set[int]:
         job = wait_until(lambda: pack_jobs(local_stack, dispatch_id), 300, "a pack's job was created")[0]
-        bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
-        members = protocol.PackManifest.loads(
-            bucket.blob(protocol.PackObjects(protocol.job_id_of_job_name(job.name)).manifest).download_as_bytes()).members
+        members = pack_members(local_stack, job)
         node = protocol.node_id_of_job_id(members[-1])
         ct.cancel(dispatch_id, task_ids=[node])
         skipped.update(job=job, index=len(members) - 1)
@@ -202,10 +207,7 @@ def test_cancelling_one_electron_cancels_only_it(covalent_server, local_stack, t
     tasks = wait_until(lambda: [t for t in tasks_of(local_stack, job) if t.status.state.name == "RUNNING"], 120,
                        "a task of the pack started")
     running_index = int(tasks[0].name.rsplit("/", 1)[1])
-    members = protocol.PackManifest.loads(
-        clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
-        .bucket(local_stack.bucket_name).blob(protocol.PackObjects(protocol.job_id_of_job_name(job.name)).manifest)
-        .download_as_bytes()).members
+    members = pack_members(local_stack, job)
     node_of_member = {m: protocol.node_id_of_job_id(m) for m in members}
     running_node = node_of_member[members[running_index]]
     # The electron sleeping 60 s that is not running yet (parallelism 1): it must be skipped.
