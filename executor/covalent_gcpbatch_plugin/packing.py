@@ -7,10 +7,10 @@ electron keeps its own objects, its own task (``BATCH_TASK_INDEX``), its own ret
 limit, and ends with its own task-level notification.
 
 Here: which ``run()`` calls share a pack (``Packer``: the calls of one event loop whose specs are
-equal but for the node id, from executors whose ``PACK_SETTING_KEYS`` are equal, closed after
-``pack_window`` seconds with no newcomer), and what this process knows about its packs
-(``PackRegistry``: an electron's place, who is still waiting, who was cancelled). The uploads and
-Batch calls are the executor's (gcpbatch.py).
+equal but for the node id, from executors whose ``PACK_SETTING_KEYS`` are equal; when a pack
+closes is ``Pacing``'s rule), and what this process knows about its packs (``PackRegistry``: an
+electron's place, who is still waiting, who was cancelled). The uploads and Batch calls are the
+executor's (gcpbatch.py).
 """
 
 from __future__ import annotations
@@ -25,9 +25,49 @@ from typing import Any, Generic, TypeVar
 from .protocol import MAX_PACK_TASKS, JobSpec
 
 #: A pack closes at the latest this long after its first electron, however steady the arrivals: a
-#: third of one VM boot on Batch. (A Covalent server hands a 200-electron fan-out to its executors
-#: over about 27 s on a 2-core machine, 0.14 s apart at the median: bench/results.)
+#: third of one VM boot on Batch. (A Covalent server handed a 200-electron fan-out to its executors
+#: over 27 s, 0.14 s apart at the median, on a 2-core Intel machine (bench/results), and over 12 s,
+#: 0.06 s apart (the longest gap 0.11 s), on a 2-core AMD EPYC one (tests/stack/test_packing.py);
+#: a pack's workers starting on the same cores can stretch the gaps past a second.)
 MAX_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """When a pack closes: the rule follows the pace at which the Covalent server hands electrons
+    over, not a fixed quiet time, since that pace is the server's (a busy server, a slow machine,
+    a big graph hand over seconds apart; a pack's own workers starting on the same cores slow it).
+
+    * A lone electron waits ``window`` (``pack_window``) for company, no longer.
+    * Once a second one came, the fan-out is being handed over: the pack waits for the next
+      electron ``pace_factor`` times the longest gap seen between this key's arrivals, at least
+      ``follow_min_s``, at most ``follow_max_s`` (never less than ``window``).
+    * A pack closes at its cap, ``max_wait_s`` after its first electron or at ``max_tasks``; an
+      electron arriving within the followed pace after that starts the next pack at that pace, so
+      a fan-out longer than the cap makes several packs, no electron alone.
+    """
+
+    max_wait_s: float = MAX_WAIT_S
+    max_tasks: int = MAX_PACK_TASKS
+    follow_min_s: float = 2.0
+    follow_max_s: float = 10.0
+    pace_factor: float = 4.0
+
+    def quiet(self, window: float, longest_gap: float | None) -> float:
+        """How long a pack waits for its next electron (``longest_gap`` None: no company yet)."""
+        if longest_gap is None:
+            return window
+        return max(window, min(self.follow_max_s, max(self.follow_min_s, self.pace_factor * longest_gap)))
+
+
+@dataclass
+class _Pace:
+    """The arrivals of one pack key, for as long as they keep coming."""
+
+    last_at: float
+    quiet: float
+    longest_gap: float | None = None
+
 
 T = TypeVar("T")
 
@@ -70,32 +110,47 @@ class _OpenPack(Generic[T]):
 
 class Packer(Generic[T]):
     """Collects the members of open packs, per event loop and pack key. A pack is submitted (by
-    ``submit``, given its members, answering one Placement each) when ``window`` seconds pass
-    without a newcomer, ``MAX_WAIT_S`` after its first member, or at ``MAX_PACK_TASKS``."""
+    ``submit``, given its members, answering one Placement each) when its ``Pacing`` says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, pacing: Pacing | None = None) -> None:
+        self.pacing = pacing or Pacing()
         self._open: dict[tuple[int, str], _OpenPack[T]] = {}
+        self._paces: dict[tuple[int, str], _Pace] = {}
         #: Submits in flight: the event loop keeps only a weak reference to a task.
         self._submitting: set[asyncio.Task] = set()
 
     async def join(self, key: str, member: T, *, window: float,
                    submit: Callable[[list[T]], Awaitable[list[Placement]]]) -> Placement:
         loop = asyncio.get_running_loop()
-        slot = (id(loop), key)
+        slot, now = (id(loop), key), loop.time()
+        quiet = self._arrive(slot, now, window)
         pack = self._open.get(slot)
         if pack is None:
-            pack = self._open[slot] = _OpenPack(members=[], futures=[], first_at=loop.time())
+            pack = self._open[slot] = _OpenPack(members=[], futures=[], first_at=now)
         future: asyncio.Future[Placement] = loop.create_future()
         pack.members.append(member)
         pack.futures.append(future)
         if pack.timer is not None:
             pack.timer.cancel()
-        if len(pack.members) >= MAX_PACK_TASKS:
+        if len(pack.members) >= self.pacing.max_tasks:
             self._close(slot, pack, submit)
         else:
-            at = min(loop.time() + window, pack.first_at + max(MAX_WAIT_S, window))
+            at = min(now + quiet, pack.first_at + max(self.pacing.max_wait_s, window))
             pack.timer = loop.call_at(at, self._close, slot, pack, submit)
         return await future
+
+    def _arrive(self, slot: tuple[int, str], now: float, window: float) -> float:
+        """Record an arrival of ``slot``'s key; how long its pack now waits for the next one."""
+        for stale in [s for s, pace in self._paces.items() if now - pace.last_at > pace.quiet]:
+            del self._paces[stale]
+        pace = self._paces.get(slot)
+        if pace is None:
+            pace = self._paces[slot] = _Pace(last_at=now, quiet=self.pacing.quiet(window, None))
+            return pace.quiet
+        pace.longest_gap = max(pace.longest_gap or 0.0, now - pace.last_at)
+        pace.last_at = now
+        pace.quiet = self.pacing.quiet(window, pace.longest_gap)
+        return pace.quiet
 
     def _close(self, slot: tuple[int, str], pack: _OpenPack[T], submit) -> None:
         if self._open.get(slot) is pack:

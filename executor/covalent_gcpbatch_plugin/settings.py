@@ -91,10 +91,11 @@ class _TaskSettings(BaseModel):
                     "doubles each time.")
     pack_window: float = Field(
         0.5, ge=0, le=10, strict=True,
-        description="Packing: electrons whose `run()` calls follow each other within this many seconds and whose job "
-                    "specs are equal (but for the node) run as ONE Batch job, one task each (one admission, VMs reused "
-                    f"task after task; a pack is closed {MAX_WAIT_S:g} s after its first electron at the latest). A lone electron "
-                    "waits this long before it is submitted. `0` turns packing off.")
+        description="Packing: electrons whose job specs are equal (but for the node) and whose `run()` calls come "
+                    "while a fan-out is being handed over run as ONE Batch job, one task each (one admission, VMs reused "
+                    "task after task). A lone electron waits this many seconds for company, no longer; once a second "
+                    "came, the pack follows the hand-over's pace (README \"Packing\") and closes "
+                    f"{MAX_WAIT_S:g} s after its first electron at the latest. `0` turns packing off.")
     pack_parallelism: int = Field(
         0, ge=0, le=MAX_PARALLELISM, strict=True,
         description="Tasks of one pack running at once, one VM each (Batch's `parallelism`); `0` runs them all at once. "

@@ -11,12 +11,17 @@ from covalent_gcpbatch_plugin import protocol as p
 from specs import deployment, spec
 
 
-def run_joins(arrivals: list[tuple[float, str, str]], window: float, fail: bool = False):
-    """Members join at (delay after the previous, key, name); returns (submitted packs, placements by name)."""
+def run_joins(arrivals: list[tuple[float, str, str]], window: float, fail: bool = False,
+              pacing: packing.Pacing | None = None, submitted_at: list[float] | None = None):
+    """Members join at (delay after the previous, key, name); returns (submitted packs, placements by
+    name). ``submitted_at``, if given, gets each submit's time since the first arrival."""
     submitted: list[list[str]] = []
+    started: list[float] = []
 
     async def submit(members):
         submitted.append(list(members))
+        if submitted_at is not None:
+            submitted_at.append(asyncio.get_running_loop().time() - started[0])
         if fail:
             raise OSError("upload failed")
         if len(members) == 1:
@@ -25,7 +30,8 @@ def run_joins(arrivals: list[tuple[float, str, str]], window: float, fail: bool 
 
     async def main():
         tasks = {}
-        packer = packing.Packer()
+        packer = packing.Packer(pacing)
+        started.append(asyncio.get_running_loop().time())
         for delay, key, name in arrivals:
             await asyncio.sleep(delay)
             tasks[name] = asyncio.ensure_future(packer.join(key, name, window=window, submit=submit))
@@ -47,9 +53,57 @@ def test_a_lone_call_runs_alone_and_other_specs_never_mix():
     assert placed["x"] == packing.ALONE and placed["y"] == packing.ALONE
 
 
+#: Pacing at a unit test's scale: each gap below is at most half the quiet it must fit in.
+QUICK = packing.Pacing(max_wait_s=10.0, follow_min_s=0.4, follow_max_s=1.2, pace_factor=4.0)
+
+
+def arrivals(gaps: list[float], key: str = "a") -> list[tuple[float, str, str]]:
+    return [(gap, key, f"e{i}") for i, gap in enumerate([0.0, *gaps])]
+
+
 def test_a_pack_closes_after_a_quiet_window():
-    submitted, _ = run_joins([(0, "a", "x"), (0.01, "a", "y"), (0.3, "a", "z")], window=0.1)
+    """A pause longer than the followed pace closes the pack; the next electron waits only the window."""
+    submitted, _ = run_joins([(0, "a", "x"), (0.01, "a", "y"), (1.8, "a", "z")], window=0.1, pacing=QUICK)
     assert submitted == [["x", "y"], ["z"]]
+
+
+def test_a_lone_electron_waits_only_the_window():
+    at: list[float] = []
+    submitted, _ = run_joins([(0, "a", "x")], window=0.05, pacing=QUICK, submitted_at=at)
+    assert submitted == [["x"]]
+    assert at[0] < QUICK.follow_min_s, "no company came: the pack did not wait for a pace it never saw"
+
+
+def test_arrivals_at_a_slow_uneven_pace_still_form_one_pack():
+    """Gaps far longer than the window (a busy server) and uneven: once a second electron came
+    within the window, the pack follows the hand-over."""
+    gaps = [0.03, 0.2, 0.05, 0.5, 0.1, 0.35, 0.6, 0.02]
+    submitted, placed = run_joins(arrivals(gaps), window=0.05, pacing=QUICK)
+    assert submitted == [[f"e{i}" for i in range(len(gaps) + 1)]]
+    assert all(placed[f"e{i}"].packed for i in range(len(gaps) + 1))
+
+
+def test_a_fan_out_longer_than_the_cap_makes_packs_and_no_electron_alone():
+    """Steady arrivals past ``max_wait_s``: the pack closes at its cap and the next electron starts
+    the next pack at the pace already seen (not alone after the window)."""
+    capped = packing.Pacing(max_wait_s=0.5, follow_min_s=0.4, follow_max_s=1.2)
+    submitted, _ = run_joins(arrivals([0.02] + [0.15] * 10), window=0.05, pacing=capped)
+    assert len(submitted) >= 2 and all(len(pack) >= 2 for pack in submitted), submitted
+    assert [name for pack in submitted for name in pack] == [f"e{i}" for i in range(12)]
+
+
+def test_a_pack_closes_at_its_task_cap():
+    submitted, _ = run_joins(arrivals([0.01] * 6), window=0.05, pacing=packing.Pacing(max_tasks=3, follow_min_s=0.3))
+    assert submitted == [["e0", "e1", "e2"], ["e3", "e4", "e5"], ["e6"]]
+
+
+def test_the_followed_pace_is_bounded():
+    pacing = packing.Pacing()
+    assert pacing.quiet(0.5, None) == 0.5, "a lone electron pays the window"
+    assert pacing.quiet(0.5, 0.01) == pacing.follow_min_s
+    assert pacing.quiet(0.5, 1.0) == pacing.pace_factor * 1.0
+    assert pacing.quiet(0.5, 60.0) == pacing.follow_max_s
+    assert pacing.quiet(10.0, 0.01) == 10.0, "never shorter than the window"
 
 
 def test_a_failed_submit_reaches_every_member():
@@ -150,5 +204,10 @@ def test_readme_states_the_packing_facts_as_declared():
     assert f"at most {p.MAX_PACK_TASKS:,} electrons" in section
     assert f"`CANCEL_CHECK_S` ({worker.CANCEL_CHECK_S:g} s)" in section
     assert f"(exit {p.EXIT_CANCELLED})" in section
-    assert f"(0.5 by default; a pack closes {packing.MAX_WAIT_S:g} s after its first electron" in section
+    assert f"(0.5 by default; a pack closes {packing.MAX_WAIT_S:g} s after its first\nelectron" in section
+    pacing = packing.Pacing()
+    assert (f"next one {pacing.pace_factor:g} times the longest gap seen so far between arrivals of its key (at least "
+            f"{pacing.follow_min_s:g} s, at most\n{pacing.follow_max_s:g} s). At its cap ({pacing.max_wait_s:g} s or "
+            f"{pacing.max_tasks:,} electrons)") in section
+    assert f"a pack waits at least {pacing.follow_min_s:g} s after its last electron" in section
     assert settings.PLUGIN_DEFAULTS["pack_window"] == 0.5
