@@ -10,7 +10,8 @@ import time
 import cloudpickle
 import covalent as ct
 import pytest
-from workflow_helpers import nonzero_exit_codes, active_jobs, batch_admin, jobs_of_dispatch, node_results, nodes_by_name, wait_for
+from workflow_helpers import (nonzero_exit_codes, active_jobs, batch_admin, ended_jobs_of_dispatch, jobs_of_dispatch,
+                              node_results, nodes_by_name, wait_for)
 
 from covalent_gcpbatch_plugin import clients
 
@@ -83,9 +84,9 @@ def test_cancel_stops_running_and_queued_jobs(covalent_server, local_stack):
     assert str(result.status) == "CANCELLED"
     sleepers = [n for n in node_results(result) if n["node_name"] == "sleeper"]
     assert [str(n["status"]) for n in sleepers] == ["CANCELLED"] * 3
-    assert sorted(job.status.state.name for job in jobs_of_dispatch(local_stack, dispatch_id)) == ["CANCELLED"] * 3
+    assert time.monotonic() - started < 60, "cancelled, not the sleepers' 120 s"
+    assert sorted(job.status.state.name for job in ended_jobs_of_dispatch(local_stack, dispatch_id)) == ["CANCELLED"] * 3
     assert active_jobs(local_stack) == []
-    assert time.monotonic() - started < 30
 
 
 def test_polling_mode_completes_and_reads_the_job(covalent_server, local_stack):
@@ -164,8 +165,8 @@ def test_queue_timeout_cancels_a_job_that_cannot_start(covalent_server, local_st
         assert str(node["status"]) == "FAILED"
         assert "did not start within queue_timeout=3" in node["stderr"]
         assert "the job was cancelled" in node["stderr"]
-        assert time.monotonic() - started < 30
-        assert [j.status.state.name for j in jobs_of_dispatch(local_stack, waiter_id)] == ["CANCELLED"]
+        assert time.monotonic() - started < 60, "queue_timeout=3 s, not the hogs' 120 s"
+        assert [j.status.state.name for j in ended_jobs_of_dispatch(local_stack, waiter_id)] == ["CANCELLED"]
     finally:
         ct.cancel(hogs_id)
         wait_for(hogs_id, timeout_s=60)

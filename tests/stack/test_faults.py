@@ -21,11 +21,11 @@ from conftest import ROOT
 from faults_report import record
 from workflow_helpers import (
     nonzero_exit_codes,
-    active_jobs,
     batch_admin,
     create_attempts_of_dispatch,
     jobs_of_dispatch,
     node_results,
+    no_active_job_left,
     nodes_by_name,
     wait_for,
     wait_for_delivery,
@@ -37,7 +37,9 @@ from covalent_gcpbatch_plugin.gcpbatch import ConfigError, GCPBatchExecutor
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.stack
 
-#: Generous but asserted: other heavy tests share the 2 cores.
+#: Generous but asserted: other heavy tests share the 2 cores, and a machine 3x slower must pass too
+#: (a "within seconds" here tells a fast path from one that waits for a 120 s timeout; speed is
+#: measured by bench/, not here).
 SETTLE_S = 60
 
 
@@ -46,13 +48,6 @@ def clean_faults(local_stack):
     batch_admin(local_stack, "reset", {})
     yield
     batch_admin(local_stack, "reset", {})
-
-
-def no_active_job_left(stack, within_s: float = 30) -> None:
-    deadline = time.monotonic() + within_s
-    while active_jobs(stack):
-        assert time.monotonic() < deadline, f"jobs left active: {active_jobs(stack)}"
-        time.sleep(0.3)
 
 
 exit_codes = nonzero_exit_codes
@@ -226,7 +221,7 @@ def test_cancel_during_submission_settles_within_seconds(covalent_server, local_
     node = nodes_by_name(result)["task"]
     assert str(node["status"]) == "CANCELLED", (node["status"], node.get("error"), node.get("stderr"))
     assert str(result.status) == "CANCELLED"
-    assert elapsed < 15, f"settled in {elapsed:.1f} s: a cancel must not wait for submit_timeout"
+    assert elapsed < SETTLE_S, f"settled in {elapsed:.1f} s: a cancel must not wait for submit_timeout (120 s)"
     no_active_job_left(local_stack, within_s=90)
     assert all(j.status.state.name == "CANCELLED" for j in jobs_of_dispatch(local_stack, dispatch_id))
     assert not ran.exists(), "a task cancelled before its job existed must not run"
@@ -322,9 +317,9 @@ def test_failed_reconcile_read_fails_the_task_and_stops_its_job(covalent_server,
     assert str(node["status"]) == "FAILED"
     assert "failed while waiting for the Batch job" in node["stderr"] and "Forbidden: 403" in node["stderr"], node["stderr"]
     assert "was cancelled" in node["stderr"]
-    no_active_job_left(local_stack, within_s=20)
+    no_active_job_left(local_stack, within_s=60)
     assert [j.status.state.name for j in jobs_of_dispatch(local_stack, dispatch_id)] == ["CANCELLED"]
-    assert elapsed < 30
+    assert elapsed < SETTLE_S, "not the task's 60 s"
     record("get_job refused while waiting (403)", "FAILED, explained, job cancelled", "FAILED 'Forbidden: 403', CANCELLED", elapsed)
 
 
@@ -337,7 +332,7 @@ def test_refused_task_fails_fast_when_polling(covalent_server, local_stack):
     assert str(node["status"]) == "FAILED"
     assert "the deployment refused the task" in node["stderr"] and "is not allowed by this deployment" in node["stderr"]
     assert jobs_of_dispatch(local_stack, dispatch_id) == []
-    assert elapsed < 30, "not submit_timeout (120 s)"
+    assert elapsed < SETTLE_S, "not submit_timeout (120 s)"
     record("image not in the allowlist (poll mode)", "FAILED (rejected), no job", "FAILED 'is not allowed'", elapsed)
 
 
@@ -412,7 +407,7 @@ def test_a_refused_pack_fails_every_electron_with_the_reason(covalent_server, lo
         assert "is not allowed by this deployment" in node["stderr"], node["stderr"]
     assert jobs_of_dispatch(local_stack, dispatch_id) == []
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates
-    assert elapsed < 30
+    assert elapsed < SETTLE_S, "not submit_timeout (120 s)"
     no_active_job_left(local_stack)
     record("pack refused (image not allowed)", "3 FAILED (rejected), no job", "3 FAILED, reason in each", elapsed)
 
@@ -439,7 +434,7 @@ def test_refused_task_fails_within_seconds_with_the_reason(covalent_server, loca
     assert "the deployment refused the task" in node["stderr"] and reason in node["stderr"], node["stderr"]
     assert jobs_of_dispatch(local_stack, dispatch_id) == []
     assert batch_admin(local_stack, "stats")["calls"]["create"] == creates
-    assert elapsed < 30
+    assert elapsed < SETTLE_S, "not submit_timeout (120 s)"
     no_active_job_left(local_stack)
     record(name, "FAILED (rejected), no job", f"FAILED '{reason[:30]}'", elapsed)
 

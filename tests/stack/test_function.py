@@ -18,7 +18,7 @@ from google.cloud import batch_v1
 
 from covalent_gcpbatch_plugin import clients, protocol
 from specs import spec as make_spec
-from workflow_helpers import batch_admin
+from workflow_helpers import ENDED_JOB_STATES, batch_admin, wait_until
 
 FUNCTION_SOURCE = Path(__file__).resolve().parents[2] / "functions" / "main.py"
 pytestmark = pytest.mark.stack
@@ -97,6 +97,12 @@ def post(client, bucket, name, metadata, *, payload: bytes | None = b"task", **k
 
 def get_job(stack, job_id: str) -> batch_v1.Job:
     return clients.batch_client(stack.batch_api_endpoint).get_job(name=protocol.job_name(stack.project_id, stack.region, job_id))
+
+
+def ended_job(stack, job_id: str, within_s: float = 90) -> batch_v1.Job:
+    """The job once it has ended: Batch finishes a cancel as a long-running operation, later."""
+    return wait_until(lambda: (job := get_job(stack, job_id)).status.state.name in ENDED_JOB_STATES and job,
+                      within_s, f"job {job_id} ended", step_s=0.2)
 
 
 def new_job_id() -> str:
@@ -219,7 +225,7 @@ def test_duplicate_event_after_a_cancel_cancels_the_existing_job(function, local
     direct_bucket.blob(objects.cancelled).upload_from_string(b"")
     headers, body = finalize_event(direct_bucket.name, objects.task, spec.to_metadata())
     assert function.post("/", headers=headers, data=body).status_code == 200
-    assert get_job(local_stack, job_id).status.state == batch_v1.JobStatus.State.CANCELLED
+    assert ended_job(local_stack, job_id).status.state == batch_v1.JobStatus.State.CANCELLED
 
 
 def test_task_cancelled_while_its_job_is_created_gets_it_cancelled(function, local_stack, direct_bucket):
@@ -245,7 +251,7 @@ def test_task_cancelled_while_its_job_is_created_gets_it_cancelled(function, loc
         canceller.join(timeout=35)
         assert marked.is_set()
         assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before + 5
-        assert get_job(local_stack, job_id).status.state == batch_v1.JobStatus.State.CANCELLED
+        assert ended_job(local_stack, job_id).status.state == batch_v1.JobStatus.State.CANCELLED
     finally:
         batch_admin(local_stack, "reset", {})
 

@@ -11,7 +11,8 @@ import time
 import cloudpickle
 import covalent as ct
 import pytest
-from workflow_helpers import batch_admin, failure_details, jobs_of_dispatch, nodes_by_name, wait_for
+from workflow_helpers import (batch_admin, ended_jobs_of_dispatch, failure_details, jobs_of_dispatch, nodes_by_name,
+                              wait_for, wait_until)
 
 from bench.report import TARGETS
 
@@ -43,16 +44,6 @@ def pack_members(stack, job) -> tuple[str, ...]:
 
 def task_exit_codes(task) -> list[int]:
     return [protocol.exit_code_of_event(e) for e in task.status.status_events if e.task_execution]
-
-
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
-        time.sleep(0.2)
 
 
 def dispatch_fan_out(stack, executor, size: int, failing: int, timeout_s: float, cancel=None):
@@ -104,7 +95,7 @@ def test_a_fan_out_runs_as_one_job_and_each_electron_keeps_its_own_outcome(coval
     executor = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=4)
     result, calls = dispatch_fan_out(local_stack, executor, FAN_OUT, failing=5, timeout_s=600)
 
-    (job,) = jobs_of_dispatch(local_stack, result.dispatch_id)
+    (job,) = ended_jobs_of_dispatch(local_stack, result.dispatch_id)
     assert protocol.is_pack_id(protocol.job_id_of_job_name(job.name))
     assert job.task_groups[0].task_count == FAN_OUT and job.task_groups[0].parallelism == 4
     assert job.labels["covalent-pack-tasks"] == str(FAN_OUT)

@@ -13,7 +13,7 @@ from pathlib import Path
 import cloudpickle
 import covalent as ct
 import pytest
-from workflow_helpers import batch_admin, jobs_of_dispatch, wait_for
+from workflow_helpers import batch_admin, ended_jobs_of_dispatch, jobs_of_dispatch, wait_for
 
 from covalent_gcpbatch_plugin import protocol
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
@@ -158,4 +158,4 @@ def test_jobs_cancel_spares_what_a_running_dispatch_waits_for(covalent_server, l
     assert f"cancelled {job_id}" in out.getvalue()
     result = wait_for(dispatch_id, timeout_s=60)
     assert str(result.status) in ("CANCELLED", "FAILED")
-    assert jobs_of_dispatch(local_stack, dispatch_id)[0].status.state.name == "CANCELLED"
+    assert ended_jobs_of_dispatch(local_stack, dispatch_id)[0].status.state.name == "CANCELLED"

@@ -71,6 +71,35 @@ def jobs_of_dispatch(stack, dispatch_id: str) -> list:
     return [job for job in jobs if job.labels.get("covalent-dispatch-id") == dispatch_id.lower()]
 
 
+def wait_until(condition, timeout_s: float, what: str, step_s: float = 0.1):
+    """``condition()``'s first truthy value; fail naming ``what`` past the bound. Bounds are for a
+    machine three times slower than ours: a test waits on the event, a benchmark times it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
+        time.sleep(step_s)
+
+
+#: Batch's job states from which a job moves no more.
+ENDED_JOB_STATES = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def no_active_job_left(stack, within_s: float = 90) -> None:
+    """Every job of the local Batch service has ended (a cancel is an operation that ends later)."""
+    wait_until(lambda: not active_jobs(stack), within_s, "every job of the local Batch service ended", step_s=0.3)
+
+
+def ended_jobs_of_dispatch(stack, dispatch_id: str, within_s: float = 90) -> list:
+    """The dispatch's jobs once every one has ended: a cancel or a last task's end is recorded on
+    the job a moment after Covalent hears of it, on Batch as here."""
+    return wait_until(lambda: (jobs := jobs_of_dispatch(stack, dispatch_id))
+                      and all(j.status.state.name in ENDED_JOB_STATES for j in jobs) and jobs,
+                      within_s, f"every job of dispatch {dispatch_id} ended", step_s=0.3)
+
+
 def bridge_log(stack) -> Path:
     return Path(stack.state_dir) / "logs" / "bridge.log"
 
