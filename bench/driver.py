@@ -83,9 +83,9 @@ class BenchExecutor(GCPBatchExecutor):
         MARKS[job_id]["state"] = outcome.state.value
         return outcome
 
-    def _collect(self, job_id, objects, outcome, workdir):
+    def _collect(self, job_id, objects, outcome, workdir, step):
         try:
-            return super()._collect(job_id, objects, outcome, workdir)
+            return super()._collect(job_id, objects, outcome, workdir, step)
         finally:
             MARKS[job_id]["collect_end"] = time.time()
 

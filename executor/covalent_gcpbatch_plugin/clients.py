@@ -12,8 +12,35 @@ from __future__ import annotations
 
 import os
 
+import requests
+from google.api_core import exceptions as api_exceptions
+from google.api_core import retry as api_retry
 from google.api_core.client_options import ClientOptions
+from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
+
+#: What a Google API call may answer when trying again may succeed: 429, 500, 502, 503, 504, a
+#: deadline, a connection that broke. Every read, and every write that cannot apply twice, retries
+#: these with backoff within its bound (``transient_retry``); any other error is Google's answer.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    api_exceptions.TooManyRequests,
+    api_exceptions.InternalServerError,
+    api_exceptions.BadGateway,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.GatewayTimeout,
+    api_exceptions.DeadlineExceeded,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.Timeout,
+    auth_exceptions.TransportError,
+    ConnectionError,
+)
+is_transient = api_retry.if_exception_type(*TRANSIENT_ERRORS)
+
+
+def transient_retry(timeout_s: float) -> api_retry.Retry:
+    """Retry transient errors (``TRANSIENT_ERRORS``) with exponential backoff for ``timeout_s`` in all."""
+    return api_retry.Retry(predicate=is_transient, initial=0.5, maximum=8.0, multiplier=2.0, timeout=timeout_s)
 
 
 def pubsub_emulator_host(explicit: str | None = None) -> str | None:

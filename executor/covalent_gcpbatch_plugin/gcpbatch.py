@@ -106,9 +106,11 @@ class PackMember:
 
 @dataclass
 class Step:
-    """What ``run()`` is doing, for the message of a failure nobody foresaw."""
+    """What ``run()`` is doing, for the message of a failure nobody foresaw, and whether Covalent
+    has been handed the task's stored outcome (only then may its objects be removed)."""
 
     now: str
+    delivered: bool = False
 
 
 class GCPBatchExecutor(AsyncBaseExecutor):
@@ -149,7 +151,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             outcome = await self._submit_and_wait(job_id, objects, workdir, (function, args, kwargs), task_metadata, step)
             ended = not outcome.gave_up and outcome.state in (JobState.SUCCEEDED, JobState.FAILED)
             step.now = "reading the task's outcome from the bucket"
-            return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir)
+            return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir, step)
         except (TaskCancelledError, TaskRuntimeError):
             raise
         except asyncio.CancelledError:
@@ -158,12 +160,13 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             raise
         except Exception as err:  # noqa: BLE001 - every other failure is explained, and its job stopped
             await asyncio.shield(self._stop_job(job_id))
+            kept = await asyncio.shield(asyncio.to_thread(self._stored_outcome, objects))
             self._fail(
                 f"task {dispatch_id}:{node_id} failed while {step.now} (Batch job {job_id}): "
-                f"{type(err).__name__}: {err}; the job, if it was created, was cancelled"
+                f"{type(err).__name__}: {err}; the job, if it was created, was cancelled{kept}"
             )
         finally:
-            await asyncio.shield(asyncio.to_thread(self._clean_up, objects, workdir))
+            await asyncio.shield(asyncio.to_thread(self._clean_up, objects, workdir, step.delivered))
             settled = _packs.settle(job_id, abandoned=not ended)
             if settled is not None and settled.last:
                 await asyncio.shield(asyncio.to_thread(self._pack_over, settled))
@@ -249,7 +252,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if _packs.placement(job_id).packed:
             return  # one task of a pack: its worker honours the marker; the pack's job goes on
         try:
-            self._batch().cancel_job(name=self._job_name(job_id), timeout=30)
+            # A cancel applies once however often it is sent: transient errors are retried too.
+            self._batch().cancel_job(name=self._job_name(job_id), timeout=30, retry=self._read_retry())
         except exceptions.NotFound:
             app_log.debug(f"gcpbatch: cancel of {job_id}: no such job (yet); the marker stops its creation")
         except exceptions.FailedPrecondition as err:
@@ -270,7 +274,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 self._cancel_job(pack_id)
                 app_log.info(f"gcpbatch: cancelled pack {pack_id}: none of its electrons is waited for any more")
                 return
-            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30)
+            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30, retry=self._read_retry())
             if JobState(job.status.state.name).is_terminal:
                 self._log_usage(job)
             if not self.keep_artifacts:
@@ -418,7 +422,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if placement.packed:
             return self._reconcile_member(job_id, placement)
         try:
-            job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
+            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._read_retry())
         except exceptions.NotFound:
             return self._not_created(job_id)
         state = JobState(job.status.state.name)
@@ -430,7 +434,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     def _reconcile_member(self, job_id: str, placement: packing.Placement) -> JobEvent | None:
         """One get_task of the electron's task in its pack (None: the pack's job does not exist yet)."""
         try:
-            task = self._batch().get_task(name=task_name(self._job_name(placement.pack_id), placement.index), timeout=30)
+            task = self._batch().get_task(name=task_name(self._job_name(placement.pack_id), placement.index), timeout=30,
+                                          retry=self._read_retry())
         except exceptions.NotFound:
             refused = self._not_created(placement.pack_id)
             return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
@@ -441,10 +446,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _not_created(self, job_id: str) -> JobEvent | None:
         """The function's record of a task (or pack) it created no job for (refused or cancelled), if any."""
-        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30)
+        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30, retry=self._read_retry())
         if blob is None:
             return None
-        return loads_not_created(blob.download_as_bytes(timeout=30)).event(job_id)
+        return loads_not_created(blob.download_as_bytes(timeout=30, retry=self._read_retry())).event(job_id)
 
     async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan) -> Outcome:
         if await self.get_cancel_requested():
@@ -456,33 +461,40 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         await self.cancel({}, job_id)
         return Outcome(JobState.FAILED, gave_up=reason + "; the job was cancelled")
 
-    def _collect(self, job_id: str, objects: TaskObjects, outcome: Outcome, workdir: Path) -> Any:
+    def _collect(self, job_id: str, objects: TaskObjects, outcome: Outcome, workdir: Path, step: Step) -> Any:
+        """The task's result (or its error record, raised), its output printed to Covalent's
+        streams; ``step.delivered`` once Covalent is handed the stored outcome itself."""
         if outcome.gave_up:
             self._fail(outcome.gave_up)
         if outcome.state is JobState.REJECTED:
             self._fail(f"the deployment refused the task: {outcome.detail}")
         if outcome.state is JobState.CANCELLED:
             raise TaskCancelledError(f"Batch job {job_id} was cancelled")
-        bucket = self._bucket()
-        last = objects.last_attempt(blob.name for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30))
+        bucket, retry = self._bucket(), self._read_retry()
+        last = objects.last_attempt(blob.name for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=retry))
         if last is not None:
             for name, stream in ((objects.stdout(last), self.task_stdout), (objects.stderr(last), self.task_stderr)):
-                blob = bucket.get_blob(name)
+                blob = bucket.get_blob(name, timeout=30, retry=retry)
                 if blob is not None:
-                    print(blob.download_as_text(), end="", file=stream)
+                    # The task's own bytes: what is not UTF-8 shows escaped, never fails the task.
+                    text = blob.download_as_bytes(timeout=60, retry=retry).decode("utf-8", errors="backslashreplace")
+                    print(text, end="", file=stream)
         if outcome.state is JobState.SUCCEEDED:
             result_path = workdir / "result.pkl"
             workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            blob = bucket.get_blob(objects.result)
+            blob = bucket.get_blob(objects.result, timeout=30, retry=retry)
             if blob is not None:
-                blob.download_to_filename(result_path)
+                blob.download_to_filename(result_path, timeout=60, retry=retry)
                 with result_path.open("rb") as f:
-                    return cloudpickle.load(f)
-        error = bucket.get_blob(objects.error)
+                    result = cloudpickle.load(f)
+                step.delivered = True
+                return result
+        error = bucket.get_blob(objects.error, timeout=30, retry=retry)
         if error is not None:
-            record = loads_error(error.download_as_bytes())
+            record = loads_error(error.download_as_bytes(timeout=30, retry=retry))
             if record.traceback:
                 print(record.traceback, end="", file=self.task_stderr)
+            step.delivered = True
             raise TaskRuntimeError(f"{record.type}: {record.message}")
         self._fail(self._explain_failure(job_id, outcome.state))
 
@@ -497,12 +509,12 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if placement.packed:
             name = task_name(self._job_name(placement.pack_id), placement.index)
             try:
-                task = self._batch().get_task(name=name, timeout=30)
+                task = self._batch().get_task(name=name, timeout=30, retry=self._read_retry())
             except exceptions.GoogleAPICallError as err:
                 return f"Batch task {name} ended {state.value} without a result or error record ({err.message})"
             return explain_job_failure(f"{placement.pack_id} task {placement.index}", state, task)
         try:
-            job = self._batch().get_job(name=self._job_name(job_id), timeout=30)
+            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._read_retry())
         except exceptions.GoogleAPICallError as err:
             return f"Batch job {job_id} ended {state.value} without a result or error record ({err.message})"
         self._log_usage(job)
@@ -520,19 +532,41 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             return f"local Batch service {self.batch_api_endpoint}"
         return job_console_url(self.project_id, self.region, job_id)
 
-    def _clean_up(self, objects: TaskObjects, workdir: Path) -> None:
-        """Remove the task's local and bucket files, best effort. The cancel marker stays (the
-        bucket's lifecycle rule removes it): a create retry or a redelivered event may come later."""
+    def _stored_outcome(self, objects: TaskObjects) -> str:
+        """For the message of a task that failed after its worker may have stored its outcome:
+        where the kept result or error record is, and how to read it ("" if none is stored)."""
+        try:
+            names = {blob.name for blob in self._bucket().list_blobs(prefix=objects.prefix, timeout=30, retry=self._read_retry())}
+        except Exception as err:  # noqa: BLE001 - the message says what is known
+            return (f"; its objects under gs://{self.bucket_name}/{objects.prefix} are kept (they could not be listed: "
+                    f"{type(err).__name__})")
+        if objects.result in names:
+            return (f"; its result is stored and kept at gs://{self.bucket_name}/{objects.result}: fetch it with "
+                    f"`gcloud storage cp gs://{self.bucket_name}/{objects.result} .` and load it with cloudpickle "
+                    "where the modules it needs are installed")
+        if objects.error in names:
+            return f"; its error record is kept at gs://{self.bucket_name}/{objects.error}"
+        return ""
+
+    def _clean_up(self, objects: TaskObjects, workdir: Path, delivered: bool) -> None:
+        """Remove the task's local and bucket files, best effort. A result or error record that
+        Covalent was not handed (``delivered`` False) is never removed: it is the user's work, and
+        the node's error says where it is. The cancel marker stays (the bucket's lifecycle rule
+        removes it): a create retry or a redelivered event may come later."""
         shutil.rmtree(workdir, ignore_errors=True)
         if self.keep_artifacts:
             return
         bucket = self._bucket()
         name = objects.prefix
         try:
-            for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30):
+            blobs = list(bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=self._read_retry()))
+            if not delivered and {objects.result, objects.error} & {blob.name for blob in blobs}:
+                app_log.warning(f"gcpbatch: kept gs://{self.bucket_name}/{objects.prefix}: its outcome was not handed to Covalent")
+                return
+            for blob in blobs:
                 if objects.disposable(name := blob.name):
                     try:
-                        bucket.delete_blob(name, timeout=30)
+                        bucket.delete_blob(name, timeout=30, retry=self._read_retry())
                     except exceptions.NotFound:
                         pass
         except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome
@@ -542,6 +576,14 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _job_name(self, job_id: str) -> str:
         return job_name(self.project_id, self.region, job_id)
+
+    #: How long one read (or cancel, or delete) retries transient errors (clients.TRANSIENT_ERRORS)
+    #: before its error is the answer. Reads are made while waiting or collecting, and a wait's
+    #: phase bound is checked between them.
+    READ_RETRY_S = 120.0
+
+    def _read_retry(self):
+        return clients.transient_retry(self.READ_RETRY_S)
 
     def _job_events(self):
         """The process's subscriber to this executor's notification topic (events.py). Imported here:

@@ -23,6 +23,7 @@ from workflow_helpers import (
     nonzero_exit_codes,
     batch_admin,
     create_attempts_of_dispatch,
+    failure_details,
     jobs_of_dispatch,
     node_results,
     no_active_job_left,
@@ -77,6 +78,21 @@ def one_node_flow(executor, body):
 
 def bucket(stack):
     return clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.bucket_name)
+
+
+class DirectExecutor(GCPBatchExecutor):
+    """The executor without a Covalent server: what the server would answer, answered locally."""
+
+    async def set_job_handle(self, handle):
+        self.handle = handle
+
+    async def get_cancel_requested(self):
+        return False
+
+    async def get_version_info(self):
+        import covalent
+
+        return {"python": platform.python_version(), "covalent": covalent.__version__}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +311,78 @@ def test_cancel_without_a_job_handle_writes_nothing(local_stack, tmp_path):
     assert asyncio.run(executor.cancel({"dispatch_id": "no-handle", "node_id": 4}, None)) is False
     assert list(bucket(local_stack).list_blobs(prefix=f"{protocol.TASKS_PREFIX}None/")) == []
     record("cancel() with no job handle", "False, nothing written", "False, nothing written", time.monotonic() - started)
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_a_transient_error_on_the_confirmation_read_is_retried(covalent_server, local_stack, status):
+    """The SUCCEEDED heard on Pub/Sub is confirmed with one get_job: two transient answers to it
+    (the read quota's 429, a 5xx) are retried with backoff, and the task COMPLETES with its result.
+    (Before: one 429 failed a healthy task, cancelled its job and deleted its result.)"""
+    batch_admin(local_stack, "faults", {"fail_get": 2, "fail_get_status": status})
+    dispatch_id, result, elapsed = run_flow(one_node_flow(GCPBatchExecutor(time_limit=120, pack_window=0), lambda: 6 * 7))
+    node = nodes_by_name(result)["task"]
+    assert str(node["status"]) == "COMPLETED", (node["status"], node.get("stderr"))
+    assert node["output"].get_deserialized() == 42
+    assert batch_admin(local_stack, "stats")["faults"]["fail_get"] == 0, "both injected errors were met and retried"
+    record(f"get_job {status} twice on the SUCCEEDED confirmation", "COMPLETED (retried)", f"{node['status']}", elapsed)
+
+
+def test_a_transient_error_on_a_packed_electron_read_is_retried(covalent_server, local_stack):
+    """Each electron of a pack confirms its task with get_task: a 429 there is weather too."""
+    batch_admin(local_stack, "faults", {"fail_get": 3, "fail_get_status": 429})
+    dispatch_id, result, elapsed = run_flow(fan_out_flow(GCPBatchExecutor(time_limit=120), 3))
+    nodes = [n for n in node_results(result) if n["node_name"] == "add_one"]
+    assert sorted(str(n["status"]) for n in nodes) == ["COMPLETED"] * 3, failure_details(result)
+    assert sorted(n["output"].get_deserialized() for n in nodes) == [1, 2, 3]
+    assert batch_admin(local_stack, "stats")["faults"]["fail_get"] == 0
+    record("get_task 429 three times in a pack", "3 COMPLETED (retried)", "3 COMPLETED", elapsed)
+
+
+class ImpatientReader(DirectExecutor):
+    """Reads give up on transient errors after 3 s (not 120 s), so that a persistent 429 is quick to test."""
+
+    READ_RETRY_S = 3.0
+
+
+def test_a_stored_result_is_kept_when_it_cannot_be_confirmed(local_stack, tmp_path):
+    """Batch answers every read 429 past the retries, after the worker stored result.pkl: the task
+    FAILS saying where its result is, and the result stays in the bucket (never deleted because
+    something after it failed); the job is not left running."""
+    import asyncio
+    import io
+
+    executor = ImpatientReader(**{**local_stack.executor_config(), "cache_dir": str(tmp_path), "pack_window": 0,
+                                  "time_limit": 120})
+    executor._task_stdout, executor._task_stderr = io.StringIO(), io.StringIO()
+
+    async def scenario():
+        real = executor._confirm_succeeded
+
+        def confirm_under_a_read_quota(event):
+            batch_admin(local_stack, "faults", {"fail_get": 10_000, "fail_get_status": 429})
+            return real(event)
+
+        executor._confirm_succeeded = confirm_under_a_read_quota
+        return await executor.run(lambda: {"answer": 42}, [], {}, {"dispatch_id": "kept-result", "node_id": 3})
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception) as failure:
+            asyncio.run(scenario())
+    finally:
+        batch_admin(local_stack, "reset", {})
+    elapsed = time.monotonic() - started
+    stderr = executor._task_stderr.getvalue()
+    objects = protocol.TaskObjects(executor.handle)
+    assert type(failure.value).__name__ == "TaskRuntimeError"
+    assert "RetryError" in stderr and "429" in stderr, stderr
+    assert f"its result is stored and kept at gs://{local_stack.bucket_name}/{objects.result}" in stderr, stderr
+    blob = bucket(local_stack).get_blob(objects.result)
+    assert blob is not None, "the result the worker stored was deleted"
+    assert cloudpickle.loads(blob.download_as_bytes()) == {"answer": 42}
+    no_active_job_left(local_stack)
+    record("get_job 429 persistent after the result was stored", "FAILED naming gs://.../result.pkl, result kept",
+           "FAILED, result kept", elapsed)
 
 
 def test_failed_reconcile_read_fails_the_task_and_stops_its_job(covalent_server, local_stack):
@@ -592,21 +680,6 @@ def test_result_over_the_memory_budget_fails_clearly(covalent_server, local_stac
     assert elapsed < SETTLE_S
     no_active_job_left(local_stack)
     record("result over the memory budget", "FAILED 'MemoryError'", "FAILED 'MemoryError'", elapsed)
-
-
-class DirectExecutor(GCPBatchExecutor):
-    """The executor without a Covalent server: what the server would answer, answered locally."""
-
-    async def set_job_handle(self, handle):
-        self.handle = handle
-
-    async def get_cancel_requested(self):
-        return False
-
-    async def get_version_info(self):
-        import covalent
-
-        return {"python": platform.python_version(), "covalent": covalent.__version__}
 
 
 def test_pubsub_emulator_restart_while_tasks_wait(local_stack, tmp_path):

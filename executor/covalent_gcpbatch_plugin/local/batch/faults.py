@@ -20,7 +20,8 @@ class Faults:
     preempt_after_s: dict[str, float] = field(default_factory=dict)
     fail_create: int = 0
     fail_create_status: int = 503
-    #: get_job calls that fail with ``fail_get_status`` (a reconcile read that errors).
+    #: Reads (get_job and get_task, which share Batch's read quota) that fail with
+    #: ``fail_get_status``: a reconcile or confirmation read that errors (429: the quota).
     fail_get: int = 0
     fail_get_status: int = 403
     drop_notifications: dict[str, set[str]] = field(default_factory=dict)

@@ -323,6 +323,9 @@ class LocalBatch:
     def get_task(self, project: str, region: str, job_id: str, group: str, index: str) -> batch_v1.Task:
         with self.lock:
             self.calls["get_task"] += 1
+            failure = self.faults.take_fail_get()
+            if failure is not None:
+                raise ApiError(failure, "injected get_task failure (fault fail_get)")
             record = self._find(project, region, job_id)
             if group != "group0" or not index.isdigit() or int(index) >= len(record.tasks):
                 raise ApiError(404, f"Task {record.job.name}/taskGroups/{group}/tasks/{index} not found")
