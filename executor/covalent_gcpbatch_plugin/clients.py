@@ -10,7 +10,10 @@ takes them from its configuration.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+from pathlib import Path
 
 import requests
 from google.api_core import exceptions as api_exceptions
@@ -41,6 +44,39 @@ is_transient = api_retry.if_exception_type(*TRANSIENT_ERRORS)
 def transient_retry(timeout_s: float) -> api_retry.Retry:
     """Retry transient errors (``TRANSIENT_ERRORS``) with exponential backoff for ``timeout_s`` in all."""
     return api_retry.Retry(predicate=is_transient, initial=0.5, maximum=8.0, multiplier=2.0, timeout=timeout_s)
+
+
+def _md5_b64(payload: bytes | Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    if isinstance(payload, Path):
+        with payload.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    else:
+        digest.update(payload)
+    return base64.b64encode(digest.digest()).decode()
+
+
+def create_object(bucket, name: str, payload: bytes | Path, *, content_type: str, retry,
+                  metadata: dict[str, str] | None = None, timeout: float = 60) -> None:
+    """Write ``name`` once (generation 0: never replacing anything), retrying transient errors.
+
+    A write may commit and lose its answer; its retry then meets 412. That is success when the
+    stored object holds exactly these bytes (its MD5, which GCS computes on every upload, equals
+    ours): the earlier request was ours. Any other 412 is another writer's object and raises
+    PreconditionFailed."""
+    blob = bucket.blob(name)
+    if metadata is not None:
+        blob.metadata = metadata
+    try:
+        if isinstance(payload, Path):
+            blob.upload_from_filename(payload, content_type=content_type, if_generation_match=0, retry=retry, timeout=timeout)
+        else:
+            blob.upload_from_string(payload, content_type=content_type, if_generation_match=0, retry=retry, timeout=timeout)
+    except api_exceptions.PreconditionFailed:
+        stored = bucket.get_blob(name, retry=retry, timeout=timeout)
+        if stored is None or stored.md5_hash != _md5_b64(payload) or (metadata is not None and stored.metadata != metadata):
+            raise
 
 
 def pubsub_emulator_host(explicit: str | None = None) -> str | None:

@@ -6,16 +6,18 @@ objects exist:
 
 * attempt-<N>/live/stdout-<seq>.log, ...: what the task printed so far, every LIVE_INTERVAL_S
   while it runs (``covalent-gcpbatch logs --follow`` reads them);
-* attempt-<N>/stdout.log, attempt-<N>/stderr.log: the task's output (its last OUTPUT_LIMIT
-  characters), one pair per attempt (also echoed to the container's own streams, which Batch
-  sends to Cloud Logging);
 * result.pkl on success, exit 0;
 * error.json (type, message, traceback) on failure, exit EXIT_TASK_FAILED if the task raised and
-  EXIT_WORKER_ERROR if it could not be run at all; the job's FAIL_TASK policy keeps either from
-  being retried;
-* every object only if none of its name exists (it never replaces anything);
-* if those writes fail, exit EXIT_UPLOAD_FAILED (also FAIL_TASK: the user's code is never re-run
-  because its outcome could not be stored), saying why on the container's stderr.
+  EXIT_WORKER_ERROR if it could not be run at all (any exception of the worker's own included);
+  the job's FAIL_TASK policy keeps either from being retried;
+* then attempt-<N>/stdout.log, attempt-<N>/stderr.log: the task's output (its last OUTPUT_LIMIT
+  characters, whatever bytes it printed, the ones that are not UTF-8 escaped), one pair per
+  attempt (also echoed to the container's own streams, which Batch sends to Cloud Logging);
+* every object only if none of its name exists (it never replaces anything), retrying transient
+  errors for as long as the task may still run (its time limit), a lost acknowledgement included;
+* if the outcome cannot be written, exit EXIT_UPLOAD_FAILED (also FAIL_TASK: the user's code is
+  never re-run because its outcome could not be stored), saying why on the container's stderr;
+  output that cannot be written once the outcome is stored is only reported there.
 
 On SIGTERM (cancel, preemption, max run duration) the worker stops the task, removes its
 temporary directory and exits 143, as a process killed by SIGTERM would.
@@ -39,13 +41,13 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import TextIO
 
 import cloudpickle
 from google.api_core.exceptions import PreconditionFailed
-from google.cloud.storage.retry import DEFAULT_RETRY
 
 from . import clients
 from .errors import SpecError, WorkerError
@@ -69,10 +71,33 @@ from .protocol import (
 )
 
 
-#: Each write of the task's outcome retries transient errors (storage's own retry policy) for at
-#: most this long; past it the worker gives up with EXIT_UPLOAD_FAILED rather than hang the VM.
+#: Each write of the task's outcome retries transient errors for as long as the task may still run
+#: (Batch stops it at its time limit), and at least this long; past it the worker gives up with
+#: EXIT_UPLOAD_FAILED rather than hang the VM.
 STORE_TIMEOUT_S = 30.0
-STORE_RETRY = DEFAULT_RETRY.with_timeout(STORE_TIMEOUT_S)
+
+
+class StoreBudget:
+    """How long the outcome's writes may retry: until the task's time limit (from its spec, once
+    read), counted from the worker's start, and at least ``STORE_TIMEOUT_S``."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.time_limit_s = 0.0
+
+    def retry(self):
+        remaining = self.started + self.time_limit_s - time.monotonic()
+        return clients.transient_retry(max(STORE_TIMEOUT_S, remaining))
+
+
+def storable(text: str) -> bytes:
+    """Text as UTF-8, whatever it holds: lone surrogates (bytes that were not UTF-8, as
+    ``os.fsdecode`` gives them) are written escaped (``\\udcff``), never refused."""
+    return text.encode("utf-8", errors="backslashreplace")
+
+
+def _clean(text: str) -> str:
+    return storable(text).decode("utf-8")
 
 #: What a process killed by SIGTERM exits with (128 + 15); Batch records it as the exit code.
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -181,7 +206,8 @@ class LiveOutput(threading.Thread):
             text = text[: self.limit - self.uploaded[name]]
             self._seq[name] += 1
             blob = self.bucket.blob(self.objects.live_chunk(self.attempt, name, self._seq[name]))
-            blob.upload_from_string(text, content_type="text/plain", if_generation_match=0, timeout=LIVE_TIMEOUT_S)
+            blob.upload_from_string(storable(text), content_type="text/plain; charset=utf-8", if_generation_match=0,
+                                    timeout=LIVE_TIMEOUT_S)
             self.uploaded[name] += len(text)
 
     def stop(self) -> None:
@@ -253,16 +279,16 @@ def error_record(exc: BaseException, phase: str) -> ErrorRecord:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     return ErrorRecord(
-        type=name,
-        message=str(exc),
-        traceback="".join(traceback.TracebackException.from_exception(exc).format()),
+        type=_clean(name),
+        message=_clean(str(exc)),
+        traceback=_clean("".join(traceback.TracebackException.from_exception(exc).format())),
         phase=phase,  # type: ignore[arg-type]
     )
 
 
-def load_task(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None):
+def load_task(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None, budget: StoreBudget | None = None):
     """(function, args, kwargs) of the task, after checking the spec's versions against ours (and,
-    in a pack, that the task object belongs to it)."""
+    in a pack, that the task object belongs to it); ``budget`` learns the task's time limit."""
     blob = bucket.get_blob(objects.task)
     if blob is None:
         raise WorkerError(f"task object gs://{bucket.name}/{objects.task} does not exist")
@@ -272,6 +298,8 @@ def load_task(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None =
         spec = JobSpec.from_metadata(blob.metadata)
     except SpecError as err:
         raise WorkerError(str(err)) from None
+    if budget is not None:
+        budget.time_limit_s = spec.time_limit_s
     check_versions(spec, *running_versions())
     path = workdir / "task.pkl"
     blob.download_to_filename(path)
@@ -286,13 +314,14 @@ def load_task(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None =
 
 
 def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None) -> int:
+    budget = StoreBudget()
     stdout, stderr = Tee(sys.stdout), Tee(sys.stderr)
     outcome: tuple[str, bytes | Path] | None = None
     exit_code = 0
     live = LiveOutput(bucket, objects, attempt(), {"stdout": stdout, "stderr": stderr})
     try:
         try:
-            function, args, kwargs = load_task(bucket, objects, workdir, pack_id)
+            function, args, kwargs = load_task(bucket, objects, workdir, pack_id, budget)
         except Exception:
             # A cancel races the load: the executor removes a cancelled electron's objects.
             if pack_id is not None and bucket.blob(objects.cancelled).exists(timeout=LIVE_TIMEOUT_S):
@@ -329,7 +358,7 @@ def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None)
     if live.ident is not None:
         live.stop()  # before the final log: nothing live is written after it
     try:
-        store_outcome(bucket, objects, stdout.getvalue(), stderr.getvalue(), outcome)
+        store_outcome(bucket, objects, outcome, budget.retry())
     except Exception as exc:  # noqa: BLE001 - any failure to store is the same failure for the user
         print(
             f"covalent-gcpbatch worker: the task ended (exit code {exit_code}) but its outcome could not be "
@@ -337,6 +366,17 @@ def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None)
             file=sys.stderr,
         )
         return EXIT_UPLOAD_FAILED
+    try:
+        store_output(bucket, objects, stdout.getvalue(), stderr.getvalue(), budget.retry())
+    except PreconditionFailed:
+        # Another writer's object where this attempt's output goes: its output cannot be shown as
+        # the task's. Refused as any foreign object is (the outcome stays stored, and kept).
+        print(f"covalent-gcpbatch worker: gs://{bucket.name}/{objects.prefix}: this attempt's output exists already and "
+              "this worker did not write it; refusing to replace it", file=sys.stderr)
+        return EXIT_UPLOAD_FAILED
+    except Exception as exc:  # noqa: BLE001 - the outcome is stored: output is reported, not the task's failure
+        print(f"covalent-gcpbatch worker: the task's output could not be stored in gs://{bucket.name}/{objects.prefix} "
+              f"(its outcome is): {type(exc).__name__}: {exc}", file=sys.stderr)
     return exit_code
 
 
@@ -346,25 +386,27 @@ def attempt() -> int:
     return int(value) if value.isdigit() else 0
 
 
-def store_outcome(bucket, objects: TaskObjects, stdout: str, stderr: str, outcome: tuple[str, bytes | Path]) -> None:
-    """Output first, the result or error record last: its existence means the rest is there.
+def store_outcome(bucket, objects: TaskObjects, outcome: tuple[str, bytes | Path], retry) -> None:
+    """The result or error record, first: it is the user's work, the output only its account.
 
     Every object is written only if none of its name exists (generation 0): the worker's account
     may create objects, never replace them, and the executor unpickles the result, so the worker
-    never replaces one it did not write. Each attempt writes its own stdout and stderr."""
-    number = attempt()
-    for name, text in ((objects.stdout(number), stdout), (objects.stderr(number), stderr)):
-        bucket.blob(name).upload_from_string(text, content_type="text/plain", if_generation_match=0, retry=STORE_RETRY)
+    never replaces one it did not write (``clients.create_object``: a 412 on a write of its own
+    whose answer was lost is success)."""
     name, payload = outcome
-    blob = bucket.blob(name)
+    content_type = "application/octet-stream" if isinstance(payload, Path) else "application/json"
     try:
-        if isinstance(payload, Path):
-            blob.upload_from_filename(payload, content_type="application/octet-stream", if_generation_match=0, retry=STORE_RETRY)
-        else:
-            blob.upload_from_string(payload, content_type="application/json", if_generation_match=0, retry=STORE_RETRY)
+        clients.create_object(bucket, name, payload, content_type=content_type, retry=retry)
     except PreconditionFailed:
         raise WorkerError(f"gs://{bucket.name}/{name} already exists: refusing to replace an outcome this worker did "
                           "not write (another writer in the bucket, or an earlier attempt of this task)") from None
+
+
+def store_output(bucket, objects: TaskObjects, stdout: str, stderr: str, retry) -> None:
+    """This attempt's stdout and stderr, each its own object, bad bytes escaped (``storable``)."""
+    number = attempt()
+    for name, text in ((objects.stdout(number), stdout), (objects.stderr(number), stderr)):
+        clients.create_object(bucket, name, storable(text), content_type="text/plain; charset=utf-8", retry=retry)
 
 
 def main() -> int:
@@ -375,7 +417,11 @@ def main() -> int:
         print(f"covalent-gcpbatch worker: {', '.join(missing)} not set; the Batch job sets them", file=sys.stderr)
         return EXIT_WORKER_ERROR
     signal.signal(signal.SIGTERM, _raise_terminated)
+    for stream in (sys.stdout, sys.stderr):  # the container's log takes any text the task prints
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     watch: CancelWatch | None = None
+    objects: TaskObjects | None = None
     try:
         client = clients.storage_client(project=None)
         bucket = client.bucket(os.environ[ENV_BUCKET])
@@ -401,6 +447,15 @@ def main() -> int:
             return EXIT_CANCELLED
         print("covalent-gcpbatch worker: stopped by SIGTERM (cancel, preemption or time limit)", file=sys.stderr)
         return EXIT_TERMINATED
+    except Exception as exc:  # noqa: BLE001 - nothing of the worker's may end in an exit code Batch retries
+        print(f"covalent-gcpbatch worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if objects is not None:
+            try:
+                store_outcome(bucket, objects, (objects.error, dumps_error(error_record(exc, "worker"))),
+                              clients.transient_retry(STORE_TIMEOUT_S))
+            except Exception as err:  # noqa: BLE001 - the container's log has said it
+                print(f"covalent-gcpbatch worker: its error record could not be stored: {err!r}", file=sys.stderr)
+        return EXIT_WORKER_ERROR
     finally:
         if watch is not None:
             watch.done.set()

@@ -23,9 +23,11 @@ PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def run_worker(stack, payload: bytes, *, attempt: int = 0, present: dict[str, bytes] | None = None,
-               job_id: str | None = None, **spec_overrides) -> tuple[int, protocol.ErrorRecord | None]:
+               job_id: str | None = None, storage_host: str | None = None,
+               **spec_overrides) -> tuple[int, protocol.ErrorRecord | None]:
     """Run the worker on a task object (with the objects ``present`` put beside it first, named
-    relative to the task's prefix) as attempt ``attempt`` of its Batch task."""
+    relative to the task's prefix) as attempt ``attempt`` of its Batch task, talking to GCS at
+    ``storage_host`` (the stack's emulator unless given)."""
     job_id = job_id or protocol.make_job_id("feedface", 0, protocol.new_attempt_token())
     objects = protocol.TaskObjects(job_id)
     bucket = clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.bucket_name)
@@ -35,7 +37,7 @@ def run_worker(stack, payload: bytes, *, attempt: int = 0, present: dict[str, by
     for name, content in (present or {}).items():
         bucket.blob(objects.prefix + name).upload_from_string(content)
     env = {**os.environ, protocol.ENV_BUCKET: stack.bucket_name, protocol.ENV_JOB_ID: job_id,
-           protocol.ENV_RETRY_ATTEMPT: str(attempt), "STORAGE_EMULATOR_HOST": stack.storage_emulator_host}
+           protocol.ENV_RETRY_ATTEMPT: str(attempt), "STORAGE_EMULATOR_HOST": storage_host or stack.storage_emulator_host}
     done = subprocess.run([sys.executable, "-m", "covalent_gcpbatch_plugin.worker"], env=env, capture_output=True, timeout=120)
     error = bucket.get_blob(objects.error)
     return done.returncode, (protocol.loads_error(error.download_as_bytes()) if error else None)
@@ -133,7 +135,8 @@ def _start_worker(host: str, bucket_name: str, tmp_path, payload: bytes):
     storage = clients.storage_client("p", host)
     bucket = storage.create_bucket(bucket_name)
     blob = bucket.blob(protocol.TaskObjects(job_id).task)
-    blob.metadata = make_spec(python_version=PYTHON, covalent_version=_covalent.__version__).to_metadata()
+    # A short time limit: the worker retries its writes for as long as the task may run (at least 30 s).
+    blob.metadata = make_spec(python_version=PYTHON, covalent_version=_covalent.__version__, time_limit_s=5).to_metadata()
     blob.upload_from_string(payload)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -205,3 +208,55 @@ def test_the_worker_never_replaces_a_result_it_did_not_write(tmp_path):
         assert result.download_as_bytes() == b"planted by someone else"
     finally:
         stop_process_group(gcs)
+
+
+def _print_undecodable_and_return() -> str:
+    import os as _os
+
+    name = _os.fsdecode(b"report-\xff.csv")
+    print(f"file {name} written")
+    return "done"
+
+
+def _raise_with_undecodable_name():
+    import os as _os
+
+    name = _os.fsdecode(b"data-\xfe.bin")
+    raise FileNotFoundError(f"no such file: {name}")
+
+
+def test_any_text_is_storable(local_stack):
+    """Output and exception messages holding bytes that are not UTF-8 (os.fsdecode gives lone
+    surrogates) are stored with those bytes escaped; the outcome is stored and the exit code is the
+    task's. (Before: the stdout upload raised UnicodeEncodeError, exit 12, the result never stored;
+    such an exception message made the error record unwritable, exit 1, and Batch re-ran the task.)"""
+    bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
+    job_id = protocol.make_job_id("feedface", 3, protocol.new_attempt_token())
+    objects = protocol.TaskObjects(job_id)
+    code, error = run_worker(local_stack, cloudpickle.dumps((_print_undecodable_and_return, [], {})), job_id=job_id)
+    assert (code, error) == (0, None)
+    assert cloudpickle.loads(bucket.blob(objects.result).download_as_bytes()) == "done"
+    assert bucket.blob(objects.stdout(0)).download_as_bytes() == b"file report-\\udcff.csv written\n"
+
+    code, error = run_worker(local_stack, cloudpickle.dumps((_raise_with_undecodable_name, [], {})))
+    assert code == protocol.EXIT_TASK_FAILED
+    assert error.type == "FileNotFoundError" and error.message == "no such file: data-\\udcfe.bin"
+
+
+@pytest.mark.parametrize("lost", [protocol.RESULT_OBJECT, protocol.STDOUT_OBJECT])
+def test_a_write_whose_acknowledgement_was_lost_is_done(local_stack, lost):
+    """The worker's upload commits but its answer never arrives (a proxy closes the connection);
+    its retry meets 412 on its own object: same bytes, so the write is done and the task
+    SUCCEEDS. (Before: exit 12, "already exists: refusing to replace", about a result in the bucket.)"""
+    from lost_ack_proxy import LostAckProxy, LostAcks
+
+    bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
+    job_id = protocol.make_job_id("feedface", 4, protocol.new_attempt_token())
+    objects = protocol.TaskObjects(job_id)
+    acks = LostAcks(pattern=f"{objects.prefix}[^\"]*{lost}")
+    with LostAckProxy(local_stack.storage_emulator_host, acks) as proxy:
+        code, error = run_worker(local_stack, cloudpickle.dumps((_shout, ["hi"], {})), job_id=job_id, storage_host=proxy.url)
+    assert acks.dropped, "the proxy lost an acknowledgement"
+    assert (code, error) == (0, None)
+    assert cloudpickle.loads(bucket.blob(objects.result).download_as_bytes()) == "HI"
+    assert bucket.blob(objects.stdout(0)).download_as_bytes() == b"hi\n"
