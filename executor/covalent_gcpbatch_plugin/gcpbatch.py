@@ -246,14 +246,15 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 app_log.warning(f"gcpbatch: stopping job {job_id}: {step.__name__} failed: {type(err).__name__}: {err}")
 
     def _mark_cancelled(self, job_id: str) -> None:
-        self._bucket().blob(objects_of(job_id).cancelled).upload_from_string(b"", content_type="text/plain", timeout=30)
+        self._bucket().blob(objects_of(job_id).cancelled).upload_from_string(b"", content_type="text/plain", timeout=30,
+                                                                              retry=self._retry())
 
     def _cancel_job(self, job_id: str) -> None:
         if _packs.placement(job_id).packed:
             return  # one task of a pack: its worker honours the marker; the pack's job goes on
         try:
             # A cancel applies once however often it is sent: transient errors are retried too.
-            self._batch().cancel_job(name=self._job_name(job_id), timeout=30, retry=self._read_retry())
+            self._batch().cancel_job(name=self._job_name(job_id), timeout=30, retry=self._retry())
         except exceptions.NotFound:
             app_log.debug(f"gcpbatch: cancel of {job_id}: no such job (yet); the marker stops its creation")
         except exceptions.FailedPrecondition as err:
@@ -274,7 +275,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 self._cancel_job(pack_id)
                 app_log.info(f"gcpbatch: cancelled pack {pack_id}: none of its electrons is waited for any more")
                 return
-            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30, retry=self._read_retry())
+            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30, retry=self._retry())
             if JobState(job.status.state.name).is_terminal:
                 self._log_usage(job)
             if not self.keep_artifacts:
@@ -322,10 +323,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """Upload the task object: its spec as metadata (and, in a pack, the pack's id, so the
         function leaves it to the pack's manifest)."""
         try:
-            blob = self._bucket().blob(objects.task)
-            blob.metadata = spec.to_metadata() | ({PACK_METADATA_KEY: pack_id} if pack_id else {})
-            # Generation 0 precondition: a task object is written once; a duplicate never re-fires.
-            blob.upload_from_filename(path, content_type="application/octet-stream", if_generation_match=0)
+            # Written once (generation 0): a duplicate never re-fires the function; a lost answer is no failure.
+            clients.create_object(self._bucket(), objects.task, path, content_type="application/octet-stream",
+                                  metadata=spec.to_metadata() | ({PACK_METADATA_KEY: pack_id} if pack_id else {}),
+                                  retry=self._retry())
         finally:
             path.unlink(missing_ok=True)
 
@@ -355,9 +356,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return placements
 
     def _upload_manifest(self, pack_id: str, spec: JobSpec, manifest: PackManifest) -> None:
-        blob = self._bucket().blob(PackObjects(pack_id).manifest)
-        blob.metadata = spec.to_metadata()
-        blob.upload_from_string(manifest.dumps(), content_type="application/json", if_generation_match=0)
+        clients.create_object(self._bucket(), PackObjects(pack_id).manifest, manifest.dumps(), content_type="application/json",
+                              metadata=spec.to_metadata(), retry=self._retry())
 
     def _wait_plan(self) -> WaitPlan:
         return WaitPlan.for_task(submit_timeout=self.submit_timeout, queue_timeout=self.queue_timeout,
@@ -422,7 +422,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if placement.packed:
             return self._reconcile_member(job_id, placement)
         try:
-            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._read_retry())
+            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry())
         except exceptions.NotFound:
             return self._not_created(job_id)
         state = JobState(job.status.state.name)
@@ -435,7 +435,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """One get_task of the electron's task in its pack (None: the pack's job does not exist yet)."""
         try:
             task = self._batch().get_task(name=task_name(self._job_name(placement.pack_id), placement.index), timeout=30,
-                                          retry=self._read_retry())
+                                          retry=self._retry())
         except exceptions.NotFound:
             refused = self._not_created(placement.pack_id)
             return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
@@ -446,10 +446,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _not_created(self, job_id: str) -> JobEvent | None:
         """The function's record of a task (or pack) it created no job for (refused or cancelled), if any."""
-        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30, retry=self._read_retry())
+        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30, retry=self._retry())
         if blob is None:
             return None
-        return loads_not_created(blob.download_as_bytes(timeout=30, retry=self._read_retry())).event(job_id)
+        return loads_not_created(blob.download_as_bytes(timeout=30, retry=self._retry())).event(job_id)
 
     async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan) -> Outcome:
         if await self.get_cancel_requested():
@@ -470,7 +470,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             self._fail(f"the deployment refused the task: {outcome.detail}")
         if outcome.state is JobState.CANCELLED:
             raise TaskCancelledError(f"Batch job {job_id} was cancelled")
-        bucket, retry = self._bucket(), self._read_retry()
+        bucket, retry = self._bucket(), self._retry()
         last = objects.last_attempt(blob.name for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=retry))
         if last is not None:
             for name, stream in ((objects.stdout(last), self.task_stdout), (objects.stderr(last), self.task_stderr)):
@@ -509,12 +509,12 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if placement.packed:
             name = task_name(self._job_name(placement.pack_id), placement.index)
             try:
-                task = self._batch().get_task(name=name, timeout=30, retry=self._read_retry())
+                task = self._batch().get_task(name=name, timeout=30, retry=self._retry())
             except exceptions.GoogleAPICallError as err:
                 return f"Batch task {name} ended {state.value} without a result or error record ({err.message})"
             return explain_job_failure(f"{placement.pack_id} task {placement.index}", state, task)
         try:
-            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._read_retry())
+            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry())
         except exceptions.GoogleAPICallError as err:
             return f"Batch job {job_id} ended {state.value} without a result or error record ({err.message})"
         self._log_usage(job)
@@ -536,7 +536,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """For the message of a task that failed after its worker may have stored its outcome:
         where the kept result or error record is, and how to read it ("" if none is stored)."""
         try:
-            names = {blob.name for blob in self._bucket().list_blobs(prefix=objects.prefix, timeout=30, retry=self._read_retry())}
+            names = {blob.name for blob in self._bucket().list_blobs(prefix=objects.prefix, timeout=30, retry=self._retry())}
         except Exception as err:  # noqa: BLE001 - the message says what is known
             return (f"; its objects under gs://{self.bucket_name}/{objects.prefix} are kept (they could not be listed: "
                     f"{type(err).__name__})")
@@ -559,14 +559,14 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         bucket = self._bucket()
         name = objects.prefix
         try:
-            blobs = list(bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=self._read_retry()))
+            blobs = list(bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=self._retry()))
             if not delivered and {objects.result, objects.error} & {blob.name for blob in blobs}:
                 app_log.warning(f"gcpbatch: kept gs://{self.bucket_name}/{objects.prefix}: its outcome was not handed to Covalent")
                 return
             for blob in blobs:
                 if objects.disposable(name := blob.name):
                     try:
-                        bucket.delete_blob(name, timeout=30, retry=self._read_retry())
+                        bucket.delete_blob(name, timeout=30, retry=self._retry())
                     except exceptions.NotFound:
                         pass
         except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome
@@ -577,13 +577,13 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     def _job_name(self, job_id: str) -> str:
         return job_name(self.project_id, self.region, job_id)
 
-    #: How long one read (or cancel, or delete) retries transient errors (clients.TRANSIENT_ERRORS)
-    #: before its error is the answer. Reads are made while waiting or collecting, and a wait's
-    #: phase bound is checked between them.
-    READ_RETRY_S = 120.0
+    #: How long one call (a read, a cancel, a delete, a write made once) retries transient errors
+    #: (clients.TRANSIENT_ERRORS) before its error is the answer. A wait's phase bound is checked
+    #: between calls.
+    RETRY_S = 120.0
 
-    def _read_retry(self):
-        return clients.transient_retry(self.READ_RETRY_S)
+    def _retry(self):
+        return clients.transient_retry(self.RETRY_S)
 
     def _job_events(self):
         """The process's subscriber to this executor's notification topic (events.py). Imported here:

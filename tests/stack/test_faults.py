@@ -341,7 +341,7 @@ def test_a_transient_error_on_a_packed_electron_read_is_retried(covalent_server,
 class ImpatientReader(DirectExecutor):
     """Reads give up on transient errors after 3 s (not 120 s), so that a persistent 429 is quick to test."""
 
-    READ_RETRY_S = 3.0
+    RETRY_S = 3.0
 
 
 def test_a_stored_result_is_kept_when_it_cannot_be_confirmed(local_stack, tmp_path):
@@ -383,6 +383,38 @@ def test_a_stored_result_is_kept_when_it_cannot_be_confirmed(local_stack, tmp_pa
     no_active_job_left(local_stack)
     record("get_job 429 persistent after the result was stored", "FAILED naming gs://.../result.pkl, result kept",
            "FAILED, result kept", elapsed)
+
+
+@pytest.mark.parametrize("lost", [protocol.TASK_OBJECT, protocol.PACK_OBJECT])
+def test_a_lost_acknowledgement_on_the_executors_upload_is_no_failure(local_stack, tmp_path, lost):
+    """The task object's (or a pack manifest's) upload commits but its answer is lost (a real
+    proxy closes the connection): the client's retry meets 412 on our own bytes, which is success,
+    and the electrons complete. (Before: "could not be stored" about an object in the bucket; one
+    lost answer on a manifest failed every electron of the pack.)"""
+    import asyncio
+    import io
+
+    from lost_ack_proxy import LostAckProxy, LostAcks
+
+    acks = LostAcks(pattern=f"{protocol.TASKS_PREFIX}cov-[a-z0-9-]*/{lost}")
+    with LostAckProxy(local_stack.storage_emulator_host, acks) as proxy:
+        async def one(node_id: int):
+            executor = DirectExecutor(**{**local_stack.executor_config(), "cache_dir": str(tmp_path), "time_limit": 120,
+                                         "storage_emulator_host": proxy.url})
+            executor._task_stdout, executor._task_stderr = io.StringIO(), io.StringIO()
+            return await executor.run(lambda: node_id * 7, [], {}, {"dispatch_id": f"lost-ack-{lost}", "node_id": node_id})
+
+        async def scenario():
+            return await asyncio.gather(*(one(n) for n in (1, 2)))
+
+        started = time.monotonic()
+        results = asyncio.run(scenario())
+        elapsed = time.monotonic() - started
+    assert len(acks.dropped) == 1, "the proxy lost one acknowledgement"
+    assert results == [7, 14]
+    no_active_job_left(local_stack)
+    record(f"lost acknowledgement on the executor's {lost} upload", "COMPLETED (412 on our own bytes is success)",
+           "COMPLETED", elapsed)
 
 
 def test_failed_reconcile_read_fails_the_task_and_stops_its_job(covalent_server, local_stack):
