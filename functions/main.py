@@ -10,8 +10,12 @@ A pack (several electrons in one Batch job, one task each) is created from its m
 (``pack.json``), uploaded after its electrons' task objects; those name their pack in their
 metadata and create nothing themselves.
 
-Errors that a retry can fix (Batch unavailable) propagate: the function answers 500 and Eventarc
-redelivers. "Already exists" means a duplicate event for the same upload: success.
+Batch's answer to the create is told as it is. Transient errors (429, 5xx: ``clients.TRANSIENT_ERRORS``)
+are retried, the first one recorded beside the task (``create-delayed.txt``: a task given up at
+``submit_timeout`` names it), then propagate: the function answers 500 and Eventarc redelivers. A
+refusal (400, 403, 404: an invalid job, a missing network or permission) is final: recorded at once
+as not created (REJECTED, Batch's own message), so the task fails in seconds. "Already exists"
+means a duplicate event for the same upload: success.
 """
 
 from __future__ import annotations
@@ -21,28 +25,20 @@ import logging
 
 import functions_framework
 from cloudevents.http.event import CloudEvent
-from google.api_core import exceptions, retry
+from google.api_core import exceptions
 
 from covalent_gcpbatch_plugin import clients, deployment, jobs, protocol
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 
-#: Batch create: retry what is transient, within a bound that keeps us inside Eventarc's deadline.
-CREATE_RETRY = retry.Retry(
-    predicate=retry.if_exception_type(
-        exceptions.ServiceUnavailable,
-        exceptions.InternalServerError,
-        exceptions.TooManyRequests,
-        exceptions.DeadlineExceeded,
-        exceptions.BadGateway,
-        exceptions.GatewayTimeout,
-    ),
-    initial=0.5,
-    maximum=8.0,
-    multiplier=2.0,
-    timeout=60.0,
-)
+#: Batch create (and cancel): how long transient errors are retried, a bound that keeps us inside
+#: Eventarc's deadline (the event is redelivered after it).
+CREATE_RETRY_S = 60.0
+CREATE_RETRY = clients.transient_retry(CREATE_RETRY_S)
 CREATE_TIMEOUT_S = 30.0
+#: Batch's answers to a create that no retry changes: the job is invalid (400), a permission or
+#: API is missing (403), the location, network or image does not exist (404).
+REFUSALS = (exceptions.BadRequest, exceptions.Forbidden, exceptions.NotFound)
 #: A manifest names at most protocol.MAX_PACK_TASKS ids of under 64 characters: anything larger is not one.
 MAX_MANIFEST_BYTES = 128 * 1024
 
@@ -94,6 +90,16 @@ def not_created(bucket: str, job_id: str, state: protocol.JobState, reason: str)
     data, attributes = protocol.not_created_message(job_id, record)
     publisher().publish(settings().topic_path, data, **attributes).result(timeout=30)
     log.warning("not creating job %s (%s): %s", job_id, state.value, reason)
+
+
+def record_create_delay(bucket: str, objects, err: BaseException) -> None:
+    """The first transient answer to this job's create, beside the task (best effort, once)."""
+    log.warning("create of job %s delayed: %s: %s", objects.job_id, type(err).__name__, err)
+    try:
+        storage().bucket(bucket).blob(objects.create_delayed).upload_from_string(
+            f"{type(err).__name__}: {err}"[:4000], content_type="text/plain; charset=utf-8", if_generation_match=0, timeout=30)
+    except Exception as failure:  # noqa: BLE001 - a diagnostic only; the create goes on
+        log.info("create delay of job %s not recorded: %r", objects.job_id, failure)
 
 
 def cancel_job_if_any(job_id: str) -> bool:
@@ -183,17 +189,30 @@ def create_unless_cancelled(bucket: str, name: str, objects, build) -> None:
         # job now would run without its task.
         log.info("not creating job %s: gs://%s/%s is gone", job_id, bucket, name)
         return
+    delayed: list[BaseException] = []
+
+    def first_delay(err: BaseException) -> None:
+        if not delayed:
+            delayed.append(err)
+            record_create_delay(bucket, objects, err)
+
     try:
         batch().create_job(
             parent=jobs.job_parent(settings()),
             job_id=job_id,
             job=build(),
-            retry=CREATE_RETRY,
+            retry=clients.transient_retry(CREATE_RETRY_S, on_error=first_delay),
             timeout=CREATE_TIMEOUT_S,
         )
         log.info("created job %s for gs://%s/%s", job_id, bucket, name)
     except exceptions.Conflict:  # ALREADY_EXISTS: gRPC raises AlreadyExists, REST its base, Conflict
         log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, bucket, name)
+    except REFUSALS as err:
+        not_created(bucket, job_id, protocol.JobState.REJECTED, f"Batch refused to create the job: {err.code} {err.message}")
+        return
+    except exceptions.RetryError as err:
+        record_create_delay(bucket, objects, err.cause or err)
+        raise
     # The cancel may have come while the job was being created (or before a duplicate event):
     # the marker outlives the task, so whichever delivery sees it cancels the job.
     if cancel_marked(bucket, objects):

@@ -41,9 +41,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 is_transient = api_retry.if_exception_type(*TRANSIENT_ERRORS)
 
 
-def transient_retry(timeout_s: float) -> api_retry.Retry:
-    """Retry transient errors (``TRANSIENT_ERRORS``) with exponential backoff for ``timeout_s`` in all."""
-    return api_retry.Retry(predicate=is_transient, initial=0.5, maximum=8.0, multiplier=2.0, timeout=timeout_s)
+def transient_retry(timeout_s: float, on_error=None) -> api_retry.Retry:
+    """Retry transient errors (``TRANSIENT_ERRORS``) with exponential backoff for ``timeout_s`` in
+    all; ``on_error(exc)`` is called with each one that is retried."""
+    return api_retry.Retry(predicate=is_transient, initial=0.5, maximum=8.0, multiplier=2.0, timeout=timeout_s,
+                           on_error=on_error)
 
 
 def _md5_b64(payload: bytes | Path) -> str:

@@ -451,6 +451,17 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             return None
         return loads_not_created(blob.download_as_bytes(timeout=30, retry=self._retry())).event(job_id)
 
+    def _create_delay(self, job_id: str) -> str:
+        """What Batch answered the function's create with, if it recorded a transient error."""
+        pack_id = _packs.placement(job_id).pack_id
+        name = objects_of(pack_id or job_id).create_delayed
+        try:
+            blob = self._bucket().get_blob(name, timeout=30, retry=self._retry())
+            text = "" if blob is None else blob.download_as_bytes(timeout=30, retry=self._retry()).decode("utf-8", "replace")
+        except Exception as err:  # noqa: BLE001 - the give-up message says what it can
+            return f" (its create-delay record could not be read: {type(err).__name__})"
+        return f"; Batch answered the function's create with {text.strip()}" if text.strip() else ""
+
     async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan) -> Outcome:
         if await self.get_cancel_requested():
             # The user cancelled it (e.g. before its job existed, so no CANCELLED event came): that
@@ -458,6 +469,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             await self.cancel({}, job_id)
             return Outcome(JobState.CANCELLED, "cancelled before the job reached a terminal state")
         reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=self.retries)
+        if state is None:
+            reason += await asyncio.to_thread(self._create_delay, job_id)
         await self.cancel({}, job_id)
         return Outcome(JobState.FAILED, gave_up=reason + "; the job was cancelled")
 

@@ -185,6 +185,31 @@ def test_transient_5xx_on_create_is_retried(covalent_server, local_stack):
     record("Batch 503 on create, twice", "COMPLETED after retry", f"{result.status}, 1 job", elapsed)
 
 
+@pytest.mark.parametrize("status, kind", [(400, "invalid job"), (403, "permission missing"), (404, "network missing")])
+def test_a_create_refused_by_batch_fails_in_seconds_with_its_message(covalent_server, local_stack, status, kind):
+    """Batch refuses the create for good (an invalid job, a missing permission, a network or
+    accelerator not in the region): the function records it as not created at once, with Batch's
+    own message, and does not retry; the task FAILS in seconds, not at submit_timeout. (Before: the
+    refusal propagated as a 500, Eventarc redelivered it, and the task failed at submit_timeout
+    saying the function did not run.)"""
+    batch_admin(local_stack, "faults", {"fail_create": 10_000, "fail_create_status": status})
+    executor = GCPBatchExecutor(time_limit=120, submit_timeout=120)
+    try:
+        dispatch_id, result, elapsed = run_flow(one_node_flow(executor, lambda: "never"))
+        creates = create_attempts_of_dispatch(local_stack, dispatch_id)
+    finally:
+        batch_admin(local_stack, "reset", {})
+    node = nodes_by_name(result)["task"]
+    assert str(node["status"]) == "FAILED"
+    assert f"the deployment refused the task: Batch refused to create the job: {status}" in node["stderr"], node["stderr"]
+    assert "injected create_job failure" in node["stderr"], "Batch's own message"
+    assert creates == 1, "a refusal is not retried"
+    assert elapsed < SETTLE_S, "not submit_timeout (120 s)"
+    no_active_job_left(local_stack)
+    record(f"Batch refuses the create ({status}: {kind})", "FAILED at once with Batch's message, one create",
+           f"FAILED '{status}', 1 create", elapsed)
+
+
 def test_persistent_5xx_on_create_fails_at_submit_timeout(covalent_server, local_stack):
     batch_admin(local_stack, "faults", {"fail_create": 10_000, "fail_create_status": 503})
     executor = GCPBatchExecutor(time_limit=120, submit_timeout=8)
@@ -195,6 +220,7 @@ def test_persistent_5xx_on_create_fails_at_submit_timeout(covalent_server, local
     node = nodes_by_name(result)["task"]
     assert str(node["status"]) == "FAILED"
     assert "was created within submit_timeout=8 s" in node["stderr"] and "the job was cancelled" in node["stderr"]
+    assert "Batch answered the function's create with ServiceUnavailable: 503" in node["stderr"], node["stderr"]
     assert elapsed < 8 + 30
     # The executor has given up and cleaned up, but the function is still retrying its create
     # (CREATE_RETRY, 60 s): now that Batch answers, the job IS created. The cancel marker outlived
@@ -681,9 +707,10 @@ def test_time_limit_exceeded(covalent_server, local_stack):
 
 
 def test_function_fails_once_and_the_event_is_redelivered(covalent_server, local_stack):
-    """A non-retryable create error (403) makes the function answer 500: the bridge nacks, Pub/Sub
-    redelivers the finalize event, and the second delivery creates the job."""
-    batch_admin(local_stack, "faults", {"fail_create": 1, "fail_create_status": 403})
+    """An unexpected create error (501: neither transient, which the function retries itself, nor a
+    refusal, which it records) makes the function answer 500: the bridge nacks, Pub/Sub redelivers
+    the finalize event, and the second delivery creates the job."""
+    batch_admin(local_stack, "faults", {"fail_create": 1, "fail_create_status": 501})
     dispatch_id, result, elapsed = run_flow(one_node_flow(GCPBatchExecutor(time_limit=120), lambda: "redelivered"))
     assert str(result.status) == "COMPLETED" and result.result == "redelivered"
     (job,) = jobs_of_dispatch(local_stack, dispatch_id)

@@ -22,6 +22,10 @@ CANCEL_OBJECT = "cancelled"
 #: Written by the function when it creates no job for a task (refused, or cancelled first): a
 #: ``NotCreated`` record, so an executor that polls (no Pub/Sub) learns it too.
 NOT_CREATED_OBJECT = "not-created.json"
+#: Written once by the function when Batch answers its create with a transient error (429, 5xx):
+#: the text of that error, so that a task given up at ``submit_timeout`` says why. The function
+#: keeps retrying (its own backoff, then Eventarc's redelivery).
+CREATE_DELAYED_OBJECT = "create-delayed.txt"
 #: The manifest of a pack (one Batch job whose tasks run several electrons): ``PackManifest`` JSON
 #: under the pack's own prefix, with the pack's job spec as metadata. Its upload creates the job.
 PACK_OBJECT = "pack.json"
@@ -51,6 +55,10 @@ class _Prefix:
     @property
     def not_created(self) -> str:
         return self.prefix + NOT_CREATED_OBJECT
+
+    @property
+    def create_delayed(self) -> str:
+        return self.prefix + CREATE_DELAYED_OBJECT
 
 
 @dataclass(frozen=True)
