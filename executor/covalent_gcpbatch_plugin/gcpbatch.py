@@ -373,7 +373,6 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         while True:
             try:
                 item = await asyncio.wait_for(inbox.get(), wait.timeout(loop.time()))
-                wait.heard()
                 if isinstance(item, PackEvent):
                     # The pack's job moved: it exists (the electron is queued at least); once it has
                     # ended, the electron's own task says how the electron did.

@@ -17,6 +17,12 @@ Within a phase, silence longer than ``reconcile_interval`` triggers one ``get_jo
 doubling each time, so a long quiet job costs O(log(time_limit)) reads, not a poll. When a
 phase's bound passes and Batch confirms the job is still not done, the job is cancelled and the
 task fails with ``give_up_reason``.
+
+Bounds cannot be stretched: anyone whose job may publish on the topic can send messages, and
+Batch itself repeats and reorders them. A phase's bound runs from the first time the wait entered
+it, and only a message that moves the job forward (QUEUED -> SCHEDULED -> RUNNING) changes the
+phase or resets the read interval; duplicates, late or unknown states (STATE_UNSPECIFIED, ...)
+change neither.
 """
 
 from __future__ import annotations
@@ -124,12 +130,11 @@ _ORDER = [JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING]
 
 
 def progressed(old: JobState | None, new: JobState) -> bool:
-    """Out-of-order duplicates (QUEUED after RUNNING) must not move the wait backwards."""
-    if old is None:
-        return True
-    if old in _ORDER and new in _ORDER:
-        return _ORDER.index(new) > _ORDER.index(old)
-    return True
+    """Whether ``new`` moves a job in ``old`` forward: out-of-order duplicates (QUEUED after
+    RUNNING), repeats and states outside the job's way to RUNNING never do."""
+    if new not in _ORDER:
+        return False
+    return old is None or _ORDER.index(new) > _ORDER.index(old)
 
 
 class JobWait:
@@ -141,6 +146,8 @@ class JobWait:
         self.plan = plan
         self.listening = listening
         self.state: JobState | None = None
+        #: When the wait first entered each phase (None: not seen yet); a bound runs from there.
+        self.entered: dict[JobState | None, float] = {None: now}
         self.phase_end = now + plan.phase_bound(None)
         self.quiet = plan.reconcile_interval if listening else float(poll_interval)
         self.cancel_sent = False
@@ -153,11 +160,6 @@ class JobWait:
         """Nothing came within ``timeout``: the executor reads the job once."""
         if self.listening:
             self.quiet *= 2  # each overdue read waits twice as long for the next
-
-    def heard(self) -> None:
-        """An event was pushed: the job is talking, reads go back to their first interval."""
-        if self.listening:
-            self.quiet = self.plan.reconcile_interval
 
     def cancel_requested(self) -> Outcome | None:
         """``cancel()`` has marked the task and asked Batch. A job not seen yet is settled now (the
@@ -173,7 +175,10 @@ class JobWait:
         if event is not None and event.state.is_terminal:
             return Outcome(event.state, event.detail)
         if event is not None and progressed(self.state, event.state):
-            self.state, self.phase_end = event.state, now + self.plan.phase_bound(event.state)
+            self.state = event.state
+            self.phase_end = self.entered.setdefault(event.state, now) + self.plan.phase_bound(event.state)
+            if self.listening:  # the job moved: reads go back to their first interval
+                self.quiet = self.plan.reconcile_interval
             return None
         if now >= self.phase_end:
             return GIVE_UP

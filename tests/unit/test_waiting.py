@@ -56,9 +56,36 @@ def test_silence_doubles_the_read_interval_until_news_arrive():
         timeouts.append(wait.timeout(0))
         wait.silence()
     assert timeouts == [5, 10, 20, 40]
-    wait.heard()
-    assert wait.timeout(0) == 5
+    wait.observe(event(JobState.RUNNING), 0)
+    assert wait.timeout(0) == 80, "a repeated state is no news"
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    wait.observe(event(JobState.QUEUED), 0)
+    wait.silence()
+    wait.observe(event(JobState.RUNNING), 0)
+    assert wait.timeout(0) == 5, "the job moved: reads go back to their first interval"
     assert wait.timeout(99) == 1, "never past the phase's bound"
+
+
+def test_messages_that_do_not_move_the_job_cannot_stretch_its_bound():
+    """RUNNING and STATE_UNSPECIFIED alternating (anyone whose job may publish on the topic can send
+    them): the run bound still ends 100 s after the first RUNNING, and the reads do not come back
+    to their first interval."""
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    wait.observe(event(JobState.RUNNING), 5)
+    wait.silence()
+    for now, state in zip(range(20, 105, 20), [JobState.STATE_UNSPECIFIED, JobState.RUNNING] * 3):
+        assert wait.observe(event(state), now) is None
+    assert wait.timeout(100) == 5 and wait.quiet == 10, "no reset of the backoff"
+    assert wait.observe(event(JobState.STATE_UNSPECIFIED), 105) == GIVE_UP
+    assert wait.state is JobState.RUNNING
+
+
+def test_a_phase_bound_runs_from_its_first_entry():
+    wait = JobWait(PLAN, listening=True, poll_interval=1, now=0)
+    wait.observe(event(JobState.QUEUED), 1)
+    wait.observe(event(JobState.CANCELLATION_IN_PROGRESS), 20)
+    wait.observe(event(JobState.QUEUED), 25)
+    assert wait.phase_end == 31 and wait.observe(None, 31) == GIVE_UP
 
 
 def test_polling_reads_at_a_fixed_interval():
