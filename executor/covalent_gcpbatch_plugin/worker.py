@@ -54,6 +54,7 @@ from .errors import SpecError, WorkerError
 from .protocol import (
     ENV_BUCKET,
     ENV_JOB_ID,
+    ENV_JOB_UID,
     ENV_PACK_ID,
     ENV_RETRY_ATTEMPT,
     ENV_TASK_INDEX,
@@ -62,12 +63,15 @@ from .protocol import (
     EXIT_UPLOAD_FAILED,
     EXIT_WORKER_ERROR,
     ErrorRecord,
+    OUTCOME_ATTEMPT_KEY,
+    OUTCOME_JOB_UID_KEY,
     PACK_METADATA_KEY,
     JobSpec,
     PackManifest,
     PackObjects,
     TaskObjects,
     dumps_error,
+    loads_error,
 )
 
 
@@ -313,7 +317,33 @@ def load_task(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None =
     return function, args, kwargs
 
 
+def stored_by_this_job(bucket, objects: TaskObjects) -> tuple[int, str] | None:
+    """(the exit code it stands for, the attempt that wrote it) of an outcome that an earlier
+    attempt of this job stored, or None: Batch retries an attempt whose VM died after the write
+    and before the attempt was recorded, and the task must not run twice. Only an outcome tagged
+    with this job's UID counts; anything else is another writer's (refused when storing)."""
+    uid = os.environ.get(ENV_JOB_UID, "")
+    if not uid:
+        return None
+    retry = clients.transient_retry(STORE_TIMEOUT_S)
+    for name in (objects.result, objects.error):
+        blob = bucket.get_blob(name, retry=retry, timeout=60)
+        if blob is None or (blob.metadata or {}).get(OUTCOME_JOB_UID_KEY) != uid:
+            continue
+        code = 0
+        if name == objects.error:
+            code = EXIT_TASK_FAILED if loads_error(blob.download_as_bytes(retry=retry, timeout=60)).phase == "task" else EXIT_WORKER_ERROR
+        return code, (blob.metadata or {}).get(OUTCOME_ATTEMPT_KEY, "?")
+    return None
+
+
 def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None) -> int:
+    earlier = stored_by_this_job(bucket, objects)
+    if earlier is not None:
+        code, by = earlier
+        print(f"covalent-gcpbatch worker: attempt {attempt()}: attempt {by} of this job stored the task's outcome "
+              f"already (exit {code}); not running the task again", file=sys.stderr)
+        return code
     budget = StoreBudget()
     stdout, stderr = Tee(sys.stdout), Tee(sys.stderr)
     outcome: tuple[str, bytes | Path] | None = None
@@ -395,8 +425,10 @@ def store_outcome(bucket, objects: TaskObjects, outcome: tuple[str, bytes | Path
     whose answer was lost is success)."""
     name, payload = outcome
     content_type = "application/octet-stream" if isinstance(payload, Path) else "application/json"
+    uid = os.environ.get(ENV_JOB_UID, "")
+    tag = {OUTCOME_JOB_UID_KEY: uid, OUTCOME_ATTEMPT_KEY: str(attempt())} if uid else None
     try:
-        clients.create_object(bucket, name, payload, content_type=content_type, retry=retry)
+        clients.create_object(bucket, name, payload, content_type=content_type, retry=retry, metadata=tag)
     except PreconditionFailed:
         raise WorkerError(f"gs://{bucket.name}/{name} already exists: refusing to replace an outcome this worker did "
                           "not write (another writer in the bucket, or an earlier attempt of this task)") from None

@@ -678,6 +678,42 @@ def test_invalid_configuration_fails_at_construction_naming_the_key(settings, ke
     record(f"invalid config {key}", "ConfigError naming key", "ConfigError", time.monotonic() - started)
 
 
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_retry_after_the_outcome_was_stored_does_not_run_the_task_again(covalent_server, local_stack, tmp_path, raises):
+    """The attempt stores its outcome, then its VM is preempted before Batch records the attempt
+    (exit 50001): Batch retries. The next attempt finds the outcome its own job wrote (tagged with
+    the job's UID) and exits with its code without running the task again: COMPLETED with the
+    result (or FAILED with the task's own error), the task run once. (Before: it ran the code
+    again, met 412 on its own result, exit 12: FAILED.)"""
+    runs = tmp_path / "runs"
+    batch_admin(local_stack, "faults", {"preempt_after_exit": {"*": 1}})
+
+    def body(path, fail):
+        with open(path, "a") as f:
+            f.write("ran\n")
+        if fail:
+            raise ValueError("the task's own failure")
+        return "stored once"
+
+    try:
+        dispatch_id, result, elapsed = run_flow(one_node_flow(GCPBatchExecutor(time_limit=120, retries=2, pack_window=0), body),
+                                                str(runs), raises)
+    finally:
+        batch_admin(local_stack, "reset", {})
+    node = nodes_by_name(result)["task"]
+    if raises:
+        assert str(node["status"]) == "FAILED" and "ValueError: the task's own failure" in node["stderr"], node["stderr"]
+    else:
+        assert str(node["status"]) == "COMPLETED", (node["status"], node.get("stderr"))
+        assert node["output"].get_deserialized() == "stored once"
+    assert runs.read_text() == "ran\n", "the task ran once"
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert exit_codes(job)[:1] == [50001]
+    no_active_job_left(local_stack)
+    record(f"VM lost after the {'error record' if raises else 'result'} was stored, before Batch recorded it",
+           "retry finds its job's outcome; task not re-run", f"{node['status']}, ran once", elapsed)
+
+
 def test_preempted_then_succeeds(covalent_server, local_stack):
     batch_admin(local_stack, "faults", {"preempt": {"*": 1}})
     dispatch_id, result, elapsed = run_flow(one_node_flow(GCPBatchExecutor(time_limit=120, retries=2), lambda: 42))

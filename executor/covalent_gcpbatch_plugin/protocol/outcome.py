@@ -17,6 +17,14 @@ ENV_PACK_ID = "GCPBATCH_PACK_ID"
 ENV_TASK_INDEX = "BATCH_TASK_INDEX"
 #: Set by Batch in every task: 0 for the first attempt, then 1, 2... for its retries.
 ENV_RETRY_ATTEMPT = "BATCH_TASK_RETRY_ATTEMPT"
+#: Set by Batch on the VM of every task: the job's UID (a job id can be reused once the job is
+#: deleted; its UID never is). Public Batch task scripts read it as BATCH_JOB_UID.
+ENV_JOB_UID = "BATCH_JOB_UID"
+#: Object metadata of an outcome (result.pkl, error.json): the UID of the job whose worker wrote
+#: it and the attempt. A retried attempt of the same job that finds its job's outcome stored
+#: (the VM died after the write, before Batch recorded the attempt) does not run the task again.
+OUTCOME_JOB_UID_KEY = "gcpbatch-job-uid"
+OUTCOME_ATTEMPT_KEY = "gcpbatch-attempt"
 
 
 #: Worker exit codes. Batch retries any other non-zero exit (up to ``retries``), so these two, which

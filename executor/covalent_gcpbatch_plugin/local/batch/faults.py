@@ -18,6 +18,9 @@ class Faults:
     #: One-shot: the next attempt of the job is preempted this many seconds after it starts (a
     #: spot VM reclaimed late in the task), so a retry has to run the task again in full.
     preempt_after_s: dict[str, float] = field(default_factory=dict)
+    #: Attempts whose VM is preempted right after their worker's process ended (its outcome
+    #: stored, the attempt not recorded): Batch retries, and the next attempt finds the outcome.
+    preempt_after_exit: dict[str, int] = field(default_factory=dict)
     fail_create: int = 0
     fail_create_status: int = 503
     #: Reads (get_job and get_task, which share Batch's read quota) that fail with
@@ -31,13 +34,15 @@ class Faults:
 
     def update(self, body: Mapping) -> None:
         """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
-        known = {"preempt", "preempt_after_s", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
+        known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
                  "drop_notifications", "drop_task_notifications", "duplicate_notifications"}
         unknown = set(body) - known
         if unknown:
             raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
         for job, count in dict(body.get("preempt", {})).items():
             self.preempt[str(job)] = int(count)
+        for job, count in dict(body.get("preempt_after_exit", {})).items():
+            self.preempt_after_exit[str(job)] = int(count)
         for job, seconds in dict(body.get("preempt_after_s", {})).items():
             if float(seconds) < 0:
                 raise ValueError("preempt_after_s values are seconds >= 0")
@@ -61,6 +66,13 @@ class Faults:
         for key in (job_id, "*"):
             if self.preempt.get(key, 0) > 0:
                 self.preempt[key] -= 1
+                return True
+        return False
+
+    def take_preempt_after_exit(self, job_id: str) -> bool:
+        for key in (job_id, "*"):
+            if self.preempt_after_exit.get(key, 0) > 0:
+                self.preempt_after_exit[key] -= 1
                 return True
         return False
 
@@ -89,7 +101,8 @@ class Faults:
         return any(state in self.drop_task_notifications.get(key, ()) for key in (job_id, "*"))
 
     def to_json(self) -> dict:
-        return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+        return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s,
+                "preempt_after_exit": self.preempt_after_exit, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
                 "fail_get": self.fail_get, "fail_get_status": self.fail_get_status,
                 "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
                 "drop_task_notifications": {k: sorted(v) for k, v in self.drop_task_notifications.items()},

@@ -131,7 +131,7 @@ HOST_ONLY_PREFIXES = ("COVALENT_", "XDG_")
 
 def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable: batch_v1.Runnable,
                      retry_attempt: int, site_packages: Path, *, home: Path, index: int = 0,
-                     count: int = 1) -> dict[str, str]:
+                     count: int = 1, job_uid: str = "") -> dict[str, str]:
     """The service's environment (less HOST_ONLY_PREFIXES), Batch's predefined variables, the
     task's, then the runnable's.
 
@@ -150,6 +150,7 @@ def task_environment(base: Mapping[str, str], spec: batch_v1.TaskSpec, runnable:
         "BATCH_TASK_INDEX": str(index),
         "BATCH_TASK_COUNT": str(count),
         "BATCH_TASK_RETRY_ATTEMPT": str(retry_attempt),
+        protocol.ENV_JOB_UID: job_uid,
         **spec.environment.variables,
         **runnable.environment.variables,
     }

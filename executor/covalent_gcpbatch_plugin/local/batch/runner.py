@@ -624,6 +624,7 @@ class LocalBatch:
                 self._enter(record, State.RUNNING)
             preempt = self.faults.take_preempt(record.job_id)
             preempt_after = self.faults.take_preempt_after(record.job_id)
+            preempt_after_exit = self.faults.take_preempt_after_exit(record.job_id)
         limit = spec.max_run_duration.total_seconds() if spec.max_run_duration else 0.0
         deadline = time.monotonic() + limit if limit > 0 else None
         count = len(record.tasks)
@@ -633,7 +634,7 @@ class LocalBatch:
                 site_packages = workdir / ".task-site-packages"
                 site_packages.mkdir(exist_ok=True)  # before start: Python skips a PYTHONPATH entry missing then
                 env = task_environment(self.base_env, spec, runnable, retries, site_packages, home=workdir,
-                                       index=task.index, count=count)
+                                       index=task.index, count=count, job_uid=record.job.uid)
                 try:
                     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -670,6 +671,9 @@ class LocalBatch:
                 if record.stop is not None:
                     return None
                 exit_code = exit_code_of(returncode)
+                if preempt_after_exit:
+                    # The VM went after the worker's last write, before Batch recorded the attempt.
+                    return EXIT_PREEMPTED, ": the VM was preempted as its task ended (injected fault)"
                 if exit_code != 0 and not runnable.ignore_exit_status:
                     return exit_code, ""
         return 0, ""
