@@ -481,7 +481,16 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if outcome.state is JobState.REJECTED:
             self._fail(f"the deployment refused the task: {outcome.detail}")
         if outcome.state is JobState.CANCELLED:
-            raise TaskCancelledError(f"Batch job {job_id} was cancelled")
+            placement = _packs.placement(job_id)
+            if not placement.packed:
+                raise TaskCancelledError(f"Batch job {job_id} was cancelled")
+            # Cancelled (its marker), or its task never ran (UNEXECUTED): cancelled only if its
+            # pack's job was; a job that failed first (no VM to be had...) fails the electron.
+            marked = self._bucket().get_blob(objects.cancelled, timeout=30, retry=self._retry()) is not None
+            why = None if marked else self._why_unexecuted(placement)
+            if why is None:
+                raise TaskCancelledError(f"task {placement.index} of Batch job {placement.pack_id} was cancelled")
+            self._fail(why)
         bucket, retry = self._bucket(), self._retry()
         last = objects.last_attempt(blob.name for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=retry))
         if last is not None:
@@ -509,6 +518,17 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             step.delivered = True
             raise TaskRuntimeError(f"{record.type}: {record.message}")
         self._fail(self._explain_failure(job_id, outcome.state))
+
+    def _why_unexecuted(self, placement: packing.Placement) -> str | None:
+        """Why an electron's task in a pack never ran: None if the pack's job was cancelled, else
+        the job's state and status events."""
+        job = self._batch().get_job(name=self._job_name(placement.pack_id), timeout=30, retry=self._retry())
+        state = JobState(job.status.state.name)
+        if state in (JobState.CANCELLED, JobState.CANCELLATION_IN_PROGRESS):
+            return None
+        self._log_usage(job)
+        return (f"task {placement.index} of Batch job {placement.pack_id} never ran: "
+                + explain_job_failure(placement.pack_id, state, job))
 
     def _fail(self, message: str) -> None:
         """Covalent keeps a failed node's stderr, not the exception's message: write it there too."""

@@ -23,6 +23,7 @@ from workflow_helpers import (
     nonzero_exit_codes,
     batch_admin,
     create_attempts_of_dispatch,
+    ended_jobs_of_dispatch,
     failure_details,
     jobs_of_dispatch,
     node_results,
@@ -540,6 +541,33 @@ def test_a_pack_whose_notifications_are_all_lost_is_settled_by_get_task(covalent
     assert elapsed < SETTLE_S
     no_active_job_left(local_stack)
     record("pack: every notification lost", "COMPLETED via get_task", f"{result.status} ({reads} get_task)", elapsed)
+
+
+NO_ZONE = ("No zone supports all of the provided instance templates (injected fault; Batch's words, "
+           "Nextflow #5550)")
+
+
+def test_a_pack_whose_job_fails_before_its_tasks_start_fails_every_electron(covalent_server, local_stack):
+    """No VM can be had: the pack's job goes SCHEDULED -> FAILED and its tasks never run
+    (UNEXECUTED). Each electron FAILS with the job's own status events; UNEXECUTED is not
+    CANCELLED, since nobody cancelled. (Before: CANCELLED, "Batch job <electron id> was
+    cancelled", naming a job id that is not a Batch job.)"""
+    batch_admin(local_stack, "faults", {"fail_scheduling": {"*": NO_ZONE}})
+    try:
+        dispatch_id, result, elapsed = run_flow(fan_out_flow(GCPBatchExecutor(time_limit=120), 3))
+    finally:
+        batch_admin(local_stack, "reset", {})
+    nodes = [n for n in node_results(result) if n["node_name"] == "add_one"]
+    assert [str(n["status"]) for n in nodes] == ["FAILED"] * 3, [(n["status"], n["stderr"]) for n in nodes]
+    (job,) = ended_jobs_of_dispatch(local_stack, dispatch_id)
+    pack_id = protocol.job_id_of_job_name(job.name)
+    for node in nodes:
+        assert f"of Batch job {pack_id} never ran" in node["stderr"] and "No zone supports all" in node["stderr"], node["stderr"]
+    assert job.status.state.name == "FAILED"
+    assert elapsed < SETTLE_S
+    no_active_job_left(local_stack)
+    record("a pack's job fails before its tasks start (no zone)", "every electron FAILED with the job's events",
+           "3 FAILED 'No zone supports...'", elapsed)
 
 
 def test_a_refused_pack_fails_every_electron_with_the_reason(covalent_server, local_stack):

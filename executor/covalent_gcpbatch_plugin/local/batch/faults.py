@@ -21,6 +21,10 @@ class Faults:
     #: Attempts whose VM is preempted right after their worker's process ended (its outcome
     #: stored, the attempt not recorded): Batch retries, and the next attempt finds the outcome.
     preempt_after_exit: dict[str, int] = field(default_factory=dict)
+    #: One-shot: the job fails when it is scheduled, with this text in its status event (as real
+    #: Batch words it: "No zone supports all of the provided instance templates", Nextflow #5550),
+    #: none of its tasks started.
+    fail_scheduling: dict[str, str] = field(default_factory=dict)
     fail_create: int = 0
     fail_create_status: int = 503
     #: Reads (get_job and get_task, which share Batch's read quota) that fail with
@@ -34,13 +38,15 @@ class Faults:
 
     def update(self, body: Mapping) -> None:
         """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
-        known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
+        known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_scheduling", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
                  "drop_notifications", "drop_task_notifications", "duplicate_notifications"}
         unknown = set(body) - known
         if unknown:
             raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
         for job, count in dict(body.get("preempt", {})).items():
             self.preempt[str(job)] = int(count)
+        for job, reason in dict(body.get("fail_scheduling", {})).items():
+            self.fail_scheduling[str(job)] = str(reason)
         for job, count in dict(body.get("preempt_after_exit", {})).items():
             self.preempt_after_exit[str(job)] = int(count)
         for job, seconds in dict(body.get("preempt_after_s", {})).items():
@@ -68,6 +74,12 @@ class Faults:
                 self.preempt[key] -= 1
                 return True
         return False
+
+    def take_fail_scheduling(self, job_id: str) -> str | None:
+        for key in (job_id, "*"):
+            if key in self.fail_scheduling:
+                return self.fail_scheduling.pop(key)
+        return None
 
     def take_preempt_after_exit(self, job_id: str) -> bool:
         for key in (job_id, "*"):
@@ -102,7 +114,7 @@ class Faults:
 
     def to_json(self) -> dict:
         return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s,
-                "preempt_after_exit": self.preempt_after_exit, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+                "preempt_after_exit": self.preempt_after_exit, "fail_scheduling": self.fail_scheduling, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
                 "fail_get": self.fail_get, "fail_get_status": self.fail_get_status,
                 "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
                 "drop_task_notifications": {k: sorted(v) for k, v in self.drop_task_notifications.items()},

@@ -520,8 +520,24 @@ class LocalBatch:
             self.queue.popleft()
             record.vms_wanted = record.job.task_groups[0].parallelism
             self._enter(record, State.SCHEDULED)
+            reason = self.faults.take_fail_scheduling(record.job_id)
+            if reason is not None:
+                self._fail_unscheduled(record, reason)
+                continue
             while self.running < self.max_running and record.vms_wanted > 0 and record.pending:
                 self._start_vm(record)
+
+    def _fail_unscheduled(self, record: JobRecord, reason: str) -> None:
+        """No VM can be had for the job (lock held): SCHEDULED -> FAILED with ``reason`` in its
+        status event, its tasks never started (UNEXECUTED), as Batch ends a job whose instance
+        templates no zone supports (Nextflow #5550)."""
+        now = time.time()
+        for index in record.pending:
+            self._task_enter(record, record.tasks[index], TaskState.UNEXECUTED, now)
+        record.pending.clear()
+        record.vms_wanted = 0
+        self._enter(record, State.FAILED, because=f" {reason}")
+        record.finished.set()
 
     def _start_vm(self, record: JobRecord) -> None:
         """A new VM for the job, which takes its next pending task at once (ASSIGNED) and boots."""
