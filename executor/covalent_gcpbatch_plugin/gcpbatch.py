@@ -303,6 +303,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             retries=self.retries,
             python_version=python,
             covalent_version=str(versions["covalent"]),
+            start_within_s=float(self.submit_timeout + self.queue_timeout),
             options=settings.job_options(self.__dict__),
         )
 

@@ -60,6 +60,7 @@ from .protocol import (
     ENV_TASK_INDEX,
     EXIT_CANCELLED,
     EXIT_TASK_FAILED,
+    EXIT_TOO_LATE,
     EXIT_UPLOAD_FAILED,
     EXIT_WORKER_ERROR,
     ErrorRecord,
@@ -110,6 +111,10 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 #: How often an electron of a pack checks its cancel marker while it runs (a cancel stops it
 #: within this plus the SIGTERM's unwinding: well inside 10 s).
 CANCEL_CHECK_S = 3.0
+
+
+class TooLate(Exception):
+    """The electron's start deadline passed before its worker started: it is not run."""
 
 
 class ElectronCancelled(Exception):
@@ -279,6 +284,18 @@ def check_versions(spec: JobSpec, python: str, covalent_version: str) -> None:
         )
 
 
+def check_start_deadline(spec: JobSpec, created) -> None:
+    """Refuse (TooLate) an electron starting after ``spec.start_within_s`` from its task object's
+    creation, by GCS's clock (``created``: the object's timeCreated)."""
+    if spec.start_within_s is None or created is None:
+        return
+    late = time.time() - created.timestamp() - spec.start_within_s
+    if late > 0:
+        raise TooLate(f"the electron's start deadline passed {late:.0f} s ago (it had to start within "
+                      f"{spec.start_within_s:g} s of its upload: submit_timeout + queue_timeout, by when its executor "
+                      "had stopped waiting): not run")
+
+
 def error_record(exc: BaseException, phase: str) -> ErrorRecord:
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
@@ -304,6 +321,7 @@ def load_task(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None =
         raise WorkerError(str(err)) from None
     if budget is not None:
         budget.time_limit_s = spec.time_limit_s
+    check_start_deadline(spec, blob.time_created)
     check_versions(spec, *running_versions())
     path = workdir / "task.pkl"
     blob.download_to_filename(path)
@@ -378,6 +396,9 @@ def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None)
             outcome = (objects.result, result_path)
     except ElectronCancelled:
         raise
+    except TooLate as exc:
+        print(f"covalent-gcpbatch worker: {exc}", file=stderr)
+        outcome, exit_code = (objects.error, dumps_error(error_record(exc, "worker"))), EXIT_TOO_LATE
     except WorkerError as exc:
         print(f"covalent-gcpbatch worker: {exc}", file=stderr)
         outcome, exit_code = (objects.error, dumps_error(error_record(exc, "worker"))), EXIT_WORKER_ERROR

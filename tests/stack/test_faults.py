@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from workflow_helpers import (
     node_results,
     no_active_job_left,
     nodes_by_name,
+    wait_until,
     wait_for,
     wait_for_delivery,
 )
@@ -619,6 +621,47 @@ def _spec(**changes) -> protocol.JobSpec:
     versions = {"python": platform.python_version(), "covalent": covalent.__version__}
     spec = GCPBatchExecutor()._job_spec("faults", 0, versions)
     return spec.model_copy(update=changes)
+
+
+def _touch(path):
+    open(path, "w").close()
+
+
+def test_a_dead_servers_electron_whose_job_starts_late_is_not_run(local_stack, tmp_path):
+    """The executor uploads the task and dies (its Covalent server SIGKILLed: nobody will wait or
+    cancel). Its job starts only after the electron's start deadline (in production submit_timeout
+    + queue_timeout, a queued GPU job getting capacity later; here a deadline of 50 ms, which no
+    start meets): the worker writes a not-run record and exits EXIT_TOO_LATE, and the task never
+    runs. (Before: the job ran the work, for nobody, whenever capacity appeared.)"""
+    executor = DirectExecutor(**{**local_stack.executor_config(), "cache_dir": str(tmp_path)})
+    job_id = protocol.make_job_id("deadserver", 0, protocol.new_attempt_token())
+    objects = protocol.TaskObjects(job_id)
+    ran = tmp_path / "ran"
+    spec = _spec(start_within_s=0.05)
+    started = time.monotonic()
+    try:
+        executor._upload_task(objects, spec, tmp_path / job_id, (_touch, [str(ran)], {}))
+        batch = clients.batch_client(local_stack.batch_api_endpoint)
+        name = protocol.job_name(local_stack.project_id, local_stack.region, job_id)
+
+        def ended():
+            try:
+                job = batch.get_job(name=name)
+            except Exception:  # noqa: BLE001 - not created yet
+                return None
+            return job if job.status.state.name in ("SUCCEEDED", "FAILED", "CANCELLED") else None
+
+        job = wait_until(ended, SETTLE_S, "the late job ended")
+    finally:
+        shutil.rmtree(tmp_path / job_id, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    assert job.status.state.name == "FAILED" and exit_codes(job) == [protocol.EXIT_TOO_LATE], job.status
+    record_ = protocol.loads_error(bucket(local_stack).blob(objects.error).download_as_bytes())
+    assert "start deadline passed" in record_.message
+    assert not ran.exists(), "the work never ran"
+    no_active_job_left(local_stack)
+    record("a dead server's job starts after the electron's start deadline", "not run, exit 14, not-run record",
+           f"{job.status.state.name}, exit {exit_codes(job)}", elapsed)
 
 
 @pytest.mark.parametrize(

@@ -260,3 +260,22 @@ def test_a_write_whose_acknowledgement_was_lost_is_done(local_stack, lost):
     assert (code, error) == (0, None)
     assert cloudpickle.loads(bucket.blob(objects.result).download_as_bytes()) == "HI"
     assert bucket.blob(objects.stdout(0)).download_as_bytes() == b"hi\n"
+
+
+def _touch(path: str) -> str:
+    open(path, "w").close()
+    return "ran"
+
+
+def test_an_electron_past_its_start_deadline_is_not_run(local_stack, tmp_path):
+    """Its Covalent server is gone (nobody waits after submit_timeout + queue_timeout) and its job
+    waited for a VM until then: the worker writes a not-run record and exits EXIT_TOO_LATE (no
+    retry), and the task never runs."""
+    ran = tmp_path / "ran"
+    code, error = run_worker(local_stack, cloudpickle.dumps((_touch, [str(ran)], {})), start_within_s=0.01)
+    assert code == protocol.EXIT_TOO_LATE and protocol.EXIT_TOO_LATE in protocol.NO_RETRY_EXIT_CODES
+    assert error.phase == "worker" and "start deadline passed" in error.message, error.message
+    assert not ran.exists(), "the task never ran"
+
+    code, error = run_worker(local_stack, cloudpickle.dumps((_touch, [str(ran)], {})), start_within_s=600)
+    assert (code, error) == (0, None) and ran.exists(), "within its deadline it runs"

@@ -29,7 +29,8 @@ def test_container_resources_and_limits():
 def test_task_failures_are_never_retried_but_infrastructure_failures_are():
     (policy,) = build().task_groups[0].task_spec.lifecycle_policies
     assert policy.action == batch_v1.LifecyclePolicy.Action.FAIL_TASK
-    assert set(policy.action_condition.exit_codes) == {p.EXIT_TASK_FAILED, p.EXIT_WORKER_ERROR, p.EXIT_UPLOAD_FAILED, p.EXIT_CANCELLED, 50005}
+    assert set(policy.action_condition.exit_codes) == {p.EXIT_TASK_FAILED, p.EXIT_WORKER_ERROR, p.EXIT_UPLOAD_FAILED, p.EXIT_CANCELLED,
+                                                       p.EXIT_TOO_LATE, 50005}
     assert not set(policy.action_condition.exit_codes) & {50001, 50002, 50003, 50004, 50006}
 
 

@@ -67,6 +67,7 @@ from .outcome import (  # noqa: F401
     ENV_PACK_ID,
     ENV_TASK_INDEX,
     EXIT_CANCELLED,
+    EXIT_TOO_LATE,
     EXIT_TASK_FAILED,
     EXIT_WORKER_ERROR,
     EXIT_UPLOAD_FAILED,

@@ -37,9 +37,13 @@ EXIT_UPLOAD_FAILED = 12
 #: An electron of a pack was cancelled (its marker object): skipped before it started, or stopped.
 #: Its siblings go on; never retried.
 EXIT_CANCELLED = 13
+#: The electron's start deadline (``JobSpec.start_within_s``) had passed when its worker started:
+#: nobody waits for it any more, so it was not run (a not-run error record says so).
+EXIT_TOO_LATE = 14
 #: Batch's exit code for a task killed at its max run duration; retrying would only repeat it.
 EXIT_MAX_RUN_DURATION = 50005
-NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_UPLOAD_FAILED, EXIT_CANCELLED, EXIT_MAX_RUN_DURATION)
+NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_UPLOAD_FAILED, EXIT_CANCELLED, EXIT_TOO_LATE,
+                       EXIT_MAX_RUN_DURATION)
 #: Batch's infrastructure exit codes, which ``retries`` is for.
 INFRASTRUCTURE_EXIT_CODES = {
     50001: "the VM was preempted (spot)",
@@ -55,6 +59,7 @@ EXIT_CODE_MEANINGS = {
     **INFRASTRUCTURE_EXIT_CODES,
     EXIT_UPLOAD_FAILED: "the task ran, but its result could not be stored in the bucket (see the job's log)",
     EXIT_CANCELLED: "the electron was cancelled (its pack's other tasks went on)",
+    EXIT_TOO_LATE: "the electron's start deadline (submit_timeout + queue_timeout) had passed: not run",
     127: "the container's command was not found",
     137: "the worker was killed (SIGKILL: out of memory, or stopped)",
     143: "the worker was stopped (SIGTERM)",

@@ -125,6 +125,11 @@ class JobSpec(BaseModel):
     retries: int = Field(ge=0, le=10)
     python_version: str = Field(pattern=r"^3\.\d+$")
     covalent_version: str = Field(min_length=1, max_length=64)
+    #: The electron must start within this many seconds of its task object's creation (GCS's own
+    #: timeCreated): ``submit_timeout`` + ``queue_timeout``, by when a live executor has given up
+    #: and cancelled it. A worker starting later (its Covalent server gone, its job queued for a
+    #: VM until capacity came) does not run it. None: no deadline.
+    start_within_s: float | None = Field(default=None, gt=0, le=30 * 24 * 3600)
     options: JobOptions = Field(default_factory=JobOptions)
 
     @field_validator("dispatch_id")
