@@ -68,6 +68,30 @@ def test_workers_have_only_what_the_image_has(covalent_server, local_stack):
     assert result.result is True, "the next task starts from the image again"
 
 
+def test_a_result_of_a_package_only_the_worker_has_names_the_missing_module(covalent_server, local_stack):
+    """The electron returns a pydash object, pydash installed on its worker only (DepsPip): the
+    electron COMPLETES (its result stored and handed to Covalent, never lost), and the failure,
+    Covalent's own when it unpickles the value in its server (its post-processing), names the
+    missing module."""
+    executor = ct.executor.GCPBatchExecutor(time_limit=300, pack_window=0)
+
+    @ct.electron(executor=executor, deps_pip=ct.DepsPip(packages=["pydash==5.1.0"]))
+    def chain():
+        import pydash
+
+        return pydash.chain([1, 2, 3])
+
+    @ct.lattice
+    def flow():
+        return chain()
+
+    result = wait_for(ct.dispatch(flow)(), timeout_s=300)
+    assert str(nodes_by_name(result)["chain"]["status"]) == "COMPLETED", failure_details(result)
+    assert str(result.status) == "FAILED"
+    said = "".join(f"{n['error'] or ''}{n['stderr'] or ''}" for n in node_results(result) if str(n["status"]) == "FAILED")
+    assert "ModuleNotFoundError: No module named 'pydash'" in said, failure_details(result)
+
+
 @pytest.mark.slow
 def test_the_svm_example_completes_on_workers_with_only_the_image(covalent_server, local_stack):
     """examples/svm.py as the README shows it: every electron brings numpy and scikit-learn with
