@@ -98,16 +98,19 @@ def test_importing_covalent_leaves_pubsub_unloaded():
     assert done.stdout.strip() == "[]", done.stdout
 
 
-def _own_gcs_server(tmp_path):
-    """A fake-gcs-server of the test's own (memory backend), so the test can stop it mid-task."""
+def _own_gcs_server(tmp_path, port: int | None = None, root=None):
+    """A fake-gcs-server of the test's own, so the test can stop it mid-task: memory backend, or
+    with ``root`` a filesystem one that a restart on the same ``port`` finds as it was."""
     from covalent_gcpbatch_plugin.local.processes import free_ports, http_answers
     from covalent_gcpbatch_plugin.local.stack import find_fake_gcs_server
 
-    (port,) = free_ports(1)
+    if port is None:
+        (port,) = free_ports(1)
     host = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "gcs.log", "wb") as log:
+    backend = ["-backend", "memory"] if root is None else ["-backend", "filesystem", "-filesystem-root", str(root)]
+    with open(tmp_path / "gcs.log", "ab") as log:
         proc = subprocess.Popen([str(find_fake_gcs_server()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                                 "-backend", "memory", "-external-url", host, "-log-level", "warn"],
+                                 *backend, "-external-url", host, "-log-level", "warn"],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 20
     while not http_answers(f"{host}/storage/v1/b", any_status=True):
@@ -128,7 +131,7 @@ def _wait_for_file(path: str, limit_s: float = 60) -> int:
     return 1
 
 
-def _start_worker(host: str, bucket_name: str, tmp_path, payload: bytes):
+def _start_worker(host: str, bucket_name: str, tmp_path, payload: bytes, time_limit_s: int = 5):
     import covalent as _covalent
 
     job_id = protocol.make_job_id("feedface", 2, protocol.new_attempt_token())
@@ -136,7 +139,8 @@ def _start_worker(host: str, bucket_name: str, tmp_path, payload: bytes):
     bucket = storage.create_bucket(bucket_name)
     blob = bucket.blob(protocol.TaskObjects(job_id).task)
     # A short time limit: the worker retries its writes for as long as the task may run (at least 30 s).
-    blob.metadata = make_spec(python_version=PYTHON, covalent_version=_covalent.__version__, time_limit_s=5).to_metadata()
+    blob.metadata = make_spec(python_version=PYTHON, covalent_version=_covalent.__version__,
+                              time_limit_s=time_limit_s).to_metadata()
     blob.upload_from_string(payload)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -167,6 +171,44 @@ def test_outcome_that_cannot_be_stored_exits_with_the_no_retry_code(tmp_path):
     assert worker.returncode == protocol.EXIT_UPLOAD_FAILED, err.decode()
     assert protocol.EXIT_UPLOAD_FAILED in protocol.NO_RETRY_EXIT_CODES
     assert b"could not be stored" in err
+
+
+def test_a_storage_outage_as_the_task_ends_does_not_discard_its_result(tmp_path):
+    """GCS is unreachable for 40 s just as a task with a 300 s time limit ends: the worker keeps
+    retrying its writes for as long as the task may run, and once GCS is back the result is stored
+    and the worker exits 0. (Before: it gave up after 30 s, exit 12, the result discarded.)"""
+    from helpers_emulators import stop_process_group
+
+    root = tmp_path / "gcs-data"
+    root.mkdir()
+    gcs, host = _own_gcs_server(tmp_path, root=root)
+    port = int(host.rsplit(":", 1)[1])
+    go = tmp_path / "go"
+    worker = None
+    try:
+        worker, _ = _start_worker(host, "outage", tmp_path, cloudpickle.dumps((_wait_for_file, [str(go)], {})),
+                                  time_limit_s=300)
+        started = time.monotonic()
+        while not (tmp_path / "go.started").exists():
+            assert worker.poll() is None and time.monotonic() - started < 60, worker.communicate()
+            time.sleep(0.05)
+        stop_process_group(gcs)
+        go.touch()  # the task ends now, with GCS down
+        outage_ends = time.monotonic() + 40
+        while time.monotonic() < outage_ends:  # the outage itself: 40 s, checking the worker keeps trying
+            assert worker.poll() is None, worker.communicate()
+            time.sleep(0.5)
+        gcs, _ = _own_gcs_server(tmp_path, port=port, root=root)
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err.decode()
+        bucket = clients.storage_client("p", host).bucket("outage")
+        job_id = next(b.name for b in bucket.list_blobs()).split("/")[1]
+        assert cloudpickle.loads(bucket.blob(protocol.TaskObjects(job_id).result).download_as_bytes()) == 1
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        stop_process_group(gcs)
 
 
 def test_sigterm_stops_the_task_and_removes_the_temporary_directory(tmp_path):
