@@ -377,13 +377,14 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 if isinstance(item, PackEvent):
                     # The pack's job moved: it exists (the electron is queued at least); once it has
                     # ended, the electron's own task says how the electron did.
-                    item = (await asyncio.to_thread(self._reconcile, job_id) if item.event.state.is_terminal
+                    item = (await asyncio.to_thread(self._reconcile, job_id, within=wait.left(loop.time()))
+                        if item.event.state.is_terminal
                             else JobEvent(job_id, JobState.QUEUED, item.event.detail))
                 elif isinstance(item, JobEvent) and item.state is JobState.SUCCEEDED:
                     item = await asyncio.to_thread(self._confirm_succeeded, item)
             except asyncio.TimeoutError:
                 wait.silence()
-                item = await asyncio.to_thread(self._reconcile, job_id)
+                item = await asyncio.to_thread(self._reconcile, job_id, within=wait.left(loop.time()))
             if isinstance(item, CancelRequested):
                 settled = wait.cancel_requested()
                 if settled is None and _packs.placement(job_id).packed:
@@ -415,41 +416,43 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             return confirmed
         return event
 
-    def _reconcile(self, job_id: str, *, log_usage: bool = False) -> JobEvent | None:
+    def _reconcile(self, job_id: str, *, log_usage: bool = False, within: float | None = None) -> JobEvent | None:
         """One read of the job's state: a notification is overdue. None if the job does not exist.
-        An electron of a pack reads its own task instead."""
+        An electron of a pack reads its own task instead. ``within``: what is left of the wait's
+        phase, which transient errors are retried for (at least ``MIN_RETRY_S``)."""
         placement = _packs.placement(job_id)
         if placement.packed:
-            return self._reconcile_member(job_id, placement)
+            return self._reconcile_member(job_id, placement, within)
         try:
-            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry())
+            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry(within))
         except exceptions.NotFound:
-            return self._not_created(job_id)
+            return self._not_created(job_id, within)
         state = JobState(job.status.state.name)
         if log_usage and state is JobState.SUCCEEDED:
             self._log_usage(job)
         app_log.debug(f"gcpbatch: reconciled {job_id}: {state.value}")
         return JobEvent(job_id, state, "reconciled by get_job")
 
-    def _reconcile_member(self, job_id: str, placement: packing.Placement) -> JobEvent | None:
+    def _reconcile_member(self, job_id: str, placement: packing.Placement, within: float | None = None) -> JobEvent | None:
         """One get_task of the electron's task in its pack (None: the pack's job does not exist yet)."""
         try:
             task = self._batch().get_task(name=task_name(self._job_name(placement.pack_id), placement.index), timeout=30,
-                                          retry=self._retry())
+                                          retry=self._retry(within))
         except exceptions.NotFound:
-            refused = self._not_created(placement.pack_id)
+            refused = self._not_created(placement.pack_id, within)
             return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
         event = member_event(job_id, task.status.state.name, "reconciled by get_task")
         app_log.debug(f"gcpbatch: reconciled {job_id} (task {placement.index} of {placement.pack_id}): "
                       f"{event.state.value if event else task.status.state.name}")
         return event
 
-    def _not_created(self, job_id: str) -> JobEvent | None:
+    def _not_created(self, job_id: str, within: float | None = None) -> JobEvent | None:
         """The function's record of a task (or pack) it created no job for (refused or cancelled), if any."""
-        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30, retry=self._retry())
+        retry = self._retry(within)
+        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30, retry=retry)
         if blob is None:
             return None
-        return loads_not_created(blob.download_as_bytes(timeout=30, retry=self._retry())).event(job_id)
+        return loads_not_created(blob.download_as_bytes(timeout=30, retry=retry)).event(job_id)
 
     def _create_delay(self, job_id: str) -> str:
         """What Batch answered the function's create with, if it recorded a transient error."""
@@ -611,12 +614,15 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return job_name(self.project_id, self.region, job_id)
 
     #: How long one call (a read, a cancel, a delete, a write made once) retries transient errors
-    #: (clients.TRANSIENT_ERRORS) before its error is the answer. A wait's phase bound is checked
-    #: between calls.
+    #: (clients.TRANSIENT_ERRORS) before its error is the answer. A read made while waiting retries
+    #: for what is left of the wait's phase instead (at least MIN_RETRY_S), so the phase's bound
+    #: holds.
     RETRY_S = 120.0
+    MIN_RETRY_S = 10.0
 
-    def _retry(self):
-        return clients.transient_retry(self.RETRY_S)
+    def _retry(self, within: float | None = None):
+        bound = self.RETRY_S if within is None else min(self.RETRY_S, max(self.MIN_RETRY_S, within))
+        return clients.transient_retry(bound)
 
     def _job_events(self):
         """The process's subscriber to this executor's notification topic (events.py). Imported here:

@@ -152,6 +152,10 @@ class JobWait:
         self.quiet = plan.reconcile_interval if listening else float(poll_interval)
         self.cancel_sent = False
 
+    def left(self, now: float) -> float:
+        """What is left of the current phase's bound."""
+        return max(0.0, self.phase_end - now)
+
     def timeout(self, now: float) -> float:
         """How long to listen for the next event before reading the job."""
         return max(0.0, min(self.quiet, self.phase_end - now))
