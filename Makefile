@@ -21,9 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -ra
 
-# Fault-injection and bad-input suite (also part of `make test`), with one line per scenario.
+# Fault-injection and bad-input suite (also part of `make test`), with one line per scenario: the
+# pipeline's faults (test_faults.py) and the worker's own (test_worker.py: lost acknowledgements,
+# storage outages, undecodable output, start deadlines).
 faults: $(STAMP)
-	PYTHONPATH=tests/support $(PY) -m pytest -p faults_report tests/stack/test_faults.py -q
+	PYTHONPATH=tests/support $(PY) -m pytest -p faults_report tests/stack/test_faults.py tests/stack/test_worker.py -q
 
 # Event-driven against polling on the local stack, then packing and per-electron overhead through
 # Covalent (README "Performance"): 27 minutes on a 2-core machine, bounded by --budget-s;

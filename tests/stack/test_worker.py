@@ -14,6 +14,8 @@ import cloudpickle
 import covalent
 import pytest
 
+from faults_report import record
+
 from covalent_gcpbatch_plugin import clients, protocol
 from specs import spec as make_spec
 
@@ -171,6 +173,8 @@ def test_outcome_that_cannot_be_stored_exits_with_the_no_retry_code(tmp_path):
     assert worker.returncode == protocol.EXIT_UPLOAD_FAILED, err.decode()
     assert protocol.EXIT_UPLOAD_FAILED in protocol.NO_RETRY_EXIT_CODES
     assert b"could not be stored" in err
+    record("worker: the bucket gone for good", "exit 12 (no retry), said why", f"exit {worker.returncode}",
+           time.monotonic() - started)
 
 
 def test_a_storage_outage_as_the_task_ends_does_not_discard_its_result(tmp_path):
@@ -204,6 +208,8 @@ def test_a_storage_outage_as_the_task_ends_does_not_discard_its_result(tmp_path)
         bucket = clients.storage_client("p", host).bucket("outage")
         job_id = next(b.name for b in bucket.list_blobs()).split("/")[1]
         assert cloudpickle.loads(bucket.blob(protocol.TaskObjects(job_id).result).download_as_bytes()) == 1
+        record("worker: GCS down 40 s as the task ends", "result stored once GCS is back, exit 0",
+               f"exit {worker.returncode}, result stored", time.monotonic() - started)
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
@@ -275,6 +281,7 @@ def test_any_text_is_storable(local_stack):
     bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
     job_id = protocol.make_job_id("feedface", 3, protocol.new_attempt_token())
     objects = protocol.TaskObjects(job_id)
+    started = time.monotonic()
     code, error = run_worker(local_stack, cloudpickle.dumps((_print_undecodable_and_return, [], {})), job_id=job_id)
     assert (code, error) == (0, None)
     assert cloudpickle.loads(bucket.blob(objects.result).download_as_bytes()) == "done"
@@ -283,6 +290,8 @@ def test_any_text_is_storable(local_stack):
     code, error = run_worker(local_stack, cloudpickle.dumps((_raise_with_undecodable_name, [], {})))
     assert code == protocol.EXIT_TASK_FAILED
     assert error.type == "FileNotFoundError" and error.message == "no such file: data-\\udcfe.bin"
+    record("worker: bytes that are not UTF-8 in output / error", "stored escaped; exit 0 / 10",
+           "stored escaped; exit 0 / 10", time.monotonic() - started)
 
 
 @pytest.mark.parametrize("lost", [protocol.RESULT_OBJECT, protocol.STDOUT_OBJECT])
@@ -296,12 +305,15 @@ def test_a_write_whose_acknowledgement_was_lost_is_done(local_stack, lost):
     job_id = protocol.make_job_id("feedface", 4, protocol.new_attempt_token())
     objects = protocol.TaskObjects(job_id)
     acks = LostAcks(pattern=f"{objects.prefix}[^\"]*{lost}")
+    started = time.monotonic()
     with LostAckProxy(local_stack.storage_emulator_host, acks) as proxy:
         code, error = run_worker(local_stack, cloudpickle.dumps((_shout, ["hi"], {})), job_id=job_id, storage_host=proxy.url)
     assert acks.dropped, "the proxy lost an acknowledgement"
     assert (code, error) == (0, None)
     assert cloudpickle.loads(bucket.blob(objects.result).download_as_bytes()) == "HI"
     assert bucket.blob(objects.stdout(0)).download_as_bytes() == b"hi\n"
+    record(f"worker: lost acknowledgement on {lost}", "412 on its own bytes is success, exit 0", f"exit {code}",
+           time.monotonic() - started)
 
 
 def _touch(path: str) -> str:
@@ -314,10 +326,13 @@ def test_an_electron_past_its_start_deadline_is_not_run(local_stack, tmp_path):
     waited for a VM until then: the worker writes a not-run record and exits EXIT_TOO_LATE (no
     retry), and the task never runs."""
     ran = tmp_path / "ran"
+    started = time.monotonic()
     code, error = run_worker(local_stack, cloudpickle.dumps((_touch, [str(ran)], {})), start_within_s=0.01)
     assert code == protocol.EXIT_TOO_LATE and protocol.EXIT_TOO_LATE in protocol.NO_RETRY_EXIT_CODES
     assert error.phase == "worker" and "start deadline passed" in error.message, error.message
     assert not ran.exists(), "the task never ran"
+    record("worker: started past the start deadline", "not run, not-run record, exit 14", f"exit {code}, not run",
+           time.monotonic() - started)
 
     code, error = run_worker(local_stack, cloudpickle.dumps((_touch, [str(ran)], {})), start_within_s=600)
     assert (code, error) == (0, None) and ran.exists(), "within its deadline it runs"
