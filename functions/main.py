@@ -211,7 +211,8 @@ def create_unless_cancelled(bucket: str, name: str, objects, build) -> None:
         not_created(bucket, job_id, protocol.JobState.REJECTED, f"Batch refused to create the job: {err.code} {err.message}")
         return
     except exceptions.RetryError as err:
-        record_create_delay(bucket, objects, err.cause or err)
+        if not delayed:  # given up before any retry was made: record it all the same
+            first_delay(err.cause or err)
         raise
     # The cancel may have come while the job was being created (or before a duplicate event):
     # the marker outlives the task, so whichever delivery sees it cancels the job.

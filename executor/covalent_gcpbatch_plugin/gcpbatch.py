@@ -377,9 +377,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 if isinstance(item, PackEvent):
                     # The pack's job moved: it exists (the electron is queued at least); once it has
                     # ended, the electron's own task says how the electron did.
-                    item = (await asyncio.to_thread(self._reconcile, job_id, within=wait.left(loop.time()))
-                        if item.event.state.is_terminal
-                            else JobEvent(job_id, JobState.QUEUED, item.event.detail))
+                    if item.event.state.is_terminal:
+                        item = await asyncio.to_thread(self._reconcile, job_id, within=wait.left(loop.time()))
+                    else:
+                        item = JobEvent(job_id, JobState.QUEUED, item.event.detail)
                 elif isinstance(item, JobEvent) and item.state is JobState.SUCCEEDED:
                     item = await asyncio.to_thread(self._confirm_succeeded, item)
             except asyncio.TimeoutError:

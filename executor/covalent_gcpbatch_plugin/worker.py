@@ -350,7 +350,8 @@ def stored_by_this_job(bucket, objects: TaskObjects) -> tuple[int, str] | None:
             continue
         code = 0
         if name == objects.error:
-            code = EXIT_TASK_FAILED if loads_error(blob.download_as_bytes(retry=retry, timeout=60)).phase == "task" else EXIT_WORKER_ERROR
+            record = loads_error(blob.download_as_bytes(retry=retry, timeout=60))
+            code = EXIT_TASK_FAILED if record.phase == "task" else EXIT_WORKER_ERROR
         return code, (blob.metadata or {}).get(OUTCOME_ATTEMPT_KEY, "?")
     return None
 
