@@ -11,7 +11,7 @@ from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from .deployment import DeploymentSettings
-from .protocol import NO_RETRY_EXIT_CODES, JobSpec, PackManifest, location_name, pack_environment, worker_environment
+from .protocol import RETRIED_EXIT_CODES, JobSpec, PackManifest, location_name, pack_environment, worker_environment
 
 _LABEL_INVALID = re.compile(r"[^a-z0-9_-]")
 
@@ -38,9 +38,9 @@ def job_labels(spec: JobSpec, pack: PackManifest | None = None) -> dict[str, str
 def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.TaskSpec:
     """One container runnable (the worker image's entrypoint runs the task), sized and bounded.
 
-    Retries are for infrastructure failures only: the worker's own failure codes and Batch's max
-    run duration code are listed in a FAIL_TASK lifecycle policy, so a task that raised is never
-    re-run; anything else non-zero (preemption, VM loss) is retried ``retries`` times.
+    Retries are for infrastructure failures only: a RETRY_TASK lifecycle policy on
+    ``RETRIED_EXIT_CODES`` (preemption, VM loss) retries those ``retries`` times and fails every
+    other non-zero exit at once, so the user's code is never re-run for its own failure.
     """
     return batch_v1.TaskSpec(
         runnables=[batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri=spec.container_image_uri))],
@@ -52,8 +52,8 @@ def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.T
         max_retry_count=spec.retries,
         lifecycle_policies=[
             batch_v1.LifecyclePolicy(
-                action=batch_v1.LifecyclePolicy.Action.FAIL_TASK,
-                action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=list(NO_RETRY_EXIT_CODES)),
+                action=batch_v1.LifecyclePolicy.Action.RETRY_TASK,
+                action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=list(RETRIED_EXIT_CODES)),
             )
         ],
         environment=batch_v1.Environment(variables=environment),

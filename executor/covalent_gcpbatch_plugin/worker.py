@@ -9,14 +9,14 @@ objects exist:
 * result.pkl on success, exit 0;
 * error.json (type, message, traceback) on failure, exit EXIT_TASK_FAILED if the task raised and
   EXIT_WORKER_ERROR if it could not be run at all (any exception of the worker's own included);
-  the job's FAIL_TASK policy keeps either from being retried;
+  Batch retries neither (only ``RETRIED_EXIT_CODES``, its infrastructure failures);
 * then attempt-<N>/stdout.log, attempt-<N>/stderr.log: the task's output (its last OUTPUT_LIMIT
   characters, whatever bytes it printed, the ones that are not UTF-8 escaped), one pair per
   attempt (also echoed to the container's own streams, which Batch sends to Cloud Logging);
 * every object only if none of its name exists (it never replaces anything), retrying transient
   errors for as long as the task may still run (its time limit), a lost acknowledgement included;
-* if the outcome cannot be written, exit EXIT_UPLOAD_FAILED (also FAIL_TASK: the user's code is
-  never re-run because its outcome could not be stored), saying why on the container's stderr;
+* if the outcome cannot be written, exit EXIT_UPLOAD_FAILED (not retried either: the user's code
+  is never re-run because its outcome could not be stored), saying why on the container's stderr;
   output that cannot be written once the outcome is stored is only reported there.
 
 On SIGTERM (cancel, preemption, max run duration) the worker stops the task, removes its

@@ -134,6 +134,33 @@ def test_worker_killed_mid_run_fails_with_the_exit_code(covalent_server, local_s
     record("worker SIGKILLed mid-run", "FAILED + exit code", f"FAILED, exit codes {exit_codes(job)}", elapsed)
 
 
+def test_a_task_killed_for_memory_is_not_run_again(covalent_server, local_stack, tmp_path):
+    """SIGKILL in the task (what the kernel's OOM killer does: exit 137) with retries=2: Batch's
+    RETRY_TASK policy retries only its infrastructure codes, so the user's code runs once and the
+    node FAILS saying 137 is most often memory. (Before: FAIL_TASK listed only the worker's own
+    codes, and every other exit, 137 too, re-ran the task up to `retries` times.)"""
+    runs = tmp_path / "runs"
+
+    def body(path):
+        import os as _os
+        import signal as _signal
+
+        with open(path, "a") as f:
+            f.write("ran\n")
+        _os.kill(_os.getpid(), _signal.SIGKILL)
+
+    dispatch_id, result, elapsed = run_flow(one_node_flow(GCPBatchExecutor(time_limit=120, retries=2, pack_window=0), body),
+                                            str(runs))
+    node = nodes_by_name(result)["task"]
+    assert str(node["status"]) == "FAILED"
+    assert "exit code 137" in node["stderr"] and "out of memory" in node["stderr"], node["stderr"]
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert exit_codes(job) == [137] and runs.read_text() == "ran\n", "run once, not retried"
+    no_active_job_left(local_stack)
+    record("task killed for memory (137), retries=2", "FAILED 'out of memory', run once", f"FAILED, exit codes {exit_codes(job)}",
+           elapsed)
+
+
 def test_worker_exits_nonzero_without_error_record(covalent_server, local_stack):
     def body():
         import os as _os
@@ -730,7 +757,7 @@ def test_bad_task_object_fails_once_without_retry(local_stack, kind):
             time.sleep(0.5)
         elapsed = time.monotonic() - started
         assert job.status.state.name == "FAILED"
-        assert exit_codes(job) == [protocol.EXIT_WORKER_ERROR], "FAIL_TASK: a bad task object is not retried"
+        assert exit_codes(job) == [protocol.EXIT_WORKER_ERROR], "a bad task object is not retried"
         error = bucket(local_stack).get_blob(objects.error)
         assert error is not None, "the worker writes an error record"
         detail = protocol.loads_error(error.download_as_bytes())

@@ -258,7 +258,8 @@ def process_gone(pid: int, timeout: float = 5.0) -> bool:
 
 FAIL_NO_RETRY = batch_v1.LifecyclePolicy(
     action=Action.FAIL_TASK,
-    action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=list(protocol.NO_RETRY_EXIT_CODES)),
+    action_condition=batch_v1.LifecyclePolicy.ActionCondition(
+        exit_codes=[protocol.EXIT_TASK_FAILED, protocol.EXIT_WORKER_ERROR, protocol.EXIT_MAX_RUN_DURATION]),
 )
 RETRY_ONLY_50001 = batch_v1.LifecyclePolicy(
     action=Action.RETRY_TASK, action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=[50001])

@@ -155,7 +155,7 @@ def _start_worker(host: str, bucket_name: str, tmp_path, payload: bytes, time_li
 
 def test_outcome_that_cannot_be_stored_exits_with_the_no_retry_code(tmp_path):
     """The bucket goes away while the task runs: the worker says so and exits EXIT_UPLOAD_FAILED,
-    which the job's FAIL_TASK policy lists (the user's code is not re-run for it)."""
+    which Batch does not retry (the user's code is not re-run for it)."""
     from helpers_emulators import stop_process_group
 
     gcs, host = _own_gcs_server(tmp_path)
@@ -171,7 +171,7 @@ def test_outcome_that_cannot_be_stored_exits_with_the_no_retry_code(tmp_path):
     go.touch()
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == protocol.EXIT_UPLOAD_FAILED, err.decode()
-    assert protocol.EXIT_UPLOAD_FAILED in protocol.NO_RETRY_EXIT_CODES
+    assert protocol.EXIT_UPLOAD_FAILED not in protocol.RETRIED_EXIT_CODES
     assert b"could not be stored" in err
     record("worker: the bucket gone for good", "exit 12 (no retry), said why", f"exit {worker.returncode}",
            time.monotonic() - started)
@@ -328,7 +328,7 @@ def test_an_electron_past_its_start_deadline_is_not_run(local_stack, tmp_path):
     ran = tmp_path / "ran"
     started = time.monotonic()
     code, error = run_worker(local_stack, cloudpickle.dumps((_touch, [str(ran)], {})), start_within_s=0.01)
-    assert code == protocol.EXIT_TOO_LATE and protocol.EXIT_TOO_LATE in protocol.NO_RETRY_EXIT_CODES
+    assert code == protocol.EXIT_TOO_LATE and protocol.EXIT_TOO_LATE not in protocol.RETRIED_EXIT_CODES
     assert error.phase == "worker" and "start deadline passed" in error.message, error.message
     assert not ran.exists(), "the task never ran"
     record("worker: started past the start deadline", "not run, not-run record, exit 14", f"exit {code}, not run",

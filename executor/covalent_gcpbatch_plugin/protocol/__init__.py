@@ -72,7 +72,7 @@ from .outcome import (  # noqa: F401
     EXIT_WORKER_ERROR,
     EXIT_UPLOAD_FAILED,
     EXIT_MAX_RUN_DURATION,
-    NO_RETRY_EXIT_CODES,
+    RETRIED_EXIT_CODES,
     INFRASTRUCTURE_EXIT_CODES,
     EXIT_CODE_MEANINGS,
     worker_environment,

@@ -27,8 +27,7 @@ OUTCOME_JOB_UID_KEY = "gcpbatch-job-uid"
 OUTCOME_ATTEMPT_KEY = "gcpbatch-attempt"
 
 
-#: Worker exit codes. Batch retries any other non-zero exit (up to ``retries``), so these two, which
-#: mean "re-running cannot help", are listed in the job's FAIL_TASK lifecycle policy.
+#: Worker exit codes. None is ever retried: Batch retries only ``RETRIED_EXIT_CODES``.
 EXIT_TASK_FAILED = 10  # the user's function raised
 EXIT_WORKER_ERROR = 11  # the task could not be run: bad pickle, version mismatch, missing object
 #: The task ran but its result, error record or output could not be written to the bucket. Not
@@ -42,8 +41,6 @@ EXIT_CANCELLED = 13
 EXIT_TOO_LATE = 14
 #: Batch's exit code for a task killed at its max run duration; retrying would only repeat it.
 EXIT_MAX_RUN_DURATION = 50005
-NO_RETRY_EXIT_CODES = (EXIT_TASK_FAILED, EXIT_WORKER_ERROR, EXIT_UPLOAD_FAILED, EXIT_CANCELLED, EXIT_TOO_LATE,
-                       EXIT_MAX_RUN_DURATION)
 #: Batch's infrastructure exit codes, which ``retries`` is for.
 INFRASTRUCTURE_EXIT_CODES = {
     50001: "the VM was preempted (spot)",
@@ -53,6 +50,12 @@ INFRASTRUCTURE_EXIT_CODES = {
     50005: "the task exceeded its max run duration (time_limit)",
     50006: "the VM was recreated",
 }
+#: What Batch retries (up to ``retries``): the infrastructure failures a new attempt can get past
+#: (Cromwell's GcpBatchExitCode lists the same transient codes), never 50005 (the time limit
+#: again). The job's one lifecycle policy is RETRY_TASK on these, which "retries failed tasks if we
+#: notice any exit code match and fails tasks if no match is found" (batch_v1.LifecyclePolicy):
+#: the user's code is never re-run for its own failure, 137 (out of memory) or 1 included.
+RETRIED_EXIT_CODES = tuple(code for code in INFRASTRUCTURE_EXIT_CODES if code != EXIT_MAX_RUN_DURATION)
 #: What a job's exit code means when the job ended without an error record: Batch's codes, the
 #: worker's own, and the usual container ones.
 EXIT_CODE_MEANINGS = {
@@ -61,7 +64,7 @@ EXIT_CODE_MEANINGS = {
     EXIT_CANCELLED: "the electron was cancelled (its pack's other tasks went on)",
     EXIT_TOO_LATE: "the electron's start deadline (submit_timeout + queue_timeout) had passed: not run",
     127: "the container's command was not found",
-    137: "the worker was killed (SIGKILL: out of memory, or stopped)",
+    137: "the worker was killed (SIGKILL: most often out of memory: raise `memory`; not retried)",
     143: "the worker was stopped (SIGTERM)",
 }
 
