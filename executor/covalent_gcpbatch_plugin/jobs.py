@@ -121,10 +121,13 @@ def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSe
         kinds.append(Notification.Type.TASK_STATE_CHANGED)
         group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=pack_environment(bucket, job_id)),
                                    task_count=len(pack.members), parallelism=pack.parallelism)
+    labels = job_labels(spec, pack)
+    allocation = build_allocation_policy(spec, settings)
+    allocation.labels = labels  # the VMs carry them too, so billing exports trace a VM to its task
     return batch_v1.Job(
         task_groups=[group],
-        allocation_policy=build_allocation_policy(spec, settings),
-        labels=job_labels(spec, pack),
+        allocation_policy=allocation,
+        labels=labels,
         logs_policy=batch_v1.LogsPolicy(destination=batch_v1.LogsPolicy.Destination.CLOUD_LOGGING),
         notifications=[
             Notification(pubsub_topic=settings.topic_path, message=Notification.Message(type_=kind)) for kind in kinds

@@ -142,6 +142,8 @@ def test_running_bound_leaves_every_retry_its_time_limit(retries):
         ({"provisioning": "cheap"}, "provisioning"),
         ({"accelerator_count": 2}, "accelerator_type and accelerator_count go together"),
         ({"labels": {"Owner": "me"}}, "label 'Owner'"),
+        ({"labels": {"goog-billing": "x"}}, "label 'goog-billing' is reserved"),
+        ({"labels": {"google-team": "x"}}, "label 'google-team' is reserved"),
         ({"allowed_locations": ["us-east1"]}, "regions/us-east1"),
         ({"boot_disk_size_gb": -5}, "boot_disk_size_gb"),
         ({"machine_type": "N1 Standard"}, "machine_type"),

@@ -100,6 +100,7 @@ def test_job_options_shape_the_allocation_policy():
     assert (nic.network, nic.subnetwork, nic.no_external_ip_address) == ("global/networks/private", "regions/us-east1/subnetworks/batch", True)
     assert list(job.allocation_policy.location.allowed_locations) == ["zones/us-east1-b"]
     assert job.labels["team"] == "ml" and job.labels["covalent-node-id"] == "3", "automatic labels win"
+    assert dict(job.allocation_policy.labels) == dict(job.labels), "the VMs carry the job's labels (billing exports)"
 
 
 def test_default_options_keep_batch_defaults():

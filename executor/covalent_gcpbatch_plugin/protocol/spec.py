@@ -27,6 +27,8 @@ MAX_PARALLELISM = 5000
 MAX_METADATA_BYTES = 8 * 1024
 
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+#: Label key prefixes Google reserves for itself (batch_v1 Job.labels): Batch refuses such a job.
+RESERVED_LABEL_PREFIXES = ("goog-", "google-")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _OPTIONAL_RESOURCE_NAME = r"^([a-z0-9][a-z0-9./_-]*)?$"
 
@@ -55,8 +57,8 @@ class JobOptions(BaseModel):
         default=0, ge=0, le=65536, description="Boot disk size; `0` keeps Batch's default.")
     labels: dict[str, str] = Field(
         default_factory=dict, max_length=32,
-        description="Job labels (GCP label rules). `covalent-dispatch-id`, `covalent-node-id` and `created-by` are "
-                    "added automatically and win.")
+        description="Job labels, on its VMs too (GCP label rules; keys starting with `goog-` or `google-` are Google's). "
+                    "`covalent-dispatch-id`, `covalent-node-id` and `created-by` are added automatically and win.")
     network: str = Field(
         default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME,
         description="VPC network, e.g. `global/networks/my-vpc`.")
@@ -80,6 +82,9 @@ class JobOptions(BaseModel):
     @classmethod
     def _label_rules(cls, labels: dict[str, str]) -> dict[str, str]:
         for key, value in labels.items():
+            if key.startswith(RESERVED_LABEL_PREFIXES):
+                raise ValueError(f"label {key!r} is reserved: Google keeps keys starting with "
+                                 f"{' or '.join(RESERVED_LABEL_PREFIXES)} for itself; choose another key")
             if not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
                 raise ValueError(
                     f"label {key!r}={value!r} breaks GCP label rules: keys start with a lowercase letter, and keys "
