@@ -246,8 +246,13 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 app_log.warning(f"gcpbatch: stopping job {job_id}: {step.__name__} failed: {type(err).__name__}: {err}")
 
     def _mark_cancelled(self, job_id: str) -> None:
-        self._bucket().blob(objects_of(job_id).cancelled).upload_from_string(b"", content_type="text/plain", timeout=30,
-                                                                              retry=self._retry())
+        """The cancel marker, written once: cancel, give-up and stop may each write it within a
+        second, and GCS takes about one mutation a second per object (412: it is there already)."""
+        try:
+            self._bucket().blob(objects_of(job_id).cancelled).upload_from_string(
+                b"", content_type="text/plain", timeout=30, if_generation_match=0, retry=self._retry())
+        except exceptions.PreconditionFailed:
+            pass
 
     def _cancel_job(self, job_id: str) -> None:
         if _packs.placement(job_id).packed:

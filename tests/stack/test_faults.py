@@ -473,6 +473,24 @@ def test_a_lost_acknowledgement_on_the_executors_upload_is_no_failure(local_stac
            "COMPLETED", elapsed)
 
 
+def test_the_cancel_marker_is_written_once(local_stack, tmp_path):
+    """cancel(), a give-up and a stop may each mark the same task within a second: the marker is
+    created once (generation 0) and a second cancel leaves it as it is, one mutation of the object
+    (GCS allows about one a second), no error. (Before: each cancel rewrote it.)"""
+    import asyncio
+
+    started = time.monotonic()
+    executor = DirectExecutor(**{**local_stack.executor_config(), "cache_dir": str(tmp_path)})
+    job_id = protocol.make_job_id("markonce", 1, protocol.new_attempt_token())
+    marker = protocol.TaskObjects(job_id).cancelled
+    assert asyncio.run(executor.cancel({"dispatch_id": "markonce", "node_id": 1}, job_id)) is True
+    first = bucket(local_stack).get_blob(marker).generation
+    assert asyncio.run(executor.cancel({"dispatch_id": "markonce", "node_id": 1}, job_id)) is True
+    assert bucket(local_stack).get_blob(marker).generation == first, "the second cancel did not rewrite the marker"
+    record("cancel() twice on one task", "marker written once, True both times", "one generation",
+           time.monotonic() - started)
+
+
 @pytest.mark.parametrize("status, said, queue_timeout", [(403, "Forbidden: 403", 3600), (503, "503", 5)])
 def test_failed_reconcile_read_fails_the_task_and_stops_its_job(covalent_server, local_stack, status, said, queue_timeout):
     """Notifications lost after QUEUED and every get_job refused (403) or unavailable (503): the
