@@ -17,7 +17,10 @@ readonly APIS=(
   batch.googleapis.com compute.googleapis.com storage.googleapis.com pubsub.googleapis.com
   cloudfunctions.googleapis.com run.googleapis.com eventarc.googleapis.com
   cloudbuild.googleapis.com artifactregistry.googleapis.com logging.googleapis.com
+  iam.googleapis.com
 )
+# iam.googleapis.com: `up` creates service accounts, which a fresh project refuses until the IAM
+# API is enabled ("IAM API has not been used in project ...").
 # iam before image: the build runs as the build account, which needs its roles first.
 readonly UP_STEPS=(apis bucket repo topic accounts iam image function config)
 readonly DOWN_STEPS=(config function iam accounts topic repo bucket)

@@ -78,7 +78,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert set(creations["apis"][0]["argv"][2:-1]) == {
         f"{api}.googleapis.com"
         for api in ("batch", "compute", "storage", "pubsub", "cloudfunctions", "run", "eventarc", "cloudbuild",
-                    "artifactregistry", "logging")
+                    "artifactregistry", "logging", "iam")
     }  # fmt: skip
     # Every call names the project explicitly (never the user's gcloud default).
     for call in all_calls:
