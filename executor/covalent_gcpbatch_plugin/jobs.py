@@ -106,6 +106,12 @@ def build_allocation_policy(spec: JobSpec, settings: DeploymentSettings) -> batc
     return allocation
 
 
+#: Tasks Batch may place on one VM at once. Unset, Batch packs several of a pack's tasks onto one VM
+#: by their resources; each electron asked for its own vcpus and memory, and the usage report, the
+#: README and the local Batch service count one VM per running task.
+TASKS_PER_VM = 1
+
+
 def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSettings,
               pack: PackManifest | None = None) -> batch_v1.Job:
     """The Batch job for one task (one task group of one task) or for a pack (``pack``: one task
@@ -116,11 +122,12 @@ def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSe
     kinds = [Notification.Type.JOB_STATE_CHANGED]
     if pack is None:
         group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=worker_environment(bucket, job_id)),
-                                   task_count=1)
+                                   task_count=1, task_count_per_node=TASKS_PER_VM)
     else:
         kinds.append(Notification.Type.TASK_STATE_CHANGED)
         group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=pack_environment(bucket, job_id)),
-                                   task_count=len(pack.members), parallelism=pack.parallelism)
+                                   task_count=len(pack.members), parallelism=pack.parallelism,
+                                   task_count_per_node=TASKS_PER_VM)
     labels = job_labels(spec, pack)
     allocation = build_allocation_policy(spec, settings)
     allocation.labels = labels  # the VMs carry them too, so billing exports trace a VM to its task

@@ -172,6 +172,7 @@ def test_a_pack_job_has_a_task_per_electron_and_task_notifications():
     job = jobs.build_job(spec(), bucket="b", job_id="cov-a-pack-q", settings=deployment(), pack=manifest)
     (group,) = job.task_groups
     assert group.task_count == 3 and group.parallelism == 2
+    assert group.task_count_per_node == 1, "one electron per VM at a time, as each asked for its own vcpus and memory"
     assert dict(group.task_spec.environment.variables) == {p.ENV_BUCKET: "b", p.ENV_PACK_ID: "cov-a-pack-q"}
     Type = batch_v1.JobNotification.Type
     assert [n.message.type_ for n in job.notifications] == [Type.JOB_STATE_CHANGED, Type.TASK_STATE_CHANGED]
