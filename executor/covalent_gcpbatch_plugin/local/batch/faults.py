@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from google.cloud import batch_v1
 
 from .model import State
+
+T = TypeVar("T")
 
 @dataclass
 class Faults:
@@ -69,30 +72,16 @@ class Faults:
             self.duplicate_notifications = bool(body["duplicate_notifications"])
 
     def take_preempt(self, job_id: str) -> bool:
-        for key in (job_id, "*"):
-            if self.preempt.get(key, 0) > 0:
-                self.preempt[key] -= 1
-                return True
-        return False
-
-    def take_fail_scheduling(self, job_id: str) -> str | None:
-        for key in (job_id, "*"):
-            if key in self.fail_scheduling:
-                return self.fail_scheduling.pop(key)
-        return None
+        return _take_count(self.preempt, job_id)
 
     def take_preempt_after_exit(self, job_id: str) -> bool:
-        for key in (job_id, "*"):
-            if self.preempt_after_exit.get(key, 0) > 0:
-                self.preempt_after_exit[key] -= 1
-                return True
-        return False
+        return _take_count(self.preempt_after_exit, job_id)
+
+    def take_fail_scheduling(self, job_id: str) -> str | None:
+        return _take_once(self.fail_scheduling, job_id)
 
     def take_preempt_after(self, job_id: str) -> float | None:
-        for key in (job_id, "*"):
-            if key in self.preempt_after_s:
-                return self.preempt_after_s.pop(key)
-        return None
+        return _take_once(self.preempt_after_s, job_id)
 
     def take_fail_create(self) -> int | None:
         if self.fail_create > 0:
@@ -119,3 +108,20 @@ class Faults:
                 "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
                 "drop_task_notifications": {k: sorted(v) for k, v in self.drop_task_notifications.items()},
                 "duplicate_notifications": self.duplicate_notifications}
+
+
+def _take_count(counts: dict[str, int], job_id: str) -> bool:
+    """One use of a counted fault for the job (its own entry first, then ``*``)."""
+    for key in (job_id, "*"):
+        if counts.get(key, 0) > 0:
+            counts[key] -= 1
+            return True
+    return False
+
+
+def _take_once(values: dict[str, T], job_id: str) -> T | None:
+    """A one-shot fault's value for the job (its own entry first, then ``*``), removed as it is used."""
+    for key in (job_id, "*"):
+        if key in values:
+            return values.pop(key)
+    return None
