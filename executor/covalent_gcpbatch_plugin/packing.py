@@ -27,7 +27,8 @@ from .protocol import MAX_PACK_TASKS, JobSpec
 #: A pack closes at the latest this long after its first electron, however steady the arrivals: a
 #: third of one VM boot on Batch. (A Covalent server handed a 200-electron fan-out to its executors
 #: over 27 s, 0.14 s apart at the median, on a 2-core Intel machine (bench/results), and over 12 s,
-#: 0.06 s apart (the longest gap 0.11 s), on a 2-core AMD EPYC one (tests/stack/test_packing.py);
+#: 0.06 s apart (the longest gap 0.11 s), on a 2-core AMD EPYC one (tests/stack/test_packing.py's
+#: 200-electron run, its arrivals logged by hand on 2026-12-02);
 #: a pack's workers starting on the same cores can stretch the gaps past a second.)
 MAX_WAIT_S = 30.0
 

@@ -341,7 +341,7 @@ def stored_by_this_job(bucket, objects: TaskObjects) -> tuple[int, str] | None:
     and before the attempt was recorded, and the task must not run twice. Only an outcome tagged
     with this job's UID counts; anything else is another writer's (refused when storing)."""
     uid = os.environ.get(ENV_JOB_UID, "")
-    if not uid:
+    if not uid or attempt() == 0:  # a first attempt has no earlier one: no reads on every task's start
         return None
     retry = clients.transient_retry(STORE_TIMEOUT_S)
     for name in (objects.result, objects.error):
