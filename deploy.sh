@@ -216,6 +216,7 @@ derive_names() {
   IMAGE=""
   GCS_AGENT=""
   PUBSUB_AGENT=""
+  PROJECT_NUMBER=""
 }
 
 # The worker image: its build context staged in $WORK/context (exactly what the Dockerfile copies,
@@ -238,11 +239,16 @@ resolve_gcs_agent() {
   GCS_AGENT=$FOUND
 }
 
-resolve_pubsub_agent() {
-  [ -z "$PUBSUB_AGENT" ] || return 0
+resolve_project_number() {
+  [ -z "$PROJECT_NUMBER" ] || return 0
   lookup gcloud projects describe "$PROJECT" --format='value(projectNumber)' || die "project $PROJECT not found"
   [[ $FOUND =~ ^[0-9]+$ ]] || die "could not read the project number of $PROJECT"
-  PUBSUB_AGENT=service-$FOUND@gcp-sa-pubsub.iam.gserviceaccount.com
+  PROJECT_NUMBER=$FOUND
+}
+
+resolve_pubsub_agent() {
+  resolve_project_number
+  PUBSUB_AGENT=service-$PROJECT_NUMBER@gcp-sa-pubsub.iam.gserviceaccount.com
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -345,14 +351,16 @@ ensure_image() {
     --service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA" --gcs-source-staging-dir="gs://$STAGING_BUCKET/source"
 }
 
-# IAM: where a role is granted sets what an account can reach. iam_target KIND RESOURCE sets
+# IAM: where a role is granted sets what an account can reach. iam_target KIND [CONDITION] sets
 # IAM_GROUP (the gcloud command group), IAM_WHERE (flags locating the resource) and IAM_BIND
-# (extra flags for add/remove).
+# (extra flags for add/remove). Only project grants take a condition (an IAM condition expression).
 iam_target() {
   IAM_WHERE=(--project="$PROJECT")
   IAM_BIND=()
   case "$1" in
-    project) IAM_GROUP=(projects); IAM_WHERE=(); IAM_BIND=(--condition=None) ;;
+    project)
+      IAM_GROUP=(projects); IAM_WHERE=()
+      if [ -n "${2:-}" ]; then IAM_BIND=(--condition="expression=$2,title=$PREFIX-scope"); else IAM_BIND=(--condition=None); fi ;;
     bucket) IAM_GROUP=(storage buckets) ;;
     topic) IAM_GROUP=(pubsub topics) ;;
     repo) IAM_GROUP=(artifacts repositories); IAM_WHERE+=(--location="$REGION") ;;
@@ -362,12 +370,13 @@ iam_target() {
   esac
 }
 
-# has_binding KIND RESOURCE ROLE MEMBER: 0 if bound, 1 if not, 2 if the resource does not exist.
+# has_binding KIND RESOURCE ROLE MEMBER [CONDITION]: 0 if bound (under exactly that condition
+# expression, if given), 1 if not, 2 if the resource does not exist.
 has_binding() {
-  iam_target "$1"
+  iam_target "$1" "${5:-}"
   lookup gcloud "${IAM_GROUP[@]}" get-iam-policy "$2" "${IAM_WHERE[@]}" --format=json || return 2
   local rc=0
-  helper has-binding "$3" "$4" <<<"$FOUND" || rc=$?
+  helper has-binding "$3" "$4" ${5:+--condition "$5"} <<<"$FOUND" || rc=$?
   case "$rc" in
     0) return 0 ;;
     3) return 1 ;;
@@ -376,10 +385,10 @@ has_binding() {
 }
 
 ensure_binding() {
-  local kind=$1 resource=$2 role=$3 member=$4 rc=0
-  has_binding "$kind" "$resource" "$role" "$member" || rc=$?
+  local kind=$1 resource=$2 role=$3 member=$4 condition=${5:-} rc=0
+  has_binding "$kind" "$resource" "$role" "$member" "$condition" || rc=$?
   case "$rc" in
-    0) present "$role for ${member#*:} on $kind $resource"; return ;;
+    0) present "$role for ${member#*:} on $kind $resource${condition:+ (if $condition)}"; return ;;
     2) die "$kind $resource does not exist: run the step that creates it first" ;;
   esac
   run_retrying gcloud "${IAM_GROUP[@]}" add-iam-policy-binding "$resource" "${IAM_WHERE[@]}" "${IAM_BIND[@]}" \
@@ -412,6 +421,12 @@ each_binding() {
   "$action" project "$PROJECT" roles/logging.logWriter "$build"
   "$action" repo "$REPO" roles/artifactregistry.writer "$build"
   "$action" bucket "gs://$STAGING_BUCKET" roles/storage.objectAdmin "$build"
+  # The function's build reads its source from the bucket Cloud Functions copies it into,
+  # gcf-v2-sources-<project number>-<region>, which does not exist before the first deploy: so a
+  # project grant with a condition on that bucket's objects, not a grant on the bucket.
+  resolve_project_number
+  "$action" project "$PROJECT" roles/storage.objectViewer "$build" \
+    "resource.name.startsWith(\"projects/_/buckets/gcf-v2-sources-$PROJECT_NUMBER-$REGION/\")"
   if [ "$action" != remove_binding ]; then
     # Storage triggers: Cloud Storage publishes the bucket's events to Eventarc's topic.
     resolve_gcs_agent
@@ -554,11 +569,11 @@ delete_function() {
 # trigger in the project needs it.
 # shellcheck disable=SC2317  # called through each_binding
 remove_binding() {
-  local kind=$1 resource=$2 role=$3 member=$4
+  local kind=$1 resource=$2 role=$3 member=$4 condition=${5:-}
   [ "$kind" = project ] || return 0
-  has_binding "$kind" "$resource" "$role" "$member" || return 0
+  has_binding "$kind" "$resource" "$role" "$member" "$condition" || return 0
   run gcloud projects remove-iam-policy-binding "$PROJECT" --member="$member" --role="$role" \
-    --condition=None --format=none
+    "${IAM_BIND[@]}" --format=none
 }
 
 remove_bindings() {
@@ -653,10 +668,11 @@ report() {
 report_binding() {
   local rc=0
   has_binding "$@" || rc=$?
+  local where="$1 $2${5:+ (if $5)}"
   if [ "$rc" -eq 0 ]; then
-    printf '   present  %s -> %s on %s %s\n' "$3" "${4#*:}" "$1" "$2"
+    printf '   present  %s -> %s on %s\n' "$3" "${4#*:}" "$where"
   else
-    printf '   MISSING  %s -> %s on %s %s\n' "$3" "${4#*:}" "$1" "$2"
+    printf '   MISSING  %s -> %s on %s\n' "$3" "${4#*:}" "$where"
     MISSING=$((MISSING + 1))
   fi
 }

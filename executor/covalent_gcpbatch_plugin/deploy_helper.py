@@ -13,8 +13,8 @@ Commands (each prints its answer on stdout; a check answers with its exit status
 ``bucket-matches --days N`` (bucket resource JSON, ``describe --raw``, on stdin)
     Exit 0 if the bucket has that lifecycle rule, uniform bucket-level access and public access
     prevention; else exit 3 (NO), saying what differs on stderr.
-``has-binding ROLE MEMBER`` (IAM policy JSON on stdin)
-    Exit 0 if the policy binds ROLE to MEMBER unconditionally, else 3 (NO).
+``has-binding ROLE MEMBER [--condition EXPRESSION]`` (IAM policy JSON on stdin)
+    Exit 0 if the policy binds ROLE to MEMBER unconditionally (or under exactly that condition), else 3 (NO).
 ``build-config --image URI --python-version X.Y --covalent-version V``
     The Cloud Build config (JSON) that builds worker_image/Dockerfile with those build arguments
     from the repository root and pushes it.
@@ -93,7 +93,7 @@ def _has_binding(args: argparse.Namespace) -> int:
     from .deploy import cloud
 
     text = sys.stdin.read().strip()
-    return 0 if cloud.has_binding(json.loads(text) if text else {}, args.role, args.member) else NO
+    return 0 if cloud.has_binding(json.loads(text) if text else {}, args.role, args.member, args.condition) else NO
 
 
 def _build_config(args: argparse.Namespace) -> int:
@@ -193,6 +193,7 @@ def _nothing(p: argparse.ArgumentParser) -> None:
 def _has_binding_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("role")
     p.add_argument("member")
+    p.add_argument("--condition", default=None)
 
 
 def _build_config_arguments(p: argparse.ArgumentParser) -> None:

@@ -88,7 +88,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert [c["argv"] for c in calls_second if verb_of(c) in MUTATING] == []
     assert "+ gcloud" not in second.stdout
     # Every change is echoed before it runs.
-    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 28
+    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 29
 
     # -- the bucket: region, uniform access, no public access, task objects expire ------------------
     bucket_create, staging_create = creations["bucket"]
@@ -175,6 +175,12 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         ("roles/eventarc.eventReceiver", fn),
         ("roles/logging.logWriter", builder),
     }, "nothing else project-wide: storage, Pub/Sub and the registry are granted on the resources"
+    # The function's build reads its source from Cloud Functions' own copy, in a bucket that does not
+    # exist before the first deploy: objects of that bucket only, by a condition on their names.
+    assert recorder.conditional_bindings(f"projects/{PROJECT}") == {(
+        "roles/storage.objectViewer", builder,
+        f'resource.name.startsWith("projects/_/buckets/gcf-v2-sources-424242424242-{REGION}/")',
+    )}  # fmt: skip
     assert ("roles/pubsub.publisher", f"serviceAccount:{GCS_AGENT}") in recorder.bindings(f"projects/{PROJECT}")
     assert recorder.bindings(f"storage buckets/gs://{BUCKET}") == {
         ("roles/storage.objectViewer", runner),
@@ -215,7 +221,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     status_start = len(recorder.calls())
     status = check(recorder.deploy("status", *ARGS))
     assert "MISSING" not in status.stdout
-    assert status.stdout.count("present") == 9 + 18, "9 resources, 18 role grants"
+    assert status.stdout.count("present") == 9 + 19, "9 resources, 19 role grants"
     assert [c["argv"] for c in recorder.calls()[status_start:] if verb_of(c) in MUTATING] == []
 
     # -- down: refuses without --yes when nobody can be asked ----------------------------------------
@@ -231,6 +237,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert recorder.state["resources"] == {}, "every resource up created is gone"
     remaining = {(r, m) for r, m in recorder.bindings(f"projects/{PROJECT}")}
     assert remaining == {("roles/pubsub.publisher", f"serviceAccount:{GCS_AGENT}")}, "project roles of our accounts removed"
+    assert recorder.conditional_bindings(f"projects/{PROJECT}") == set()
     deleted = [c["argv"][:4] for c in down_calls if verb_of(c) in ("delete", "rm")]
     assert deleted == [
         ["functions", "delete", FUNCTION, f"--region={REGION}"],

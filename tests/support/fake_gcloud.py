@@ -54,6 +54,17 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return positionals, flags
 
 
+def parse_condition(value: str) -> dict | None:
+    """gcloud's ``--condition``: ``None`` (or absent) for none, else ``expression=...,title=...``.
+    A project policy that has conditional bindings refuses a change without the flag, as gcloud does."""
+    if value in ("", "None"):
+        return None
+    condition = dict(pair.split("=", 1) for pair in value.split(","))
+    if not condition.get("expression") or not condition.get("title"):
+        fail(f"INVALID_ARGUMENT: a condition needs an expression and a title: {value}")
+    return condition
+
+
 def fail(message: str, code: int = 1) -> None:
     print(f"ERROR: (gcloud) {message}", file=sys.stderr)
     sys.exit(code)
@@ -149,11 +160,14 @@ def main() -> None:
     elif verb in ("add-iam-policy-binding", "remove-iam-policy-binding"):
         require(key)
         member, role = flags["--member"][-1], flags["--role"][-1]
+        condition = parse_condition((flags.get("--condition") or [""])[-1])
         bindings = policies.setdefault(key, {"bindings": []})["bindings"]
-        binding = next((b for b in bindings if b["role"] == role), None)
+        binding = next((b for b in bindings if b["role"] == role and b.get("condition") == condition), None)
         if verb == "add-iam-policy-binding":
             if binding is None:
                 bindings.append(binding := {"role": role, "members": []})
+                if condition:
+                    binding["condition"] = condition
             if member not in binding["members"]:
                 binding["members"].append(member)
         else:

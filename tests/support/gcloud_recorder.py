@@ -61,9 +61,15 @@ class Recorder:
         return json.loads(self.state_file.read_text())
 
     def bindings(self, resource: str) -> set[tuple[str, str]]:
-        """(role, member) pairs bound on one resource of the fake's state."""
+        """(role, member) pairs bound unconditionally on one resource of the fake's state."""
         policy = self.state["policies"].get(resource, {"bindings": []})
-        return {(b["role"], m) for b in policy["bindings"] for m in b["members"]}
+        return {(b["role"], m) for b in policy["bindings"] if not b.get("condition") for m in b["members"]}
+
+    def conditional_bindings(self, resource: str) -> set[tuple[str, str, str]]:
+        """(role, member, condition expression) triples bound on one resource under a condition."""
+        policy = self.state["policies"].get(resource, {"bindings": []})
+        return {(b["role"], m, b["condition"]["expression"]) for b in policy["bindings"] if b.get("condition")
+                for m in b["members"]}  # fmt: skip
 
     def config_section(self) -> dict:
         path = self.config_dir / "covalent.conf"

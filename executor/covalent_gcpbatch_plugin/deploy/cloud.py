@@ -38,9 +38,12 @@ def _same_rule(rule: dict, wanted: dict) -> bool:
     )
 
 
-def has_binding(policy: dict, role: str, member: str) -> bool:
+def has_binding(policy: dict, role: str, member: str, condition: str | None = None) -> bool:
+    """Whether the policy binds ROLE to MEMBER under exactly this condition expression (None: none)."""
     return any(
-        binding.get("role") == role and member in binding.get("members", []) and not binding.get("condition")
+        binding.get("role") == role
+        and member in binding.get("members", [])
+        and (binding.get("condition") or {}).get("expression") == condition
         for binding in policy.get("bindings", [])
     )
 
