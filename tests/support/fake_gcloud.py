@@ -55,8 +55,8 @@ def parse(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def parse_condition(value: str) -> dict | None:
-    """gcloud's ``--condition``: ``None`` (or absent) for none, else ``expression=...,title=...``.
-    A project policy that has conditional bindings refuses a change without the flag, as gcloud does."""
+    """gcloud's ``--condition``: ``None`` (or absent) for none, else ``expression=...,title=...``
+    (both required, as gcloud requires them). A binding is found by role and condition together."""
     if value in ("", "None"):
         return None
     condition = dict(pair.split("=", 1) for pair in value.split(","))
