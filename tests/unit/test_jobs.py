@@ -108,3 +108,16 @@ def test_default_options_keep_batch_defaults():
     assert instances.policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel.STANDARD
     assert not instances.policy.accelerators and not instances.install_gpu_drivers
     assert not build().allocation_policy.network.network_interfaces
+
+
+@pytest.mark.parametrize("options", [p.JobOptions(accelerator_type="nvidia-l4", accelerator_count=1),
+                                     p.JobOptions(machine_type="g2-standard-4"), p.JobOptions()])
+def test_the_worker_container_runs_unprivileged_on_gpu_and_cpu_vms(options):
+    """Batch gives a container on a GPU VM whose drivers it installed the GPUs and driver libraries
+    itself: no --privileged (root on the VM for the user's code) and no /var/lib/nvidia mounts,
+    which Nextflow dropped in 2025 (PR #5406: "now automatically handled by Google Cloud")."""
+    job = build(options=options)
+    (runnable,) = job.task_groups[0].task_spec.runnables
+    assert isinstance(runnable.container, batch_v1.Runnable.Container)
+    assert runnable.container.options == "" and list(runnable.container.volumes) == []
+    assert job.allocation_policy.instances[0].install_gpu_drivers is jobs.has_gpus(options)
