@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .protocol import state_name
+
 if TYPE_CHECKING:  # read only: the executor module imports this, and the worker image has no batch client
     from google.cloud import batch_v1
 
@@ -78,7 +80,7 @@ def usage_of(job: batch_v1.Job) -> Usage:
     # A machine type sets the VM's size; otherwise Batch picks one for the task's cpu_milli/memory_mib.
     return Usage(
         job_id=job.name.rsplit("/", 1)[-1],
-        state=job.status.state.name,
+        state=state_name(job.status.state),
         vm_seconds=vm_seconds(job),
         vcpus=resources.cpu_milli / 1000 if resources and resources.cpu_milli else 1.0,
         memory_gib=resources.memory_mib / 1024 if resources and resources.memory_mib else 0.5,

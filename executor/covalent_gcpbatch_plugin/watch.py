@@ -150,22 +150,32 @@ def _follow(deployment: Deployment, bucket, job_id: str, out: TextIO, stop: thre
         if final:
             return 0
         job = _job(deployment, job_id)
-        if job is None or job.status.state.name in TERMINAL:
+        state = usage.state_name(job.status.state) if job else "gone"
+        if job is None or state in TERMINAL:
             text, _ = output.read()  # what came between the two reads
             out.write(text[shown:])
-            print(f"-- job {job_id}: {job.status.state.name if job else 'gone'}", file=out, flush=True)
+            print(f"-- job {job_id}: {state}", file=out, flush=True)
             return 0
         if stop.wait(FOLLOW_INTERVAL_S) or time.monotonic() > deadline:
             return 0
 
 
+def label_filter(labels: dict[str, str]) -> str:
+    """A ListJobs filter matching jobs that carry all ``labels``, in the form dsub sends to Batch
+    (google_utils.label_filter: ``labels."key" = "value"``; keys with '-' need the quotes)."""
+    return " AND ".join(f'labels."{key}" = "{value}"' for key, value in labels.items())
+
+
 def dispatch_jobs(deployment: Deployment, dispatch_id: str | None) -> list[batch_v1.Job]:
-    """This deployment's jobs (label created-by), of one dispatch if given, newest first."""
+    """This deployment's jobs (label created-by), of one dispatch if given, newest first. Batch
+    filters them: a region keeps every job for 60 days, so listing them all would page through
+    other users' jobs too."""
     parent = protocol.location_name(deployment.project_id, deployment.region)
-    wanted = None if dispatch_id is None else sanitize_label_value(dispatch_id)
-    jobs = [j for j in deployment.batch().list_jobs(parent=parent, timeout=60)
-            if j.labels.get("created-by") == "covalent-gcpbatch"
-            and (wanted is None or j.labels.get("covalent-dispatch-id") == wanted)]  # fmt: skip
+    labels = {"created-by": "covalent-gcpbatch"}
+    if dispatch_id is not None:
+        labels["covalent-dispatch-id"] = sanitize_label_value(dispatch_id)
+    request = batch_v1.ListJobsRequest(parent=parent, filter=label_filter(labels))
+    jobs = list(deployment.batch().list_jobs(request=request, timeout=60))
     return sorted(jobs, key=lambda j: j.create_time, reverse=True)
 
 
@@ -191,11 +201,12 @@ def jobs(dispatch_id: str | None, cancel: bool, out: TextIO = sys.stdout,
     found = dispatch_jobs(deployment, dispatch_id)
     print(f"{'JOB':<36} {'STATE':<24} {'DISPATCH':<38} {'NODE':>5} {'AGE':>9} {'VM':>9}", file=out)
     for job in found:
-        vm = usage.vm_seconds(job)
-        print(f"{job.name.rsplit('/', 1)[-1]:<36} {job.status.state.name:<24} {job.labels.get('covalent-dispatch-id', ''):<38} "
+        vm, state = usage.vm_seconds(job), usage.state_name(job.status.state)
+        print(f"{job.name.rsplit('/', 1)[-1]:<36} {state:<24} {job.labels.get('covalent-dispatch-id', ''):<38} "
               f"{job.labels.get('covalent-node-id', ''):>5} {_age(job):>9} {vm:>8.0f}s", file=out)
     if cancel:
-        active = [j for j in found if j.status.state.name not in (*TERMINAL, "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")]
+        active = [j for j in found
+                  if usage.state_name(j.status.state) not in (*TERMINAL, "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")]
         batch, running = deployment.batch(), {}
         for job in active:
             dispatch = job.labels.get("covalent-dispatch-id", "")

@@ -360,6 +360,26 @@ def test_create_get_list_delete_round_trip(client, endpoint):
     assert calls["create"] == 1 and calls["delete"] == 1 and calls["list"] == 2 and calls["get"] >= 2
 
 
+def test_list_filters_by_labels_and_state_and_refuses_other_filters(client):
+    """The ListJobs filter `covalent-gcpbatch jobs` sends (an AND of labels."K" = "V" terms, as dsub
+    sends them to Batch) and status.state are applied by the service; anything else is a 400."""
+    team = new_id("team")
+    tagged = make_job()
+    tagged.labels = {"created-by": "tests", "team-name": team}
+    mine = create(client, tagged)
+    theirs = create(client, make_job())
+    wanted = f'labels."created-by" = "tests" AND labels."team-name" = "{team}"'
+    listed = [j.name for j in client.list_jobs(request=batch_v1.ListJobsRequest(parent=PARENT, filter=wanted))]
+    assert listed == [mine.name] and theirs.name in [j.name for j in client.list_jobs(parent=PARENT)]
+    done = wait_state(client, mine.name, {State.SUCCEEDED, State.FAILED})
+    in_state = f'{wanted} AND status.state="{done.status.state.name}"'
+    assert [j.name for j in client.list_jobs(request=batch_v1.ListJobsRequest(parent=PARENT, filter=in_state))] == [mine.name]
+    for refused in ('labels.team-name="x"', f'{wanted} OR status.state="RUNNING"', 'status.state="SLEEPING"'):
+        with pytest.raises(exceptions.BadRequest) as bad:
+            list(client.list_jobs(request=batch_v1.ListJobsRequest(parent=PARENT, filter=refused)))
+        assert bad.value.code == 400 and "filter" in bad.value.message, refused
+
+
 def test_errors_map_to_google_exceptions(client):
     job_id = new_id("dup")
     create(client, make_job(), job_id)

@@ -159,3 +159,44 @@ def test_jobs_cancel_spares_what_a_running_dispatch_waits_for(covalent_server, l
     result = wait_for(dispatch_id, timeout_s=60)
     assert str(result.status) in ("CANCELLED", "FAILED")
     assert ended_jobs_of_dispatch(local_stack, dispatch_id)[0].status.state.name == "CANCELLED"
+
+
+def test_jobs_asks_batch_for_this_deployments_jobs_of_the_dispatch(local_stack):
+    """`jobs` sends its labels as the ListJobs filter (one request, no paging through the region's
+    jobs) and keeps what Batch returns: a job another tool created with the same dispatch label,
+    or one of another dispatch, never reaches it (the local service applies the filter as Batch
+    does)."""
+    import io
+    import uuid
+
+    from google.cloud import batch_v1
+
+    from covalent_gcpbatch_plugin import clients, watch
+
+    batch = clients.batch_client(local_stack.batch_api_endpoint)
+    parent = protocol.location_name(local_stack.project_id, local_stack.region)
+    dispatch = f"filter-{uuid.uuid4().hex[:8]}"
+    container = batch_v1.Runnable.Container(image_uri="local/worker:dev")
+
+    def create(labels: dict[str, str]) -> str:
+        job = batch_v1.Job(task_groups=[batch_v1.TaskGroup(task_spec=batch_v1.TaskSpec(
+            runnables=[batch_v1.Runnable(container=container)]))], labels=labels)
+        return batch.create_job(parent=parent, job_id=f"{dispatch}-{len(labels)}-{uuid.uuid4().hex[:6]}", job=job).name
+
+    mine = create({"created-by": "covalent-gcpbatch", "covalent-dispatch-id": dispatch, "covalent-node-id": "0"})
+    other_tool = create({"created-by": "someone-else", "covalent-dispatch-id": dispatch})
+    other_dispatch = create({"created-by": "covalent-gcpbatch", "covalent-dispatch-id": f"{dispatch}-x",
+                             "covalent-node-id": "0", "x": "y"})
+    try:
+        sent = f'labels."created-by" = "covalent-gcpbatch" AND labels."covalent-dispatch-id" = "{dispatch}"'
+        before = batch_admin(local_stack, "stats")
+        out = io.StringIO()
+        assert watch.jobs(dispatch, cancel=False, out=out) == 0
+        assert [row.split()[0] for row in out.getvalue().splitlines()[1:]] == [mine.rsplit("/", 1)[-1]], out.getvalue()
+        after = batch_admin(local_stack, "stats")
+        assert after["calls"]["list"] == before["calls"]["list"] + 1
+        assert after["list_filters"].get(sent, 0) == before["list_filters"].get(sent, 0) + 1, after["list_filters"]
+        assert {mine, other_tool, other_dispatch} <= {j.name for j in batch.list_jobs(parent=parent)}
+    finally:
+        for name in (mine, other_tool, other_dispatch):
+            batch.delete_job(name=name).result(timeout=30)

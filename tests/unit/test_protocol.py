@@ -226,3 +226,20 @@ def test_deployment_caps_job_options(options, fragment):
     with pytest.raises(p.SpecError) as info:
         settings.check(spec(options=options))
     assert fragment in str(info.value)
+
+
+def test_a_job_state_newer_than_the_client_is_news_of_no_meaning():
+    """proto-plus hands a state value it does not know over as an int: the executor reads it as
+    STATE_UNSPECIFIED (it neither ends nor moves a wait) instead of failing on ``.name``."""
+    import warnings
+
+    from google.cloud import batch_v1
+
+    from covalent_gcpbatch_plugin.protocol import JobState, state_name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # proto-plus warns of the unknown value
+        job = batch_v1.Job(status=batch_v1.JobStatus(state=42))
+        assert JobState.of(job.status.state) is JobState.STATE_UNSPECIFIED
+        assert state_name(job.status.state) == "UNKNOWN(42)"
+    assert JobState.of(batch_v1.JobStatus.State.RUNNING) is JobState.RUNNING

@@ -84,6 +84,7 @@ from .outcome import (  # noqa: F401
 )
 from .messages import (  # noqa: F401
     JobState,
+    state_name,
     JOB_STATE_CHANGED,
     TASK_REJECTED,
     TASK_NOT_CREATED,

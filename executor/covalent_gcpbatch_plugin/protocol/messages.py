@@ -33,6 +33,22 @@ class JobState(str, Enum):
     def is_terminal(self) -> bool:
         return self in _TERMINAL
 
+    @classmethod
+    def of(cls, state: object) -> JobState:
+        """The JobState of a ``batch_v1`` job state; STATE_UNSPECIFIED for one newer than the
+        installed client (news of no meaning: it neither ends nor moves a wait)."""
+        try:
+            return cls(state_name(state))
+        except ValueError:
+            return cls.STATE_UNSPECIFIED
+
+
+def state_name(state: object) -> str:
+    """A job or task state's name, also for a value newer than the installed client: proto-plus
+    hands those over as a plain int, which has no ``.name``."""
+    name = getattr(state, "name", None)
+    return name if isinstance(name, str) else f"UNKNOWN({int(state)})"
+
 
 _TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DELETION_IN_PROGRESS, JobState.REJECTED}
 

@@ -271,12 +271,16 @@ class LocalBatch:
                 raise ApiError(failure, "injected get_job failure (fault fail_get)")
             return self._snapshot(self._find(project, region, job_id))
 
-    def list(self, project: str, region: str, state_filter: State | None = None) -> list[batch_v1.Job]:
+    def list(self, project: str, region: str, state_filter: State | None = None,
+             labels: Mapping[str, str] | None = None) -> list[batch_v1.Job]:
+        """The region's jobs in ``state_filter`` that carry all ``labels``, filtered here as Batch
+        filters them server-side."""
         with self.lock:
             self.calls["list"] += 1
             number = project_number(project, self.project_numbers)
             return [self._snapshot(r) for (p, reg, _), r in self.jobs.items()
-                    if p == number and reg == region and (state_filter is None or r.state == state_filter)]
+                    if p == number and reg == region and (state_filter is None or r.state == state_filter)
+                    and all(r.job.labels.get(k) == v for k, v in (labels or {}).items())]
 
     def cancel(self, project: str, region: str, job_id: str) -> Operation:
         """Start cancelling the job; the operation is done once it is CANCELLED (or was terminal)."""

@@ -110,18 +110,37 @@ def route(method: str, path: str) -> Route | None:
     return Route(action, project, region, job_id or "") if action else None
 
 
-def state_filter(expression: str) -> State | None:
-    """The one list filter supported: ``status.state="RUNNING"`` (quotes optional), or none."""
-    expression = expression.strip()
-    if not expression:
-        return None
-    field_name, _, value = expression.partition("=")
-    if field_name.strip() != "status.state":
-        raise ApiError(400, f"unsupported filter {expression!r}: only status.state=\"<STATE>\" is supported locally")
-    try:
-        return State[value.strip().strip('"')]
-    except KeyError:
-        raise ApiError(400, f"unknown job state in filter {expression!r}") from None
+#: The ListJobs filter terms the service understands, as watch.label_filter and dsub send them.
+_LABEL_TERM = re.compile(r'labels\."(?P<key>[^"]+)"\s*=\s*"(?P<value>[^"]*)"')
+_STATE_TERM = re.compile(r'status\.state\s*=\s*"?(?P<state>[A-Z_]+)"?')
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """An AND of ``labels."KEY" = "VALUE"`` and ``status.state="STATE"`` terms (none: every job)."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    state: State | None = None
+
+
+def list_filter(expression: str) -> ListFilter:
+    """Parse a ListJobs filter; anything beyond the terms above is refused (400), not ignored."""
+    labels: list[tuple[str, str]] = []
+    states: set[State] = set()
+    for term in filter(None, (t.strip() for t in re.split(r"\s+AND\s+", expression.strip()))):
+        if label := _LABEL_TERM.fullmatch(term):
+            labels.append((label["key"], label["value"]))
+        elif state := _STATE_TERM.fullmatch(term):
+            try:
+                states.add(State[state["state"]])
+            except KeyError:
+                raise ApiError(400, f"unknown job state in filter term {term!r}") from None
+        else:
+            raise ApiError(400, f"unsupported filter term {term!r} in {expression!r}: only an AND of "
+                                'labels."<KEY>" = "<VALUE>" and status.state="<STATE>" is supported locally')
+    if len(states) > 1:
+        raise ApiError(400, f"filter {expression!r} asks for more than one job state at once")
+    return ListFilter(tuple(labels), next(iter(states), None))
 
 
 def message_json(message, *, enums_as_ints: bool) -> str:
@@ -214,6 +233,8 @@ class BatchApp:
     def __init__(self, batch: LocalBatch, notifier: Notifier) -> None:
         self.batch = batch
         self.notifier = notifier
+        self.list_filters: Counter[str] = Counter()  # the filters ListJobs was called with (stats)
+        self._lock = threading.Lock()
 
     def handle(self, method: str, target: str, body: bytes) -> tuple[int, str]:
         url = urlsplit(target)
@@ -233,7 +254,10 @@ class BatchApp:
         if a == "get":
             return 200, message_json(b.get(where.project, where.region, where.job_id), enums_as_ints=ints)
         if a == "list":
-            jobs = b.list(where.project, where.region, state_filter(query.get("filter", "")))
+            with self._lock:
+                self.list_filters[query.get("filter", "")] += 1
+            wanted = list_filter(query.get("filter", ""))
+            jobs = b.list(where.project, where.region, wanted.state, labels=dict(wanted.labels))
             return 200, message_json(batch_v1.ListJobsResponse(jobs=jobs), enums_as_ints=ints)
         if a in ("cancel", "delete"):
             started = b.cancel if a == "cancel" else b.delete
@@ -255,6 +279,8 @@ class BatchApp:
         if a == "stats":
             stats = b.stats()
             stats["notifications"] = {**self.notifier.stats(), **stats["notifications"]}
+            with self._lock:
+                stats["list_filters"] = dict(self.list_filters)
             return 200, json.dumps(stats)
         if a == "active":
             return 200, json.dumps({"active": b.active()})
