@@ -29,6 +29,37 @@ readonly ENTRY_POINT=on_task_uploaded
 # gcloud's messages for a resource that does not exist (anything else a lookup hits is fatal).
 readonly NOT_FOUND='not[ _]?found|404|does not exist|manifest unknown'
 
+# The function's size, for a burst of 1,000 electrons (1,000 task uploads within seconds; every
+# other object written to the bucket fires it too, and returns at once). One event costs a few ms
+# of CPU and waits on I/O: GCS reads (~50 ms), then Batch's CreateJob (0.3-1 s, up to 60 s of
+# retries when Batch throttles: functions/main.py CREATE_RETRY_S). So: 20 instances x 50 requests
+# each = 1,000 events in flight, a whole burst even if Batch holds every create for its minute,
+# and no delivery refused for want of an instance (Eventarc would redeliver it later, with backoff).
+# Concurrency > 1 needs >= 1 vCPU (Cloud Run functions docs); the Python runtime serves as many
+# requests at once as it has threads (functions-framework's gunicorn: THREADS, default 4 per CPU),
+# so THREADS = concurrency. 512 MiB: the function imports in ~90 MiB (measured), plus 50 threads.
+# Batch admits 6,000 mutations/min/region whatever the function does: more would add only cost.
+readonly FUNCTION_CPU=1 FUNCTION_MEMORY=512Mi FUNCTION_CONCURRENCY=50 FUNCTION_MAX_INSTANCES=20
+
+# A fresh project's first `up` uses grants seconds after making them (and Eventarc's service agent
+# gets its own permissions only when Eventarc is first used): the function's deploy and the image
+# build then fail until IAM has propagated, for minutes (terraform-provider-google #25294). Those
+# failures, and only those, are retried: after RETRY_BASE_S, doubling up to 6x, while the waits add
+# up to at most 60x (10 s: 10, 20, 40, then 60 s; 12 attempts, 550 s of waiting in all). The base
+# can be lowered for tests (COVALENT_GCPBATCH_DEPLOY_RETRY_BASE_S, whole seconds).
+RETRY_BASE_S=${COVALENT_GCPBATCH_DEPLOY_RETRY_BASE_S:-10}
+readonly RETRY_MAX_STEP=6 RETRY_BUDGET=60
+# gcloud functions deploy's errors while grants propagate: the Eventarc service agent's (Eventarc's
+# own text); the Cloud Storage agent's pubsub.publisher grant (made by the iam step); the function's
+# build, as the build account, reading Cloud Functions' copy of the source (the iam step's
+# conditional grant, terraform-provider-google #20571) or missing any other of its grants.
+readonly FUNCTION_PROPAGATION='necessary permissions are propagated|unable to publish to Cloud Pub/Sub topics|Access to bucket gcf-v2-sources-[0-9]+-[a-z0-9-]+ denied|missing permission on the build service account'
+# gcloud builds submit's: the build account cannot read the staged source yet (the build is not
+# created), or the build ran and could not fetch the source, push the image or write its logs
+# (its failureInfo.type; LOGGING_FAILURE is "Backend logging failures. Should retry." in the API).
+readonly BUILD_SOURCE_PROPAGATION='could not resolve source: .*does not have storage\.objects\.get access'
+readonly BUILD_FAILURE_PROPAGATION='FETCH_SOURCE_FAILED|PUSH_NOT_AUTHORIZED|LOGGING_FAILURE'
+
 usage() {
   cat <<EOF
 Usage: ./deploy.sh up|down|status|image --project P [options]
@@ -90,6 +121,49 @@ run_retrying() {
     printf '   (retrying in %s s: new service accounts take a moment to propagate)\n' $((attempt * 5))
     sleep $((attempt * 5))
   done
+}
+
+# run_propagating CHECK CMD...: run CMD (echoed, its output shown as it comes); if it fails and
+# CHECK, given a file with CMD's stderr, says that the failure is one of IAM propagation, wait and
+# run it again (RETRY_BASE_S...). Any other failure, or one that outlasts the retries, ends it with
+# gcloud's own message (already shown) and CMD's exit status.
+run_propagating() {
+  local check=$1
+  shift
+  local rc step=1 spent=0 attempt=1
+  while :; do
+    rc=0
+    { run "$@" 2>&1 1>&3 | tee "$WORK/attempt.stderr" >&2; } 3>&1 || rc=$?
+    [ "$rc" -ne 0 ] || return 0
+    "$check" "$WORK/attempt.stderr" || return "$rc"
+    if [ $((spent + step)) -gt "$RETRY_BUDGET" ]; then
+      printf 'deploy.sh: still failing after %s attempts (%s s of waiting): IAM changes can take longer to apply; run up again later\n' \
+        "$attempt" $((spent * RETRY_BASE_S)) >&2
+      return "$rc"
+    fi
+    printf '   (attempt %s failed while new permissions propagate: retrying in %s s)\n' "$attempt" $((step * RETRY_BASE_S))
+    sleep $((step * RETRY_BASE_S))
+    spent=$((spent + step)) attempt=$((attempt + 1)) step=$((step * 2))
+    [ "$step" -le "$RETRY_MAX_STEP" ] || step=$RETRY_MAX_STEP
+  done
+}
+
+# function_propagating STDERR: the function's deploy failed while grants propagate.
+# shellcheck disable=SC2317  # called through run_propagating
+function_propagating() {
+  grep -qiE "$FUNCTION_PROPAGATION" "$1"
+}
+
+# build_propagating STDERR: the image build failed while the build account's grants propagate
+# (a failed Dockerfile step, USER_BUILD_STEP, is not retried).
+# shellcheck disable=SC2317  # called through run_propagating
+build_propagating() {
+  grep -qiE "$BUILD_SOURCE_PROPAGATION" "$1" && return 0
+  local id
+  id=$(sed -nE 's/.*build ([0-9a-zA-Z-]+) completed with status "FAILURE".*/\1/p' "$1" | tail -n 1)
+  [ -n "$id" ] || return 1
+  lookup gcloud builds describe "$id" --region="$REGION" --project="$PROJECT" --format='value(failureInfo.type)' || return 1
+  grep -qxE "$BUILD_FAILURE_PROPAGATION" <<<"$FOUND"
 }
 
 # lookup CMD...: a read-only gcloud command. Its output goes to $FOUND; returns 1 if gcloud says the
@@ -196,6 +270,7 @@ validate() {
   for step in "${steps[@]}"; do
     [[ $allowed == *" $step "* ]] || die "--only: unknown step '$step' for $ACTION (one of:$allowed)"
   done
+  [[ $RETRY_BASE_S =~ ^[0-9]+$ ]] || die "COVALENT_GCPBATCH_DEPLOY_RETRY_BASE_S must be whole seconds (default 10)"
   command -v gcloud >/dev/null 2>&1 || die "the gcloud CLI is not on PATH: https://cloud.google.com/sdk/docs/install"
 }
 
@@ -347,7 +422,7 @@ ensure_image() {
     >"$WORK/cloudbuild.json"
   # Runs as the build account (projects created since mid-2024 give Cloud Build's default account
   # no roles), with the source staged in our own bucket and the logs in Cloud Logging.
-  run gcloud builds submit "$WORK/context" --project="$PROJECT" --region="$REGION" --config="$WORK/cloudbuild.json" \
+  run_propagating build_propagating gcloud builds submit "$WORK/context" --project="$PROJECT" --region="$REGION" --config="$WORK/cloudbuild.json" \
     --service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA" --gcs-source-staging-dir="gs://$STAGING_BUCKET/source"
 }
 
@@ -455,6 +530,8 @@ plan_function() {
     --max-vcpus "$MAX_VCPUS" --max-memory-mb "$MAX_MEMORY_MB" --max-time-limit-s "$MAX_TIME_LIMIT_S" \
     --max-accelerator-count "$MAX_ACCELERATOR_COUNT" --allowed-machine-types "$ALLOWED_MACHINE_TYPES" \
     >"$WORK/function-env.yaml"
+  # As many gunicorn threads as requests an instance is sent (the Cloud Run functions docs' advice).
+  printf 'THREADS: "%s"\n' "$FUNCTION_CONCURRENCY" >>"$WORK/function-env.yaml"
   FUNCTION_DEPLOY=(
     functions deploy "$FUNCTION" --gen2 --region="$REGION" --project="$PROJECT"
     --runtime="$FUNCTION_RUNTIME" --entry-point="$ENTRY_POINT"
@@ -464,7 +541,8 @@ plan_function() {
     --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA"
     --docker-repository="projects/$PROJECT/locations/$REGION/repositories/$REPO" --stage-bucket="$STAGING_BUCKET"
     --ingress-settings=internal-only --no-allow-unauthenticated
-    --memory=256Mi --timeout=180s
+    --cpu="$FUNCTION_CPU" --memory="$FUNCTION_MEMORY" --concurrency="$FUNCTION_CONCURRENCY"
+    --max-instances="$FUNCTION_MAX_INSTANCES" --timeout=180s
   )
   FUNCTION_DIGEST=$(helper digest --text "${FUNCTION_DEPLOY[*]}" "$WORK/function-env.yaml" "$ROOT/functions")
 }
@@ -486,7 +564,7 @@ ensure_function() {
     present "$FUNCTION (trigger: $FINALIZED on gs://$BUCKET)"
   else
     [ -z "$DEPLOYED" ] || printf '   %s exists, but its source or settings changed: redeploying\n' "$FUNCTION"
-    run gcloud "${FUNCTION_DEPLOY[@]}" --source="$ROOT/functions" --env-vars-file="$WORK/function-env.yaml" \
+    run_propagating function_propagating gcloud "${FUNCTION_DEPLOY[@]}" --source="$ROOT/functions" --env-vars-file="$WORK/function-env.yaml" \
       --update-labels="managed-by=covalent-gcpbatch,deploy_digest=$FUNCTION_DIGEST"
   fi
   # Eventarc calls the (private) function as the trigger's service account.

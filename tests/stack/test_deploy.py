@@ -152,6 +152,11 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert "--retry" in argv, "the function answers 500 on transient errors and relies on redelivery"
     env = {key: json.loads(value) for key, _, value in
            (line.partition(": ") for line in deploy["files"]["--env-vars-file"].splitlines())}  # fmt: skip
+    # Sized for a 1,000-electron burst (deploy.sh's FUNCTION_* and README): 20 instances x 50
+    # concurrent requests, 1 vCPU (concurrency > 1 needs it), as many threads as requests.
+    assert [flag_values(deploy, flag) for flag in ("--cpu", "--memory", "--concurrency", "--max-instances")] == [
+        ["1"], ["512Mi"], ["50"], ["20"]]  # fmt: skip
+    assert env.pop("THREADS") == "50", "functions-framework serves THREADS requests at once (default 4 per CPU)"
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = DeploymentSettings.from_env()
@@ -270,6 +275,70 @@ def test_a_changed_setting_redeploys_only_the_function(recorder):
     assert [c["argv"][:3] for c in changed] == [["functions", "deploy", FUNCTION]]
     env_file = changed[0]["files"]["--env-vars-file"]
     assert 'GCPBATCH_MAX_VCPUS: "8.0"' in env_file or 'GCPBATCH_MAX_VCPUS: "8"' in env_file
+
+
+# gcloud's own texts for a grant that has not propagated yet (README "Deployment troubleshooting").
+EVENTARC_AGENT_NOT_READY = (
+    "ERROR: (gcloud.functions.deploy) INVALID_ARGUMENT: Validation failed for trigger projects/{p}/locations/{r}/"
+    "triggers/{f}-000000: Invalid resource state for \"\": Permission denied while using the Eventarc Service Agent. "
+    "If you recently started to use Eventarc, it may take a few minutes before all necessary permissions are "
+    "propagated to the Service Agent. Otherwise, verify that it has Eventarc Service Agent role."
+).format(p=PROJECT, r=REGION, f=FUNCTION)
+SOURCE_COPY_DENIED = (
+    "ERROR: (gcloud.functions.deploy) OperationError: code=3, message=Build failed: failed to Fetch: failed to "
+    f"download archive gs://gcf-v2-sources-424242424242-{REGION}/{FUNCTION}/function-source.zip: Access to bucket "
+    f"gcf-v2-sources-424242424242-{REGION} denied. You must grant Storage Object Viewer permission to {BUILDER}."
+)
+
+
+def test_up_outlasts_permissions_that_have_not_propagated(recorder):
+    """A fresh project's first up: grants used seconds after they are made fail the function's
+    deploy and the image build for a while (terraform-provider-google #25294, #20571); up retries
+    exactly those failures, with backoff, and succeeds."""
+    recorder.env["COVALENT_GCPBATCH_DEPLOY_RETRY_BASE_S"] = "1"
+    recorder.fail_next("functions deploy", 1, stderr=EVENTARC_AGENT_NOT_READY)
+    recorder.fail_next("functions deploy", 1, stderr=SOURCE_COPY_DENIED)
+    recorder.fail_next("builds submit", 1, stderr=(
+        "ERROR: (gcloud.builds.submit) INVALID_ARGUMENT: could not resolve source: googleapi: Error 403: "
+        f"{BUILDER} does not have storage.objects.get access to the Google Cloud Storage object. "
+        "Permission 'storage.objects.get' denied on resource (or it may not exist)., forbidden"))
+    recorder.fail_next("builds submit", 1, build_failure="FETCH_SOURCE_FAILED")
+    result = check(recorder.deploy("up", *ARGS))
+    calls = recorder.calls()
+    assert len(find(calls, "builds", "submit")) == 3 and len(find(calls, "functions", "deploy")) == 3
+    # A failed build is asked why it failed; the one refused at creation has no build to ask about.
+    assert [c["argv"][:3] for c in find(calls, "builds", "describe")] == [["builds", "describe", "0000feed-0000-4000-8000-000000000000"]]
+    # 1 s then 2 s for each (the base is 10 s unless a test lowers it).
+    assert result.stdout.count("retrying in 1 s") == 2 and result.stdout.count("retrying in 2 s") == 2
+    assert "necessary permissions are propagated" in result.stderr, "gcloud's own message is shown"
+    assert recorder.config_section()["container_image_uri"] in [
+        r["name"] for k, r in recorder.state["resources"].items() if k.startswith("artifacts docker images/")]
+    assert f"functions/{FUNCTION}@{REGION}" in recorder.state["resources"]
+
+
+@pytest.mark.parametrize("words, failure", [
+    ("functions deploy", {"stderr": "ERROR: (gcloud.functions.deploy) ResponseError: status=[429], code=[Ok], message=["
+                                    "Quota exceeded for quota metric 'Write requests' and limit 'Write requests per minute'"
+                                    " of service 'cloudfunctions.googleapis.com']"}),
+    ("builds submit", {"build_failure": "USER_BUILD_STEP"}),
+])  # fmt: skip
+def test_any_other_deploy_failure_fails_at_once(recorder, words, failure):
+    """Only propagation is waited for: any other error ends up at once, with gcloud's message."""
+    recorder.fail_next(words, 1, **failure)
+    result = recorder.deploy("up", *ARGS)
+    assert result.returncode != 0
+    assert len(find(recorder.calls(), *words.split())) == 1, "not retried"
+    assert "retrying" not in result.stdout
+    assert failure.get("stderr", "USER_BUILD_STEP")[:40] in result.stderr or 'completed with status "FAILURE"' in result.stderr
+
+
+def test_propagation_retries_are_bounded(recorder):
+    """Permissions that never come: up gives up after 12 attempts (550 s of waiting at the default base)."""
+    recorder.env["COVALENT_GCPBATCH_DEPLOY_RETRY_BASE_S"] = "0"
+    recorder.fail_next("functions deploy", 100, stderr=EVENTARC_AGENT_NOT_READY)
+    result = recorder.deploy("up", *ARGS)
+    assert result.returncode != 0 and "still failing after 12 attempts" in result.stderr
+    assert len(find(recorder.calls(), "functions", "deploy")) == 12
 
 
 def test_image_builds_a_worker_image_with_the_users_packages(recorder, tmp_path):

@@ -11,6 +11,12 @@ first created. Creating what exists fails (ALREADY_EXISTS), and describing what 
 with NOT_FOUND, as gcloud does.
 
 It knows exactly the commands deploy.sh uses; anything else fails loudly.
+
+Failures a test injects (``"inject"`` in the sidecar, gcloud_recorder.Recorder.fail_next): each
+rule fails the next ``times`` calls starting with its ``words``, and counts down. A rule with
+``stderr`` prints that text and exits 1; one with ``build_failure`` (``builds submit``) records a
+build that failed with that ``failureInfo.type`` (``builds describe`` shows it) and fails as gcloud
+does: ``build <id> completed with status "FAILURE"``.
 """
 
 from __future__ import annotations
@@ -91,6 +97,29 @@ def show(resource, flags: dict[str, list[str]]) -> None:
     print(json.dumps(resource, indent=2))
 
 
+def inject_failure(positionals: list[str], flags: dict[str, list[str]], state: dict, state_file: Path) -> None:
+    """Fail this call if an injected rule (module docstring) still has calls to fail."""
+    sidecar = Path(sys.argv[0]).resolve().with_name("fake-gcloud.json")
+    values = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    words = " ".join(positionals)
+    rule = next((r for r in values.get("inject", []) if r["times"] > 0 and words.startswith(r["words"])), None)
+    if rule is None:
+        return
+    rule["times"] -= 1
+    sidecar.write_text(json.dumps(values))
+    if not rule.get("build_failure"):
+        print(rule["stderr"], file=sys.stderr)
+        sys.exit(1)
+    build_id = f"0000feed-{len(state['builds']):04d}-4000-8000-000000000000"
+    region, project = flags["--region"][-1], flags["--project"][-1]
+    state["builds"][build_id] = {"id": build_id, "status": "FAILURE", "failureInfo": {
+        "type": rule["build_failure"], "detail": "injected by the test"}}  # fmt: skip
+    state_file.write_text(json.dumps(state, indent=2))
+    print(f"Created [https://cloudbuild.googleapis.com/v1/projects/{project}/locations/{region}/builds/{build_id}].",
+          file=sys.stderr)  # fmt: skip
+    fail(f'build {build_id} completed with status "FAILURE"')
+
+
 def main() -> None:
     argv = sys.argv[1:]
     positionals, flags = parse(argv)
@@ -117,6 +146,8 @@ def main() -> None:
     resources: dict[str, dict] = state.setdefault("resources", {})
     policies: dict[str, dict] = state.setdefault("policies", {})
     enabled: list[str] = state.setdefault("enabled", [])
+    builds: dict[str, dict] = state.setdefault("builds", {})
+    inject_failure(positionals, flags, state, state_file)
 
     verb_at = next((i for i, p in enumerate(positionals) if p in VERBS), None)
     if verb_at is None:
@@ -152,6 +183,10 @@ def main() -> None:
         print(GCS_AGENT)
     elif group == "projects" and verb == "describe":
         show({"projectId": name, "projectNumber": PROJECT_NUMBER}, flags)
+    elif group == "builds" and verb == "describe":
+        if name not in builds:
+            fail(f"NOT_FOUND: Requested entity was not found. (build {name})")
+        show(builds[name], flags)
     elif verb == "describe":
         show(require(key), flags)
     elif verb == "get-iam-policy":

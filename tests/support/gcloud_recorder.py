@@ -48,6 +48,14 @@ class Recorder:
         """Every later call starting with these words (``"functions deploy"``) fails, as a denied one does."""
         self.sidecar.write_text(json.dumps({**json.loads(self.sidecar.read_text()), "fail": words}))
 
+    def fail_next(self, words: str, times: int, *, stderr: str = "", build_failure: str = "") -> None:
+        """The next ``times`` calls starting with these words fail: printing ``stderr`` (exit 1), or, for
+        ``builds submit``, as a build that failed with ``failureInfo.type`` = ``build_failure``."""
+        values = json.loads(self.sidecar.read_text())
+        values.setdefault("inject", []).append({"words": words, "times": times, "stderr": stderr,
+                                                "build_failure": build_failure})  # fmt: skip
+        self.sidecar.write_text(json.dumps(values))
+
     def deploy(self, *args: str, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
         return subprocess.run([str(DEPLOY), *args], env=self.env, stdin=stdin, capture_output=True, text=True, timeout=120)
 
