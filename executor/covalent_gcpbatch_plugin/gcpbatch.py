@@ -47,6 +47,7 @@ from .protocol import (
     TaskObjects,
     objects_of,
     job_console_url,
+    state_name,
     job_name,
     loads_error,
     loads_not_created,
@@ -198,7 +199,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             else:
                 app_log.info(f"gcpbatch: task runs as Batch job {self._job_name(job_id)}: {self._job_link(job_id)}")
             step.now = "waiting for the Batch job"
-            return await self._wait(job_id, inbox, listening=events is not None)
+            return await self._wait(job_id, inbox, listening=events is not None, plan=self._wait_plan(spec, placement))
         finally:
             _waiting.unregister(job_id)
             if events is not None:
@@ -281,7 +282,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 app_log.info(f"gcpbatch: cancelled pack {pack_id}: none of its electrons is waited for any more")
                 return
             job = self._batch().get_job(name=self._job_name(pack_id), timeout=30, retry=self._retry())
-            if JobState(job.status.state.name).is_terminal:
+            if JobState.of(job.status.state).is_terminal:
                 self._log_usage(job)
             if not self.keep_artifacts:
                 self._bucket().delete_blob(PackObjects(pack_id).manifest, timeout=30)
@@ -365,16 +366,23 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         clients.create_object(self._bucket(), PackObjects(pack_id).manifest, manifest.dumps(), content_type="application/json",
                               metadata=spec.to_metadata(), retry=self._retry())
 
-    def _wait_plan(self) -> WaitPlan:
+    def _wait_plan(self, spec: JobSpec | None = None, placement: packing.Placement = packing.ALONE) -> WaitPlan:
+        # Imported here: jobs.py needs google-cloud-batch, which the worker image (where `import
+        # covalent` loads this module) does not have.
+        from .jobs import has_gpus
+
         return WaitPlan.for_task(submit_timeout=self.submit_timeout, queue_timeout=self.queue_timeout,
                                  time_limit=self.time_limit, retries=self.retries,
-                                 reconcile_interval=self.reconcile_interval)
+                                 reconcile_interval=self.reconcile_interval,
+                                 gpus=spec is not None and has_gpus(spec.options),
+                                 pack_index=placement.index if placement.packed else None,
+                                 pack_parallelism=self.pack_parallelism)
 
-    async def _wait(self, job_id: str, inbox: asyncio.Queue, *, listening: bool) -> Outcome:
+    async def _wait(self, job_id: str, inbox: asyncio.Queue, *, listening: bool, plan: WaitPlan) -> Outcome:
         """Until the job ends or a phase bound passes (the decisions: waiting.JobWait). Listening
         (events mode), Pub/Sub pushes events into ``inbox``; otherwise (poll mode) the job is read
         every poll_freq seconds. Either way ``cancel()`` wakes the wait through ``inbox``."""
-        plan, loop = self._wait_plan(), asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         wait = JobWait(plan, listening=listening, poll_interval=self.poll_freq, now=loop.time())
         while True:
             try:
@@ -385,9 +393,11 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                     if item.event.state.is_terminal:
                         item = await asyncio.to_thread(self._reconcile, job_id, within=wait.left(loop.time()))
                     else:
+                        if item.event.state is JobState.RUNNING:
+                            wait.pack_progressing(loop.time())
                         item = JobEvent(job_id, JobState.QUEUED, item.event.detail)
-                elif isinstance(item, JobEvent) and item.state is JobState.SUCCEEDED:
-                    item = await asyncio.to_thread(self._confirm_succeeded, item)
+                elif isinstance(item, JobEvent) and item.state.is_terminal:
+                    item = await asyncio.to_thread(self._confirm_terminal, item)
             except asyncio.TimeoutError:
                 wait.silence()
                 item = await asyncio.to_thread(self._reconcile, job_id, within=wait.left(loop.time()))
@@ -403,21 +413,26 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             if isinstance(decision, Outcome):
                 return decision
             if decision == GIVE_UP:
-                return await self._give_up(job_id, wait.state, plan)
+                if wait.awaits_pack() and await asyncio.to_thread(self._pack_running, job_id):
+                    wait.pack_progressing(loop.time())  # its RUNNING message was lost: once, from now
+                    continue
+                return await self._give_up(job_id, wait.state, plan, pack_progress=wait.pack_progress is not None)
             if item is not None and not wait.cancel_sent and await self.get_cancel_requested():
                 # Cancelled while the function was creating the job: cancel it now that it exists.
                 await asyncio.to_thread(self._cancel_job, job_id)
                 wait.cancel_sent = True
 
-    def _confirm_succeeded(self, event: JobEvent) -> JobEvent | None:
+    def _confirm_terminal(self, event: JobEvent) -> JobEvent | None:
         """Pub/Sub does not say who published a message, and more than Batch can publish to the
-        topic (any job's account can). A SUCCEEDED heard there is confirmed with one get_job before
-        result.pkl is unpickled: a job SUCCEEDED only if its worker wrote result.pkl itself
-        (generation 0). Anything else Batch says replaces the message. The same read gives the
-        job's VM time, logged."""
-        confirmed = self._reconcile(event.job_id, log_usage=True)
-        if confirmed is None or confirmed.state is not JobState.SUCCEEDED:
-            app_log.warning(f"gcpbatch: ignored a SUCCEEDED message for {event.job_id}: Batch says "
+        topic (any job's account can); Batch itself may say FAILED of a task attempt it is about to
+        retry, or UNEXECUTED of a task it has yet to run. So a message that would settle the
+        electron is confirmed with one read (get_job, or get_task in a pack) first: a SUCCEEDED
+        before result.pkl is unpickled (a job SUCCEEDED only if its worker wrote result.pkl itself,
+        generation 0), a FAILED or CANCELLED before the electron fails. What Batch says replaces
+        the message when they differ. The same read gives the job's VM time, logged."""
+        confirmed = self._reconcile(event.job_id, log_usage=event.state is JobState.SUCCEEDED)
+        if confirmed is None or confirmed.state is not event.state:
+            app_log.warning(f"gcpbatch: ignored a {event.state.value} message for {event.job_id}: Batch says "
                             f"{confirmed.state.value if confirmed else 'there is no such job'}")
             return confirmed
         return event
@@ -433,24 +448,53 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry(within))
         except exceptions.NotFound:
             return self._not_created(job_id, within)
-        state = JobState(job.status.state.name)
+        state = JobState.of(job.status.state)
         if log_usage and state is JobState.SUCCEEDED:
             self._log_usage(job)
         app_log.debug(f"gcpbatch: reconciled {job_id}: {state.value}")
         return JobEvent(job_id, state, "reconciled by get_job")
 
     def _reconcile_member(self, job_id: str, placement: packing.Placement, within: float | None = None) -> JobEvent | None:
-        """One get_task of the electron's task in its pack (None: the pack's job does not exist yet)."""
+        """One get_task of the electron's task in its pack (None: the pack's job does not exist yet).
+        Batch creates a job's tasks after the job, sometimes minutes after, and a job may end
+        without ever having had them: a task not found is read from its pack's job."""
         try:
             task = self._batch().get_task(name=task_name(self._job_name(placement.pack_id), placement.index), timeout=30,
                                           retry=self._retry(within))
         except exceptions.NotFound:
+            return self._member_without_task(job_id, placement, within)
+        event = member_event(job_id, state_name(task.status.state), "reconciled by get_task")
+        app_log.debug(f"gcpbatch: reconciled {job_id} (task {placement.index} of {placement.pack_id}): "
+                      f"{event.state.value if event else state_name(task.status.state)}")
+        return event
+
+    def _member_without_task(self, job_id: str, placement: packing.Placement, within: float | None) -> JobEvent | None:
+        """The electron's task does not exist (yet): its pack's job says what that means. No job:
+        not created (yet, or refused); a job still going: queued; a job over: the electron's end
+        too (a job that ended without creating the task never ran it)."""
+        try:
+            job = self._batch().get_job(name=self._job_name(placement.pack_id), timeout=30, retry=self._retry(within))
+        except exceptions.NotFound:
             refused = self._not_created(placement.pack_id, within)
             return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
-        event = member_event(job_id, task.status.state.name, "reconciled by get_task")
-        app_log.debug(f"gcpbatch: reconciled {job_id} (task {placement.index} of {placement.pack_id}): "
-                      f"{event.state.value if event else task.status.state.name}")
-        return event
+        state = JobState.of(job.status.state)
+        if not state.is_terminal:
+            return JobEvent(job_id, JobState.QUEUED, f"its pack's job {placement.pack_id} is {state.value}; its task is not created yet")
+        ended = JobState.FAILED if state is JobState.SUCCEEDED else state  # a job cannot succeed without it
+        return JobEvent(job_id, ended, f"its pack's job {placement.pack_id} ended {state.value} without creating its task")
+
+    def _pack_running(self, job_id: str) -> bool:
+        """Whether the electron's pack's job runs (some of its tasks do): read once, before an
+        electron queued in it gives up."""
+        pack_id = _packs.placement(job_id).pack_id
+        if pack_id is None:
+            return False
+        try:
+            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30, retry=self._retry(self.MIN_RETRY_S))
+        except exceptions.GoogleAPICallError as err:
+            app_log.warning(f"gcpbatch: reading pack {pack_id} before giving up on {job_id}: {err.message}")
+            return False
+        return JobState.of(job.status.state) is JobState.RUNNING
 
     def _not_created(self, job_id: str, within: float | None = None) -> JobEvent | None:
         """The function's record of a task (or pack) it created no job for (refused or cancelled), if any."""
@@ -471,13 +515,14 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             return f" (its create-delay record could not be read: {type(err).__name__})"
         return f"; Batch answered the function's create with {text.strip()}" if text.strip() else ""
 
-    async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan) -> Outcome:
+    async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan, *, pack_progress: bool = False) -> Outcome:
         if await self.get_cancel_requested():
             # The user cancelled it (e.g. before its job existed, so no CANCELLED event came): that
             # is the outcome, not the bound we hit waiting.
             await self.cancel({}, job_id)
             return Outcome(JobState.CANCELLED, "cancelled before the job reached a terminal state")
-        reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=self.retries)
+        reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=self.retries,
+                                pack_progress=pack_progress)
         if state is None:
             reason += await asyncio.to_thread(self._create_delay, job_id)
         await self.cancel({}, job_id)
@@ -533,7 +578,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """Why an electron's task in a pack never ran: None if the pack's job was cancelled, else
         the job's state and status events."""
         job = self._batch().get_job(name=self._job_name(placement.pack_id), timeout=30, retry=self._retry())
-        state = JobState(job.status.state.name)
+        state = JobState.of(job.status.state)
         if state in (JobState.CANCELLED, JobState.CANCELLATION_IN_PROGRESS):
             return None
         self._log_usage(job)
@@ -552,6 +597,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             name = task_name(self._job_name(placement.pack_id), placement.index)
             try:
                 task = self._batch().get_task(name=name, timeout=30, retry=self._retry())
+            except exceptions.NotFound:  # the job ended without creating it (no VM to be had...)
+                return self._why_unexecuted(placement) or f"task {placement.index} of Batch job {placement.pack_id} was cancelled"
             except exceptions.GoogleAPICallError as err:
                 return f"Batch task {name} ended {state.value} without a result or error record ({err.message})"
             return explain_job_failure(f"{placement.pack_id} task {placement.index}", state, task)

@@ -9,9 +9,15 @@ The phases and their bounds (``WaitPlan``):
 
 * not yet seen (upload -> function -> job created): ``submit_timeout``;
 * QUEUED/SCHEDULED (waiting for a VM; not counted against time_limit): ``queue_timeout``;
-* RUNNING: ``(retries + 1) * (time_limit + RUN_GRACE_S)``: Batch re-runs a preempted task inside
+* RUNNING: ``(retries + 1) * (time_limit + attempt grace)``: Batch re-runs a preempted task inside
   the job's RUNNING state with no job-level message, so every attempt gets its full time, plus a
-  grace for a new VM, the worker's uploads and the notification.
+  grace that fits a new VM (``RUN_GRACE_S``: boot, image pull, the worker's uploads and the
+  notification; ``GPU_DRIVERS_S`` more with GPUs).
+
+An electron of a pack waits for its pack's job, then for its own task: with fewer VMs than tasks
+(``pack_parallelism``) its task waits its turn. So its QUEUED bound restarts, once, when its pack
+starts making progress (the pack's job RUNNING), and then also counts the waves of tasks ahead of
+it (``WaitPlan.pack_wait``).
 
 Within a phase, silence longer than ``reconcile_interval`` triggers one ``get_job``, the interval
 doubling each time, so a long quiet job costs O(log(time_limit)) reads, not a poll. When a
@@ -34,8 +40,16 @@ from typing import Any
 
 from .protocol import EXIT_CODE_MEANINGS, JobEvent, JobState, exit_code_of_event
 
-#: After max run duration, the worker still uploads and Batch still publishes: allow for that.
-RUN_GRACE_S = 120
+#: A retried attempt runs on a new VM. Public figures: SCHEDULED -> RUNNING 68-127 s (Nextflow
+#: #4225, Cromwell's logs, Google's sample), an image pull 1-2.5 min (Nextflow PR #6836); after the
+#: attempt the worker uploads its outcome and Batch publishes (a minute at most).
+NEW_VM_S = 130
+IMAGE_PULL_S = 150
+OUTCOME_S = 60
+#: Every attempt's allowance beyond time_limit (read at plan time: tests may shorten it).
+RUN_GRACE_S = NEW_VM_S + IMAGE_PULL_S + OUTCOME_S
+#: GPU VMs install their drivers before the task starts: "a few minutes" (dsub's provider docs).
+GPU_DRIVERS_S = 300
 #: ``JobWait.observe`` says this when the phase's bound has passed.
 GIVE_UP = "give up"
 
@@ -48,15 +62,26 @@ class WaitPlan:
     queue_timeout: float
     run_timeout: float
     reconcile_interval: float
+    #: An electron of a pack: how long, once the pack runs, the tasks ahead of its own may take.
+    packed: bool = False
+    pack_wait: float = 0.0
 
     @classmethod
     def for_task(cls, *, submit_timeout: float, queue_timeout: float, time_limit: float, retries: int,
-                 reconcile_interval: float) -> WaitPlan:
+                 reconcile_interval: float, gpus: bool = False, pack_index: int | None = None,
+                 pack_parallelism: int = 0) -> WaitPlan:
+        """``pack_index``: the electron's task index in its pack (None: a job of its own);
+        ``pack_parallelism``: the pack's tasks running at once (0: all)."""
+        attempt = time_limit + RUN_GRACE_S + (GPU_DRIVERS_S if gpus else 0)
+        run_timeout = float((retries + 1) * attempt)
+        waves_ahead = 0 if pack_index is None or pack_parallelism <= 0 else pack_index // pack_parallelism
         return cls(
             submit_timeout=float(submit_timeout),
             queue_timeout=float(queue_timeout),
-            run_timeout=float((retries + 1) * (time_limit + RUN_GRACE_S)),
+            run_timeout=run_timeout,
             reconcile_interval=float(reconcile_interval),
+            packed=pack_index is not None,
+            pack_wait=waves_ahead * run_timeout,
         )
 
     def phase_bound(self, state: JobState | None) -> float:
@@ -151,6 +176,8 @@ class JobWait:
         self.phase_end = now + plan.phase_bound(None)
         self.quiet = plan.reconcile_interval if listening else float(poll_interval)
         self.cancel_sent = False
+        #: When the electron's pack was first seen making progress (None: not yet, or not packed).
+        self.pack_progress: float | None = None
 
     def left(self, now: float) -> float:
         """What is left of the current phase's bound."""
@@ -173,6 +200,22 @@ class JobWait:
             return Outcome(JobState.CANCELLED, "cancelled before its Batch job was seen")
         return None
 
+    def awaits_pack(self) -> bool:
+        """An electron of a pack, queued, whose pack was not yet seen making progress: before
+        giving up on its queue bound, the executor asks whether the pack's job runs."""
+        return self.plan.packed and self.pack_progress is None and self.state in (JobState.QUEUED, JobState.SCHEDULED)
+
+    def pack_progressing(self, now: float) -> None:
+        """The electron's pack runs (its job is RUNNING). A queued electron's bound restarts from
+        here, once, counting the tasks ahead of it too; later news changes nothing."""
+        if not self.plan.packed or self.pack_progress is not None:
+            return
+        self.pack_progress = now
+        if self.state in (None, JobState.QUEUED, JobState.SCHEDULED):
+            self.state = self.state or JobState.QUEUED
+            self.entered.setdefault(self.state, now)
+            self.phase_end = now + self.plan.pack_wait + self.plan.queue_timeout
+
     def observe(self, event: JobEvent | None, now: float) -> Outcome | str | None:
         """After an event or a read (None: no such job yet): an Outcome to settle with, GIVE_UP
         when the phase's bound has passed, or None to go on waiting."""
@@ -181,6 +224,8 @@ class JobWait:
         if event is not None and progressed(self.state, event.state):
             self.state = event.state
             self.phase_end = self.entered.setdefault(event.state, now) + self.plan.phase_bound(event.state)
+            if self.pack_progress is not None and event.state is not JobState.RUNNING:
+                self.phase_end = max(self.phase_end, self.pack_progress + self.plan.pack_wait + self.plan.queue_timeout)
             if self.listening:  # the job moved: reads go back to their first interval
                 self.quiet = self.plan.reconcile_interval
             return None
@@ -189,7 +234,8 @@ class JobWait:
         return None
 
 
-def give_up_reason(job_id: str, state: JobState | None, plan: WaitPlan, *, time_limit: int, retries: int) -> str:
+def give_up_reason(job_id: str, state: JobState | None, plan: WaitPlan, *, time_limit: int, retries: int,
+                   pack_progress: bool = False) -> str:
     """Why the executor stopped waiting (it then cancels the job)."""
     if state is None:
         return (
@@ -197,10 +243,15 @@ def give_up_reason(job_id: str, state: JobState | None, plan: WaitPlan, *, time_
             "check the Cloud Function's logs and its storage trigger on the bucket"
         )
     if state is JobState.RUNNING:
+        grace = plan.run_timeout / (retries + 1) - time_limit
         return (
             f"job {job_id} was still running {plan.run_timeout:g} s after it started: time_limit={time_limit} s "
-            f"plus {RUN_GRACE_S} s for each of its {retries + 1} attempts (retries={retries})"
+            f"plus {grace:g} s (a new VM, its image pull and the outcome's upload) for each of its {retries + 1} "
+            f"attempts (retries={retries})"
         )
+    if pack_progress:
+        return (f"job {job_id} did not start within queue_timeout={plan.queue_timeout:g} s plus {plan.pack_wait:g} s "
+                f"for the tasks ahead of it in its pack, counted from when the pack started running (state {state.value})")
     return f"job {job_id} did not start within queue_timeout={plan.queue_timeout:g} s (state {state.value})"
 
 

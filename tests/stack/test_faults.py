@@ -412,13 +412,13 @@ def test_a_stored_result_is_kept_when_it_cannot_be_confirmed(local_stack, tmp_pa
     executor._task_stdout, executor._task_stderr = io.StringIO(), io.StringIO()
 
     async def scenario():
-        real = executor._confirm_succeeded
+        real = executor._confirm_terminal
 
         def confirm_under_a_read_quota(event):
             batch_admin(local_stack, "faults", {"fail_get": 10_000, "fail_get_status": 429})
             return real(event)
 
-        executor._confirm_succeeded = confirm_under_a_read_quota
+        executor._confirm_terminal = confirm_under_a_read_quota
         return await executor.run(lambda: {"answer": 42}, [], {}, {"dispatch_id": "kept-result", "node_id": 3})
 
     started = time.monotonic()
@@ -599,14 +599,20 @@ NO_ZONE = ("No zone supports all of the provided instance templates (injected fa
            "Nextflow #5550)")
 
 
-def test_a_pack_whose_job_fails_before_its_tasks_start_fails_every_electron(covalent_server, local_stack):
-    """No VM can be had: the pack's job goes SCHEDULED -> FAILED and its tasks never run
-    (UNEXECUTED). Each electron FAILS with the job's own status events; UNEXECUTED is not
-    CANCELLED, since nobody cancelled. (Before: CANCELLED, "Batch job <electron id> was
-    cancelled", naming a job id that is not a Batch job.)"""
-    batch_admin(local_stack, "faults", {"fail_scheduling": {"*": NO_ZONE}})
+@pytest.mark.parametrize("lost", [False, True], ids=["notified", "notifications-lost"])
+def test_a_pack_whose_job_fails_before_its_tasks_start_fails_every_electron(covalent_server, local_stack, lost):
+    """No VM can be had: the pack's job goes SCHEDULED -> FAILED before Batch created its tasks
+    (as real Batch does: Nextflow #5550), so get_task answers NOT_FOUND. Each electron FAILS with
+    the job's own status events, whether its FAILED message came or its reads found out; it is
+    not CANCELLED, since nobody cancelled. (Before: CANCELLED, naming a job id that is not a Batch
+    job; and once tasks were created lazily, a NOT_FOUND read as "not created yet" left every
+    electron waiting for queue_timeout.)"""
+    faults = {"fail_scheduling": {"*": NO_ZONE}}
+    if lost:
+        faults["drop_notifications"] = {"*": ["FAILED"]}
+    batch_admin(local_stack, "faults", faults)
     try:
-        dispatch_id, result, elapsed = run_flow(fan_out_flow(GCPBatchExecutor(time_limit=120), 3))
+        dispatch_id, result, elapsed = run_flow(fan_out_flow(GCPBatchExecutor(time_limit=120, reconcile_interval=2), 3))
     finally:
         batch_admin(local_stack, "reset", {})
     nodes = [n for n in node_results(result) if n["node_name"] == "add_one"]
@@ -618,8 +624,41 @@ def test_a_pack_whose_job_fails_before_its_tasks_start_fails_every_electron(cova
     assert job.status.state.name == "FAILED"
     assert elapsed < SETTLE_S
     no_active_job_left(local_stack)
-    record("a pack's job fails before its tasks start (no zone)", "every electron FAILED with the job's events",
-           "3 FAILED 'No zone supports...'", elapsed)
+    record(f"a pack's job fails before its tasks exist (no zone){', its FAILED lost' if lost else ''}",
+           "every electron FAILED with the job's events", "3 FAILED 'No zone supports...'", elapsed)
+
+
+def test_a_packs_tasks_created_late_leave_its_electrons_waiting(covalent_server, local_stack):
+    """Batch creates a job's tasks after the job, sometimes minutes after (NOT_FOUND on tasks/0:
+    Nextflow #5422): the electrons' reads of their tasks meet NOT_FOUND while the pack's job is
+    SCHEDULED, which means "queued", and they complete once the tasks exist and run."""
+    batch_admin(local_stack, "faults", {"tasks_after_s": {"*": 6}})
+    before = batch_admin(local_stack, "stats")["calls"]
+    dispatch_id, result, elapsed = run_flow(fan_out_flow(GCPBatchExecutor(time_limit=120, reconcile_interval=1), 3))
+    after = batch_admin(local_stack, "stats")["calls"]
+    assert str(result.status) == "COMPLETED" and result.result == [1, 2, 3]
+    assert after["get_task"] > before.get("get_task", 0), "the electrons read their tasks while they did not exist"
+    assert 6 <= elapsed < SETTLE_S
+    no_active_job_left(local_stack)
+    record("a pack's tasks created 6 s after its job", "COMPLETED (NOT_FOUND read as queued)", str(result.status), elapsed)
+
+
+def test_a_failed_message_for_an_attempt_batch_retries_does_not_settle_the_electron(covalent_server, local_stack):
+    """Batch may publish FAILED for a task attempt it then retries (a preempted spot VM): the
+    message is confirmed with get_task, which says RUNNING, and the electron waits for its retry.
+    (Before: the electron FAILED while its retry ran.)"""
+    batch_admin(local_stack, "faults", {"preempt": {"*": 1}, "notify_retried_attempts": True})
+    executor = GCPBatchExecutor(time_limit=120, retries=2, pack_parallelism=0)
+    dispatch_id, result, elapsed = run_flow(fan_out_flow(executor, 3))
+    nodes = [n for n in node_results(result) if n["node_name"] == "add_one"]
+    assert str(result.status) == "COMPLETED", [(n["status"], n["stderr"]) for n in nodes]
+    assert result.result == [1, 2, 3]
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert protocol.is_pack_id(protocol.job_id_of_job_name(job.name))
+    assert batch_admin(local_stack, "stats")["notifications"].get("retried_attempt") == 1, "the FAILED was published"
+    assert elapsed < SETTLE_S
+    no_active_job_left(local_stack)
+    record("FAILED published for a retried attempt (pack)", "COMPLETED after get_task", str(result.status), elapsed)
 
 
 def test_a_refused_pack_fails_every_electron_with_the_reason(covalent_server, local_stack):

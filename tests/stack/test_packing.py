@@ -169,6 +169,31 @@ def test_executors_that_differ_beyond_the_spec_pack_apart(covalent_server, local
     assert shapes == [(3, 2), (3, 3)]
 
 
+def test_an_electron_waiting_its_turn_in_a_busy_pack_is_not_failed_by_its_queue_bound(covalent_server, local_stack):
+    """Four electrons of 8 s on one VM (pack_parallelism=1): the last one's task waits about 30 s
+    for its siblings while the pack runs. Its queue bound (queue_timeout=15 s) restarts when its
+    pack starts running and counts the tasks ahead of it, so it completes. (Before: it gave up
+    15 s after the pack's job was created and FAILED while its pack was busy.)"""
+    executor = ct.executor.GCPBatchExecutor(time_limit=120, pack_parallelism=1, queue_timeout=15)
+
+    @ct.electron(executor=executor)
+    def slow(i):
+        import time as _time
+
+        _time.sleep(8)
+        return i
+
+    @ct.lattice
+    def in_turn():
+        return [slow(i) for i in range(4)]
+
+    dispatch_id = ct.dispatch(in_turn)()
+    result = wait_for(dispatch_id, timeout_s=300)
+    assert str(result.status) == "COMPLETED" and result.result == [0, 1, 2, 3], failure_details(result)
+    (job,) = pack_jobs(local_stack, dispatch_id)
+    assert (job.task_groups[0].task_count, job.task_groups[0].parallelism) == (4, 1)
+
+
 def test_cancelling_one_electron_cancels_only_it(covalent_server, local_stack, tmp_path):
     """Three electrons in a pack, one task at a time: the running one cancelled is stopped within
     10 s, the one not yet started never runs; the third completes."""

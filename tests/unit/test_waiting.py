@@ -8,6 +8,7 @@ from google.cloud import batch_v1
 from covalent_gcpbatch_plugin.protocol import JobEvent, JobState
 from covalent_gcpbatch_plugin.waiting import (
     GIVE_UP,
+    GPU_DRIVERS_S,
     RUN_GRACE_S,
     JobWait,
     Outcome,
@@ -112,6 +113,54 @@ def test_the_running_bound_gives_every_attempt_its_time(retries):
     assert f"each of its {retries + 1} attempts" in reason and f"{plan.run_timeout:g} s" in reason
 
 
+def test_a_retried_attempt_on_a_new_vm_fits_the_running_bound():
+    """Preempted at the end of its time limit, the task's retry waits for a new VM (up to 127 s to
+    RUNNING in public logs), pulls its image again (up to 2.5 min) and runs in full: it must end
+    inside the bound. (The 120 s grace of before gave 840 s for this 936 s run.)"""
+    plan = WaitPlan.for_task(submit_timeout=1, queue_timeout=1, time_limit=300, retries=1, reconcile_interval=1)
+    first_attempt = 150 + 299  # its image pull, then preempted 1 s before its time limit
+    retry = 127 + 150 + 300 + 60  # a new VM, the pull again, the whole time limit, the outcome's upload
+    assert first_attempt + retry < plan.run_timeout
+    reason = give_up_reason("j", JobState.RUNNING, plan, time_limit=300, retries=1)
+    assert f"plus {RUN_GRACE_S} s (a new VM, its image pull" in reason
+
+
+def test_gpu_tasks_get_time_for_their_drivers():
+    cpu = WaitPlan.for_task(submit_timeout=1, queue_timeout=1, time_limit=60, retries=2, reconcile_interval=1)
+    gpu = WaitPlan.for_task(submit_timeout=1, queue_timeout=1, time_limit=60, retries=2, reconcile_interval=1, gpus=True)
+    assert gpu.run_timeout - cpu.run_timeout == 3 * GPU_DRIVERS_S
+
+
+def test_a_packed_electrons_queue_bound_restarts_once_its_pack_runs_and_counts_the_tasks_ahead():
+    """Task 10 of a pack running 5 at a time waits for two waves of its siblings: its queue bound
+    is not spent while they run. It restarts when the pack's job first runs, once."""
+    plan = WaitPlan.for_task(submit_timeout=10, queue_timeout=30, time_limit=100, retries=0, reconcile_interval=5,
+                             pack_index=10, pack_parallelism=5)
+    assert plan.packed and plan.pack_wait == 2 * plan.run_timeout
+    wait = JobWait(plan, listening=True, poll_interval=1, now=0)
+    wait.observe(event(JobState.QUEUED), 1)
+    assert wait.awaits_pack() and wait.phase_end == 31
+    wait.pack_progressing(20)
+    assert not wait.awaits_pack() and wait.phase_end == 20 + plan.pack_wait + 30
+    wait.pack_progressing(500)
+    assert wait.phase_end == 20 + plan.pack_wait + 30, "only the first progress counts"
+    wait.observe(event(JobState.SCHEDULED), 600)
+    assert wait.phase_end == 20 + plan.pack_wait + 30, "its task assigned: the pack's bound still holds"
+    assert wait.observe(None, 20 + plan.pack_wait + 30) == GIVE_UP
+    reason = give_up_reason("j", JobState.SCHEDULED, plan, time_limit=100, retries=0, pack_progress=True)
+    assert f"plus {plan.pack_wait:g} s for the tasks ahead of it in its pack" in reason
+    lone = WaitPlan.for_task(submit_timeout=10, queue_timeout=30, time_limit=100, retries=0, reconcile_interval=5)
+    alone = JobWait(lone, listening=True, poll_interval=1, now=0)
+    alone.observe(event(JobState.QUEUED), 1)
+    alone.pack_progressing(20)
+    assert not alone.awaits_pack() and alone.phase_end == 31, "a job of its own has no pack to wait for"
+    first_wave = WaitPlan.for_task(submit_timeout=10, queue_timeout=30, time_limit=100, retries=0,
+                                   reconcile_interval=5, pack_index=4, pack_parallelism=5)
+    assert first_wave.pack_wait == 0 and WaitPlan.for_task(
+        submit_timeout=10, queue_timeout=30, time_limit=100, retries=0, reconcile_interval=5,
+        pack_index=900, pack_parallelism=0).pack_wait == 0, "all at once: nothing ahead"
+
+
 def test_give_up_reasons_name_the_bound():
     assert "submit_timeout=10 s" in give_up_reason("j", None, PLAN, time_limit=1, retries=0)
     assert "queue_timeout=30 s (state SCHEDULED)" in give_up_reason("j", JobState.SCHEDULED, PLAN, time_limit=1, retries=0)
@@ -148,3 +197,16 @@ def test_inboxes_deliver_on_the_waiting_loop_and_forget_closed_ones():
     inboxes.register("gone", closed, asyncio.Queue())
     assert inboxes.put("gone", "x") is False
     assert inboxes.put("gone", "x") is False, "a closed loop's inbox is forgotten"
+
+
+def test_readme_states_the_wait_bounds_as_declared():
+    from pathlib import Path
+
+    from covalent_gcpbatch_plugin import waiting
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"`(retries + 1) × (time_limit + {waiting.RUN_GRACE_S} s)`" in readme
+    assert (f"new VM: {waiting.NEW_VM_S} s to boot, {waiting.IMAGE_PULL_S} s to pull the image, {waiting.OUTCOME_S} s "
+            "for the worker's uploads and the\nnotification") in readme
+    assert f"{waiting.GPU_DRIVERS_S} s more with GPUs" in readme
+    assert readme.count(f"{waiting.RUN_GRACE_S} s") >= 2, "the bounds paragraph and the failure section"

@@ -28,6 +28,12 @@ class Faults:
     #: Batch words it: "No zone supports all of the provided instance templates", Nextflow #5550),
     #: none of its tasks started.
     fail_scheduling: dict[str, str] = field(default_factory=dict)
+    #: One-shot: the job's tasks are created this many seconds after it is SCHEDULED (not at
+    #: once): until then get_task answers NOT_FOUND, as Batch's may for minutes (Nextflow #5422).
+    tasks_after_s: dict[str, float] = field(default_factory=dict)
+    #: A retried attempt's end is published as a FAILED task message (the task then runs again).
+    #: Whether Batch publishes those is not documented: tests make the executor right either way.
+    notify_retried_attempts: bool = False
     fail_create: int = 0
     fail_create_status: int = 503
     #: Reads (get_job and get_task, which share Batch's read quota) that fail with
@@ -41,7 +47,8 @@ class Faults:
 
     def update(self, body: Mapping) -> None:
         """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
-        known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_scheduling", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
+        known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_scheduling", "tasks_after_s",
+                 "notify_retried_attempts", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
                  "drop_notifications", "drop_task_notifications", "duplicate_notifications"}
         unknown = set(body) - known
         if unknown:
@@ -52,10 +59,11 @@ class Faults:
             self.fail_scheduling[str(job)] = str(reason)
         for job, count in dict(body.get("preempt_after_exit", {})).items():
             self.preempt_after_exit[str(job)] = int(count)
-        for job, seconds in dict(body.get("preempt_after_s", {})).items():
-            if float(seconds) < 0:
-                raise ValueError("preempt_after_s values are seconds >= 0")
-            self.preempt_after_s[str(job)] = float(seconds)
+        for name in ("preempt_after_s", "tasks_after_s"):
+            for job, seconds in dict(body.get(name, {})).items():
+                if float(seconds) < 0:
+                    raise ValueError(f"{name} values are seconds >= 0")
+                getattr(self, name)[str(job)] = float(seconds)
         for kind in ("create", "get"):
             if f"fail_{kind}" in body:
                 setattr(self, f"fail_{kind}", int(body[f"fail_{kind}"]))
@@ -68,8 +76,9 @@ class Faults:
             self.drop_notifications[str(job)] = {State[s].name for s in states}
         for job, states in dict(body.get("drop_task_notifications", {})).items():
             self.drop_task_notifications[str(job)] = {batch_v1.TaskStatus.State[s].name for s in states}
-        if "duplicate_notifications" in body:
-            self.duplicate_notifications = bool(body["duplicate_notifications"])
+        for name in ("duplicate_notifications", "notify_retried_attempts"):
+            if name in body:
+                setattr(self, name, bool(body[name]))
 
     def take_preempt(self, job_id: str) -> bool:
         return _take_count(self.preempt, job_id)
@@ -82,6 +91,9 @@ class Faults:
 
     def take_preempt_after(self, job_id: str) -> float | None:
         return _take_once(self.preempt_after_s, job_id)
+
+    def take_tasks_after(self, job_id: str) -> float | None:
+        return _take_once(self.tasks_after_s, job_id)
 
     def take_fail_create(self) -> int | None:
         if self.fail_create > 0:
@@ -103,7 +115,9 @@ class Faults:
 
     def to_json(self) -> dict:
         return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s,
-                "preempt_after_exit": self.preempt_after_exit, "fail_scheduling": self.fail_scheduling, "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+                "preempt_after_exit": self.preempt_after_exit, "fail_scheduling": self.fail_scheduling,
+                "tasks_after_s": self.tasks_after_s, "notify_retried_attempts": self.notify_retried_attempts,
+                "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
                 "fail_get": self.fail_get, "fail_get_status": self.fail_get_status,
                 "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
                 "drop_task_notifications": {k: sorted(v) for k, v in self.drop_task_notifications.items()},

@@ -239,17 +239,7 @@ class LocalBatch:
             workdir.mkdir(parents=True)
             record = JobRecord(job=job, job_id=job_id, key=key, region=region, workdir=workdir,
                                number_name=protocol.job_name(key[0], region, job_id))
-            for index in range(group.task_count):
-                record.tasks.append(TaskRecord(
-                    index=index,
-                    task=batch_v1.Task(name=protocol.task_name(name, index),
-                                       status=batch_v1.TaskStatus(state=TaskState.PENDING)),
-                    number_name=protocol.task_name(record.number_name, index),
-                    uid=f"{job.uid}-group0-{index}",
-                    # Task 0 keeps the job's directory (as before arrays); task i has task-<i>/.
-                    workdir=workdir if index == 0 else workdir / f"task-{index}",
-                ))
-            record.pending.extend(range(group.task_count))
+            # No tasks yet: Batch creates them once it schedules the job (_create_tasks).
             self.jobs[key] = record
             self.state_times[job_id] = {}
             self._enter(record, State.QUEUED, at=now)
@@ -332,7 +322,8 @@ class LocalBatch:
                 raise ApiError(failure, "injected get_task failure (fault fail_get)")
             record = self._find(project, region, job_id)
             if group != "group0" or not index.isdigit() or int(index) >= len(record.tasks):
-                raise ApiError(404, f"Task {record.job.name}/taskGroups/{group}/tasks/{index} not found")
+                # Batch's words for a task not (yet) created (Nextflow #5422's log).
+                raise ApiError(404, f'Resource "{record.number_name}/taskGroups/{group}/tasks/{index}" was not found')
             return batch_v1.Task(record.tasks[int(index)].task)
 
     def list_tasks(self, project: str, region: str, job_id: str, group: str, page_size: int = 0,
@@ -449,6 +440,9 @@ class LocalBatch:
         status.status_events.append(batch_v1.StatusEvent(
             type_="STATUS_CHANGED", event_time=timestamp(now), task_state=state, task_execution=execution,
             description=description or f"Task state is updated from {previous.name} to {state.name}."))
+        self._notify_task(record, task, previous, state, now)
+
+    def _notify_task(self, record: JobRecord, task: TaskRecord, previous: TaskState, state: TaskState, now: float) -> None:
         stamp = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
         data, attributes = protocol.task_state_message(task.number_name, record.job.uid, task.uid, record.region,
                                                        previous.name, state.name, stamp)
@@ -486,6 +480,9 @@ class LocalBatch:
             task.task.status.status_events.append(batch_v1.StatusEvent(
                 type_="STATUS_CHANGED", event_time=timestamp(now), task_state=task_state, task_execution=execution,
                 description=text))
+            if self.faults.notify_retried_attempts:
+                self.notices["retried_attempt"] += 1
+                self._notify_task(record, task, TaskState.RUNNING, task_state, now)
         else:
             self._task_enter(record, task, task_state, now, execution, text)
 
@@ -502,6 +499,8 @@ class LocalBatch:
         for task in record.tasks:
             if task.proc is not None:
                 terminate(task.proc)
+        if record.vms_live == 0:  # no VM to end it (scheduled, its tasks or a VM not there yet)
+            self._finish(record)
 
     def _dispatch_when_due(self) -> None:
         with self.lock:
@@ -528,17 +527,44 @@ class LocalBatch:
             if reason is not None:
                 self._fail_unscheduled(record, reason)
                 continue
+            delay = self.faults.take_tasks_after(record.job_id)
+            if delay is None:
+                self._create_tasks(record)
+            else:
+                timer = threading.Timer(delay, self._create_tasks_when_due, args=(record,))
+                timer.daemon = True
+                timer.start()
             while self.running < self.max_running and record.vms_wanted > 0 and record.pending:
                 self._start_vm(record)
 
+    def _create_tasks(self, record: JobRecord) -> None:
+        """The job's tasks, PENDING (lock held). Batch creates them only once it schedules the job,
+        and may take minutes more: before that get_task answers NOT_FOUND (Nextflow PR #5567,
+        "initially the job might not have any tasks"; #5422); a job may even fail without ever
+        having had tasks (#5550, ``_fail_unscheduled``)."""
+        group = record.job.task_groups[0]
+        for index in range(group.task_count):
+            record.tasks.append(TaskRecord(
+                index=index,
+                task=batch_v1.Task(name=protocol.task_name(record.job.name, index),
+                                   status=batch_v1.TaskStatus(state=TaskState.PENDING)),
+                number_name=protocol.task_name(record.number_name, index),
+                uid=f"{record.job.uid}-group0-{index}",
+                # Task 0 keeps the job's directory (as before arrays); task i has task-<i>/.
+                workdir=record.workdir if index == 0 else record.workdir / f"task-{index}",
+            ))
+        record.pending.extend(range(group.task_count))
+
+    def _create_tasks_when_due(self, record: JobRecord) -> None:
+        with self.lock:
+            if record.stop is None and not self.closing and record.state == State.SCHEDULED and not record.tasks:
+                self._create_tasks(record)
+                self._dispatch()
+
     def _fail_unscheduled(self, record: JobRecord, reason: str) -> None:
         """No VM can be had for the job (lock held): SCHEDULED -> FAILED with ``reason`` in its
-        status event, its tasks never started (UNEXECUTED), as Batch ends a job whose instance
-        templates no zone supports (Nextflow #5550)."""
-        now = time.time()
-        for index in record.pending:
-            self._task_enter(record, record.tasks[index], TaskState.UNEXECUTED, now)
-        record.pending.clear()
+        status event, before any task was created, as Batch ends a job whose instance templates no
+        zone supports (Nextflow #5550)."""
         record.vms_wanted = 0
         self._enter(record, State.FAILED, because=f" {reason}")
         record.finished.set()
