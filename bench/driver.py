@@ -77,8 +77,8 @@ class BenchExecutor(GCPBatchExecutor):
         super()._upload_task(objects, spec, workdir, task)
         marks["upload_end"] = time.time()
 
-    async def _wait(self, job_id, inbox, *, listening):
-        outcome = await super()._wait(job_id, inbox, listening=listening)
+    async def _wait(self, job_id, inbox, **kwargs):
+        outcome = await super()._wait(job_id, inbox, **kwargs)
         MARKS[job_id]["wait_end"] = time.time()
         MARKS[job_id]["state"] = outcome.state.value
         return outcome

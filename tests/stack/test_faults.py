@@ -1024,7 +1024,7 @@ def test_out_of_order_notifications_settle_on_the_first_terminal_state():
         inbox: asyncio.Queue = asyncio.Queue()
         for state in order:
             inbox.put_nowait(JobEvent("job-x", state, "test"))
-        outcome = await asyncio.wait_for(executor._wait("job-x", inbox, listening=True), 10)
+        outcome = await asyncio.wait_for(executor._wait("job-x", inbox, listening=True, plan=executor._wait_plan()), 10)
         return outcome, inbox.qsize()
 
     started = time.monotonic()
