@@ -29,9 +29,9 @@ readonly ENTRY_POINT=on_task_uploaded
 # gcloud's messages for a resource that does not exist (anything else a lookup hits is fatal).
 readonly NOT_FOUND='not[ _]?found|404|does not exist|manifest unknown'
 
-# The function's size, for a burst of 1,000 electrons (1,000 task uploads within seconds; every
-# other object written to the bucket fires it too, and returns at once). One event costs a few ms
-# of CPU and waits on I/O: GCS reads (~50 ms), then Batch's CreateJob (0.3-1 s, up to 60 s of
+# The function's size, for a burst of 1,000 electrons (1,000 task uploads within seconds into the
+# task bucket, which holds nothing else: one invocation per task, one more per pack). One event
+# costs a few ms of CPU and waits on I/O: a few GCS reads, then Batch's CreateJob (up to 60 s of
 # retries when Batch throttles: functions/main.py CREATE_RETRY_S). So: 20 instances x 50 requests
 # each = 1,000 events in flight, a whole burst even if Batch holds every create for its minute,
 # and no delivery refused for want of an instance (Eventarc would redeliver it later, with backoff).
@@ -74,7 +74,9 @@ Options (environment fallbacks in parentheses):
   --project P              Google Cloud project id (GCPBATCH_PROJECT)
   --region R               region for the bucket, function, registry and jobs (GCPBATCH_REGION; us-east1)
   --prefix X               names every resource (GCPBATCH_PREFIX; covalent-gcpbatch)
-  --bucket B               bucket name (default: <prefix>-<project>)
+  --bucket B               bucket of the tasks' results and logs (default: <prefix>-<project>)
+  --task-bucket B          bucket of the task objects, the function's trigger: nothing else is
+                           written there (default: <prefix>-tasks-<project>)
   --python PY              python of the environment you dispatch from: the worker image gets its
                            Python and covalent versions (GCPBATCH_PYTHON; python3)
   --retention-days N       delete task objects (under covalent-gcpbatch/) after N days (7)
@@ -210,6 +212,7 @@ parse_args() {
   PREFIX=${GCPBATCH_PREFIX:-covalent-gcpbatch}
   PYTHON=${GCPBATCH_PYTHON:-python3}
   BUCKET=""
+  TASK_BUCKET=""
   RETENTION_DAYS=7
   FUNCTION_RUNTIME=python311
   MAX_VCPUS="" MAX_MEMORY_MB="" MAX_TIME_LIMIT_S="" MAX_ACCELERATOR_COUNT="" ALLOWED_MACHINE_TYPES=""
@@ -229,6 +232,7 @@ parse_args() {
       --region) REGION=$value ;;
       --prefix) PREFIX=$value ;;
       --bucket) BUCKET=$value ;;
+      --task-bucket) TASK_BUCKET=$value ;;
       --python) PYTHON=$value ;;
       --retention-days) RETENTION_DAYS=$value ;;
       --function-runtime) FUNCTION_RUNTIME=$value ;;
@@ -277,6 +281,11 @@ validate() {
 derive_names() {
   BUCKET=${BUCKET:-$PREFIX-$PROJECT}
   [[ $BUCKET =~ ^[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]$ ]] || die "bucket name '$BUCKET' is not valid: pass --bucket"
+  # Task objects and pack manifests only: a storage trigger fires for every object of its bucket
+  # and cannot filter by prefix, so results, logs and live output chunks live in BUCKET.
+  TASK_BUCKET=${TASK_BUCKET:-$PREFIX-tasks-$PROJECT}
+  [[ $TASK_BUCKET =~ ^[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]$ ]] || die "bucket name '$TASK_BUCKET' is not valid: pass --task-bucket"
+  [ "$TASK_BUCKET" != "$BUCKET" ] || die "--task-bucket must differ from --bucket: outputs in the trigger's bucket would each fire the function"
   REPO=$PREFIX
   TOPIC=$PREFIX-jobs
   FUNCTION=$PREFIX-submit
@@ -345,22 +354,25 @@ ensure_apis() {
   run gcloud services enable "${missing[@]}" --project="$PROJECT"
 }
 
+# ensure_bucket B LABEL: the bucket B, private, its objects under covalent-gcpbatch/ deleted
+# after RETENTION_DAYS.
 ensure_bucket() {
-  section "Bucket gs://$BUCKET"
+  local bucket=$1
+  section "$2 gs://$bucket"
   helper lifecycle --days "$RETENTION_DAYS" >"$WORK/lifecycle.json"
-  if lookup gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" --raw --format=json; then
+  if lookup gcloud storage buckets describe "gs://$bucket" --project="$PROJECT" --raw --format=json; then
     local rc=0
     helper bucket-matches --days "$RETENTION_DAYS" <<<"$FOUND" || rc=$?
     case "$rc" in
-      0) present "gs://$BUCKET (uniform access, public access prevention, ${RETENTION_DAYS}-day lifecycle)"; return ;;
+      0) present "gs://$bucket (uniform access, public access prevention, ${RETENTION_DAYS}-day lifecycle)"; return ;;
       3) ;;
-      *) die "could not read the settings of gs://$BUCKET" ;;
+      *) die "could not read the settings of gs://$bucket" ;;
     esac
-    run gcloud storage buckets update "gs://$BUCKET" --project="$PROJECT" \
+    run gcloud storage buckets update "gs://$bucket" --project="$PROJECT" \
       --uniform-bucket-level-access --public-access-prevention --lifecycle-file="$WORK/lifecycle.json"
     return
   fi
-  run gcloud storage buckets create "gs://$BUCKET" --project="$PROJECT" --location="$REGION" \
+  run gcloud storage buckets create "gs://$bucket" --project="$PROJECT" --location="$REGION" \
     --uniform-bucket-level-access --public-access-prevention --lifecycle-file="$WORK/lifecycle.json"
 }
 
@@ -474,20 +486,23 @@ ensure_binding() {
 # The function's own run.invoker grant comes after it is deployed (ensure_function).
 each_binding() {
   local action=$1 runner=serviceAccount:$RUNNER_SA fn=serviceAccount:$FUNCTION_SA build=serviceAccount:$BUILD_SA
-  # The job runner: report to Batch, write logs, read and create (never replace or delete) objects
-  # of THIS bucket, pull from THIS repository, publish job notifications to THIS topic.
+  # The job runner: report to Batch, write logs, read its task from THIS task bucket, read and
+  # create (never replace or delete) objects of THIS bucket, pull from THIS repository, publish
+  # job notifications to THIS topic.
   "$action" project "$PROJECT" roles/batch.agentReporter "$runner"
   "$action" project "$PROJECT" roles/logging.logWriter "$runner"
+  "$action" bucket "gs://$TASK_BUCKET" roles/storage.objectViewer "$runner"
   "$action" bucket "gs://$BUCKET" roles/storage.objectViewer "$runner"
   "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$runner"
   "$action" repo "$REPO" roles/artifactregistry.reader "$runner"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$runner"
   # The function: create Batch jobs that run as the runner account (and only it), read task
-  # objects, record (create-only: never overwrite or delete) and publish why it created no job
-  # for a task, receive Eventarc events.
+  # objects and cancel markers, record (create-only: never overwrite or delete) and publish why it
+  # created no job for a task, receive Eventarc events.
   "$action" project "$PROJECT" roles/batch.jobsEditor "$fn"
   "$action" project "$PROJECT" roles/eventarc.eventReceiver "$fn"
   "$action" account "$RUNNER_SA" roles/iam.serviceAccountUser "$fn"
+  "$action" bucket "gs://$TASK_BUCKET" roles/storage.objectViewer "$fn"
   "$action" bucket "gs://$BUCKET" roles/storage.objectViewer "$fn"
   "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$fn"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$fn"
@@ -526,7 +541,7 @@ plan_function() {
   IFS=, read -ra images <<<"$ALLOWED_IMAGES"
   for image in "${images[@]}"; do allowed+=(--allowed-image "$image"); done
   helper function-env --project "$PROJECT" --region "$REGION" --topic "$TOPIC" \
-    --job-service-account "$RUNNER_SA" "${allowed[@]}" \
+    --job-service-account "$RUNNER_SA" --task-bucket "$TASK_BUCKET" --bucket "$BUCKET" "${allowed[@]}" \
     --max-vcpus "$MAX_VCPUS" --max-memory-mb "$MAX_MEMORY_MB" --max-time-limit-s "$MAX_TIME_LIMIT_S" \
     --max-accelerator-count "$MAX_ACCELERATOR_COUNT" --allowed-machine-types "$ALLOWED_MACHINE_TYPES" \
     >"$WORK/function-env.yaml"
@@ -535,7 +550,7 @@ plan_function() {
   FUNCTION_DEPLOY=(
     functions deploy "$FUNCTION" --gen2 --region="$REGION" --project="$PROJECT"
     --runtime="$FUNCTION_RUNTIME" --entry-point="$ENTRY_POINT"
-    --trigger-event-filters="type=$FINALIZED" --trigger-event-filters="bucket=$BUCKET"
+    --trigger-event-filters="type=$FINALIZED" --trigger-event-filters="bucket=$TASK_BUCKET"
     --trigger-location="$REGION" --retry
     --service-account="$FUNCTION_SA" --trigger-service-account="$FUNCTION_SA"
     --build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SA"
@@ -561,7 +576,7 @@ ensure_function() {
   plan_function
   deployed_digest
   if [ "$DEPLOYED" = "$FUNCTION_DIGEST" ]; then
-    present "$FUNCTION (trigger: $FINALIZED on gs://$BUCKET)"
+    present "$FUNCTION (trigger: $FINALIZED on gs://$TASK_BUCKET)"
   else
     [ -z "$DEPLOYED" ] || printf '   %s exists, but its source or settings changed: redeploying\n' "$FUNCTION"
     run_propagating function_propagating gcloud "${FUNCTION_DEPLOY[@]}" --source="$ROOT/functions" --env-vars-file="$WORK/function-env.yaml" \
@@ -577,7 +592,7 @@ ensure_function() {
 write_config() {
   resolve_image
   section "Covalent config"
-  local pairs=(project_id="$PROJECT" region="$REGION" bucket_name="$BUCKET"
+  local pairs=(project_id="$PROJECT" region="$REGION" bucket_name="$BUCKET" task_bucket_name="$TASK_BUCKET"
     container_image_uri="$IMAGE" service_account_email="$RUNNER_SA" pubsub_topic="$TOPIC"
     pubsub_emulator_host= storage_emulator_host= batch_api_endpoint=)
   if [ -n "$COVALENT_CONF" ]; then
@@ -594,7 +609,7 @@ cmd_up() {
     wanted "$step" || continue
     case "$step" in
       apis) ensure_apis ;;
-      bucket) ensure_bucket; ensure_staging_bucket ;;
+      bucket) ensure_bucket "$BUCKET" Bucket; ensure_bucket "$TASK_BUCKET" "Task bucket"; ensure_staging_bucket ;;
       repo) ensure_repository ;;
       topic) ensure_topic ;;
       accounts) ensure_accounts ;;
@@ -695,7 +710,7 @@ delete_repository() {
 
 delete_bucket() {
   local bucket
-  for bucket in "$BUCKET" "$STAGING_BUCKET"; do
+  for bucket in "$BUCKET" "$TASK_BUCKET" "$STAGING_BUCKET"; do
     section "Bucket gs://$bucket (and its objects)"
     if lookup gcloud storage buckets describe "gs://$bucket" --project="$PROJECT" --format='value(name)'; then
       run gcloud storage rm --recursive "gs://$bucket" --project="$PROJECT"
@@ -759,6 +774,7 @@ cmd_status() {
   resolve_image
   section "Resources of '$PREFIX' in $PROJECT ($REGION)"
   report "bucket gs://$BUCKET" gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" --format='value(name)'
+  report "task bucket gs://$TASK_BUCKET" gcloud storage buckets describe "gs://$TASK_BUCKET" --project="$PROJECT" --format='value(name)'
   report "bucket gs://$STAGING_BUCKET" gcloud storage buckets describe "gs://$STAGING_BUCKET" --project="$PROJECT" --format='value(name)'
   report "repository $REPO" gcloud artifacts repositories describe "$REPO" --location="$REGION" --project="$PROJECT" --format='value(name)'
   report "image $IMAGE" gcloud artifacts docker images describe "$IMAGE" --project="$PROJECT" --format='value(image_summary.digest)'

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import functions_framework
 from cloudevents.http.event import CloudEvent
@@ -66,11 +67,24 @@ def storage():
     return clients.storage_client(settings().project_id)
 
 
-def task_objects_present(bucket: str, objects, trigger: str) -> tuple[bool, bool]:
-    """(the trigger object exists, the cancel marker exists), in one list call. ``objects``: a
-    task's or a pack's (``protocol.TaskObjects``, ``protocol.PackObjects``)."""
-    names = {blob.name for blob in storage().list_blobs(bucket, prefix=objects.prefix, timeout=30)}
-    return trigger in names, objects.cancelled in names
+@dataclass(frozen=True)
+class Buckets:
+    """Where a job's objects are: its task object or pack manifest (``tasks``, the trigger's
+    bucket) and everything else: outputs, cancel markers, records (``data``)."""
+
+    tasks: str
+    data: str
+
+
+def buckets_of_event(bucket: str) -> Buckets | None:
+    """The buckets of an event from ``bucket``; None if the deployment does not take tasks from it."""
+    if settings().task_bucket and bucket != settings().task_bucket:
+        return None
+    return Buckets(tasks=bucket, data=settings().bucket or bucket)
+
+
+def trigger_present(buckets: Buckets, name: str) -> bool:
+    return storage().bucket(buckets.tasks).blob(name).exists(timeout=30)
 
 
 def cancel_marked(bucket: str, objects) -> bool:
@@ -123,13 +137,17 @@ def on_task_uploaded(event: CloudEvent) -> None:
         return
     obj = event.data if isinstance(event.data, dict) else {}
     name, bucket = str(obj.get("name", "")), str(obj.get("bucket", ""))
+    buckets = buckets_of_event(bucket)
+    if buckets is None:
+        log.warning("ignoring gs://%s/%s: not this deployment's task bucket", bucket, name)
+        return
     pack_id = protocol.pack_id_of_pack_object(name)
     if pack_id is not None:
-        on_pack_uploaded(obj, bucket, pack_id)
+        on_pack_uploaded(obj, buckets, pack_id)
         return
     job_id = protocol.job_id_of_task_object(name)
     if job_id is None:
-        return  # results, logs and foreign objects land in the same bucket
+        return  # foreign objects (and, in a deployment of one bucket, results and logs)
     if protocol.PACK_METADATA_KEY in (obj.get("metadata") or {}):
         return  # an electron of a pack: the pack's manifest creates its job
 
@@ -137,28 +155,30 @@ def on_task_uploaded(event: CloudEvent) -> None:
         spec = protocol.JobSpec.from_metadata(obj.get("metadata"))
         settings().check(spec)
     except protocol.SpecError as err:
-        not_created(bucket, job_id, protocol.JobState.REJECTED, str(err))
+        not_created(buckets.data, job_id, protocol.JobState.REJECTED, str(err))
         return
-    create_unless_cancelled(bucket, name, protocol.TaskObjects(job_id),
-                            lambda: jobs.build_job(spec, bucket=bucket, job_id=job_id, settings=settings()))
+    create_unless_cancelled(
+        buckets, name, protocol.TaskObjects(job_id),
+        lambda: jobs.build_job(spec, bucket=buckets.data, task_bucket=buckets.tasks, job_id=job_id, settings=settings()))
 
 
-def on_pack_uploaded(obj: dict, bucket: str, pack_id: str) -> None:
+def on_pack_uploaded(obj: dict, buckets: Buckets, pack_id: str) -> None:
     """A pack's manifest: validate its spec and its member list, then create its one job."""
     name = str(obj.get("name", ""))
     try:
         spec = protocol.JobSpec.from_metadata(obj.get("metadata"))
         settings().check(spec)
-        manifest = read_manifest(bucket, name, obj)
+        manifest = read_manifest(buckets.tasks, name, obj)
     except protocol.SpecError as err:
-        not_created(bucket, pack_id, protocol.JobState.REJECTED, str(err))
+        not_created(buckets.data, pack_id, protocol.JobState.REJECTED, str(err))
         return
     if manifest is None:
-        log.info("not creating pack %s: gs://%s/%s is gone", pack_id, bucket, name)
+        log.info("not creating pack %s: gs://%s/%s is gone", pack_id, buckets.tasks, name)
         return
     create_unless_cancelled(
-        bucket, name, protocol.PackObjects(pack_id),
-        lambda: jobs.build_job(spec, bucket=bucket, job_id=pack_id, settings=settings(), pack=manifest))
+        buckets, name, protocol.PackObjects(pack_id),
+        lambda: jobs.build_job(spec, bucket=buckets.data, task_bucket=buckets.tasks, job_id=pack_id,
+                               settings=settings(), pack=manifest))
 
 
 def read_manifest(bucket: str, name: str, obj: dict) -> protocol.PackManifest | None:
@@ -173,28 +193,28 @@ def read_manifest(bucket: str, name: str, obj: dict) -> protocol.PackManifest | 
     return protocol.PackManifest.loads(payload[:MAX_MANIFEST_BYTES + 1])
 
 
-def create_unless_cancelled(bucket: str, name: str, objects, build) -> None:
+def create_unless_cancelled(buckets: Buckets, name: str, objects, build) -> None:
     """Create the job of ``objects`` (a task's or a pack's: ``objects.job_id``) unless it was
     cancelled or its trigger object ``name`` is gone; afterwards, cancel it if the cancel came while
     it was being created."""
     job_id = objects.job_id
-    present, cancelled = task_objects_present(bucket, objects, name)
-    if cancelled:
+    if cancel_marked(buckets.data, objects):
         # A redelivered event may find the job created by an earlier delivery: cancel it.
         if not cancel_job_if_any(job_id):
-            not_created(bucket, job_id, protocol.JobState.CANCELLED, "the task was cancelled before its Batch job was created")
+            not_created(buckets.data, job_id, protocol.JobState.CANCELLED,
+                        "the task was cancelled before its Batch job was created")
         return
-    if not present:
+    if not trigger_present(buckets, name):
         # A redelivered event (or a retry) after the executor gave up and removed the task: a
         # job now would run without its task.
-        log.info("not creating job %s: gs://%s/%s is gone", job_id, bucket, name)
+        log.info("not creating job %s: gs://%s/%s is gone", job_id, buckets.tasks, name)
         return
     delayed: list[BaseException] = []
 
     def first_delay(err: BaseException) -> None:
         if not delayed:
             delayed.append(err)
-            record_create_delay(bucket, objects, err)
+            record_create_delay(buckets.data, objects, err)
 
     try:
         batch().create_job(
@@ -204,11 +224,12 @@ def create_unless_cancelled(bucket: str, name: str, objects, build) -> None:
             retry=clients.transient_retry(CREATE_RETRY_S, on_error=first_delay),
             timeout=CREATE_TIMEOUT_S,
         )
-        log.info("created job %s for gs://%s/%s", job_id, bucket, name)
+        log.info("created job %s for gs://%s/%s", job_id, buckets.tasks, name)
     except exceptions.Conflict:  # ALREADY_EXISTS: gRPC raises AlreadyExists, REST its base, Conflict
-        log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, bucket, name)
+        log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, buckets.tasks, name)
     except REFUSALS as err:
-        not_created(bucket, job_id, protocol.JobState.REJECTED, f"Batch refused to create the job: {err.code} {err.message}")
+        not_created(buckets.data, job_id, protocol.JobState.REJECTED,
+                    f"Batch refused to create the job: {err.code} {err.message}")
         return
     except exceptions.RetryError as err:
         if not delayed:  # given up before any retry was made: record it all the same
@@ -216,5 +237,5 @@ def create_unless_cancelled(bucket: str, name: str, objects, build) -> None:
         raise
     # The cancel may have come while the job was being created (or before a duplicate event):
     # the marker outlives the task, so whichever delivery sees it cancels the job.
-    if cancel_marked(bucket, objects):
+    if cancel_marked(buckets.data, objects):
         cancel_job_if_any(job_id)

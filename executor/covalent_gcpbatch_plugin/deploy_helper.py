@@ -18,7 +18,7 @@ Commands (each prints its answer on stdout; a check answers with its exit status
 ``build-config --image URI --python-version X.Y --covalent-version V``
     The Cloud Build config (JSON) that builds worker_image/Dockerfile with those build arguments
     from the repository root and pushes it.
-``function-env --project P --region R --topic T --job-service-account SA --allowed-image URI... [caps]``
+``function-env --project P --region R --topic T --job-service-account SA --task-bucket B --bucket B --allowed-image URI... [caps]``
     The function's environment (YAML, for ``gcloud functions deploy --env-vars-file``), written by
     deployment.DeploymentSettings.to_env, so it is exactly what DeploymentSettings.from_env reads.
     The caps' flags are deployment.CAP_FIELDS (``--max-vcpus``...).
@@ -105,7 +105,7 @@ def _build_config(args: argparse.Namespace) -> int:
 def _function_env_arguments(p: argparse.ArgumentParser) -> None:
     from .deployment import CAP_FIELDS, cap_flag  # pydantic: only while building this parser
 
-    for name in ("--project", "--region", "--topic", "--job-service-account"):
+    for name in ("--project", "--region", "--topic", "--job-service-account", "--task-bucket", "--bucket"):
         p.add_argument(name, required=True)
     p.add_argument("--allowed-image", action="append", required=True)
     for name in CAP_FIELDS:
@@ -121,7 +121,8 @@ def _function_env(args: argparse.Namespace) -> int:
     try:
         env = cloud.function_env(project=args.project, region=args.region, topic=args.topic,
                                  job_service_account=args.job_service_account, allowed_images=args.allowed_image,
-                                 caps={name: getattr(args, name) for name in CAP_FIELDS})
+                                 caps={name: getattr(args, name) for name in CAP_FIELDS},
+                                 task_bucket=args.task_bucket, bucket=args.bucket)
     except ValidationError as err:
         raise DeployError(f"invalid deployment setting: {err}") from None
     print(cloud.env_yaml(env), end="")

@@ -40,6 +40,12 @@ class DeploymentSettings(BaseSettings):
         (), description="Images a job may run: exact URIs, or prefixes ending in `*` (deploy.sh allows "
         "`<registry>/<repo>/worker*`, every worker image it builds); empty means any (only sensible for the local stack).")
     batch_api_endpoint: str | None = Field(None, description="Batch API endpoint override (the local Batch service).")
+    task_bucket: str | None = Field(
+        None, description="The trigger bucket, where task objects and pack manifests are uploaded; an event of any "
+        "other bucket is ignored. Unset: the trigger's bucket, whichever it is.")
+    bucket: str | None = Field(
+        None, description="The bucket of the tasks' outputs, cancel markers and records. Unset: the task's own bucket "
+        "(one bucket for everything, as before task buckets).")
     max_vcpus: float = Field(64, gt=0, json_schema_extra=CAP, description="Most vCPUs a task may ask for (`vcpus`).")
     max_memory_mb: int = Field(
         256 * 1024, gt=0, json_schema_extra=CAP, description="Most memory in MiB a task may ask for (`memory`).")

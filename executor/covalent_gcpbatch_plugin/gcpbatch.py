@@ -184,7 +184,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 events = self._job_events()
                 inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
             _waiting.register(job_id, asyncio.get_running_loop(), inbox)
-            step.now = f"uploading the task to gs://{self.bucket_name}/{objects.task}"
+            step.now = f"uploading the task to gs://{self._task_bucket().name}/{objects.task}"
             if self.pack_window > 0:
                 pickle = await asyncio.to_thread(self._pickle_task, workdir, task)
                 placement = await _packer.join(packing.pack_key(spec, self.__dict__), PackMember(job_id, spec, pickle),
@@ -285,7 +285,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             if JobState.of(job.status.state).is_terminal:
                 self._log_usage(job)
             if not self.keep_artifacts:
-                self._bucket().delete_blob(PackObjects(pack_id).manifest, timeout=30)
+                self._task_bucket().delete_blob(PackObjects(pack_id).manifest, timeout=30)
         except Exception as err:  # noqa: BLE001 - every electron already has its outcome
             app_log.warning(f"gcpbatch: closing pack {pack_id}: {type(err).__name__}: {err}")
 
@@ -331,7 +331,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         function leaves it to the pack's manifest)."""
         try:
             # Written once (generation 0): a duplicate never re-fires the function; a lost answer is no failure.
-            clients.create_object(self._bucket(), objects.task, path, content_type="application/octet-stream",
+            clients.create_object(self._task_bucket(), objects.task, path, content_type="application/octet-stream",
                                   metadata=spec.to_metadata() | ({PACK_METADATA_KEY: pack_id} if pack_id else {}),
                                   retry=self._retry())
         finally:
@@ -363,7 +363,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return placements
 
     def _upload_manifest(self, pack_id: str, spec: JobSpec, manifest: PackManifest) -> None:
-        clients.create_object(self._bucket(), PackObjects(pack_id).manifest, manifest.dumps(), content_type="application/json",
+        clients.create_object(self._task_bucket(), PackObjects(pack_id).manifest, manifest.dumps(), content_type="application/json",
                               metadata=spec.to_metadata(), retry=self._retry())
 
     def _wait_plan(self, spec: JobSpec | None = None, placement: packing.Placement = packing.ALONE) -> WaitPlan:
@@ -522,7 +522,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             await self.cancel({}, job_id)
             return Outcome(JobState.CANCELLED, "cancelled before the job reached a terminal state")
         reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=self.retries,
-                                pack_progress=pack_progress)
+                                pack_progress=pack_progress, task_bucket=self.task_bucket_name or self.bucket_name)
         if state is None:
             reason += await asyncio.to_thread(self._create_delay, job_id)
         await self.cancel({}, job_id)
@@ -645,21 +645,24 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         shutil.rmtree(workdir, ignore_errors=True)
         if self.keep_artifacts:
             return
-        bucket = self._bucket()
-        name = objects.prefix
+        bucket, tasks = self._bucket(), self._task_bucket()
         try:
             blobs = list(bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=self._retry()))
             if not delivered and {objects.result, objects.error} & {blob.name for blob in blobs}:
                 app_log.warning(f"gcpbatch: kept gs://{self.bucket_name}/{objects.prefix}: its outcome was not handed to Covalent")
                 return
-            for blob in blobs:
-                if objects.disposable(name := blob.name):
-                    try:
-                        bucket.delete_blob(name, timeout=30, retry=self._retry())
-                    except exceptions.NotFound:
-                        pass
+            self._delete_all(bucket, [blob.name for blob in blobs if objects.disposable(blob.name)])
+            if tasks.name != bucket.name:
+                self._delete_all(tasks, [objects.task])
         except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome
-            app_log.warning(f"gcpbatch: could not delete gs://{self.bucket_name}/{name}: {type(err).__name__}: {err}")
+            app_log.warning(f"gcpbatch: could not delete gs://{self.bucket_name}/{objects.prefix}: {type(err).__name__}: {err}")
+
+    def _delete_all(self, bucket, names: list[str]) -> None:
+        for name in names:
+            try:
+                bucket.delete_blob(name, timeout=30, retry=self._retry())
+            except exceptions.NotFound:
+                pass
 
     # -- clients (lazy: Covalent rebuilds the executor from its attributes inside its server) --
 
@@ -698,6 +701,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
 
 #: Task objects of one pack uploaded at once (each upload is a thread).
+    def _task_bucket(self):
+        """Where task objects and pack manifests go: the function's trigger bucket."""
+        return self._bucket().client.bucket(self.task_bucket_name or self.bucket_name)
+
 UPLOAD_CONCURRENCY = 16
 
 _clients: dict[tuple, Any] = {}

@@ -113,19 +113,20 @@ TASKS_PER_VM = 1
 
 
 def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSettings,
-              pack: PackManifest | None = None) -> batch_v1.Job:
+              pack: PackManifest | None = None, task_bucket: str | None = None) -> batch_v1.Job:
     """The Batch job for one task (one task group of one task) or for a pack (``pack``: one task
     per electron, ``pack.parallelism`` at once, each task's VM reused for the next), logs to Cloud
     Logging, and a notification to the deployment's topic on every job state change and, for a
-    pack, every task state change (each electron ends with its own task)."""
+    pack, every task state change (each electron ends with its own task). Its worker reads its task
+    from ``task_bucket`` (default ``bucket``) and writes its outputs to ``bucket``."""
     Notification = batch_v1.JobNotification
     kinds = [Notification.Type.JOB_STATE_CHANGED]
     if pack is None:
-        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=worker_environment(bucket, job_id)),
+        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=worker_environment(bucket, job_id, task_bucket)),
                                    task_count=1, task_count_per_node=TASKS_PER_VM)
     else:
         kinds.append(Notification.Type.TASK_STATE_CHANGED)
-        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=pack_environment(bucket, job_id)),
+        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=pack_environment(bucket, job_id, task_bucket)),
                                    task_count=len(pack.members), parallelism=pack.parallelism,
                                    task_count_per_node=TASKS_PER_VM)
     labels = job_labels(spec, pack)

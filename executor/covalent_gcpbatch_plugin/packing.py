@@ -90,7 +90,7 @@ ALONE = Placement()
 
 #: Executor settings that shape a pack beyond its job spec: the bucket its objects go to, its
 #: parallelism, how its notifications reach the electrons, the endpoints its members read.
-PACK_SETTING_KEYS = ("bucket_name", "pack_parallelism", "wait_mode", "pubsub_topic", "keep_artifacts",
+PACK_SETTING_KEYS = ("bucket_name", "task_bucket_name", "pack_parallelism", "wait_mode", "pubsub_topic", "keep_artifacts",
                      "storage_emulator_host", "pubsub_emulator_host", "batch_api_endpoint")
 
 

@@ -44,7 +44,7 @@ class _TaskSettings(BaseModel):
         description="Region for the Batch jobs (must be the deployment's region).")
     bucket_name: str = Field(
         "", json_schema_extra=REQUIRED,
-        description="Bucket for task, result, error and output objects (the function's trigger bucket).")
+        description="Bucket for result, error and output objects, and for task objects unless `task_bucket_name` is set.")
     container_image_uri: str = Field(
         "", json_schema_extra=REQUIRED,
         description="Worker image (`worker_image/`); must be on the deployment's allowlist.")
@@ -114,6 +114,10 @@ class ExecutorPluginDefaults(JobOptions, _TaskSettings):
     pubsub_emulator_host: str = Field(
         "", json_schema_extra=DEPLOYMENT, description="`host:port` of a Pub/Sub emulator (local stack only).")
     storage_emulator_host: str = Field(
+    task_bucket_name: str = Field(
+        "", json_schema_extra=DEPLOYMENT,
+        description="Bucket the task objects are uploaded to: the function's trigger bucket, holding nothing else, so "
+                    "that results and logs do not fire the function (`deploy.sh` creates it). Empty: `bucket_name`.")
         "", json_schema_extra=DEPLOYMENT, description="URL of a GCS emulator (local stack only).")
     batch_api_endpoint: str = Field(
         "", json_schema_extra=DEPLOYMENT, description="URL of a Batch API endpoint (the local Batch service).")

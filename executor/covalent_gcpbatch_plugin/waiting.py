@@ -235,12 +235,14 @@ class JobWait:
 
 
 def give_up_reason(job_id: str, state: JobState | None, plan: WaitPlan, *, time_limit: int, retries: int,
-                   pack_progress: bool = False) -> str:
-    """Why the executor stopped waiting (it then cancels the job)."""
+                   pack_progress: bool = False, task_bucket: str = "") -> str:
+    """Why the executor stopped waiting (it then cancels the job); ``task_bucket``: where the task
+    object went."""
     if state is None:
         return (
             f"no Batch job {job_id} was created within submit_timeout={plan.submit_timeout:g} s of the upload: "
-            "check the Cloud Function's logs and its storage trigger on the bucket"
+            f"check the Cloud Function's logs and that its storage trigger watches the task bucket"
+            + (f" gs://{task_bucket} (task_bucket_name)" if task_bucket else "")
         )
     if state is JobState.RUNNING:
         grace = plan.run_timeout / (retries + 1) - time_limit

@@ -43,11 +43,14 @@ class Deployment:
     def from_config(cls) -> Deployment:
         section = {**PLUGIN_DEFAULTS, **covalent_config.read_executor_section()}
         missing = [k for k in ("project_id", "bucket_name") if not section.get(k)]
+    #: Where the task objects are (the function's trigger bucket), if not in ``bucket_name``.
+    task_bucket_name: str = ""
         if missing:
             raise ConfigError(f"[executors.gcpbatch] has no {', '.join(missing)}: run ./deploy.sh up (or "
                               "covalent deploy up gcpbatch, or covalent-gcpbatch local up) first")
         return cls(section["project_id"], section["region"], section["bucket_name"],
-                   section.get("storage_emulator_host") or "", section.get("batch_api_endpoint") or "")
+                   section.get("storage_emulator_host") or "", section.get("batch_api_endpoint") or "",
+                   section.get("task_bucket_name") or "")
 
     def bucket(self):
         return clients.storage_client(self.project_id, self.storage_emulator_host or None).bucket(self.bucket_name)
@@ -57,6 +60,9 @@ class Deployment:
 
     @property
     def local(self) -> bool:
+    def task_bucket(self):
+        return self.bucket().client.bucket(self.task_bucket_name or self.bucket_name)
+
         return bool(self.batch_api_endpoint)
 
 
@@ -112,8 +118,11 @@ def _job(deployment: Deployment, job_id: str) -> batch_v1.Job | None:
 def logs(dispatch_id: str, node_id: int | None, follow: bool, out: TextIO = sys.stdout,
          stop: threading.Event | None = None) -> int:
     deployment = Deployment.from_config()
-    bucket = deployment.bucket()
-    names = [b.name for b in bucket.list_blobs(prefix=protocol.dispatch_prefix(dispatch_id, node_id), timeout=30)]
+    bucket, prefix = deployment.bucket(), protocol.dispatch_prefix(dispatch_id, node_id)
+    names = [b.name for b in bucket.list_blobs(prefix=prefix, timeout=30)]
+    if deployment.task_bucket_name and deployment.task_bucket_name != deployment.bucket_name:
+        # A task that has printed nothing yet has only its task object, in the trigger bucket.
+        names += [b.name for b in deployment.task_bucket().list_blobs(prefix=prefix, timeout=30)]
     job_ids = job_ids_in(names)
     if not job_ids:
         print(f"No task objects of dispatch {dispatch_id}{'' if node_id is None else f' node {node_id}'} in "

@@ -53,6 +53,7 @@ from . import clients
 from .errors import SpecError, WorkerError
 from .protocol import (
     ENV_BUCKET,
+    ENV_TASK_BUCKET,
     ENV_JOB_ID,
     ENV_JOB_UID,
     ENV_PACK_ID,
@@ -249,7 +250,7 @@ class CancelWatch(threading.Thread):
 
 def electron_of_task(bucket) -> tuple[TaskObjects, str | None]:
     """(this task's electron, its pack id or None). A lone electron's job names it; a pack's task
-    finds it in the pack's manifest at its BATCH_TASK_INDEX."""
+    finds it in the pack's manifest (in ``bucket``, the task bucket) at its BATCH_TASK_INDEX."""
     pack_id = os.environ.get(ENV_PACK_ID, "")
     if not pack_id:
         return TaskObjects(os.environ[ENV_JOB_ID]), None
@@ -356,7 +357,9 @@ def stored_by_this_job(bucket, objects: TaskObjects) -> tuple[int, str] | None:
     return None
 
 
-def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None) -> int:
+def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None, task_bucket=None) -> int:
+    """Run the electron whose task object is in ``task_bucket`` (default ``bucket``); its outputs
+    go to ``bucket``."""
     earlier = stored_by_this_job(bucket, objects)
     if earlier is not None:
         code, by = earlier
@@ -370,7 +373,7 @@ def run(bucket, objects: TaskObjects, workdir: Path, pack_id: str | None = None)
     live = LiveOutput(bucket, objects, attempt(), {"stdout": stdout, "stderr": stderr})
     try:
         try:
-            function, args, kwargs = load_task(bucket, objects, workdir, pack_id, budget)
+            function, args, kwargs = load_task(task_bucket or bucket, objects, workdir, pack_id, budget)
         except Exception:
             # A cancel races the load: the executor removes a cancelled electron's objects.
             if pack_id is not None and bucket.blob(objects.cancelled).exists(timeout=LIVE_TIMEOUT_S):
@@ -479,8 +482,9 @@ def main() -> int:
     try:
         client = clients.storage_client(project=None)
         bucket = client.bucket(os.environ[ENV_BUCKET])
+        task_bucket = client.bucket(os.environ.get(ENV_TASK_BUCKET) or os.environ[ENV_BUCKET])
         try:
-            objects, pack_id = electron_of_task(bucket)
+            objects, pack_id = electron_of_task(task_bucket)
         except WorkerError as err:  # no electron to write an error record for: the job's log says it
             print(f"covalent-gcpbatch worker: {err}", file=sys.stderr)
             return EXIT_WORKER_ERROR
@@ -491,7 +495,7 @@ def main() -> int:
             watch = CancelWatch(bucket, objects)
             watch.start()
         with tempfile.TemporaryDirectory(prefix="gcpbatch-worker-") as workdir:
-            return run(bucket, objects, Path(workdir), pack_id)
+            return run(bucket, objects, Path(workdir), pack_id, task_bucket)
     except ElectronCancelled:
         print("covalent-gcpbatch worker: the electron was cancelled before it started", file=sys.stderr)
         return EXIT_CANCELLED

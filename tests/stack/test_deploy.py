@@ -30,6 +30,7 @@ ON_CI = os.environ.get("CI", "").lower() == "true"
 
 PROJECT, REGION, PREFIX = "my-project-42", "europe-west4", "cgb-test"
 BUCKET = f"{PREFIX}-{PROJECT}"
+TASK_BUCKET = f"{PREFIX}-tasks-{PROJECT}"
 TOPIC = f"{PREFIX}-jobs"
 REPOSITORY = PREFIX
 FUNCTION = f"{PREFIX}-submit"
@@ -71,7 +72,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         "apis": find(all_calls, "services", "enable"),
     }
     assert {name: len(calls) for name, calls in creations.items()} == {
-        "bucket": 2, "repository": 1, "topic": 1, "accounts": 3, "image build": 1, "function": 1, "apis": 1,
+        "bucket": 3, "repository": 1, "topic": 1, "accounts": 3, "image build": 1, "function": 1, "apis": 1,
     }  # fmt: skip
     assert [c["argv"][3] for c in creations["accounts"]] == [f"{PREFIX}-runner", f"{PREFIX}-fn", f"{PREFIX}-build"]
     assert creations["topic"][0]["argv"][3] == TOPIC
@@ -88,16 +89,18 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert [c["argv"] for c in calls_second if verb_of(c) in MUTATING] == []
     assert "+ gcloud" not in second.stdout
     # Every change is echoed before it runs.
-    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 29
+    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 32
 
     # -- the bucket: region, uniform access, no public access, task objects expire ------------------
-    bucket_create, staging_create = creations["bucket"]
-    assert bucket_create["argv"][3] == f"gs://{BUCKET}"
-    assert f"--location={REGION}" in bucket_create["argv"]
-    assert "--uniform-bucket-level-access" in bucket_create["argv"]
-    assert "--public-access-prevention" in bucket_create["argv"]
-    lifecycle = json.loads(bucket_create["files"]["--lifecycle-file"])
-    assert lifecycle == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 7, "matchesPrefix": [TASKS_PREFIX]}}]}
+    bucket_create, task_bucket_create, staging_create = creations["bucket"]
+    # Outputs in one bucket, task objects in the trigger's own: results and logs fire nothing.
+    assert [bucket_create["argv"][3], task_bucket_create["argv"][3]] == [f"gs://{BUCKET}", f"gs://{TASK_BUCKET}"]
+    for create in (bucket_create, task_bucket_create):
+        assert f"--location={REGION}" in create["argv"]
+        assert "--uniform-bucket-level-access" in create["argv"]
+        assert "--public-access-prevention" in create["argv"]
+        lifecycle = json.loads(create["files"]["--lifecycle-file"])
+        assert lifecycle == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 7, "matchesPrefix": [TASKS_PREFIX]}}]}
     # Cloud Build's sources go to a staging bucket of the deployment's own, kept one day.
     assert staging_create["argv"][3] == f"gs://{STAGING}"
     assert {"--uniform-bucket-level-access", "--public-access-prevention", f"--location={REGION}"} <= set(staging_create["argv"])
@@ -137,7 +140,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert "--gen2" in argv and f"--region={REGION}" in argv
     assert flag_values(deploy, "--trigger-event-filters") == [
         "type=google.cloud.storage.object.v1.finalized",
-        f"bucket={BUCKET}",
+        f"bucket={TASK_BUCKET}",
     ]
     assert flag_values(deploy, "--entry-point") == ["on_task_uploaded"]
     assert flag_values(deploy, "--source") == [str(REPO / "functions")]
@@ -168,6 +171,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert settings.image_allowed(image), "every worker image of the deployment's repository"
     assert not settings.image_allowed(f"{REGION}-docker.pkg.dev/{PROJECT}/{REPOSITORY}/{FUNCTION}:latest")
     assert settings.batch_api_endpoint is None
+    assert (settings.task_bucket, settings.bucket) == (TASK_BUCKET, BUCKET)
 
     # -- roles: each to the right account, at the right level ----------------------------------------
     runner, fn, builder = f"serviceAccount:{RUNNER}", f"serviceAccount:{FN}", f"serviceAccount:{BUILDER}"
@@ -193,6 +197,10 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         ("roles/storage.objectViewer", fn),
         ("roles/storage.objectCreator", fn),
     }, "create and read only: nobody but the dispatching user replaces or deletes an object"
+    assert recorder.bindings(f"storage buckets/gs://{TASK_BUCKET}") == {
+        ("roles/storage.objectViewer", runner),
+        ("roles/storage.objectViewer", fn),
+    }, "read only: only the dispatching user writes task objects"
     assert recorder.bindings(f"storage buckets/gs://{STAGING}") == {("roles/storage.objectAdmin", builder)}
     assert recorder.bindings(f"pubsub topics/{TOPIC}") == {("roles/pubsub.publisher", runner), ("roles/pubsub.publisher", fn)}
     assert recorder.bindings(f"artifacts repositories/{REPOSITORY}@{REGION}") == {
@@ -212,6 +220,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         "project_id": PROJECT,
         "region": REGION,
         "bucket_name": BUCKET,
+        "task_bucket_name": TASK_BUCKET,
         "container_image_uri": image,
         "service_account_email": RUNNER,
         "pubsub_topic": TOPIC,
@@ -226,7 +235,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     status_start = len(recorder.calls())
     status = check(recorder.deploy("status", *ARGS))
     assert "MISSING" not in status.stdout
-    assert status.stdout.count("present") == 9 + 19, "9 resources, 19 role grants"
+    assert status.stdout.count("present") == 10 + 21, "10 resources, 21 role grants"
     assert [c["argv"] for c in recorder.calls()[status_start:] if verb_of(c) in MUTATING] == []
 
     # -- down: refuses without --yes when nobody can be asked ----------------------------------------
@@ -252,12 +261,13 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         ["pubsub", "topics", "delete", TOPIC],
         ["artifacts", "repositories", "delete", REPOSITORY],
         ["storage", "rm", "--recursive", f"gs://{BUCKET}"],
+        ["storage", "rm", "--recursive", f"gs://{TASK_BUCKET}"],
         ["storage", "rm", "--recursive", f"gs://{STAGING}"],
     ]
     assert recorder.config_section() == {"vcpus": 4}, "down takes out the keys up wrote, and only those"
 
     status_after = recorder.deploy("status", *ARGS)
-    assert status_after.returncode == 1 and status_after.stdout.count("MISSING") == 9
+    assert status_after.returncode == 1 and status_after.stdout.count("MISSING") == 10
 
     # A second down has nothing left to delete and still succeeds.
     again_start = len(recorder.calls())
@@ -456,6 +466,7 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
         pytest.skip("the gcloud CLI is not installed")
     project, prefix = local_stack.project_id, "covdeploy"
     bucket, staging, topic = f"{prefix}-{project}", f"{prefix}-build-{project}", f"{prefix}-jobs"
+    task_bucket = f"{prefix}-tasks-{project}"
     (tmp_path / "gcloud-config").mkdir()
     env = {
         **os.environ,
@@ -487,7 +498,7 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
         assert publisher.get_topic(topic=topic_path).name == topic_path
         sent = _requests(first.stderr)
         inserted = {json.loads(r[2])["name"]: json.loads(r[2]) for r in sent if r[0] == "POST" and "/storage/v1/b?" in r[1]}
-        assert set(inserted) == {bucket, staging}, "the bucket and Cloud Build's staging bucket"
+        assert set(inserted) == {bucket, task_bucket, staging}, "the two buckets and Cloud Build's staging bucket"
         body = inserted[bucket]
         assert body["name"] == bucket and body["location"] == local_stack.region
         assert body["iamConfiguration"] == {"publicAccessPrevention": "enforced", "uniformBucketLevelAccess": {"enabled": True}}
@@ -508,7 +519,7 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
         topics = [t.name for t in publisher.list_topics(project=f"projects/{project}")]
         assert topic_path not in topics
     finally:
-        for name in (bucket, staging):
+        for name in (bucket, task_bucket, staging):
             with_bucket = storage.lookup_bucket(name)
             if with_bucket is not None:
                 with_bucket.delete(force=True)

@@ -126,7 +126,9 @@ def test_task_objects_are_removed_unless_kept(covalent_server, local_stack, keep
     storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
     prefix = f"covalent-gcpbatch/{job_id}/"
     names = sorted(b.name.removeprefix(prefix) for b in storage.list_blobs(local_stack.bucket_name, prefix=prefix))
-    assert names == (["attempt-0/stderr.log", "attempt-0/stdout.log", "result.pkl", "task.pkl"] if keep else [])
+    assert names == (["attempt-0/stderr.log", "attempt-0/stdout.log", "result.pkl"] if keep else [])
+    tasks = sorted(b.name.removeprefix(prefix) for b in storage.list_blobs(local_stack.task_bucket_name, prefix=prefix))
+    assert tasks == (["task.pkl"] if keep else []), "the task object is in the task bucket, and only it"
 
 
 def test_queue_timeout_cancels_a_job_that_cannot_start(covalent_server, local_stack):
@@ -171,3 +173,54 @@ def test_queue_timeout_cancels_a_job_that_cannot_start(covalent_server, local_st
         ct.cancel(hogs_id)
         wait_for(hogs_id, timeout_s=60)
     assert active_jobs(local_stack) == []
+
+
+def test_the_function_is_invoked_once_per_task(covalent_server, local_stack):
+    """A storage trigger fires for every object written in its bucket and cannot filter by prefix:
+    with outputs beside the tasks, every live-output chunk, log and result invoked the function.
+    Task objects and pack manifests have a bucket of their own, so a lone electron that prints for
+    a while (a live chunk every 2 s) invokes it once, and a pack of 3 electrons 4 times (its task
+    objects and its manifest). (Before: 7 or more invocations for the lone electron.)"""
+    import uuid
+
+    from workflow_helpers import bridge_log, wait_for_delivery
+
+    from covalent_gcpbatch_plugin import protocol
+
+    @ct.electron(executor=ct.executor.GCPBatchExecutor(time_limit=120, pack_window=0))
+    def talkative():
+        import time as _time
+
+        for second in range(5):
+            print(f"second {second}", flush=True)
+            _time.sleep(1)
+        return "said"
+
+    packed = ct.executor.GCPBatchExecutor(time_limit=120)
+
+    @ct.electron(executor=packed)
+    def square(i):
+        print(i)
+        return i * i
+
+    @ct.lattice
+    def flow():
+        return [talkative(), *(square(i) for i in range(3))]
+
+    dispatch_id = ct.dispatch(flow)()
+    result = wait_for(dispatch_id)
+    assert str(result.status) == "COMPLETED" and result.result == ["said", 0, 1, 4]
+    # Deliveries are in the order of the writes: once a later object's is through, theirs are too.
+    sentinel = f"sentinel/{uuid.uuid4().hex}"
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    storage.bucket(local_stack.task_bucket_name).blob(sentinel).upload_from_string(b"")
+    wait_for_delivery(local_stack, sentinel, 200)
+    delivered = [line for line in bridge_log(local_stack).read_text().splitlines() if " attempt=" in line]
+    jobs = {job.name.rsplit("/", 1)[-1]: job for job in jobs_of_dispatch(local_stack, dispatch_id)}
+    (pack_id,) = [job_id for job_id in jobs if protocol.is_pack_id(job_id)]
+    (lone_id,) = [job_id for job_id in jobs if job_id != pack_id]
+    lone = [line for line in delivered if f" {protocol.TaskObjects(lone_id).prefix}" in line]
+    assert len(lone) == 1 and f" {protocol.TaskObjects(lone_id).task} " in lone[0], lone
+    prefix = f" {protocol.TASKS_PREFIX}{protocol.make_job_id(dispatch_id, 0, 'x').rsplit('-', 2)[0]}-"
+    of_dispatch = [line for line in delivered if prefix in line]
+    assert len(of_dispatch) == 1 + 3 + 1, of_dispatch

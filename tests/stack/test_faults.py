@@ -83,6 +83,11 @@ def bucket(stack):
     return clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.bucket_name)
 
 
+def task_bucket(stack):
+    """The trigger bucket: task objects and pack manifests."""
+    return clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.task_bucket_name)
+
+
 class DirectExecutor(GCPBatchExecutor):
     """The executor without a Covalent server: what the server would answer, answered locally."""
 
@@ -768,7 +773,7 @@ def test_untrusted_objects_create_no_job(local_stack, name, object_name, metadat
     path = {"task": objects.task, "result": objects.result, "outside": f"someone-else/{job_id}/task.pkl"}[object_name]
     creates = batch_admin(local_stack, "stats")["calls"]["create"]
     started = time.monotonic()
-    blob = bucket(local_stack).blob(path)
+    blob = task_bucket(local_stack).blob(path)
     blob.metadata = metadata()
     blob.upload_from_string(b"not a pickle")
     try:
@@ -795,7 +800,7 @@ def test_bad_task_object_fails_once_without_retry(local_stack, kind):
     job_id = protocol.make_job_id("faults", 1, protocol.new_attempt_token())
     objects = protocol.TaskObjects(job_id)
     payload = b"\x00garbage" if kind == "not a pickle" else cloudpickle.dumps((len, [[1, 2]], {}))[:-7]
-    blob = bucket(local_stack).blob(objects.task)
+    blob = task_bucket(local_stack).blob(objects.task)
     blob.metadata = _spec(node_id=1, retries=3).to_metadata()
     started = time.monotonic()
     blob.upload_from_string(payload)
@@ -1228,13 +1233,13 @@ def test_task_pickle_is_private_and_removed_when_its_upload_fails(local_stack, t
     executor = DirectExecutor(**{**local_stack.executor_config(), "cache_dir": str(tmp_path)})
     job_id = protocol.make_job_id("private", 0, protocol.new_attempt_token())
     objects = protocol.TaskObjects(job_id)
-    bucket(local_stack).blob(objects.task).upload_from_string(b"already here")
+    task_bucket(local_stack).blob(objects.task).upload_from_string(b"already here")
     workdir = tmp_path / job_id
     try:
         with pytest.raises(PreconditionFailed):
             executor._upload_task(objects, _spec(), workdir, (len, [_ModeProbe(workdir / "task.pkl")], {}))
     finally:
-        bucket(local_stack).blob(objects.task).delete()
+        task_bucket(local_stack).blob(objects.task).delete()
     assert _ModeProbe.seen == [0o600]
     assert workdir.stat().st_mode & 0o777 == 0o700
     assert list(workdir.iterdir()) == [], "the pickle is gone although the upload failed"

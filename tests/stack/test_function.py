@@ -16,7 +16,7 @@ from cloudevents.http import CloudEvent
 from google.api_core import exceptions
 from google.cloud import batch_v1
 
-from covalent_gcpbatch_plugin import clients, protocol
+from covalent_gcpbatch_plugin import clients, deployment, protocol
 from specs import spec as make_spec
 from workflow_helpers import ENDED_JOB_STATES, batch_admin, wait_until
 
@@ -25,15 +25,22 @@ pytestmark = pytest.mark.stack
 TERMINAL = {batch_v1.JobStatus.State.SUCCEEDED, batch_v1.JobStatus.State.FAILED, batch_v1.JobStatus.State.CANCELLED}
 
 
-@pytest.fixture
-def function(local_stack, monkeypatch):
-    """A fresh app with the stack's deployment settings, as `local up` configures the served one."""
-    emulators = {"PUBSUB_EMULATOR_HOST": local_stack.pubsub_emulator_host, "STORAGE_EMULATOR_HOST": local_stack.storage_emulator_host}
-    for name, value in {**local_stack.deployment_settings().to_env(), **emulators}.items():
+def make_function(stack, monkeypatch, *, task_bucket: str, bucket: str):
+    """A fresh app with the stack's deployment settings, as `local up` configures the served one,
+    but taking tasks from ``task_bucket`` and keeping outputs and markers in ``bucket``."""
+    emulators = {"PUBSUB_EMULATOR_HOST": stack.pubsub_emulator_host, "STORAGE_EMULATOR_HOST": stack.storage_emulator_host}
+    buckets = {deployment.env_name("task_bucket"): task_bucket, deployment.env_name("bucket"): bucket}
+    for name, value in {**stack.deployment_settings().to_env(), **buckets, **emulators}.items():
         monkeypatch.setenv(name, value)
     sys.modules.pop("main", None)
     app = functions_framework.create_app(target="on_task_uploaded", source=str(FUNCTION_SOURCE), signature_type="cloudevent")
     return app.test_client()
+
+
+@pytest.fixture
+def function(local_stack, monkeypatch, direct_bucket):
+    """The function of a deployment of one bucket, ``direct_bucket``: tasks, outputs and markers."""
+    return make_function(local_stack, monkeypatch, task_bucket=direct_bucket.name, bucket=direct_bucket.name)
 
 
 @pytest.fixture
@@ -54,15 +61,24 @@ def not_created(local_stack):
     subscriber.close()
 
 
-@pytest.fixture(scope="module")
-def direct_bucket(local_stack):
+def unwatched_bucket(stack, suffix: str):
     """A bucket the stack's bridge does not watch: objects the in-process function is told about
     are really there, and the served function never sees them too."""
-    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
-    bucket = storage.bucket(f"{local_stack.bucket_name}-direct")
+    storage = clients.storage_client(stack.project_id, stack.storage_emulator_host)
+    bucket = storage.bucket(f"{stack.bucket_name}-{suffix}")
     if not bucket.exists():
         storage.create_bucket(bucket.name)
     return bucket
+
+
+@pytest.fixture(scope="module")
+def direct_bucket(local_stack):
+    return unwatched_bucket(local_stack, "direct")
+
+
+@pytest.fixture(scope="module")
+def direct_data_bucket(local_stack):
+    return unwatched_bucket(local_stack, "direct-data")
 
 
 def spec_for(stack, **overrides) -> protocol.JobSpec:
@@ -119,6 +135,31 @@ def test_task_upload_creates_the_batch_job(function, local_stack, direct_bucket)
     assert dict(task.environment.variables) == protocol.worker_environment(direct_bucket.name, job_id)
     assert job.allocation_policy.service_account.email == local_stack.service_account_email
     assert job.notifications[0].pubsub_topic == local_stack.topic_path(local_stack.topic)
+
+
+def test_a_deployment_of_two_buckets_takes_tasks_from_its_task_bucket_only(local_stack, monkeypatch, direct_bucket,
+                                                                          direct_data_bucket, not_created):
+    """Task objects in the trigger bucket, everything else in the other: the job's worker is told
+    both; a task object in any other bucket creates nothing; the cancel marker and the function's
+    records are in the data bucket."""
+    function = make_function(local_stack, monkeypatch, task_bucket=direct_bucket.name, bucket=direct_data_bucket.name)
+    job_id = new_job_id()
+    assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec_for(local_stack).to_metadata()).status_code == 200
+    variables = dict(get_job(local_stack, job_id).task_groups[0].task_spec.environment.variables)
+    assert variables == protocol.worker_environment(direct_data_bucket.name, job_id, direct_bucket.name)
+    assert variables[protocol.ENV_TASK_BUCKET] == direct_bucket.name and variables[protocol.ENV_BUCKET] == direct_data_bucket.name
+
+    elsewhere = new_job_id()
+    assert post(function, direct_data_bucket, protocol.TaskObjects(elsewhere).task, spec_for(local_stack).to_metadata()).status_code == 200
+    assert batch_admin(local_stack, "stats")["create_attempts"].get(elsewhere) is None, "not from the task bucket"
+
+    cancelled = protocol.TaskObjects(new_job_id())
+    direct_data_bucket.blob(cancelled.cancelled).upload_from_string(b"")
+    assert post(function, direct_bucket, cancelled.task, spec_for(local_stack).to_metadata()).status_code == 200
+    assert batch_admin(local_stack, "stats")["create_attempts"].get(cancelled.job_id) is None
+    record = protocol.loads_not_created(direct_data_bucket.blob(cancelled.not_created).download_as_bytes())
+    assert record.state is protocol.JobState.CANCELLED
+    assert [e.state for e in not_created() if e.job_id == cancelled.job_id] == [protocol.JobState.CANCELLED]
 
 
 def test_duplicate_event_creates_exactly_one_job(function, local_stack, direct_bucket):

@@ -289,7 +289,8 @@ def test_up_brings_every_component_up(running):
     assert all(c["alive"] for c in status["components"].values())
     assert LocalStack.load_settings(stack.state_dir) == settings
 
-    assert clients.storage_client(settings.project_id, settings.storage_emulator_host).bucket(settings.bucket_name).exists()
+    storage = clients.storage_client(settings.project_id, settings.storage_emulator_host)
+    assert storage.bucket(settings.bucket_name).exists() and storage.bucket(settings.task_bucket_name).exists()
     publisher = clients.publisher_client(settings.pubsub_emulator_host)
     topics = {t.name for t in publisher.list_topics(project=f"projects/{settings.project_id}")}
     assert {settings.topic_path(settings.topic), settings.topic_path(settings.gcs_topic)} <= topics
@@ -305,17 +306,22 @@ def test_up_brings_every_component_up(running):
 def test_upload_is_delivered_to_the_function_as_a_storage_cloudevent(running, function_dir):
     _, settings = running
     name = "covalent-gcpbatch/cov-upload-0-a1/task.pkl"
-    blob = clients.storage_client(settings.project_id, settings.storage_emulator_host).bucket(settings.bucket_name).blob(name)
+    storage = clients.storage_client(settings.project_id, settings.storage_emulator_host)
+    # An output in the other bucket first: a trigger on the task bucket never delivers it.
+    output = "covalent-gcpbatch/cov-upload-0-a1/attempt-0/stdout.log"
+    storage.bucket(settings.bucket_name).blob(output).upload_from_string(b"printed")
+    blob = storage.bucket(settings.task_bucket_name).blob(name)
     blob.metadata = {"gcpbatch-spec": '{"x": 1}'}
     blob.upload_from_string(b"payload")
 
     [event] = wait_for(lambda: recorded_events(function_dir, name), 20, "the function to receive the upload's event")
+    assert recorded_events(function_dir, output) == [], "only the task bucket's objects fire the function"
     attributes, data = event["attributes"], event["data"]
     assert attributes["type"] == "google.cloud.storage.object.v1.finalized"
-    assert attributes["source"] == f"//storage.googleapis.com/projects/_/buckets/{settings.bucket_name}"
+    assert attributes["source"] == f"//storage.googleapis.com/projects/_/buckets/{settings.task_bucket_name}"
     assert attributes["subject"] == f"objects/{name}"
     assert attributes["id"] and attributes["time"]
-    assert data["name"] == name and data["bucket"] == settings.bucket_name
+    assert data["name"] == name and data["bucket"] == settings.task_bucket_name
     assert data["metadata"] == {"gcpbatch-spec": '{"x": 1}'}
     assert data["size"] == "7"
 
@@ -324,7 +330,7 @@ def test_upload_is_delivered_to_the_function_as_a_storage_cloudevent(running, fu
 def test_failed_delivery_is_redelivered(running, function_dir):
     stack, settings = running
     name = "fail-once/object.txt"
-    bucket = clients.storage_client(settings.project_id, settings.storage_emulator_host).bucket(settings.bucket_name)
+    bucket = clients.storage_client(settings.project_id, settings.storage_emulator_host).bucket(settings.task_bucket_name)
     bucket.blob(name).upload_from_string(b"x")
 
     events = wait_for(lambda: len(recorded_events(function_dir, name)) >= 2 and recorded_events(function_dir, name), 30,

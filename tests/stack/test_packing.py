@@ -37,7 +37,7 @@ def tasks_of(stack, job) -> list:
 
 def pack_members(stack, job) -> tuple[str, ...]:
     """The electrons' job ids in the pack's manifest, in task order."""
-    bucket = clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.bucket_name)
+    bucket = clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.task_bucket_name)
     manifest = bucket.blob(protocol.PackObjects(protocol.job_id_of_job_name(job.name)).manifest)
     return protocol.PackManifest.loads(manifest.download_as_bytes()).members
 

@@ -243,3 +243,14 @@ def test_a_job_state_newer_than_the_client_is_news_of_no_meaning():
         assert JobState.of(job.status.state) is JobState.STATE_UNSPECIFIED
         assert state_name(job.status.state) == "UNKNOWN(42)"
     assert JobState.of(batch_v1.JobStatus.State.RUNNING) is JobState.RUNNING
+
+
+def test_the_worker_is_told_where_its_task_is_when_it_is_not_beside_its_outputs():
+    from covalent_gcpbatch_plugin import protocol as p
+
+    assert p.worker_environment("out", "cov-a-0-x") == {p.ENV_BUCKET: "out", p.ENV_JOB_ID: "cov-a-0-x"}
+    assert p.worker_environment("out", "cov-a-0-x", "out") == {p.ENV_BUCKET: "out", p.ENV_JOB_ID: "cov-a-0-x"}
+    assert p.worker_environment("out", "cov-a-0-x", "tasks") == {
+        p.ENV_BUCKET: "out", p.ENV_TASK_BUCKET: "tasks", p.ENV_JOB_ID: "cov-a-0-x"}
+    assert p.pack_environment("out", "cov-a-pack-q", "tasks") == {
+        p.ENV_BUCKET: "out", p.ENV_TASK_BUCKET: "tasks", p.ENV_PACK_ID: "cov-a-pack-q"}

@@ -49,7 +49,7 @@ def has_binding(policy: dict, role: str, member: str, condition: str | None = No
 
 
 def function_env(*, project: str, region: str, topic: str, job_service_account: str, allowed_images: list[str],
-                 caps: dict[str, str | None]) -> dict[str, str]:
+                 caps: dict[str, str | None], task_bucket: str, bucket: str) -> dict[str, str]:
     """The function's environment: DeploymentSettings.to_env, exactly what its from_env reads."""
     settings = DeploymentSettings(
         project_id=project,
@@ -57,6 +57,8 @@ def function_env(*, project: str, region: str, topic: str, job_service_account: 
         topic=topic,
         job_service_account=job_service_account,
         allowed_images=tuple(allowed_images),
+        task_bucket=task_bucket,
+        bucket=bucket,
         **{key: value for key, value in caps.items() if value not in (None, "")},
     )
     return settings.to_env()

@@ -4,7 +4,7 @@ Components, started in this order, each on a free port and in its own session (s
 process group that ``down`` can stop whole), each logging to ``<state>/logs/<name>.log``:
 
 1. ``pubsub``: the Pub/Sub emulator from google-cloud-cli (a JVM);
-2. ``gcs``: fake-gcs-server, publishing finalize notifications of the bucket to the GCS topic;
+2. ``gcs``: fake-gcs-server, publishing finalize notifications of the task bucket (the trigger's) to the GCS topic;
 3. ``batch``: the local Batch service (runs jobs as host processes, publishes job states);
 4. ``function``: functions/main.py served by the unmodified functions-framework CLI;
 5. ``bridge``: the local Eventarc (GCS notification -> storage CloudEvent POST to the function).
@@ -68,6 +68,8 @@ class StackSettings(BaseModel):
     project_number: str = "100000000001"
     region: str = "us-east1"
     bucket_name: str = "covalent-gcpbatch-local"
+    #: Task objects and pack manifests only: the bucket whose finalize events reach the function.
+    task_bucket_name: str = "covalent-gcpbatch-local-tasks"
     #: Job notifications (the function's DeploymentSettings.topic, the executor's pubsub_topic).
     topic: str = "covalent-gcpbatch-jobs"
     #: GCS object notifications, consumed by the bridge.
@@ -89,6 +91,7 @@ class StackSettings(BaseModel):
             "project_id": self.project_id,
             "region": self.region,
             "bucket_name": self.bucket_name,
+            "task_bucket_name": self.task_bucket_name,
             "container_image_uri": self.container_image_uri,
             "service_account_email": self.service_account_email,
             "pubsub_topic": self.topic,
@@ -105,6 +108,8 @@ class StackSettings(BaseModel):
             job_service_account=self.service_account_email,
             allowed_images=(self.container_image_uri,),
             batch_api_endpoint=self.batch_api_endpoint,
+            task_bucket=self.task_bucket_name,
+            bucket=self.bucket_name,
         )
 
     def topic_path(self, topic: str) -> str:
@@ -362,15 +367,18 @@ class LocalStack:
                 "-scheme", "http", "-host", "127.0.0.1", "-port", str(gcs_port),
                 "-backend", "filesystem", "-filesystem-root", str(self.data_dir / "gcs"),
                 "-external-url", s.storage_emulator_host, "-log-level", "warn",
-                # No -event.object-prefix: a real bucket trigger cannot filter by prefix either.
+                # The trigger's bucket only, and no -event.object-prefix: a real bucket trigger
+                # cannot filter by prefix either.
                 "-event.pubsub-project-id", s.project_id, "-event.pubsub-topic", s.gcs_topic,
-                "-event.list", "finalize", "-event.bucket", s.bucket_name,
+                "-event.list", "finalize", "-event.bucket", s.task_bucket_name,
             ],
             emulator_env,
             url=s.storage_emulator_host,
             ready=lambda: http_answers(f"{s.storage_emulator_host}/storage/v1/b"),
         )
-        clients.storage_client(s.project_id, s.storage_emulator_host).create_bucket(s.bucket_name, location=s.region)
+        storage = clients.storage_client(s.project_id, s.storage_emulator_host)
+        for bucket in (s.bucket_name, s.task_bucket_name):
+            storage.create_bucket(bucket, location=s.region)
 
         worker_argv = shlex.split(self.batch_worker_command or "python -m covalent_gcpbatch_plugin.worker")
         if worker_argv[0] in ("python", "python3"):

@@ -59,6 +59,7 @@ from .spec import (  # noqa: F401
 )
 from .outcome import (  # noqa: F401
     ENV_BUCKET,
+    ENV_TASK_BUCKET,
     ENV_JOB_ID,
     ENV_RETRY_ATTEMPT,
     ENV_JOB_UID,

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 #: Every object this plugin writes lives under this prefix; the function ignores the rest.
 TASKS_PREFIX = "covalent-gcpbatch/"
+#: The objects that create jobs, task objects and pack manifests, go to the deployment's task bucket
+#: (``task_bucket_name``), the one its storage trigger watches; everything else (results, logs,
+#: markers, records) to its bucket (``bucket_name``). A trigger cannot filter by prefix: with one
+#: bucket, every output chunk and log would fire the function too.
 TASK_OBJECT = "task.pkl"
 RESULT_OBJECT = "result.pkl"
 ERROR_OBJECT = "error.json"

@@ -9,7 +9,11 @@ import re
 from pydantic import BaseModel, ConfigDict, ValidationError
 from typing import Literal
 
+#: The bucket of a task's outputs and markers (results, logs, cancel markers: ``TaskObjects``).
 ENV_BUCKET = "GCPBATCH_BUCKET"
+#: The bucket its task object or pack manifest was uploaded to, the function's trigger bucket (a
+#: bucket of its own, so that outputs do not fire the function); unset: ``ENV_BUCKET``.
+ENV_TASK_BUCKET = "GCPBATCH_TASK_BUCKET"
 ENV_JOB_ID = "GCPBATCH_JOB_ID"
 #: Set instead of ENV_JOB_ID in the tasks of a pack: the worker runs ``members[BATCH_TASK_INDEX]``.
 ENV_PACK_ID = "GCPBATCH_PACK_ID"
@@ -84,15 +88,20 @@ def exit_code_of_event(event) -> int:
     return int(codes[-1]) if codes else 0
 
 
-def worker_environment(bucket: str, job_id: str) -> dict[str, str]:
-    """The environment a job's container gets: where its task is and where its outputs go."""
-    return {ENV_BUCKET: bucket, ENV_JOB_ID: job_id}
+def _buckets(bucket: str, task_bucket: str | None) -> dict[str, str]:
+    return {ENV_BUCKET: bucket} | ({ENV_TASK_BUCKET: task_bucket} if task_bucket and task_bucket != bucket else {})
 
 
-def pack_environment(bucket: str, pack_id: str) -> dict[str, str]:
+def worker_environment(bucket: str, job_id: str, task_bucket: str | None = None) -> dict[str, str]:
+    """The environment a job's container gets: where its task is (``task_bucket``, default
+    ``bucket``) and where its outputs go (``bucket``)."""
+    return _buckets(bucket, task_bucket) | {ENV_JOB_ID: job_id}
+
+
+def pack_environment(bucket: str, pack_id: str, task_bucket: str | None = None) -> dict[str, str]:
     """The environment of a pack's tasks: each finds its electron in the pack's manifest by its
     BATCH_TASK_INDEX."""
-    return {ENV_BUCKET: bucket, ENV_PACK_ID: pack_id}
+    return _buckets(bucket, task_bucket) | {ENV_PACK_ID: pack_id}
 
 
 class ErrorRecord(BaseModel):
