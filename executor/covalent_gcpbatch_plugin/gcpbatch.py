@@ -19,7 +19,6 @@ Its settings are declared once, in settings.py; its errors in errors.py.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
 from google.api_core import exceptions
 
-from . import clients, packing, settings, usage
+from . import clients, localfiles, packing, settings, usage
 from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-exported: users catch it from here
 from .protocol import (
     JOB_ID_PATTERN,
@@ -145,7 +144,11 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if await self.get_cancel_requested():
             raise TaskCancelledError(f"task {dispatch_id}:{node_id} was cancelled before it was submitted")
 
-        workdir = Path(self.cache_dir).expanduser() / job_id
+        try:
+            # Private to this user (localfiles.py): a task's pickles are its code, data and result.
+            workdir = localfiles.private_dir(self.cache_dir) / job_id
+        except ConfigError as err:
+            self._fail(f"task {dispatch_id}:{node_id} was not submitted: {err}")
         step = Step("preparing the task")
         ended = False  # the task (not just this wait) is over: Batch said it succeeded or failed
         try:
@@ -320,11 +323,9 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     def _pickle_task(workdir: Path, task: tuple) -> Path:
         """The pickle is the user's code and data: readable by this user only (and removed once
         uploaded, or with the task's directory)."""
-        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = workdir / "task.pkl"
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        with localfiles.create_file(workdir, "task.pkl") as f:  # new, 0600, never through a link
             cloudpickle.dump(task, f)
-        return path
+        return workdir / "task.pkl"
 
     def _upload_pickle(self, objects: TaskObjects, spec: JobSpec, path: Path, pack_id: str | None = None) -> None:
         """Upload the task object: its spec as metadata (and, in a pack, the pack's id, so the
@@ -556,12 +557,13 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                     text = blob.download_as_bytes(timeout=60, retry=retry).decode("utf-8", errors="backslashreplace")
                     print(text, end="", file=stream)
         if outcome.state is JobState.SUCCEEDED:
-            result_path = workdir / "result.pkl"
-            workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             blob = bucket.get_blob(objects.result, timeout=30, retry=retry)
             if blob is not None:
-                blob.download_to_filename(result_path, timeout=60, retry=retry)
-                with result_path.open("rb") as f:
+                # On disk (a result may be large), in a file this process created (new, 0600, never
+                # through a link) and reads back through the same descriptor: nobody can swap it.
+                with localfiles.create_file(workdir, "result.pkl") as f:
+                    blob.download_to_file(f, timeout=60, retry=retry)
+                    f.seek(0)
                     result = cloudpickle.load(f)
                 step.delivered = True
                 return result
@@ -699,12 +701,12 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         )
         return client.bucket(self.bucket_name)
 
-
-#: Task objects of one pack uploaded at once (each upload is a thread).
     def _task_bucket(self):
         """Where task objects and pack manifests go: the function's trigger bucket."""
         return self._bucket().client.bucket(self.task_bucket_name or self.bucket_name)
 
+
+#: Task objects of one pack uploaded at once (each upload is a thread).
 UPLOAD_CONCURRENCY = 16
 
 _clients: dict[tuple, Any] = {}

@@ -73,9 +73,12 @@ class _TaskSettings(BaseModel):
                     "every `poll_freq` seconds, for deployments without Pub/Sub, and the baseline the benchmarks "
                     "compare against.")
     cache_dir: str = Field(
-        "/tmp/covalent",
+        "",
         description="Local directory for the task and result pickles while they are in transit; emptied after each "
-                    "task.")
+                    "task. Empty: per user, `$XDG_CACHE_HOME/covalent-gcpbatch/tasks` (else "
+                    "`~/.cache/covalent-gcpbatch/tasks`) of the user the Covalent server runs as, created `0700`. A "
+                    "directory that is a symbolic link, another user's, or writable by its group or others is refused "
+                    "(the task fails, saying so).")
     pubsub_topic: str = Field(
         "covalent-gcpbatch-jobs", json_schema_extra=DEPLOYMENT,
         description="Topic id the jobs' state changes (and the function's rejections) are published to.")
@@ -111,13 +114,13 @@ class ExecutorPluginDefaults(JobOptions, _TaskSettings):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pubsub_emulator_host: str = Field(
-        "", json_schema_extra=DEPLOYMENT, description="`host:port` of a Pub/Sub emulator (local stack only).")
-    storage_emulator_host: str = Field(
     task_bucket_name: str = Field(
         "", json_schema_extra=DEPLOYMENT,
         description="Bucket the task objects are uploaded to: the function's trigger bucket, holding nothing else, so "
                     "that results and logs do not fire the function (`deploy.sh` creates it). Empty: `bucket_name`.")
+    pubsub_emulator_host: str = Field(
+        "", json_schema_extra=DEPLOYMENT, description="`host:port` of a Pub/Sub emulator (local stack only).")
+    storage_emulator_host: str = Field(
         "", json_schema_extra=DEPLOYMENT, description="URL of a GCS emulator (local stack only).")
     batch_api_endpoint: str = Field(
         "", json_schema_extra=DEPLOYMENT, description="URL of a Batch API endpoint (the local Batch service).")

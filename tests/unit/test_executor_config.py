@@ -17,7 +17,8 @@ SEED_DEFAULTS = {
     "retries": 3,
     "time_limit": 300,
     "poll_freq": 5,
-    "cache_dir": "/tmp/covalent",
+    # Not the seed's cache_dir ("/tmp/covalent", shared by every user): a per-user directory
+    # (tests/unit/test_local_files.py).
 }
 
 
