@@ -7,12 +7,14 @@ into os.environ here, at conftest import, before any test module imports covalen
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from covalent_gcpbatch_plugin.clients import LOCAL_TOKEN_ENV
 from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer, isolated_env
 from covalent_gcpbatch_plugin.local.processes import free_ports
 
@@ -22,6 +24,11 @@ ROOT = Path(tempfile.mkdtemp(prefix="gcpbatch-tests-"))
 
 (COVALENT_PORT,) = free_ports(1)
 os.environ.update(isolated_env(ROOT / "covalent", COVALENT_PORT))
+#: The bearer token every client of the session carries on the local stack (clients.LOCAL_TOKEN_ENV):
+#: the test process's, the stack's and the Covalent server's, all started from this environment.
+#: Unique and shaped like a Google access token, so that test_no_credentials_in_logs can look for it.
+LOCAL_TOKEN = f"ya29.local-{secrets.token_urlsafe(24)}"
+os.environ[LOCAL_TOKEN_ENV] = LOCAL_TOKEN
 os.environ.pop("COVALENT_SERVER_IFACE_ANY", None)
 
 

@@ -6,6 +6,11 @@ anonymous credentials and, for Pub/Sub, an insecure gRPC channel, exactly as the
 themselves for PUBSUB_EMULATOR_HOST / STORAGE_EMULATOR_HOST. The function and the worker take the
 endpoints from those standard variables; the executor, which runs inside the Covalent server,
 takes them from its configuration.
+
+With an emulator endpoint only, ``$COVALENT_GCPBATCH_LOCAL_TOKEN`` (``LOCAL_TOKEN_ENV``) gives the
+clients a bearer token instead of anonymous credentials: the emulators ignore it, and the tests
+set a unique one to prove that no credential the clients carry ends up in a log, an error, an
+object or a message. Without an emulator endpoint the variable is never read.
 """
 
 from __future__ import annotations
@@ -89,10 +94,30 @@ def storage_emulator_host(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get("STORAGE_EMULATOR_HOST") or None
 
 
+#: On the local stack only: the bearer token the clients send (see the module's docstring).
+LOCAL_TOKEN_ENV = "COVALENT_GCPBATCH_LOCAL_TOKEN"
+
+
+def _emulator_credentials():
+    """For an emulator: a bearer token of ``LOCAL_TOKEN_ENV`` if set (never refreshed), else anonymous."""
+    token = os.environ.get(LOCAL_TOKEN_ENV)
+    if not token:
+        return AnonymousCredentials()
+    from google.oauth2.credentials import Credentials
+
+    return Credentials(token=token)
+
+
 def _insecure_channel(host: str):
+    """The emulator's plaintext channel; with ``LOCAL_TOKEN_ENV`` set, every call carries the
+    token as its ``authorization`` metadata (gRPC's local credentials: plaintext, loopback only)."""
     import grpc
 
-    return grpc.insecure_channel(host)
+    token = os.environ.get(LOCAL_TOKEN_ENV)
+    if not token:
+        return grpc.insecure_channel(host)
+    local = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    return grpc.secure_channel(host, grpc.composite_channel_credentials(local, grpc.access_token_call_credentials(token)))
 
 
 def publisher_client(emulator_host: str | None = None):
@@ -123,19 +148,20 @@ def storage_client(project: str | None, emulator_host: str | None = None):
         return storage.Client(project=project)
     return storage.Client(
         project=project or "local",
-        credentials=AnonymousCredentials(),
+        credentials=_emulator_credentials(),
         client_options=ClientOptions(api_endpoint=host),
     )
 
 
 def batch_client(api_endpoint: str | None = None):
-    """The Batch client; with an endpoint (the local Batch service), REST + anonymous credentials."""
+    """The Batch client; with an endpoint (the local Batch service), REST + anonymous credentials
+    (or the local token, ``LOCAL_TOKEN_ENV``)."""
     from google.cloud import batch_v1
 
     if not api_endpoint:
         return batch_v1.BatchServiceClient()
     return batch_v1.BatchServiceClient(
         transport="rest",
-        credentials=AnonymousCredentials(),
+        credentials=_emulator_credentials(),
         client_options=ClientOptions(api_endpoint=api_endpoint),
     )

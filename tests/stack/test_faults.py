@@ -826,7 +826,7 @@ def test_bad_task_object_fails_once_without_retry(local_stack, kind):
         assert detail.message, detail
         no_active_job_left(local_stack)
     finally:
-        for leftover in bucket(local_stack).list_blobs(prefix=objects.prefix):
+        for leftover in [*bucket(local_stack).list_blobs(prefix=objects.prefix), blob]:
             leftover.delete()
     record(kind + " task object", "FAILED exit 11, no retry", f"FAILED {exit_codes(job)}: {detail.type}", elapsed)
 
@@ -1267,14 +1267,125 @@ def test_secret_scan_finds_a_planted_token(tmp_path):
         planted = tmp_path / "planted.log"
         planted.write_text(f"INFO request headers: {{'{needle}': 'ya29.not-a-real-token'}}\n")
         assert secrets_in([planted]) == [("planted.log", needle)]
+    # The token scan of test_no_credentials_in_logs: anywhere in a file, also across its 1 MiB reads.
+    token = b"ya29.local-planted"
+    (tmp_path / "deep" / "state").mkdir(parents=True)
+    (tmp_path / "deep" / "state" / "big.bin").write_bytes(b"x" * ((1 << 20) - 5) + token + b"y" * 100)
+    (tmp_path / "clean.log").write_bytes(b"ya29.local-" + b"z" * 100)
+    assert files_holding(tmp_path, token) == [os.path.join("deep", "state", "big.bin")]
+
+
+def files_holding(root, needle: bytes) -> list[str]:
+    """Every regular file under ``root`` whose bytes contain ``needle`` (read in chunks that overlap)."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        tail = b""
+        try:
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    if needle in tail + chunk:
+                        found.append(str(path.relative_to(root)))
+                        break
+                    tail = chunk[-len(needle):]
+        except OSError:  # removed while we looked (a task's temporary file)
+            continue
+    return found
+
+
+def pull_all(subscriber, subscription: str) -> list:
+    """Every message the subscription holds (acknowledged), until a pull comes back empty."""
+    from google.api_core import exceptions as api_exceptions
+
+    messages = []
+    while True:
+        try:
+            received = subscriber.pull(subscription=subscription, max_messages=500, timeout=5).received_messages
+        except api_exceptions.DeadlineExceeded:
+            received = []
+        if not received:
+            return messages
+        messages += [r.message for r in received]
+        subscriber.acknowledge(subscription=subscription, ack_ids=[r.ack_id for r in received])
 
 
 def test_no_credentials_in_logs(covalent_server, local_stack):
-    """Run last: after every scenario above, nothing secret-looking is in any log of the stack
-    (each component's, the function's included) or of the Covalent server."""
+    """Run last. Every client of the session, on the stack and in the Covalent server, carries the
+    bearer token ``conftest.LOCAL_TOKEN`` (clients.LOCAL_TOKEN_ENV; the emulators ignore it). After
+    every scenario above and one more dispatch (a task that prints, one that raises), that token is
+    in no file of the stack or the Covalent server (every log, the buckets' objects, the Batch
+    service's state, Covalent's database and results), in no node's output or error, in no object
+    or object metadata and in no message of the topics; and nothing secret-looking is in any log.
+    The token was sent: every request the Batch service received meanwhile carried it."""
+    import hashlib
+    import uuid
+
+    from conftest import LOCAL_TOKEN
+
+    token = LOCAL_TOKEN
+    assert token.startswith("ya29.") and os.environ[clients.LOCAL_TOKEN_ENV] == token
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    assert storage._credentials.token == token, "the clients carry the token, not anonymous credentials"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    subscriber = clients.subscriber_client(local_stack.pubsub_emulator_host)
+    subscriptions = [f"projects/{local_stack.project_id}/subscriptions/leak-scan-{topic}-{uuid.uuid4().hex[:8]}"
+                     for topic in (local_stack.topic, local_stack.gcs_topic)]
+    for name, topic in zip(subscriptions, (local_stack.topic, local_stack.gcs_topic)):
+        subscriber.create_subscription(name=name, topic=local_stack.topic_path(topic))
+    before = batch_admin(local_stack, "stats")["bearer_tokens"]
+    executor = GCPBatchExecutor(time_limit=120, keep_artifacts=True)
+
+    @ct.electron(executor=executor)
+    def speaks():
+        print("hello from the task")
+        print("and from its stderr", file=sys.stderr)
+        return "spoken"
+
+    @ct.electron(executor=executor)
+    def raises():
+        raise ValueError("the task's own error")
+
+    @ct.lattice
+    def flow():
+        return speaks(), raises()
+
+    dispatch_id = ct.dispatch(flow)()
+    buckets = {local_stack.bucket_name, local_stack.task_bucket_name}
+    try:
+        result = wait_for(dispatch_id)
+        nodes = nodes_by_name(result)
+        assert str(nodes["speaks"]["status"]) == "COMPLETED" and "hello from the task" in nodes["speaks"]["stdout"]
+        assert str(nodes["raises"]["status"]) == "FAILED", failure_details(result)
+        after = batch_admin(local_stack, "stats")["bearer_tokens"]
+        sent = after.get(digest, 0) - before.get(digest, 0)
+        assert sent >= 4, f"two creates (the function) and two confirming reads (the executor) carry it: {after}"
+        assert after.get("none", 0) == before.get("none", 0), f"a request without the token reached Batch: {after}"
+
+        messages = [m for name in subscriptions for m in pull_all(subscriber, name)]
+        assert len(messages) >= 6, "the scan reads the jobs' notifications and the uploads' events"
+        in_messages = [m.message_id for m in messages
+                       if token.encode() in m.data or any(token in f"{k}={v}" for k, v in m.attributes.items())]
+        in_nodes = [(n["node_name"], field) for n in node_results(result)
+                    for field in ("stdout", "stderr", "error", "output") if token in str(n.get(field) or "")]
+        objects = [(b, blob) for b in buckets for blob in storage.bucket(b).list_blobs()]
+        assert any(blob.name.startswith(protocol.dispatch_prefix(dispatch_id)) for _, blob in objects), \
+            "the scan reads the dispatch's objects"
+        in_objects = [f"gs://{b}/{blob.name}" for b, blob in objects
+                      if token.encode() in blob.download_as_bytes() or token in repr(blob.metadata)]
+        in_files = files_holding(ROOT, token.encode())
+        assert (in_messages, in_nodes, in_objects, in_files) == ([], [], [], [])
+    finally:
+        for name in subscriptions:
+            subscriber.delete_subscription(subscription=name)
+        for b in buckets:
+            for blob in storage.bucket(b).list_blobs(prefix=protocol.dispatch_prefix(dispatch_id)):
+                blob.delete()
+
     stack_logs = {p.stem: p for p in (ROOT / "stack" / "logs").glob("*.log")}
     assert {"pubsub", "gcs", "batch", "function", "bridge"} <= set(stack_logs), sorted(stack_logs)
     assert all(stack_logs[name].stat().st_size > 0 for name in ("batch", "function", "bridge")), "the scan reads real logs"
     logs = list(stack_logs.values()) + list((ROOT / "covalent").rglob("*.log"))
     assert secrets_in(logs) == []
-    record("credentials in logs", "none", f"none in {len(logs)} logs", 0.0)
+    record("credentials in logs", "none", f"token sent {sent} times, in none of {len(logs)} logs, {len(messages)} "
+           f"messages, {len(objects)} objects", 0.0)

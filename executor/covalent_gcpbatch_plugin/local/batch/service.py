@@ -14,13 +14,14 @@ JOB_STATE_CHANGED and TASK_STATE_CHANGED notification topics through the real Pu
 (only when PUBSUB_EMULATOR_HOST is set: a local service never publishes to Google).
 
 Admin API (``/_admin``): ``GET stats`` (call counters, per-job state-entry wall-clock times,
-notification counters), ``GET active`` (ids of jobs not yet terminal), ``POST faults`` (see
+notification counters, requests by the SHA-256 of the bearer token they carried), ``GET active`` (ids of jobs not yet terminal), ``POST faults`` (see
 ``faults.Faults``), ``POST reset``. The service is ready once ``GET /_admin/stats`` answers 200.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -234,6 +235,9 @@ class BatchApp:
         self.batch = batch
         self.notifier = notifier
         self.list_filters: Counter[str] = Counter()  # the filters ListJobs was called with (stats)
+        #: Batch API requests by the bearer token they carried, as its SHA-256 digest ("none": no token):
+        #: which credentials the clients send, never the tokens themselves (stats).
+        self.bearer_tokens: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def handle(self, method: str, target: str, body: bytes) -> tuple[int, str]:
@@ -281,6 +285,7 @@ class BatchApp:
             stats["notifications"] = {**self.notifier.stats(), **stats["notifications"]}
             with self._lock:
                 stats["list_filters"] = dict(self.list_filters)
+                stats["bearer_tokens"] = dict(self.bearer_tokens)
             return 200, json.dumps(stats)
         if a == "active":
             return 200, json.dumps({"active": b.active()})
@@ -303,6 +308,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        bearer = hashlib.sha256(token.encode()).hexdigest() if scheme.lower() == "bearer" and token else "none"
+        if not self.path.startswith("/_admin/"):
+            with self.server.app._lock:
+                self.server.app.bearer_tokens[bearer] += 1
         try:
             self._check_host()
             status, text = self.server.app.handle(method, self.path, body)
