@@ -4,7 +4,7 @@
     covalent-gcpbatch local down [--state-dir D]
     covalent-gcpbatch local status [--state-dir D] [--json]
     covalent-gcpbatch logs DISPATCH_ID [NODE_ID] [--follow]
-    covalent-gcpbatch jobs [DISPATCH_ID] [--cancel]
+    covalent-gcpbatch jobs [DISPATCH_ID] [--cancel [--force] [--yes]]
     covalent-gcpbatch cost DISPATCH_ID [--prices FILE]
 
 ``local up`` starts the local emulation stack (see local/stack.py) and points the Covalent
@@ -163,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="this deployment's Batch jobs, with state, node, age and VM time")
     jobs.add_argument("dispatch_id", nargs="?", default=None)
     jobs.add_argument("--cancel", action="store_true",
-                      help="cancel the active ones that no running Covalent dispatch waits for (left by a dead server)")
+                      help="cancel the active ones whose dispatch the Covalent server says has ended (left behind); "
+                           "lists them and asks first")
+    jobs.add_argument("--force", action="store_true",
+                      help="with --cancel: also those whose dispatch the server does not know, or when no server "
+                           "answers (a server elsewhere may still wait for them)")
+    jobs.add_argument("--yes", "-y", action="store_true",
+                      help="with --cancel: do not ask (without a terminal to ask on, --cancel needs it)")
     cost = commands.add_parser("cost", help="VM time and an on-demand price estimate of a dispatch's jobs")
     cost.add_argument("dispatch_id")
     cost.add_argument("--prices", default=None, help="JSON file overriding usage.DEFAULT_PRICES (USD per hour)")
@@ -178,7 +184,10 @@ def watch_command(args: argparse.Namespace) -> int:
         if args.command == "logs":
             return watch.logs(args.dispatch_id, args.node_id, args.follow)
         if args.command == "jobs":
-            return watch.jobs(args.dispatch_id, args.cancel)
+            if (args.force or args.yes) and not args.cancel:
+                _print_err("--force and --yes go with --cancel")
+                return 2
+            return watch.jobs(args.dispatch_id, args.cancel, force=args.force, yes=args.yes)
         return watch.cost(args.dispatch_id, args.prices)
     except GCPBatchError as err:
         _print_err(str(err))

@@ -21,15 +21,32 @@ def sanitize_label_value(value: str) -> str:
     return _LABEL_INVALID.sub("-", value.lower())[:63]
 
 
-def job_labels(spec: JobSpec, pack: PackManifest | None = None) -> dict[str, str]:
-    """The user's labels plus automatic ones, which win: they are how a job is traced back. A
-    pack's job names the node of its first electron and how many it runs."""
+#: Every job of the plugin carries CREATED_BY_LABEL = CREATED_BY, and DEPLOYMENT_LABEL naming the
+#: deployment that created it (``deployment_label_value`` of its bucket): ``covalent-gcpbatch jobs``
+#: lists and cancels only its own deployment's jobs by them (watch.py), declared here once.
+CREATED_BY_LABEL = "created-by"
+CREATED_BY = "covalent-gcpbatch"
+DEPLOYMENT_LABEL = "covalent-deployment"
+
+
+def deployment_label_value(bucket: str) -> str:
+    """The deployment's label value: its bucket's name (unique across Google Cloud, one per
+    deployment, and known to the function and to the Covalent config alike), as a label value."""
+    return sanitize_label_value(bucket)
+
+
+def job_labels(spec: JobSpec, pack: PackManifest | None = None, *, bucket: str = "") -> dict[str, str]:
+    """The user's labels plus automatic ones, which win: they are how a job is traced back, to its
+    dispatch, node and deployment (``bucket``, its data bucket). A pack's job names the node of its
+    first electron and how many it runs."""
     labels = {
         **spec.options.labels,
         "covalent-dispatch-id": sanitize_label_value(spec.dispatch_id),
         "covalent-node-id": str(spec.node_id),
-        "created-by": "covalent-gcpbatch",
+        CREATED_BY_LABEL: CREATED_BY,
     }
+    if bucket:
+        labels[DEPLOYMENT_LABEL] = deployment_label_value(bucket)
     if pack is not None:
         labels["covalent-pack-tasks"] = str(len(pack.members))
     return labels
@@ -129,7 +146,7 @@ def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSe
         group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=pack_environment(bucket, job_id, task_bucket)),
                                    task_count=len(pack.members), parallelism=pack.parallelism,
                                    task_count_per_node=TASKS_PER_VM)
-    labels = job_labels(spec, pack)
+    labels = job_labels(spec, pack, bucket=bucket)
     allocation = build_allocation_policy(spec, settings)
     allocation.labels = labels  # the VMs carry them too, so billing exports trace a VM to its task
     return batch_v1.Job(

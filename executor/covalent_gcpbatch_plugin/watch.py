@@ -3,11 +3,16 @@
 Everything comes from the deployment the Covalent config points at (``[executors.gcpbatch]``, as
 the executor reads it): the task objects in its bucket (a task's job id starts
 ``cov-<dispatch id's first 8>-<node id>-``, protocol.dispatch_prefix) and its Batch jobs (their
-``covalent-dispatch-id`` and ``covalent-node-id`` labels). On the local stack and on Google Cloud alike.
+``created-by`` and ``covalent-deployment`` labels, the latter naming the deployment's bucket, and
+their ``covalent-dispatch-id`` and ``covalent-node-id`` labels). On the local stack and on Google
+Cloud alike. ``jobs --cancel`` cancels only what no Covalent server waits for: a job whose dispatch
+a server says has ended; one whose dispatch is unknown, or whose server does not answer, only with
+``--force``; and it asks first (``--yes`` does not), as ``deploy.sh down`` does.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -21,7 +26,7 @@ from google.cloud import batch_v1
 
 from . import clients, covalent_config, protocol, usage
 from .errors import ConfigError
-from .jobs import sanitize_label_value
+from .jobs import CREATED_BY, CREATED_BY_LABEL, DEPLOYMENT_LABEL, deployment_label_value, sanitize_label_value
 from .settings import PLUGIN_DEFAULTS
 
 #: --follow reads the task's objects this often (an upload of the worker's comes every
@@ -38,13 +43,13 @@ class Deployment:
     bucket_name: str
     storage_emulator_host: str
     batch_api_endpoint: str
+    #: Where the task objects are (the function's trigger bucket), if not in ``bucket_name``.
+    task_bucket_name: str = ""
 
     @classmethod
     def from_config(cls) -> Deployment:
         section = {**PLUGIN_DEFAULTS, **covalent_config.read_executor_section()}
         missing = [k for k in ("project_id", "bucket_name") if not section.get(k)]
-    #: Where the task objects are (the function's trigger bucket), if not in ``bucket_name``.
-    task_bucket_name: str = ""
         if missing:
             raise ConfigError(f"[executors.gcpbatch] has no {', '.join(missing)}: run ./deploy.sh up (or "
                               "covalent deploy up gcpbatch, or covalent-gcpbatch local up) first")
@@ -55,14 +60,14 @@ class Deployment:
     def bucket(self):
         return clients.storage_client(self.project_id, self.storage_emulator_host or None).bucket(self.bucket_name)
 
+    def task_bucket(self):
+        return self.bucket().client.bucket(self.task_bucket_name or self.bucket_name)
+
     def batch(self):
         return clients.batch_client(self.batch_api_endpoint or None)
 
     @property
     def local(self) -> bool:
-    def task_bucket(self):
-        return self.bucket().client.bucket(self.task_bucket_name or self.bucket_name)
-
         return bool(self.batch_api_endpoint)
 
 
@@ -175,12 +180,18 @@ def label_filter(labels: dict[str, str]) -> str:
     return " AND ".join(f'labels."{key}" = "{value}"' for key, value in labels.items())
 
 
+def deployment_labels(deployment: Deployment) -> dict[str, str]:
+    """The labels every job of this deployment carries (jobs.job_labels): the plugin's, and its
+    bucket's; another deployment in the project (another prefix, bucket, Covalent server) has another."""
+    return {CREATED_BY_LABEL: CREATED_BY, DEPLOYMENT_LABEL: deployment_label_value(deployment.bucket_name)}
+
+
 def dispatch_jobs(deployment: Deployment, dispatch_id: str | None) -> list[batch_v1.Job]:
-    """This deployment's jobs (label created-by), of one dispatch if given, newest first. Batch
-    filters them: a region keeps every job for 60 days, so listing them all would page through
-    other users' jobs too."""
+    """This deployment's jobs (labels created-by and covalent-deployment), of one dispatch if
+    given, newest first. Batch filters them: a region keeps every job for 60 days, so listing them
+    all would page through other users' and other deployments' jobs too."""
     parent = protocol.location_name(deployment.project_id, deployment.region)
-    labels = {"created-by": "covalent-gcpbatch"}
+    labels = deployment_labels(deployment)
     if dispatch_id is not None:
         labels["covalent-dispatch-id"] = sanitize_label_value(dispatch_id)
     request = batch_v1.ListJobsRequest(parent=parent, filter=label_filter(labels))
@@ -193,19 +204,51 @@ def _age(job: batch_v1.Job) -> str:
     return f"{seconds / 3600:.1f} h" if seconds > 5400 else f"{seconds / 60:.1f} min" if seconds > 90 else f"{seconds:.0f} s"
 
 
-def covalent_is_running(dispatch_id: str) -> bool:
-    """Whether a Covalent server still runs this dispatch (its executors then still wait for its
-    jobs); False if no server answers, as after a crash."""
-    try:
-        import covalent as ct
+#: What the Covalent server says of a job's dispatch (``dispatch_status``): it still runs it (its
+#: executor waits for the job), it has ended it, it does not know it, or no server answered.
+RUNS, ENDED, UNKNOWN, UNREACHABLE = "runs", "ended", "unknown", "unreachable"
+#: Covalent's dispatch statuses once no executor of it waits for a job; any other (RUNNING,
+#: NEW_OBJECT, PENDING_REUSE, ... and statuses newer than this list) counts as running.
+ENDED_STATUSES = ("COMPLETED", "FAILED", "CANCELLED", "POSTPROCESSING_FAILED")
 
-        return str(ct.get_result(dispatch_id, wait=False).status) in ("RUNNING", "NEW_OBJECT", "PENDING_REUSE")
-    except Exception:  # noqa: BLE001 - no server, or it does not know the dispatch
-        return False
+
+def dispatch_status(dispatch_id: str, dispatcher_addr: str | None = None) -> tuple[str, str]:
+    """(RUNS, ENDED, UNKNOWN or UNREACHABLE; what the server said) for a dispatch, from the
+    Covalent server the config points at (``dispatcher_addr``: another)."""
+    import covalent as ct
+    from covalent._shared_files import logger
+    from covalent._shared_files.exceptions import MissingLatticeRecordError
+
+    level = logger.app_log.level
+    logger.app_log.setLevel(logging.ERROR)  # its warning of an unknown dispatch: said below, in context
+    try:
+        status = str(ct.get_result(dispatch_id, dispatcher_addr=dispatcher_addr, status_only=True)["status"])
+    except MissingLatticeRecordError:
+        return UNKNOWN, "the Covalent server does not know this dispatch (another server's, or its database was reset)"
+    except Exception as err:  # noqa: BLE001 - no answer: the server may be down, or elsewhere
+        return UNREACHABLE, f"no Covalent server answered ({type(err).__name__})"
+    finally:
+        logger.app_log.setLevel(level)
+    return (ENDED if status in ENDED_STATUSES else RUNS), status
+
+
+def ask_on_terminal(prompt: str) -> str | None:
+    """The user's answer on the terminal; None without one (stdin not a TTY, or closed)."""
+    if not sys.stdin or not sys.stdin.isatty():
+        return None
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
 
 
 def jobs(dispatch_id: str | None, cancel: bool, out: TextIO = sys.stdout,
-         is_running: Callable[[str], bool] = covalent_is_running) -> int:
+         status_of: Callable[[str], tuple[str, str]] = dispatch_status, *, force: bool = False, yes: bool = False,
+         ask: Callable[[str], str | None] = ask_on_terminal) -> int:
+    """List this deployment's jobs; with ``cancel``, cancel the active ones no Covalent server
+    waits for (a server that says their dispatch ended; with ``force`` also those of a dispatch it
+    does not know, or when it does not answer), after asking (``ask``; ``yes``: without asking).
+    1 if it was asked to cancel and did not (not confirmed, or nobody to ask)."""
     deployment = Deployment.from_config()
     found = dispatch_jobs(deployment, dispatch_id)
     print(f"{'JOB':<36} {'STATE':<24} {'DISPATCH':<38} {'NODE':>5} {'AGE':>9} {'VM':>9}", file=out)
@@ -213,20 +256,45 @@ def jobs(dispatch_id: str | None, cancel: bool, out: TextIO = sys.stdout,
         vm, state = usage.vm_seconds(job), usage.state_name(job.status.state)
         print(f"{job.name.rsplit('/', 1)[-1]:<36} {state:<24} {job.labels.get('covalent-dispatch-id', ''):<38} "
               f"{job.labels.get('covalent-node-id', ''):>5} {_age(job):>9} {vm:>8.0f}s", file=out)
-    if cancel:
-        active = [j for j in found
-                  if usage.state_name(j.status.state) not in (*TERMINAL, "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")]
-        batch, running = deployment.batch(), {}
-        for job in active:
-            dispatch = job.labels.get("covalent-dispatch-id", "")
-            if running.setdefault(dispatch, is_running(dispatch)):
-                print(f"kept {job.name.rsplit('/', 1)[-1]}: Covalent still runs dispatch {dispatch} "
-                      "(cancel it there: ct.cancel)", file=out)
-                continue
-            batch.cancel_job(name=job.name, timeout=30)
-            print(f"cancelled {job.name.rsplit('/', 1)[-1]}", file=out)
-        if not active:
-            print("nothing to cancel: no job of these is active", file=out)
+    if not cancel:
+        return 0
+    active = [j for j in found
+              if usage.state_name(j.status.state) not in (*TERMINAL, "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")]
+    if not active:
+        print("nothing to cancel: no job of these is active", file=out)
+        return 0
+    statuses: dict[str, tuple[str, str]] = {}
+    chosen: list[tuple[batch_v1.Job, str]] = []
+    for job in active:
+        name, dispatch = job.name.rsplit("/", 1)[-1], job.labels.get("covalent-dispatch-id", "")
+        verdict, said = statuses.setdefault(dispatch, status_of(dispatch) if dispatch else (UNKNOWN, "the job has no dispatch label"))
+        if verdict == RUNS:
+            print(f"kept {name}: Covalent still runs dispatch {dispatch} (cancel it there: ct.cancel)", file=out)
+        elif verdict in (UNKNOWN, UNREACHABLE) and not force:
+            print(f"kept {name}: dispatch {dispatch}: {said}, so a server may still wait for it "
+                  "(--force cancels it anyway)", file=out)
+        else:
+            chosen.append((job, f"dispatch {dispatch}: {said}" + (" (--force)" if verdict != ENDED else "")))
+    if not chosen:
+        print("nothing cancelled", file=out)
+        return 0
+    print(f"Will cancel {len(chosen)} job(s) of deployment {deployment.bucket_name} ({deployment.project_id}, "
+          f"{deployment.region}):", file=out)
+    for job, why in chosen:
+        print(f"  {job.name.rsplit('/', 1)[-1]}  {why}", file=out)
+    if not yes:
+        out.flush()
+        answer = ask(f"Cancel these {len(chosen)} job(s)? [y/N] ")
+        if answer is None:
+            print("not cancelled: there is no terminal to ask on; pass --yes to cancel them", file=out)
+            return 1
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not confirmed: nothing was cancelled", file=out)
+            return 1
+    batch = deployment.batch()
+    for job, _ in chosen:
+        batch.cancel_job(name=job.name, timeout=30)
+        print(f"cancelled {job.name.rsplit('/', 1)[-1]}", file=out)
     return 0
 
 

@@ -3,19 +3,22 @@ stack, through a real Covalent dispatch and the real worker's live output."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import cloudpickle
 import covalent as ct
 import pytest
-from workflow_helpers import batch_admin, ended_jobs_of_dispatch, jobs_of_dispatch, wait_for
+from workflow_helpers import batch_admin, ended_jobs_of_dispatch, jobs_of_dispatch, wait_for, wait_until
 
-from covalent_gcpbatch_plugin import protocol
+from covalent_gcpbatch_plugin import clients, protocol
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
 from covalent_gcpbatch_plugin.worker import Tee
 
@@ -25,8 +28,9 @@ CLI = str(Path(sys.executable).with_name("covalent-gcpbatch"))
 TICKS = 10
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command, without a terminal (it never waits for an answer)."""
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
 
 
 def test_output_jobs_and_cost_while_a_task_runs(covalent_server, local_stack):
@@ -123,8 +127,8 @@ def test_output_keeps_its_tail_when_a_task_prints_too_much():
 
 
 def test_jobs_cancel_spares_what_a_running_dispatch_waits_for(covalent_server, local_stack, tmp_path):
-    """`jobs --cancel` is for jobs a dead Covalent server left behind: one a live dispatch still
-    waits for is kept; the same job, once no server runs its dispatch, is cancelled."""
+    """`jobs --cancel` is for jobs left behind: one a live dispatch still waits for is kept (even
+    with --force --yes); the same job, once the server says its dispatch has ended, is cancelled."""
     import io
 
     from covalent_gcpbatch_plugin import watch
@@ -150,11 +154,13 @@ def test_jobs_cancel_spares_what_a_running_dispatch_waits_for(covalent_server, l
     (job,) = jobs_of_dispatch(local_stack, dispatch_id)
     job_id = protocol.job_id_of_job_name(job.name)
 
-    kept = cli("jobs", dispatch_id, "--cancel")
+    kept = cli("jobs", dispatch_id, "--cancel", "--force", "--yes")
     assert kept.returncode == 0 and f"kept {job_id}: Covalent still runs dispatch" in kept.stdout, kept.stdout + kept.stderr
+    assert "cancelled" not in kept.stdout.replace("nothing cancelled", "")
 
     out = io.StringIO()
-    assert watch.jobs(dispatch_id, cancel=True, out=out, is_running=lambda dispatch: False) == 0  # as if the server died
+    ended = lambda dispatch: (watch.ENDED, "COMPLETED")  # noqa: E731 - as if the server had ended it
+    assert watch.jobs(dispatch_id, cancel=True, out=out, status_of=ended, yes=True) == 0
     assert f"cancelled {job_id}" in out.getvalue()
     result = wait_for(dispatch_id, timeout_s=60)
     assert str(result.status) in ("CANCELLED", "FAILED")
@@ -183,12 +189,14 @@ def test_jobs_asks_batch_for_this_deployments_jobs_of_the_dispatch(local_stack):
             runnables=[batch_v1.Runnable(container=container)]))], labels=labels)
         return batch.create_job(parent=parent, job_id=f"{dispatch}-{len(labels)}-{uuid.uuid4().hex[:6]}", job=job).name
 
-    mine = create({"created-by": "covalent-gcpbatch", "covalent-dispatch-id": dispatch, "covalent-node-id": "0"})
+    mine = create({"created-by": "covalent-gcpbatch", "covalent-dispatch-id": dispatch, "covalent-node-id": "0",
+                   "covalent-deployment": local_stack.bucket_name})
     other_tool = create({"created-by": "someone-else", "covalent-dispatch-id": dispatch})
     other_dispatch = create({"created-by": "covalent-gcpbatch", "covalent-dispatch-id": f"{dispatch}-x",
                              "covalent-node-id": "0", "x": "y"})
     try:
-        sent = f'labels."created-by" = "covalent-gcpbatch" AND labels."covalent-dispatch-id" = "{dispatch}"'
+        sent = (f'labels."created-by" = "covalent-gcpbatch" AND labels."covalent-deployment" = "{local_stack.bucket_name}" '
+                f'AND labels."covalent-dispatch-id" = "{dispatch}"')
         before = batch_admin(local_stack, "stats")
         out = io.StringIO()
         assert watch.jobs(dispatch, cancel=False, out=out) == 0
@@ -200,3 +208,169 @@ def test_jobs_asks_batch_for_this_deployments_jobs_of_the_dispatch(local_stack):
     finally:
         for name in (mine, other_tool, other_dispatch):
             batch.delete_job(name=name).result(timeout=30)
+
+
+# -- `jobs --cancel`: this deployment's orphans only, kept when in doubt, asked first --------------
+
+
+@contextlib.contextmanager
+def held_jobs(stack, *labels: dict[str, str]):
+    """Active jobs with these labels, created as another tool (or another deployment's function)
+    would: they stay QUEUED or SCHEDULED (their tasks come only after 600 s: the tasks_after_s
+    fault), and are deleted afterwards. Yields their names."""
+    from google.api_core import exceptions
+    from google.cloud import batch_v1
+
+    batch = clients.batch_client(stack.batch_api_endpoint)
+    parent = protocol.location_name(stack.project_id, stack.region)
+    ids = [f"held-{uuid.uuid4().hex[:12]}" for _ in labels]
+    batch_admin(stack, "faults", {"tasks_after_s": {job_id: 600 for job_id in ids}})
+    container = batch_v1.Runnable.Container(image_uri="local/worker:dev")
+    names: list[str] = []
+    try:
+        for job_id, job_labels in zip(ids, labels):
+            job = batch_v1.Job(task_groups=[batch_v1.TaskGroup(task_spec=batch_v1.TaskSpec(
+                runnables=[batch_v1.Runnable(container=container)]))], labels=job_labels)
+            names.append(batch.create_job(parent=parent, job_id=job_id, job=job).name)
+        yield names
+    finally:
+        for name in names:
+            try:
+                batch.delete_job(name=name).result(timeout=60)
+            except exceptions.NotFound:
+                pass
+
+
+def job_state(stack, name: str) -> str:
+    return clients.batch_client(stack.batch_api_endpoint).get_job(name=name).status.state.name
+
+
+def short(name: str) -> str:
+    return protocol.job_id_of_job_name(name)
+
+
+def this_deployments(stack, dispatch: str, bucket: str | None = None) -> dict[str, str]:
+    """The labels the function gives a job of ``bucket``'s deployment (default: the stack's)."""
+    from covalent_gcpbatch_plugin import jobs
+
+    return {jobs.CREATED_BY_LABEL: jobs.CREATED_BY, jobs.DEPLOYMENT_LABEL: jobs.deployment_label_value(bucket or stack.bucket_name),
+            "covalent-dispatch-id": dispatch, "covalent-node-id": "0"}
+
+
+def assert_cancelled(stack, name: str) -> None:
+    wait_until(lambda: job_state(stack, name) == "CANCELLED", 60, f"{short(name)} to be cancelled")
+
+
+def test_jobs_lists_and_cancels_only_this_deployments_jobs(covalent_server, local_stack):
+    """Another deployment in the same project (another prefix and bucket, maybe another Covalent
+    server) labels its jobs with its own bucket: `jobs` neither lists nor cancels them, not even
+    with --cancel --force --yes, though they carry created-by=covalent-gcpbatch and the same dispatch."""
+    dispatch = str(uuid.uuid4())
+    with held_jobs(local_stack, this_deployments(local_stack, dispatch),
+                   this_deployments(local_stack, dispatch, bucket="another-deployments-bucket")) as (mine, theirs):
+        listed = cli("jobs", dispatch)
+        assert listed.returncode == 0, listed.stderr
+        assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == [short(mine)], listed.stdout
+        everything = cli("jobs")
+        assert short(mine) in everything.stdout and short(theirs) not in everything.stdout, everything.stdout
+
+        cancelled = cli("jobs", dispatch, "--cancel", "--force", "--yes")
+        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+        assert f"cancelled {short(mine)}" in cancelled.stdout and short(theirs) not in cancelled.stdout, cancelled.stdout
+        assert_cancelled(local_stack, mine)
+        assert job_state(local_stack, theirs) in ("QUEUED", "SCHEDULED"), "another deployment's job runs on"
+
+
+def with_covalent_at(tmp_path, port: int) -> dict[str, str]:
+    """An environment whose Covalent config is the session's but for the server's port."""
+    import os
+
+    from covalent_gcpbatch_plugin import covalent_config
+
+    text = covalent_config.config_file().read_text()
+    section = text.index("[dispatcher]")
+    end = text.find("\n[", section + 1)
+    end = len(text) if end < 0 else end
+    moved = text[:section] + re.sub(r"(?m)^port = \d+$", f"port = {port}", text[section:end], count=1) + text[end:]
+    assert moved != text
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "covalent.conf").write_text(moved)
+    return {**os.environ, "COVALENT_CONFIG_DIR": str(tmp_path / "config"), "COVALENT_SVC_PORT": str(port)}
+
+
+def test_jobs_cancel_keeps_unknown_and_unreachable_dispatches_unless_forced(covalent_server, local_stack, tmp_path):
+    """A dispatch the Covalent server does not know (another server's), or no server answering
+    (down for a restart, or elsewhere), is no proof that nobody waits for the job: kept, unless
+    --force (then listed and cancelled with --yes)."""
+    from covalent_gcpbatch_plugin.local.processes import free_ports
+
+    (port,) = free_ports(1)
+    nobody_answers = with_covalent_at(tmp_path, port)
+    unknown, unreachable = str(uuid.uuid4()), str(uuid.uuid4())
+    with held_jobs(local_stack, this_deployments(local_stack, unknown), this_deployments(local_stack, unreachable)) as (a, b):
+        kept = cli("jobs", unknown, "--cancel")
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert f"kept {short(a)}: dispatch {unknown}: the Covalent server does not know this dispatch" in kept.stdout, kept.stdout
+        assert "--force cancels it anyway" in kept.stdout and f"cancelled {short(a)}" not in kept.stdout
+
+        kept = cli("jobs", unreachable, "--cancel", env=nobody_answers)
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert f"kept {short(b)}: dispatch {unreachable}: no Covalent server answered" in kept.stdout, kept.stdout
+        assert f"cancelled {short(b)}" not in kept.stdout
+        assert {job_state(local_stack, a), job_state(local_stack, b)} <= {"QUEUED", "SCHEDULED"}
+
+        forced = cli("jobs", unknown, "--cancel", "--force", "--yes")
+        assert forced.returncode == 0 and f"cancelled {short(a)}" in forced.stdout, forced.stdout + forced.stderr
+        assert f"  {short(a)}  dispatch {unknown}: the Covalent server does not know this dispatch" in forced.stdout
+        forced = cli("jobs", unreachable, "--cancel", "--force", "--yes", env=nobody_answers)
+        assert forced.returncode == 0 and f"cancelled {short(b)}" in forced.stdout, forced.stdout + forced.stderr
+        assert_cancelled(local_stack, a)
+        assert_cancelled(local_stack, b)
+
+
+def test_jobs_cancel_lists_what_it_will_cancel_and_asks_first(covalent_server, local_stack):
+    """As `deploy.sh down` does: the jobs it would cancel (here one whose dispatch the server says
+    has ended) are listed, then it asks on the terminal (y/N); "n" cancels nothing; without a
+    terminal and without --yes it cancels nothing and says how to proceed; "y" cancels."""
+    import os
+    import pty
+
+    @ct.electron(executor="local")
+    def nothing():
+        return 0
+
+    @ct.lattice
+    def over():
+        return nothing()
+
+    dispatch = ct.dispatch(over)()
+    assert str(wait_for(dispatch, timeout_s=60).status) == "COMPLETED"
+    with held_jobs(local_stack, this_deployments(local_stack, dispatch)) as (job,):
+        listed = f"  {short(job)}  dispatch {dispatch}: COMPLETED"
+        no_terminal = cli("jobs", dispatch, "--cancel")
+        assert no_terminal.returncode == 1, no_terminal.stdout + no_terminal.stderr
+        assert "Will cancel 1 job(s)" in no_terminal.stdout and listed in no_terminal.stdout, no_terminal.stdout
+        assert "no terminal to ask on; pass --yes" in no_terminal.stdout, no_terminal.stdout
+        assert job_state(local_stack, job) in ("QUEUED", "SCHEDULED")
+
+        def answering(answer: bytes) -> subprocess.CompletedProcess:
+            terminal, its_end = pty.openpty()
+            try:
+                process = subprocess.Popen([CLI, "jobs", dispatch, "--cancel"], stdin=its_end,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                os.close(its_end)
+                os.write(terminal, answer)
+                stdout, stderr = process.communicate(timeout=120)
+            finally:
+                os.close(terminal)
+            return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+        declined = answering(b"n\n")
+        assert declined.returncode == 1, declined.stdout + declined.stderr
+        assert listed in declined.stdout and "Cancel these 1 job(s)? [y/N]" in declined.stdout, declined.stdout
+        assert "not confirmed: nothing was cancelled" in declined.stdout, declined.stdout
+        assert job_state(local_stack, job) in ("QUEUED", "SCHEDULED")
+
+        confirmed = answering(b"y\n")
+        assert confirmed.returncode == 0 and f"cancelled {short(job)}" in confirmed.stdout, confirmed.stdout + confirmed.stderr
+        assert_cancelled(local_stack, job)

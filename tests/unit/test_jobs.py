@@ -53,6 +53,20 @@ def test_labels_follow_label_rules():
     assert all(len(v) <= 63 and v == v.lower() for v in labels.values())
 
 
+def test_every_job_names_its_deployment_by_its_bucket():
+    """`covalent-gcpbatch jobs` lists and cancels one deployment's jobs by this label (watch.py
+    filters on the same constant): the bucket's name, as a label value; a user's label of the same
+    key cannot change it, and the VMs carry it too."""
+    job = jobs.build_job(spec(options=p.JobOptions(labels={jobs.DEPLOYMENT_LABEL: "someone-elses", "team": "a"})),
+                         bucket="My.Data_Bucket-1",
+                         job_id=JOB_ID, settings=deployment())
+    assert jobs.DEPLOYMENT_LABEL == "covalent-deployment"
+    assert job.labels[jobs.DEPLOYMENT_LABEL] == "my-data_bucket-1" == jobs.deployment_label_value("My.Data_Bucket-1")
+    assert job.labels[jobs.CREATED_BY_LABEL] == jobs.CREATED_BY and job.labels["team"] == "a"
+    assert dict(job.allocation_policy.labels) == dict(job.labels)
+    assert jobs.deployment_label_value("b" * 222) == "b" * 63
+
+
 def test_wire_form_is_what_the_rest_client_sends():
     wire = batch_v1.Job.to_json(build(), use_integers_for_enums=True)
     assert '"maxRunDuration": "300s"' in wire

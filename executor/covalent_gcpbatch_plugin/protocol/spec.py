@@ -58,7 +58,8 @@ class JobOptions(BaseModel):
     labels: dict[str, str] = Field(
         default_factory=dict, max_length=32,
         description="Job labels, on its VMs too (GCP label rules; keys starting with `goog-` or `google-` are Google's). "
-                    "`covalent-dispatch-id`, `covalent-node-id` and `created-by` are added automatically and win.")
+                    "`covalent-dispatch-id`, `covalent-node-id`, `covalent-deployment` and `created-by` are added "
+                    "automatically and win.")
     network: str = Field(
         default="", max_length=512, pattern=_OPTIONAL_RESOURCE_NAME,
         description="VPC network, e.g. `global/networks/my-vpc`.")
