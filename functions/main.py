@@ -163,12 +163,15 @@ def on_task_uploaded(event: CloudEvent) -> None:
 
 
 def on_pack_uploaded(obj: dict, buckets: Buckets, pack_id: str) -> None:
-    """A pack's manifest: validate its spec and its member list, then create its one job."""
+    """A pack's manifest: validate its spec (per task) and its member list, check the pack as a
+    whole (``max_parallel_vcpus``), then create its one job."""
     name = str(obj.get("name", ""))
     try:
         spec = protocol.JobSpec.from_metadata(obj.get("metadata"))
         settings().check(spec)
         manifest = read_manifest(buckets.tasks, name, obj)
+        if manifest is not None:
+            settings().check_pack(spec, manifest)  # the pack as a whole: its tasks at once x their vCPUs
     except protocol.SpecError as err:
         not_created(buckets.data, pack_id, protocol.JobState.REJECTED, str(err))
         return

@@ -17,8 +17,9 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from . import machine_types
 from .errors import FunctionNotConfigured, SpecError
-from .protocol import JobSpec, topic_path
+from .protocol import JobSpec, PackManifest, topic_path
 
 ENV_PREFIX = "GCPBATCH_"
 #: A comma-separated list in the environment (``a,b``), a tuple here.
@@ -46,15 +47,32 @@ class DeploymentSettings(BaseSettings):
     bucket: str | None = Field(
         None, description="The bucket of the tasks' outputs, cancel markers and records. Unset: the task's own bucket "
         "(one bucket for everything, as before task buckets).")
-    max_vcpus: float = Field(64, gt=0, json_schema_extra=CAP, description="Most vCPUs a task may ask for (`vcpus`).")
+    max_vcpus: float = Field(
+        64, gt=0, json_schema_extra=CAP, description="Most vCPUs a task may ask for (`vcpus`, and its `machine_type`'s).")
     max_memory_mb: int = Field(
-        256 * 1024, gt=0, json_schema_extra=CAP, description="Most memory in MiB a task may ask for (`memory`).")
+        256 * 1024, gt=0, json_schema_extra=CAP,
+        description="Most memory in MiB a task may ask for (`memory`, and its `machine_type`'s).")
     max_time_limit_s: int = Field(
         7 * 24 * 3600, gt=0, json_schema_extra=CAP, description="Longest `time_limit` in seconds a task may ask for.")
     max_accelerator_count: int = Field(
-        8, ge=0, json_schema_extra=CAP, description="Most GPUs a task may ask for (`accelerator_count`).")
+        8, ge=0, json_schema_extra=CAP,
+        description="Most GPUs a task may ask for (`accelerator_count` plus the GPUs its `machine_type` comes with).")
+    #: 4 TiB: room for a large image and hundreds of GB of scratch, yet a bound (a task may otherwise
+    #: ask for protocol's 64 TiB); a deployment that needs more says so.
+    max_boot_disk_size_gb: int = Field(
+        4096, gt=0, json_schema_extra=CAP, description="Largest boot disk in GB a task may ask for (`boot_disk_size_gb`).")
+    #: 4,000: a pack at the executor's defaults (1,000 electrons of 2 vCPUs, all at once) needs 2,000;
+    #: this leaves it twice that, and equals the most VMs Batch runs at once for a job spread over
+    #: zones (4,000; one VM per task here), so only a pack wider than Batch would run anyway, or
+    #: one of bigger tasks, needs a lower pack_parallelism or the deployer's consent.
+    max_parallel_vcpus: float = Field(
+        4000, gt=0, json_schema_extra=CAP,
+        description="Most vCPUs one job may run at once: a pack's tasks at once (`pack_parallelism`, 0: all of them) "
+                    "times each task's vCPUs (its `machine_type`'s if larger); a lone task's own.")
     allowed_machine_types: CsvList = Field(
-        (), json_schema_extra=CAP, description="Machine types a task may ask for (`machine_type`); empty means any.")
+        (), json_schema_extra=CAP,
+        description="Machine types a task may ask for (`machine_type`); empty means any whose size the function knows "
+                    "(`machine_types.py`). A type listed here that it does not know is allowed, sized by the task's fields.")
 
     @field_validator("allowed_images", "allowed_machine_types", mode="before")
     @classmethod
@@ -124,9 +142,65 @@ class DeploymentSettings(BaseSettings):
             ("memory", spec.memory_mb, self.max_memory_mb),
             ("time_limit", spec.time_limit_s, self.max_time_limit_s),
             ("accelerator_count", options.accelerator_count, self.max_accelerator_count),
+            ("boot_disk_size_gb", options.boot_disk_size_gb, self.max_boot_disk_size_gb),
         ):
             if value > cap:
                 raise SpecError(f"{name}={value:g} exceeds this deployment's cap of {cap:g}")
+        machine = self.machine_shape(options.machine_type)
+        if machine is not None:
+            what = f"machine_type {options.machine_type!r}"
+            for has, value, cap, flag in (
+                (f"{machine.vcpus} vCPUs", machine.vcpus, self.max_vcpus, "max_vcpus"),
+                (f"{machine.memory_mb} MiB of memory", machine.memory_mb, self.max_memory_mb, "max_memory_mb"),
+                (f"{machine.gpus} GPUs" + (f" (plus accelerator_count={options.accelerator_count})"
+                                           if options.accelerator_count else ""),
+                 machine.gpus + options.accelerator_count, self.max_accelerator_count, "max_accelerator_count"),
+            ):
+                if value > cap:
+                    raise SpecError(f"{what} has {has}, over this deployment's cap of {cap:g} ({cap_flag(flag)}): "
+                                    "choose a smaller machine type, or leave machine_type empty to size the VM by vcpus and memory")
+        self.check_parallel(spec, 1)
+
+    def machine_shape(self, machine_type: str) -> machine_types.MachineShape | None:
+        """What ``machine_type`` brings (None: no machine type, or one the deployer allowed by name
+        that the table does not know: the task's own fields are then all that is checked). SpecError
+        for a type neither known nor allowed by name: its vCPUs, memory and GPUs cannot be capped."""
+        if not machine_type:
+            return None
+        shape = machine_types.shape_of(machine_type)
+        if shape is None and machine_type not in self.allowed_machine_types:
+            raise SpecError(
+                f"machine_type {machine_type!r} is not one whose vCPUs, memory and GPUs this deployment knows, so its caps "
+                f"cannot be checked: choose a predefined type of a known series or a custom type (e.g. "
+                f"{machine_types.known_examples()}), leave machine_type empty, or have the deployer allow it by name "
+                f"(deploy.sh up --allowed-machine-types {machine_type})"
+            )
+        return shape
+
+    def task_vcpus(self, spec: JobSpec) -> float:
+        """The vCPUs one task of ``spec`` occupies: its VM's (its machine type's) when larger than ``vcpus``."""
+        shape = self.machine_shape(spec.options.machine_type)
+        return max(spec.vcpus, shape.vcpus) if shape else spec.vcpus
+
+    def check_parallel(self, spec: JobSpec, tasks_at_once: int) -> None:
+        """SpecError if ``tasks_at_once`` tasks of ``spec`` would hold more than ``max_parallel_vcpus``."""
+        per_task = self.task_vcpus(spec)
+        if tasks_at_once * per_task > self.max_parallel_vcpus:
+            if tasks_at_once == 1:
+                raise SpecError(f"a task of {per_task:g} vCPUs exceeds this deployment's cap of {self.max_parallel_vcpus:g} "
+                                f"vCPUs at once ({cap_flag('max_parallel_vcpus')})")
+            fits = int(self.max_parallel_vcpus // per_task)
+            raise SpecError(
+                f"the pack runs {tasks_at_once} tasks of {per_task:g} vCPUs at once, {tasks_at_once * per_task:g} vCPUs, "
+                f"over this deployment's cap of {self.max_parallel_vcpus:g} ({cap_flag('max_parallel_vcpus')}): set "
+                f"pack_parallelism to at most {fits}, or ask the deployer to raise the cap"
+            )
+
+    def check_pack(self, spec: JobSpec, manifest: PackManifest) -> None:
+        """The pack as a whole (its spec is checked per task by ``check``): its tasks running at
+        once, ``parallelism`` (0: all of them), times each task's vCPUs."""
+        members = len(manifest.members)
+        self.check_parallel(spec, min(manifest.parallelism or members, members))
 
 
 FIELDS = DeploymentSettings.model_fields

@@ -332,7 +332,7 @@ def test_the_deployed_function_imports_without_covalent(tmp_path):
     assert where.startswith(str(source)), "the uploaded copy is what is imported"
     assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "deployment", "errors", "jobs", "protocol",
                                                                                     "protocol.layout", "protocol.spec", "protocol.outcome",
-                                                                                    "protocol.messages")}
+                                                                                    "protocol.messages", "machine_types")}
 
 
 def new_pack(stack, bucket, size: int = 3) -> tuple[str, list[str], protocol.PackManifest]:
@@ -400,3 +400,24 @@ def test_a_cancelled_pack_gets_no_job(function, local_stack, direct_bucket, not_
         get_job(local_stack, pack_id)
     (event,) = [e for e in not_created() if e.job_id == pack_id]
     assert event.state is protocol.JobState.CANCELLED
+
+
+def test_a_pack_over_max_parallel_vcpus_creates_no_job_and_publishes_the_reason(local_stack, monkeypatch, direct_bucket,
+                                                                                 not_created):
+    """Each task is within the per-task caps; the pack as a whole is not: 2 tasks at once x 2 vCPUs
+    over a deployment's --max-parallel-vcpus 3 (issue 23, item 1)."""
+    function = make_function(local_stack, monkeypatch, task_bucket=direct_bucket.name, bucket=direct_bucket.name)
+    monkeypatch.setenv(deployment.env_name("max_parallel_vcpus"), "3")  # read at the first event
+    pack_id, _, manifest = new_pack(local_stack, direct_bucket)  # 3 electrons of 2 vCPUs, parallelism 2
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
+    response = post(function, direct_bucket, protocol.PackObjects(pack_id).manifest, spec_for(local_stack).to_metadata(),
+                    payload=manifest.dumps())
+    assert response.status_code == 200
+    with pytest.raises(exceptions.NotFound):
+        get_job(local_stack, pack_id)
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
+    reason = "the pack runs 2 tasks of 2 vCPUs at once, 4 vCPUs, over this deployment's cap of 3 (--max-parallel-vcpus)"
+    (event,) = [e for e in not_created() if e.job_id == pack_id]
+    assert event.state is protocol.JobState.REJECTED and reason in event.detail, event.detail
+    record = protocol.loads_not_created(direct_bucket.blob(protocol.PackObjects(pack_id).not_created).download_as_bytes())
+    assert record.state is protocol.JobState.REJECTED and "set pack_parallelism to at most 1" in record.reason

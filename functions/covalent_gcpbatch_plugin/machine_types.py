@@ -1,0 +1,1 @@
+../../executor/covalent_gcpbatch_plugin/machine_types.py
