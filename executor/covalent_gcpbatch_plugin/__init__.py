@@ -5,4 +5,15 @@ Kept import-free on purpose: the Cloud Function imports ``protocol``/``deploymen
 ``gcpbatch`` module through the ``covalent.executor.executor_plugins`` entry point.
 """
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str) -> str:
+    # The version is declared once, in pyproject.toml; read back from the installed metadata, on
+    # first use only (the Cloud Function carries this file without the package's metadata).
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("covalent-gcpbatch-plugin")
+        except PackageNotFoundError:
+            return "unknown"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
