@@ -22,7 +22,7 @@ import asyncio
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal  # Literal: the constructor's annotations
 
 import cloudpickle
 from covalent._shared_files import logger
@@ -116,17 +116,50 @@ class Step:
 class GCPBatchExecutor(AsyncBaseExecutor):
     """Run each electron as a Google Cloud Batch job; see the README for every setting."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) > len(settings.SETTING_KEYS):
-            raise TypeError(f"GCPBatchExecutor takes at most {len(settings.SETTING_KEYS)} positional settings")
-        given = dict(zip(settings.SETTING_KEYS, args))
-        for key in settings.SETTING_KEYS:
-            if key in kwargs:
-                if key in given:
-                    raise TypeError(f"GCPBatchExecutor got {key!r} twice")
-                given[key] = kwargs.pop(key)
+    # The header is generated from settings.py (`python -m covalent_gcpbatch_plugin.settings constructor`;
+    # a test keeps it equal): 0.15's positional order, every newer key keyword-only, None = "from the config".
+    def __init__(
+        self,
+        bucket_name: str | None = None,
+        container_image_uri: str | None = None,
+        service_account_email: str | None = None,
+        project_id: str | None = None,
+        region: str | None = None,
+        vcpus: float | None = None,
+        memory: int | None = None,
+        time_limit: int | None = None,
+        poll_freq: float | None = None,
+        retries: int | None = None,
+        cache_dir: str | None = None,
+        *,
+        wait_mode: Literal["events", "poll"] | None = None,
+        pubsub_topic: str | None = None,
+        submit_timeout: float | None = None,
+        queue_timeout: float | None = None,
+        reconcile_interval: float | None = None,
+        pack_window: float | None = None,
+        pack_parallelism: int | None = None,
+        keep_artifacts: bool | None = None,
+        machine_type: str | None = None,
+        provisioning: Literal["STANDARD", "SPOT"] | None = None,
+        accelerator_type: str | None = None,
+        accelerator_count: int | None = None,
+        install_gpu_drivers: bool | None = None,
+        boot_disk_size_gb: int | None = None,
+        labels: dict[str, str] | None = None,
+        network: str | None = None,
+        subnetwork: str | None = None,
+        no_external_ip: bool | None = None,
+        allowed_locations: list[str] | tuple[str, ...] | None = None,
+        task_bucket_name: str | None = None,
+        pubsub_emulator_host: str | None = None,
+        storage_emulator_host: str | None = None,
+        batch_api_endpoint: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        given = {key: value for key, value in locals().items() if key in settings.SETTING_KEYS}
         # `is None`, never `or`: an explicit 0 or False must not be replaced by the config value.
-        values = {key: given[key] if given.get(key) is not None else _configured(key) for key in settings.SETTING_KEYS}
+        values = {key: given[key] if given[key] is not None else _configured(key) for key in settings.SETTING_KEYS}
         checked = settings.validate(values)
         super().__init__(cache_dir=checked.cache_dir, time_limit=checked.time_limit, retries=checked.retries, **kwargs)
         # Attributes in JSON form: Covalent ships the executor to its server as to_dict() (JSON).
@@ -727,5 +760,4 @@ def _configured(key: str) -> Any:
         return _EXECUTOR_PLUGIN_DEFAULTS[key]
 
 
-GCPBatchExecutor.__init__.__signature__ = settings.constructor_signature()  # type: ignore[attr-defined]
 GCPBatchExecutor.__doc__ = f"{GCPBatchExecutor.__doc__}\n\n{settings.parameters_doc()}\n"

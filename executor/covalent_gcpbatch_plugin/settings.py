@@ -3,8 +3,11 @@
 ``ExecutorPluginDefaults`` is the one declaration. Everything else is derived from it:
 
 * the Covalent plugin defaults (``PLUGIN_DEFAULTS``, merged into ``[executors.gcpbatch]``);
-* the executor's constructor signature and the "Parameters" part of its docstring;
-* validation, with the key's name in the error (``validate``);
+* the executor's constructor signature (``constructor_source``: written out in gcpbatch.py, so that
+  IDEs and type checkers see every key; a test keeps it equal) and the "Parameters" part of its docstring;
+* validation, with the key's name in the error (``validate``), and what a configuration written for
+  covalent-gcpbatch-plugin 0.15 must change (``migration_advice``, ``python -m
+  covalent_gcpbatch_plugin.settings check``);
 * the keys a deployment writes into the Covalent config (``DEPLOYMENT_KEYS``: deploy.sh and
   ``covalent-gcpbatch local up``) and the keys a task cannot run without (``REQUIRED_KEYS``);
 * the README's configuration table (``settings_table``; a test keeps the README equal to it).
@@ -20,7 +23,12 @@ Adding a key: declare it here (with its description), then use it.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal, Optional
+import sys
+import typing
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -138,12 +146,17 @@ PLUGIN_DEFAULTS: dict[str, Any] = ExecutorPluginDefaults().model_dump(mode="json
 
 
 def validate(values: dict[str, Any]) -> ExecutorPluginDefaults:
-    """The settings, checked; ConfigError names every offending key and what is accepted."""
+    """The settings, checked; ConfigError names every offending key and what is accepted, and, for a
+    configuration written for 0.15, what to change. Advice that is not an error is a warning."""
+    advice = migration_advice(values)
     try:
-        return ExecutorPluginDefaults(**values)
+        checked = ExecutorPluginDefaults(**values)
     except ValidationError as err:
         problems = "; ".join(_problem(e) for e in err.errors())
-        raise ConfigError(f"invalid GCPBatchExecutor setting: {problems}") from None
+        raise ConfigError(f"invalid GCPBatchExecutor setting: {problems}{_advice_suffix(advice)}") from None
+    if advice:
+        warnings.warn(Migration015Warning(advice_text(advice)), stacklevel=3)
+    return checked
 
 
 def _problem(error: dict) -> str:
@@ -164,17 +177,155 @@ def check_required(values: dict[str, Any]) -> None:
             f"GCPBatchExecutor needs {', '.join(missing)}: pass them to GCPBatchExecutor(...) or set them in the "
             "[executors.gcpbatch] section of the Covalent config (deploy.sh or `covalent-gcpbatch local up` writes it)"
         )
+    # A task of a 0.15 deployment would wait submit_timeout for a job nobody creates: say so now.
+    musts = [item for item in migration_advice(values) if item.must]
+    if musts:
+        raise ConfigError(f"GCPBatchExecutor cannot run this task{_advice_suffix(musts)}")
+
+
+# -- The constructor -------------------------------------------------------------------------------
+
+#: The settings that may be passed positionally: covalent-gcpbatch-plugin 0.15.0's constructor
+#: order (AgnostiqHQ/covalent-gcpbatch-plugin, v0.15.0, gcpbatch.py), so that 0.15 code passing them
+#: positionally keeps its meaning. Every other key is keyword-only.
+POSITIONAL_KEYS: tuple[str, ...] = (
+    "bucket_name", "container_image_uri", "service_account_email", "project_id", "region", "vcpus", "memory",
+    "time_limit", "poll_freq", "retries", "cache_dir",
+)
+KEYWORD_ONLY_KEYS: tuple[str, ...] = tuple(key for key in SETTING_KEYS if key not in POSITIONAL_KEYS)
+
+
+def _annotation_text(key: str) -> str:
+    """The parameter's type as a type checker should see it (what the check accepts, or None)."""
+    annotation = FIELDS[key].annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        text = f"Literal[{', '.join(repr(a).replace(chr(39), chr(34)) for a in args)}]"
+    elif origin is tuple:  # allowed_locations: a TOML list or a tuple
+        text = f"list[{args[0].__name__}] | tuple[{args[0].__name__}, ...]"
+    elif origin is dict:
+        text = f"dict[{args[0].__name__}, {args[1].__name__}]"
+    else:
+        text = annotation.__name__
+    return f"{text} | None"
+
+
+def constructor_source(indent: str = "    ") -> str:
+    """``GCPBatchExecutor.__init__``'s header as gcpbatch.py spells it (a test keeps them equal):
+    0.15's positional keys, then every other key keyword-only, each ``None`` ("from the config")."""
+    lines = [f"{indent}def __init__(", f"{indent * 2}self,"]
+    lines += [f"{indent * 2}{key}: {_annotation_text(key)} = None," for key in POSITIONAL_KEYS]
+    lines.append(f"{indent * 2}*,")
+    lines += [f"{indent * 2}{key}: {_annotation_text(key)} = None," for key in KEYWORD_ONLY_KEYS]
+    lines += [f"{indent * 2}**kwargs: Any,", f"{indent}) -> None:"]
+    return "\n".join(lines)
 
 
 def constructor_signature() -> inspect.Signature:
-    """``GCPBatchExecutor(self, <every key>=None, ..., **kwargs)``: None means "from the config"."""
+    """What ``inspect.signature(GCPBatchExecutor)`` shows (annotations aside)."""
+    kinds = {inspect.Parameter.POSITIONAL_OR_KEYWORD: POSITIONAL_KEYS, inspect.Parameter.KEYWORD_ONLY: KEYWORD_ONLY_KEYS}
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    parameters += [
-        inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[FIELDS[key].annotation])
-        for key in SETTING_KEYS
-    ]
+    parameters += [inspect.Parameter(key, kind, default=None) for kind, keys in kinds.items() for key in keys]
     parameters.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
     return inspect.Signature(parameters)
+
+
+# -- Coming from 0.15 ------------------------------------------------------------------------------
+
+#: What covalent-gcpbatch-plugin 0.15.0 declared as its defaults (its ExecutorPluginDefaults), which
+#: Covalent wrote into [executors.gcpbatch] when 0.15 was installed; they stay there after an upgrade.
+V015_DEFAULTS: dict[str, Any] = {
+    "bucket_name": "", "container_image_uri": "", "service_account_email": "", "project_id": "", "region": "",
+    "vcpus": 2, "memory": 512, "time_limit": 300, "poll_freq": 5, "retries": 3, "cache_dir": "/tmp/covalent",
+}
+#: Keys of 0.15's `covalent deploy` output that this version does not read (passed on, ignored).
+V015_ONLY_KEYS = ("key_path", "covalent_package_version")
+#: The one command that creates what the event-driven design needs (and rewrites the section).
+DEPLOY_COMMAND = "covalent deploy up gcpbatch --project_id=<your project> --region=<region>"
+
+
+class Migration015Warning(UserWarning):
+    """The configuration still holds 0.15 values that this version reads differently."""
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One change a 0.15 configuration needs: ``must`` if the executor refuses it (or cannot run)."""
+
+    key: str
+    must: bool
+    text: str
+
+
+def written_by_015(section: Mapping[str, Any]) -> bool:
+    """0.15 wrote this section: values only 0.15 writes (its region and cache_dir defaults, its
+    deploy keys), and nothing this version's deployments write (``task_bucket_name``, emulators)."""
+    ours = any(section.get(key) for key in ("task_bucket_name", "pubsub_emulator_host", "storage_emulator_host",
+                                              "batch_api_endpoint"))
+    theirs = (section.get("region") == V015_DEFAULTS["region"] or section.get("cache_dir") == V015_DEFAULTS["cache_dir"]
+              or any(key in section for key in V015_ONLY_KEYS))
+    return theirs and not ours
+
+
+def migration_advice(section: Mapping[str, Any]) -> list[Advice]:
+    """What a configuration written for 0.15 (``section``: the [executors.gcpbatch] values, or the
+    executor's) must or should change, each with the exact line to write; empty for any other."""
+    if not written_by_015(section):
+        return []
+    advice = []
+    if section.get("region") == "":
+        advice.append(Advice("region", True, 'region = "" (0.15\'s default) is refused: set your deployment\'s region, '
+                                             'e.g. region = "us-east1" (`covalent deploy up gcpbatch` writes it)'))
+    advice.append(Advice(
+        "container_image_uri", True,
+        "0.15's deployment lacks what this version needs: the Cloud Function that creates the Batch jobs, its storage "
+        "trigger (with a task bucket of its own), the Pub/Sub topic the jobs report to, and a worker image built for "
+        f"this version (0.15's image cannot run its tasks). Create them with `{DEPLOY_COMMAND}`, which rewrites "
+        "[executors.gcpbatch] (project_id, region, bucket_name, task_bucket_name, container_image_uri, "
+        "service_account_email, pubsub_topic), then `covalent restart`"))
+    if section.get("cache_dir") == V015_DEFAULTS["cache_dir"]:
+        advice.append(Advice("cache_dir", False,
+                             'cache_dir = "/tmp/covalent" (0.15\'s default) is shared by every user of the machine; '
+                             'write cache_dir = "" for a private per-user directory (one that is not private to you is '
+                             "refused when a task runs)"))
+    if section.get("memory") == V015_DEFAULTS["memory"]:
+        advice.append(Advice("memory", False,
+                             f"memory = 512 is 0.15's default (its documentation said 256); this version's default is "
+                             f"{PLUGIN_DEFAULTS['memory']} MiB: keep 512 if your tasks need it, or delete the line"))
+    if section.get("poll_freq") is not None and section.get("wait_mode", "events") == "events":
+        advice.append(Advice("poll_freq", False,
+                             'poll_freq is not used by the default event-driven wait (wait_mode = "events"); it applies '
+                             'only with wait_mode = "poll". Delete it, or keep it for polling'))
+    for key in V015_ONLY_KEYS:
+        if key in section:
+            advice.append(Advice(key, False, f"{key} is a 0.15 key this version ignores: delete it"))
+    return advice
+
+
+def advice_text(advice: list[Advice]) -> str:
+    lines = ["[executors.gcpbatch] was written for covalent-gcpbatch-plugin 0.15 (README \"Migrating from 0.15\"):"]
+    lines += [f"- {'must change' if item.must else 'check'} {item.key}: {item.text}" for item in advice]
+    return "\n".join(lines)
+
+
+def _advice_suffix(advice: list[Advice]) -> str:
+    musts = [item for item in advice if item.must]
+    if not musts:
+        return ""
+    return (f". {advice_text(musts)}\n(`python -m covalent_gcpbatch_plugin.settings check` lists every change, "
+            "the optional ones too)")
+
+
+def check_config(section: Mapping[str, Any] | None = None) -> list[Advice]:
+    """The advice for the Covalent config's [executors.gcpbatch] section (or ``section``)."""
+    if section is None:
+        from covalent._shared_files.config import get_config
+
+        try:
+            section = get_config("executors.gcpbatch")
+        except KeyError:
+            section = {}
+    return migration_advice(section)
 
 
 def _default_text(key: str) -> str:
@@ -206,5 +357,24 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
+def main(argv: list[str]) -> int:
+    """``python -m covalent_gcpbatch_plugin.settings [table|constructor|check]``: the README's table
+    (default), gcpbatch.py's constructor header, or the 0.15 check of the Covalent config (exit 1
+    when something must change)."""
+    command = argv[0] if argv else "table"
+    if command == "table":
+        print(settings_table())
+    elif command == "constructor":
+        print(constructor_source())
+    elif command == "check":
+        advice = check_config()
+        print(advice_text(advice) if advice else "[executors.gcpbatch]: nothing to change for this version")
+        return 1 if any(item.must for item in advice) else 0
+    else:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":  # python -m covalent_gcpbatch_plugin.settings > the README's table
-    print(settings_table())
+    sys.exit(main(sys.argv[1:]))

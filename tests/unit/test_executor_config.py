@@ -45,8 +45,11 @@ def test_readme_table_is_the_settings_model():
 
 def test_constructor_defaults_and_docstring_follow_the_model():
     parameters = inspect.signature(GCPBatchExecutor).parameters
-    assert [name for name in parameters if name != "kwargs"] == list(settings.SETTING_KEYS)
+    assert [name for name in parameters if name != "kwargs"] == list(settings.POSITIONAL_KEYS + settings.KEYWORD_ONLY_KEYS)
+    assert set(settings.POSITIONAL_KEYS + settings.KEYWORD_ONLY_KEYS) == set(settings.SETTING_KEYS)
     assert all(parameters[key].default is None for key in settings.SETTING_KEYS)
+    shape = [(p.name, p.kind, p.default) for p in inspect.signature(GCPBatchExecutor.__init__).parameters.values()]
+    assert shape == [(p.name, p.kind, p.default) for p in settings.constructor_signature().parameters.values()]
     assert gcpbatch._EXECUTOR_PLUGIN_DEFAULTS == settings.ExecutorPluginDefaults().model_dump(mode="json")
     assert set(gcpbatch._EXECUTOR_PLUGIN_DEFAULTS) == set(settings.SETTING_KEYS)
     for key in settings.SETTING_KEYS:
@@ -54,11 +57,26 @@ def test_constructor_defaults_and_docstring_follow_the_model():
     assert settings.REQUIRED_KEYS == ("project_id", "bucket_name", "container_image_uri")
 
 
-def test_positional_settings_keep_working():
-    executor = GCPBatchExecutor("p", "europe-west4")
-    assert (executor.project_id, executor.region) == ("p", "europe-west4")
-    with pytest.raises(TypeError, match="twice"):
-        GCPBatchExecutor("p", project_id="q")
+def test_the_constructor_declares_every_key_for_type_checkers():
+    """IDEs and type checkers read gcpbatch.py's source, not the runtime signature: its header is
+    the generated one (regenerate: python -m covalent_gcpbatch_plugin.settings constructor)."""
+    source = Path(gcpbatch.__file__).read_text()
+    assert settings.constructor_source() in source, "gcpbatch.py's constructor differs from settings.py: regenerate it"
+    assert "__signature__" not in source, "the signature is the source's own"
+
+
+def test_positional_settings_keep_0_15s_order():
+    """0.15 code passing settings positionally means the same here (0.15.0's __init__ order)."""
+    executor = GCPBatchExecutor("my-bucket", "my-image", "sa@p.iam.gserviceaccount.com", "my-project", "europe-west4",
+                                4, 1024, 600, 3, 1, "")
+    assert (executor.bucket_name, executor.container_image_uri, executor.service_account_email, executor.project_id,
+            executor.region, executor.vcpus, executor.memory, executor.time_limit, executor.poll_freq,
+            executor.retries) == ("my-bucket", "my-image", "sa@p.iam.gserviceaccount.com", "my-project",
+                                  "europe-west4", 4, 1024, 600, 3, 1)
+    with pytest.raises(TypeError, match="multiple values for argument 'bucket_name'"):
+        GCPBatchExecutor("b", bucket_name="q")
+    with pytest.raises(TypeError, match="positional"):  # newer keys are keyword-only
+        GCPBatchExecutor("b", "i", "s", "p", "r", 2, 256, 300, 5, 3, "", "events")
 
 
 def test_plugin_registration_names():
@@ -176,3 +194,65 @@ def test_a_result_that_could_not_be_stored_is_explained():
         task_execution=batch_v1.TaskExecution(exit_code=protocol.EXIT_UPLOAD_FAILED))]))
     text = waiting.explain_job_failure("cov-x-0-abcd", gcpbatch.JobState.FAILED, job)
     assert "exit code 12: the task ran, but its result could not be stored in the bucket" in text
+
+
+# -- Coming from 0.15 ------------------------------------------------------------------------------
+
+#: [executors.gcpbatch] as 0.15.0 left it: its defaults (merged by Covalent), the user's values, and
+#: what its `covalent deploy` wrote.
+SECTION_015 = {**settings.V015_DEFAULTS, "project_id": "my-project", "bucket_name": "my-bucket",
+               "container_image_uri": "us-docker.pkg.dev/my-project/covalent/executor:0.15",
+               "service_account_email": "sa@my-project.iam.gserviceaccount.com"}
+
+
+def test_a_0_15_config_is_told_exactly_what_to_change():
+    advice = {item.key: item for item in settings.migration_advice({**SECTION_015, "key_path": "/k.json"})}
+    assert list(advice) == ["region", "container_image_uri", "cache_dir", "memory", "poll_freq", "key_path"]
+    assert [key for key, item in advice.items() if item.must] == ["region", "container_image_uri"]
+    assert 'region = "us-east1"' in advice["region"].text
+    assert settings.DEPLOY_COMMAND in advice["container_image_uri"].text
+    for needed in ("Cloud Function", "trigger", "topic", "worker image"):
+        assert needed in advice["container_image_uri"].text
+    assert 'cache_dir = ""' in advice["cache_dir"].text
+    assert "256" in advice["memory"].text and 'wait_mode = "poll"' in advice["poll_freq"].text
+
+
+@pytest.mark.parametrize("section", [
+    settings.PLUGIN_DEFAULTS,  # a fresh install: Covalent merged this version's defaults
+    {**SECTION_015, "region": "us-east1", "task_bucket_name": "p-tasks"},  # deployed by this version since
+    {**settings.PLUGIN_DEFAULTS, "pubsub_emulator_host": "127.0.0.1:8085", "cache_dir": "/tmp/covalent"},  # local up
+])
+def test_other_configs_get_no_advice(section):
+    assert settings.migration_advice(section) == []
+
+
+def test_a_0_15_config_fails_at_construction_with_the_changes(section):
+    """Covalent builds the executor from the section (cls(**config)): 0.15's region = "" is refused,
+    and the error says what else must change, with the command."""
+    section(**SECTION_015)
+    with pytest.raises(ConfigError) as info:
+        GCPBatchExecutor()
+    message = str(info.value)
+    assert "region: String should have at least 1 character (got '')" in message
+    assert "written for covalent-gcpbatch-plugin 0.15" in message and settings.DEPLOY_COMMAND in message
+    assert "python -m covalent_gcpbatch_plugin.settings check" in message
+
+
+def test_a_0_15_deployment_warns_and_its_task_fails_at_once_saying_why(section):
+    """0.15's `covalent deploy` wrote a region: the executor builds, warns, and a task fails before
+    its upload (not after submit_timeout, waiting for a job no function creates)."""
+    section(**{**SECTION_015, "region": "us-east1"})
+    with pytest.warns(settings.Migration015Warning, match="check cache_dir"):
+        executor = GCPBatchExecutor()
+    with pytest.raises(ConfigError, match="must change container_image_uri: .*covalent deploy up gcpbatch"):
+        executor._check_required()
+
+
+def test_the_check_command_reads_the_covalent_config(section, capsys):
+    section(**SECTION_015)
+    assert settings.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "must change region" in out and "check memory" in out
+    section(**{**SECTION_015, "region": "us-east1", "cache_dir": "", "task_bucket_name": "p-tasks"})
+    assert settings.main(["check"]) == 0
+    assert "nothing to change" in capsys.readouterr().out
