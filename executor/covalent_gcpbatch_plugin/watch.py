@@ -1,4 +1,5 @@
-"""Watching tasks: ``covalent-gcpbatch logs``, ``jobs`` and ``cost`` (cli.py parses, this reads).
+"""Watching tasks: ``covalent-gcpbatch logs``, ``jobs`` and ``cost`` (this reads and returns the
+data; cli.py parses the command line and draws it, as tables or JSON).
 
 Everything comes from the deployment the Covalent config points at (``[executors.gcpbatch]``, as
 the executor reads it): the task objects in its bucket (a task's job id starts
@@ -51,8 +52,8 @@ class Deployment:
         section = {**PLUGIN_DEFAULTS, **covalent_config.read_executor_section()}
         missing = [k for k in ("project_id", "bucket_name") if not section.get(k)]
         if missing:
-            raise ConfigError(f"[executors.gcpbatch] has no {', '.join(missing)}: run ./deploy.sh up (or "
-                              "covalent deploy up gcpbatch, or covalent-gcpbatch local up) first")
+            raise ConfigError(f"[executors.gcpbatch] has no {', '.join(missing)}: run covalent-gcpbatch deploy up "
+                              "(or covalent deploy up gcpbatch, or covalent-gcpbatch local up) first")
         return cls(section["project_id"], section["region"], section["bucket_name"],
                    section.get("storage_emulator_host") or "", section.get("batch_api_endpoint") or "",
                    section.get("task_bucket_name") or "")
@@ -242,22 +243,36 @@ def ask_on_terminal(prompt: str) -> str | None:
         return None
 
 
+def job_rows(found: Iterable[batch_v1.Job]) -> list[dict]:
+    """What ``jobs`` lists of each job (the CLI draws it as a table, or prints it as JSON)."""
+    now = datetime.now(timezone.utc)
+    return [{"job": job.name.rsplit("/", 1)[-1], "state": usage.state_name(job.status.state),
+             "dispatch_id": job.labels.get("covalent-dispatch-id", ""), "node_id": job.labels.get("covalent-node-id", ""),
+             "age_s": round((now - job.create_time).total_seconds(), 1), "age": _age(job),
+             "vm_s": round(usage.vm_seconds(job), 1)} for job in found]  # fmt: skip
+
+
 def jobs(dispatch_id: str | None, cancel: bool, out: TextIO = sys.stdout,
          status_of: Callable[[str], tuple[str, str]] = dispatch_status, *, force: bool = False, yes: bool = False,
-         ask: Callable[[str], str | None] = ask_on_terminal) -> int:
-    """List this deployment's jobs; with ``cancel``, cancel the active ones no Covalent server
-    waits for (a server that says their dispatch ended; with ``force`` also those of a dispatch it
-    does not know, or when it does not answer), after asking (``ask``; ``yes``: without asking).
-    1 if it was asked to cancel and did not (not confirmed, or nobody to ask)."""
+         ask: Callable[[str], str | None] = ask_on_terminal, show: Callable[[list[dict]], object] | None = None) -> int:
+    """List this deployment's jobs (``show`` gets their job_rows); with ``cancel``, cancel the
+    active ones no Covalent server waits for (cancel_orphans)."""
     deployment = Deployment.from_config()
     found = dispatch_jobs(deployment, dispatch_id)
-    print(f"{'JOB':<36} {'STATE':<24} {'DISPATCH':<38} {'NODE':>5} {'AGE':>9} {'VM':>9}", file=out)
-    for job in found:
-        vm, state = usage.vm_seconds(job), usage.state_name(job.status.state)
-        print(f"{job.name.rsplit('/', 1)[-1]:<36} {state:<24} {job.labels.get('covalent-dispatch-id', ''):<38} "
-              f"{job.labels.get('covalent-node-id', ''):>5} {_age(job):>9} {vm:>8.0f}s", file=out)
+    if show is not None:
+        show(job_rows(found))
     if not cancel:
         return 0
+    return cancel_orphans(deployment, found, out, status_of, force=force, yes=yes, ask=ask)
+
+
+def cancel_orphans(deployment: Deployment, found: list[batch_v1.Job], out: TextIO = sys.stdout,
+                   status_of: Callable[[str], tuple[str, str]] = dispatch_status, *, force: bool = False,
+                   yes: bool = False, ask: Callable[[str], str | None] = ask_on_terminal) -> int:
+    """Cancel the active jobs of ``found`` no Covalent server waits for (a server that says their
+    dispatch ended; with ``force`` also those of a dispatch it does not know, or when it does not
+    answer), after asking (``ask``; ``yes``: without asking). 1 if it was asked to cancel and did
+    not (not confirmed, or nobody to ask)."""
     active = [j for j in found
               if usage.state_name(j.status.state) not in (*TERMINAL, "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS")]
     if not active:
@@ -298,20 +313,22 @@ def jobs(dispatch_id: str | None, cancel: bool, out: TextIO = sys.stdout,
     return 0
 
 
-def cost(dispatch_id: str, prices_file: str | None, out: TextIO = sys.stdout) -> int:
+def cost_report(dispatch_id: str, prices_file: str | None) -> dict:
+    """VM time and an on-demand estimate of a dispatch's jobs (the CLI draws it as a table, or
+    prints it as JSON); ``jobs`` is empty when Batch has none of the dispatch."""
     deployment = Deployment.from_config()
     prices = usage.load_prices(prices_file)
-    found = dispatch_jobs(deployment, dispatch_id)
-    if not found:
-        print(f"No Batch job of dispatch {dispatch_id} in {deployment.project_id} ({deployment.region}).", file=out)
-        return 1
-    total_vm = total_billed = total_usd = 0.0
-    for job in found:
+    rows = []
+    for job in dispatch_jobs(deployment, dispatch_id):
         used = usage.usage_of(job)
-        print(usage.summary(used, prices), file=out)
-        total_vm += used.vm_seconds
-        total_billed += used.billed_seconds
-        total_usd += usage.estimate(used, prices)
-    print(f"dispatch {dispatch_id}: {len(found)} job(s), VM-seconds {total_vm:.1f} (billed {total_billed:.0f}), "
-          f"about ${total_usd:.4f} on demand (estimate: list prices, no discounts, disks or network)", file=out)
-    return 0
+        h = used.hours()
+        rows.append({"job": used.job_id, "state": used.state, "machine_family": used.machine_family,
+                     "vcpus": used.vcpus, "memory_gib": used.memory_gib, "gpus": used.gpus, "gpu_type": used.gpu_type,
+                     "vm_s": round(used.vm_seconds, 1), "billed_s": round(used.billed_seconds),
+                     "vcpu_hours": round(h["vcpu_hours"], 6), "memory_gib_hours": round(h["memory_gib_hours"], 6),
+                     "gpu_hours": round(h.get("gpu_hours", 0.0), 6), "usd": round(usage.estimate(used, prices), 6),
+                     "summary": usage.summary(used, prices)})  # fmt: skip
+    return {"dispatch_id": dispatch_id, "project_id": deployment.project_id, "region": deployment.region,
+            "jobs": rows, "vm_s": round(sum(r["vm_s"] for r in rows), 1), "billed_s": sum(r["billed_s"] for r in rows),
+            "usd": round(sum(r["usd"] for r in rows), 6),
+            "note": "estimate: list prices, no discounts, disks or network"}  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import subprocess
 import sys
@@ -75,10 +76,13 @@ def test_output_jobs_and_cost_while_a_task_runs(covalent_server, local_stack):
     try:
         assert first_tick.wait(60), f"no output while the task ran: {lines} {follow.stderr.read() if follow.poll() is not None else ''}"
         assert "SUCCEEDED" not in state_at_first_tick[0], "the first line arrived before the task ended"
-        listed = cli("jobs", dispatch_id)
+        listed = cli("jobs", dispatch_id, "--json")
         assert listed.returncode == 0, listed.stderr
-        (row,) = [line for line in listed.stdout.splitlines() if line.startswith(job_id)]
-        assert "RUNNING" in row and " 0 " in f" {row.split()[3]} "
+        (row,) = [row for row in json.loads(listed.stdout) if row["job"] == job_id]
+        assert row["state"] == "RUNNING" and row["node_id"] == "0" and row["dispatch_id"] == dispatch_id
+        table = cli("jobs", dispatch_id)  # the same, drawn: one line per job
+        (line,) = [line for line in table.stdout.splitlines() if line.startswith(job_id)]
+        assert line.split()[1:4] == ["RUNNING", dispatch_id, "0"], table.stdout
         assert follow.wait(90) == 0, follow.stderr.read()
     finally:
         if follow.poll() is None:
@@ -91,14 +95,18 @@ def test_output_jobs_and_cost_while_a_task_runs(covalent_server, local_stack):
     assert str(result.status) == "COMPLETED" and result.result == "done"
 
     # cost: the VM-seconds of the job's status events, against the service's own clock
-    report = cli("cost", dispatch_id)
+    report = cli("cost", dispatch_id, "--json")
     assert report.returncode == 0, report.stderr
-    vm = float(re.search(rf"job {job_id} SUCCEEDED: VM ([0-9.]+) s \(billed (\d+) s\)", report.stdout).group(1))
+    (used,) = json.loads(report.stdout)["jobs"]
+    assert used["job"] == job_id and used["state"] == "SUCCEEDED"
+    vm = used["vm_s"]
     times = batch_admin(local_stack, "stats")["jobs"][job_id]
     measured = times["SUCCEEDED"] - times["SCHEDULED"]
     assert measured >= TICKS and abs(vm - measured) <= 0.1 * measured, (vm, measured)
-    assert "billed 60 s" in report.stdout, "a VM is billed at least a minute"
-    assert "on demand" in report.stdout
+    assert used["billed_s"] == 60, "a VM is billed at least a minute"
+    drawn = cli("cost", dispatch_id)
+    assert drawn.returncode == 0 and job_id in drawn.stdout and "(billed 60), about $" in drawn.stdout, drawn.stdout
+    assert "on demand" in drawn.stdout
 
 
 def test_logs_without_follow_and_of_an_unknown_dispatch(local_stack):
@@ -198,9 +206,9 @@ def test_jobs_asks_batch_for_this_deployments_jobs_of_the_dispatch(local_stack):
         sent = (f'labels."created-by" = "covalent-gcpbatch" AND labels."covalent-deployment" = "{local_stack.bucket_name}" '
                 f'AND labels."covalent-dispatch-id" = "{dispatch}"')
         before = batch_admin(local_stack, "stats")
-        out = io.StringIO()
-        assert watch.jobs(dispatch, cancel=False, out=out) == 0
-        assert [row.split()[0] for row in out.getvalue().splitlines()[1:]] == [mine.rsplit("/", 1)[-1]], out.getvalue()
+        rows: list[dict] = []
+        assert watch.jobs(dispatch, cancel=False, out=io.StringIO(), show=rows.extend) == 0
+        assert [row["job"] for row in rows] == [mine.rsplit("/", 1)[-1]], rows
         after = batch_admin(local_stack, "stats")
         assert after["calls"]["list"] == before["calls"]["list"] + 1
         assert after["list_filters"].get(sent, 0) == before["list_filters"].get(sent, 0) + 1, after["list_filters"]
@@ -268,9 +276,9 @@ def test_jobs_lists_and_cancels_only_this_deployments_jobs(covalent_server, loca
     dispatch = str(uuid.uuid4())
     with held_jobs(local_stack, this_deployments(local_stack, dispatch),
                    this_deployments(local_stack, dispatch, bucket="another-deployments-bucket")) as (mine, theirs):
-        listed = cli("jobs", dispatch)
+        listed = cli("jobs", dispatch, "--json")
         assert listed.returncode == 0, listed.stderr
-        assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == [short(mine)], listed.stdout
+        assert [row["job"] for row in json.loads(listed.stdout)] == [short(mine)], listed.stdout
         everything = cli("jobs")
         assert short(mine) in everything.stdout and short(theirs) not in everything.stdout, everything.stdout
 

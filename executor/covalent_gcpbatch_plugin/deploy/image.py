@@ -48,18 +48,18 @@ def stage_context(dest: Path, requirements: Path | None = None) -> str:
     from ..local import worker_env
 
     if not worker_env.available():
-        raise DeployError(f"{worker_env.DOCKERFILE} not found: run deploy.sh from a source checkout")
-    root = worker_env.REPO_ROOT
+        raise DeployError(f"{worker_env.DOCKERFILE} not found: this installation does not carry the worker image's sources")
     if dest.exists():
         shutil.rmtree(dest)
     sources = [DOCKERFILE]
     for argument in worker_env.parse_dockerfile()[0].all("COPY"):
         sources += worker_env.copy_sources(argument, {})[0]
-    for source in sources:
-        for path in context_files(root / source):
-            target = dest / path.relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+    with worker_env.build_context() as root:  # the checkout, or the installed package's sources
+        for source in sources:
+            for path in context_files(root / source):
+                target = dest / path.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
     if requirements is not None:
         if not requirements.is_file():
             raise DeployError(f"--requirements {requirements}: no such file")

@@ -10,8 +10,10 @@ versions). The Dockerfile is the one list of what the image holds.
 
 Built environments are cached by a digest of everything that goes into them (the Dockerfile, the
 files it copies, the build arguments), under ``~/.cache/covalent-gcpbatch/worker-envs/``; a build
-takes about half a minute on a warm pip cache. Only a source checkout has ``worker_image/``:
-``available()`` says whether this installation can build one.
+takes about half a minute on a warm pip cache. The sources come from the checkout, or in an
+installed wheel from the package itself: its ``assets/source`` (worker_image/, functions/,
+pyproject.toml, README.md, copied into the wheel) and the installed package as ``executor/``
+(``build_context()``). ``available()`` says whether this installation has the Dockerfile.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -33,9 +37,19 @@ from filelock import FileLock
 
 from ..errors import StackError
 
-#: The repository root of a source checkout (executor/covalent_gcpbatch_plugin/local/ is 3 below).
+#: The installed package, and the repository root of a source checkout (the package is
+#: executor/covalent_gcpbatch_plugin/ there).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = Path(__file__).resolve().parents[3]
-DOCKERFILE = REPO_ROOT / "worker_image" / "Dockerfile"
+#: What the wheel carries of the repository (links into it in a checkout): worker_image/, functions/...
+PACKAGED_SOURCES = PACKAGE_DIR / "assets" / "source"
+#: A source checkout: the package is its executor/covalent_gcpbatch_plugin.
+CHECKOUT = (REPO_ROOT / "worker_image" / "Dockerfile").is_file() and (
+    (REPO_ROOT / "executor" / PACKAGE_DIR.name).resolve() == PACKAGE_DIR)
+DOCKERFILE = (REPO_ROOT if CHECKOUT else PACKAGED_SOURCES) / "worker_image" / "Dockerfile"
+#: The build context's top-level entries outside a checkout: name -> where it is in the installation.
+INSTALLED_CONTEXT = {"worker_image": "worker_image", "functions": "functions", "pyproject.toml": "pyproject.toml",
+                     "README.md": "README.md"}
 #: .dockerignore keeps these out of the build context (``assets``: what ``covalent deploy`` uses,
 #: Terraform's working files among them; the worker never deploys).
 IGNORED_PARTS = ("__pycache__", ".pytest_cache", ".mypy_cache", "assets")
@@ -134,8 +148,31 @@ def pip_install_args(run: str, root: Path, values: Mapping[str, str]) -> list[st
     return [str(root / w.lstrip("/")) if w.startswith("/") and (root / w.lstrip("/")).exists() else w for w in words[2:]]
 
 
-def digest(context: Path = REPO_ROOT, dockerfile: Path = DOCKERFILE, values: Mapping[str, str] | None = None) -> str:
+@contextmanager
+def build_context() -> Iterator[Path]:
+    """The worker image's build context (the repository root's layout): the checkout itself, or
+    outside one a scratch directory of links to the installed package's sources (``executor/``
+    linking to the package, whose ``assets`` every walk skips), removed afterwards."""
+    if CHECKOUT:
+        yield REPO_ROOT
+        return
+    if not DOCKERFILE.is_file():
+        raise StackError(f"{DOCKERFILE} not found: this installation does not carry the worker image's sources")
+    with tempfile.TemporaryDirectory(prefix="covalent-gcpbatch-context-") as scratch:
+        context = Path(scratch)
+        for name, source in INSTALLED_CONTEXT.items():
+            if (PACKAGED_SOURCES / source).exists():
+                (context / name).symlink_to(PACKAGED_SOURCES / source)
+        (context / "executor").mkdir()
+        (context / "executor" / PACKAGE_DIR.name).symlink_to(PACKAGE_DIR, target_is_directory=True)
+        yield context
+
+
+def digest(context: Path | None = None, dockerfile: Path = DOCKERFILE, values: Mapping[str, str] | None = None) -> str:
     """Of everything an environment is built from: the Dockerfile, what it copies, the build args."""
+    if context is None:
+        with build_context() as context:
+            return digest(context, dockerfile, values)
     values = build_args() if values is None else values
     h = hashlib.sha256(dockerfile.read_bytes())
     for key in sorted(values):
@@ -150,10 +187,13 @@ def digest(context: Path = REPO_ROOT, dockerfile: Path = DOCKERFILE, values: Map
     return h.hexdigest()[:16]
 
 
-def build(env_dir: Path, *, context: Path = REPO_ROOT, dockerfile: Path = DOCKERFILE,
+def build(env_dir: Path, *, context: Path | None = None, dockerfile: Path = DOCKERFILE,
           values: Mapping[str, str] | None = None) -> int:
     """Build the environment into ``env_dir`` (``RUN python -m venv /opt/venv``, then the build
     stage's COPY and ``pip install`` lines in order). Returns the number of pip installs run."""
+    if context is None:
+        with build_context() as context:
+            return build(env_dir, context=context, dockerfile=dockerfile, values=values)
     values = build_args() if values is None else values
     build_stage = parse_dockerfile(dockerfile)[0]
     root = env_dir.parent / f"{env_dir.name}.root"
@@ -186,14 +226,14 @@ def cache_dir() -> Path:
 
 
 def available() -> bool:
-    """Whether this installation is a source checkout with the worker image's Dockerfile."""
+    """Whether this installation has the worker image's Dockerfile (a checkout, or a wheel's assets)."""
     return DOCKERFILE.is_file()
 
 
 def ensure(cache: Path | None = None) -> Path:
     """The python of a worker environment for this checkout and interpreter, built if not cached."""
     if not available():
-        raise StackError(f"{DOCKERFILE} not found: the worker environment is built from a source checkout")
+        raise StackError(f"{DOCKERFILE} not found: this installation does not carry the worker image's sources")
     cache = cache_dir() if cache is None else cache
     cache.mkdir(parents=True, exist_ok=True)
     env_dir = cache / digest()
