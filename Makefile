@@ -28,7 +28,7 @@ faults: $(STAMP)
 	PYTHONPATH=tests/support $(PY) -m pytest -p faults_report tests/stack/test_faults.py tests/stack/test_worker.py -q
 
 # Event-driven against polling on the local stack, then packing and per-electron overhead through
-# Covalent (README "Performance"): 27 minutes on a 2-core machine, bounded by --budget-s;
+# Covalent (docs/performance.md): 27 minutes on a 2-core machine, bounded by --budget-s;
 # writes bench/results/<date>.json and .png files and prints the tables. Not part of `make test`.
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--smoke` (python -m bench --help).
 BENCH_ARGS ?=

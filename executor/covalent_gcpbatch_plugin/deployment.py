@@ -3,7 +3,7 @@
 The function reads them from its environment (``GCPBATCH_<FIELD>``, set by deploy.sh or
 ``covalent-gcpbatch local up``: pydantic-settings, ``DeploymentSettings.from_env``) and checks every
 uploaded job spec against them (``check``). The caps (``CAP_FIELDS``) are also deploy.sh's flags
-(``--max-vcpus``...: ``cap_flag``) and the README's "Deployment caps" table (``caps_table``); tests
+(``--max-vcpus``...: ``cap_flag``) and the "Deployment caps" table of docs/deploy.md (``caps_table``); tests
 keep both equal to this declaration.
 
 Imported by the Cloud Function (``functions/`` links it) and by the job builder; never by the
@@ -204,7 +204,7 @@ class DeploymentSettings(BaseSettings):
 
 
 FIELDS = DeploymentSettings.model_fields
-#: The limits a deployment puts on tasks: deploy.sh flags, README rows.
+#: The limits a deployment puts on tasks: deploy.sh flags, docs/deploy.md rows.
 CAP_FIELDS = tuple(name for name, field in FIELDS.items() if (field.json_schema_extra or {}).get("cap"))
 
 
@@ -220,7 +220,7 @@ def cap_flag(field: str) -> str:
 
 
 def caps_table() -> str:
-    """The README's "Deployment caps" table."""
+    """The "Deployment caps" table of docs/deploy.md."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for name in CAP_FIELDS:
         default = FIELDS[name].default
@@ -229,5 +229,5 @@ def caps_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m covalent_gcpbatch_plugin.deployment > the README's caps table
+if __name__ == "__main__":  # python -m covalent_gcpbatch_plugin.deployment > docs/deploy.md's caps table
     print(caps_table())

@@ -1,7 +1,7 @@
 """Packing: electrons that reach ``run()`` together with the same job spec run as ONE Batch job
 (a pack), one task each, instead of one job (and one VM boot, one admission) per electron.
 
-Batch admits about one job every 2 s and boots a VM per job in about 90 s (README "Performance");
+Batch admits about one job every 2 s and boots a VM per job in about 90 s (docs/performance.md);
 a pack is admitted once and its VMs run task after task (``pack_parallelism`` at once). Each
 electron keeps its own objects, its own task (``BATCH_TASK_INDEX``), its own retries and time
 limit, and ends with its own task-level notification.

@@ -105,7 +105,7 @@ class _TaskSettings(BaseModel):
         description="Packing: electrons whose job specs are equal (but for the node) and whose `run()` calls come "
                     "while a fan-out is being handed over run as ONE Batch job, one task each (one admission, VMs reused "
                     "task after task). A lone electron waits this many seconds for company, no longer; once a second "
-                    "came, the pack follows the hand-over's pace (README \"Packing\") and closes "
+                    "came, the pack follows the hand-over's pace (docs/design.md \"Packing\") and closes "
                     f"{MAX_WAIT_S:g} s after its first electron at the latest. `0` turns packing off.")
     pack_parallelism: int = Field(
         0, ge=0, le=MAX_PARALLELISM, strict=True,

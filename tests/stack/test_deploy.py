@@ -155,7 +155,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert "--retry" in argv, "the function answers 500 on transient errors and relies on redelivery"
     env = {key: json.loads(value) for key, _, value in
            (line.partition(": ") for line in deploy["files"]["--env-vars-file"].splitlines())}  # fmt: skip
-    # Sized for a 1,000-electron burst (deploy.sh's FUNCTION_* and README): 20 instances x 50
+    # Sized for a 1,000-electron burst (deploy.sh's FUNCTION_* and docs/deploy.md): 20 instances x 50
     # concurrent requests, 1 vCPU (concurrency > 1 needs it), as many threads as requests.
     assert [flag_values(deploy, flag) for flag in ("--cpu", "--memory", "--concurrency", "--max-instances")] == [
         ["1"], ["512Mi"], ["50"], ["20"]]  # fmt: skip
@@ -287,7 +287,7 @@ def test_a_changed_setting_redeploys_only_the_function(recorder):
     assert 'GCPBATCH_MAX_VCPUS: "8.0"' in env_file or 'GCPBATCH_MAX_VCPUS: "8"' in env_file
 
 
-# gcloud's own texts for a grant that has not propagated yet (README "Deployment troubleshooting").
+# gcloud's own texts for a grant that has not propagated yet (docs/deploy.md "What it creates", README "Troubleshooting").
 EVENTARC_AGENT_NOT_READY = (
     "ERROR: (gcloud.functions.deploy) INVALID_ARGUMENT: Validation failed for trigger projects/{p}/locations/{r}/"
     "triggers/{f}-000000: Invalid resource state for \"\": Permission denied while using the Eventarc Service Agent. "
@@ -544,9 +544,10 @@ def test_deploy_writes_exactly_the_deployment_keys():
 
 
 def test_caps_are_declared_once():
-    """deployment.CAP_FIELDS are deploy.sh's flags (usage and parser) and the README's caps table."""
+    """deployment.CAP_FIELDS are deploy.sh's flags (usage and parser) and the caps table of docs/deploy.md."""
     script = (REPO / "deploy.sh").read_text()
     for name in CAP_FIELDS:
         assert f"  {cap_flag(name)}) " in script, f"deploy.sh does not parse {cap_flag(name)}"
         assert f"{cap_flag(name)} " in script.split("EOF")[1], f"deploy.sh --help does not list {cap_flag(name)}"
-    assert caps_table() in (REPO / "README.md").read_text(), "README's caps table differs from deployment.py: regenerate it"
+    assert caps_table() in (REPO / "docs" / "deploy.md").read_text(), \
+        "docs/deploy.md's caps table differs from deployment.py: regenerate it"

@@ -3,7 +3,7 @@ security: fault-injection and bad-input suite").
 
 Every scenario asserts the Covalent status, the message the user sees, a time bound, and that the
 local Batch service is left with no active job. `make faults` prints one line per scenario
-(tests/support/faults_report.py). Scenarios covered elsewhere are listed in README "## Failure behaviour".
+(tests/support/faults_report.py). Scenarios covered elsewhere are listed in docs/reliability.md "## Failure behaviour".
 """
 
 from __future__ import annotations

@@ -195,13 +195,13 @@ def test_objects_of_a_job_id_are_its_packs_or_its_tasks():
     assert p.PackObjects("cov-a-pack-q").cancelled == "covalent-gcpbatch/cov-a-pack-q/cancelled"
 
 
-def test_readme_states_the_packing_facts_as_declared():
+def test_docs_state_the_packing_facts_as_declared():
     from pathlib import Path
 
     from covalent_gcpbatch_plugin import worker
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("\n## Packing\n"):readme.index("\n## Security model")]
+    design = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()  # linked from the README
+    section = design[design.index("\n## Packing\n"):design.index("\n## Security model")]
     assert f"at most {p.MAX_PACK_TASKS:,} electrons" in section
     assert f"`CANCEL_CHECK_S` ({worker.CANCEL_CHECK_S:g} s)" in section
     assert f"(exit {p.EXIT_CANCELLED})" in section

@@ -199,14 +199,14 @@ def test_inboxes_deliver_on_the_waiting_loop_and_forget_closed_ones():
     assert inboxes.put("gone", "x") is False, "a closed loop's inbox is forgotten"
 
 
-def test_readme_states_the_wait_bounds_as_declared():
+def test_docs_state_the_wait_bounds_as_declared():
     from pathlib import Path
 
     from covalent_gcpbatch_plugin import waiting
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert f"`(retries + 1) × (time_limit + {waiting.RUN_GRACE_S} s)`" in readme
+    page = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()  # linked from the README
+    assert f"`(retries + 1) × (time_limit + {waiting.RUN_GRACE_S} s)`" in page
     assert (f"new VM: {waiting.NEW_VM_S} s to boot, {waiting.IMAGE_PULL_S} s to pull the image, {waiting.OUTCOME_S} s "
-            "for the worker's uploads and the\nnotification") in readme
-    assert f"{waiting.GPU_DRIVERS_S} s more with GPUs" in readme
-    assert readme.count(f"{waiting.RUN_GRACE_S} s") >= 2, "the bounds paragraph and the failure section"
+            "for the worker's uploads and the\nnotification") in page
+    assert f"{waiting.GPU_DRIVERS_S} s more with GPUs" in page
+    assert page.count(f"{waiting.RUN_GRACE_S} s") >= 2, "the bounds paragraph and the failure section"

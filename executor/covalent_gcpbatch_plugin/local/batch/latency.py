@@ -4,7 +4,7 @@ On Google Cloud an electron's cost is Batch's, not the pipeline's: admission, a 
 one-minute billing minimum. The local service answers at once unless started with
 ``--latency-model realistic``; then each job waits as real Batch makes it wait, compressed by
 ``--time-scale`` (0.05 runs a 90 s boot in 4.5 s), and the service bills every VM as Compute
-Engine does. Each default names its source; README "Performance" repeats them.
+Engine does. Each default names its source; docs/performance.md repeats them.
 """
 
 from __future__ import annotations
