@@ -19,6 +19,7 @@ import cloudpickle
 import covalent as ct
 import pytest
 from conftest import ROOT
+from direct_executor import DirectExecutor
 from faults_report import record
 from workflow_helpers import (
     nonzero_exit_codes,
@@ -87,20 +88,6 @@ def task_bucket(stack):
     """The trigger bucket: task objects and pack manifests."""
     return clients.storage_client(stack.project_id, stack.storage_emulator_host).bucket(stack.task_bucket_name)
 
-
-class DirectExecutor(GCPBatchExecutor):
-    """The executor without a Covalent server: what the server would answer, answered locally."""
-
-    async def set_job_handle(self, handle):
-        self.handle = handle
-
-    async def get_cancel_requested(self):
-        return False
-
-    async def get_version_info(self):
-        import covalent
-
-        return {"python": platform.python_version(), "covalent": covalent.__version__}
 
 
 # ---------------------------------------------------------------------------------------------

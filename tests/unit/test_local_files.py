@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import stat
 from pathlib import Path
 
 import cloudpickle
 import pytest
 from covalent._shared_files.exceptions import TaskRuntimeError
+from direct_executor import DirectExecutor
 
 from covalent_gcpbatch_plugin import clients, localfiles, settings
 from covalent_gcpbatch_plugin.errors import ConfigError
@@ -22,22 +22,11 @@ from covalent_gcpbatch_plugin.waiting import Outcome
 NOBODY = 65534
 
 
-class OfflineExecutor(GCPBatchExecutor):
+class OfflineExecutor(DirectExecutor):
     """run() up to the upload, without a Covalent server or a bucket: the upload records the
     pickle it was given and stops the task there."""
 
     uploaded: list[Path]
-
-    async def set_job_handle(self, handle):
-        self.handle = handle
-
-    async def get_cancel_requested(self):
-        return False
-
-    async def get_version_info(self):
-        import covalent
-
-        return {"python": platform.python_version(), "covalent": covalent.__version__}
 
     def _upload_pickle(self, objects, spec, path, pack_id=None):
         self.uploaded.append(path)
