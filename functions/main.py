@@ -21,7 +21,9 @@ means a duplicate event for the same upload: success.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import sys
 from dataclasses import dataclass
 
 import functions_framework
@@ -43,8 +45,47 @@ REFUSALS = (exceptions.BadRequest, exceptions.Forbidden, exceptions.NotFound)
 #: A manifest names at most protocol.MAX_PACK_TASKS ids of under 64 characters: anything larger is not one.
 MAX_MANIFEST_BYTES = 128 * 1024
 
-log = logging.getLogger("covalent_gcpbatch.function")
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+class CloudLoggingFormatter(logging.Formatter):
+    """One JSON object per line, as Cloud Run functions turn stdout/stderr lines into structured
+    Cloud Logging entries: ``severity`` sets the entry's severity, ``message`` its summary line,
+    ``logging.googleapis.com/labels`` its labels, and every other key lands in ``jsonPayload``
+    (https://cloud.google.com/logging/docs/structured-logging). So a user filters one task's
+    lines with ``labels.job_id="cov-..."`` (or ``jsonPayload.job_id``) and errors with
+    ``severity>=WARNING``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        job_id = getattr(record, "job_id", None)
+        entry = {"severity": record.levelname if record.levelno in SEVERITIES else "DEFAULT", "message": message,
+                 "job_id": job_id, "logger": record.name}
+        if job_id:
+            entry["logging.googleapis.com/labels"] = {"job_id": job_id}
+        return json.dumps(entry, default=str)
+
+
+#: Python's level names that are Cloud Logging LogSeverity names as they are.
+SEVERITIES = {logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL}
+
+
+def structured_logger(name: str) -> logging.Logger:
+    """The function's logger: JSON lines on stdout (its own handler, once however often this
+    module is imported; not the root logger's, which the framework and tests may own)."""
+    logger = logging.getLogger(name)
+    for handler in [h for h in logger.handlers if isinstance(h.formatter, CloudLoggingFormatter)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(CloudLoggingFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+log = structured_logger("covalent_gcpbatch.function")
 
 
 @functools.cache
@@ -76,6 +117,11 @@ class Buckets:
     data: str
 
 
+def object_job_id(name: str) -> str | None:
+    """The job id an object's name carries (a task object's or a pack manifest's), for the logs."""
+    return protocol.job_id_of_task_object(name) or protocol.pack_id_of_pack_object(name)
+
+
 def buckets_of_event(bucket: str) -> Buckets | None:
     """The buckets of an event from ``bucket``; None if the deployment does not take tasks from it."""
     if settings().task_bucket and bucket != settings().task_bucket:
@@ -103,17 +149,17 @@ def not_created(bucket: str, job_id: str, state: protocol.JobState, reason: str)
         pass  # a redelivered event: recorded the first time
     data, attributes = protocol.not_created_message(job_id, record)
     publisher().publish(settings().topic_path, data, **attributes).result(timeout=30)
-    log.warning("not creating job %s (%s): %s", job_id, state.value, reason)
+    log.warning("not creating job %s (%s): %s", job_id, state.value, reason, extra={"job_id": job_id})
 
 
 def record_create_delay(bucket: str, objects, err: BaseException) -> None:
     """The first transient answer to this job's create, beside the task (best effort, once)."""
-    log.warning("create of job %s delayed: %s: %s", objects.job_id, type(err).__name__, err)
+    log.warning("create of job %s delayed: %s: %s", objects.job_id, type(err).__name__, err, extra={"job_id": objects.job_id})
     try:
         storage().bucket(bucket).blob(objects.create_delayed).upload_from_string(
             f"{type(err).__name__}: {err}"[:4000], content_type="text/plain; charset=utf-8", if_generation_match=0, timeout=30)
     except Exception as failure:  # noqa: BLE001 - a diagnostic only; the create goes on
-        log.info("create delay of job %s not recorded: %r", objects.job_id, failure)
+        log.info("create delay of job %s not recorded: %r", objects.job_id, failure, extra={"job_id": objects.job_id})
 
 
 def cancel_job_if_any(job_id: str) -> bool:
@@ -124,22 +170,24 @@ def cancel_job_if_any(job_id: str) -> bool:
     except exceptions.NotFound:
         return False
     except exceptions.FailedPrecondition as err:  # already over
-        log.info("cancel of job %s: %s", job_id, err.message)
+        log.info("cancel of job %s: %s", job_id, err.message, extra={"job_id": job_id})
         return True
-    log.info("cancelled job %s: its task was cancelled", job_id)
+    log.info("cancelled job %s: its task was cancelled", job_id, extra={"job_id": job_id})
     return True
 
 
 @functions_framework.cloud_event
 def on_task_uploaded(event: CloudEvent) -> None:
     if event["type"] != FINALIZED:
-        log.info("ignoring event type %s", event["type"])
+        name = str((event.data if isinstance(event.data, dict) else {}).get("name", ""))
+        log.info("ignoring event type %s", event["type"], extra={"job_id": object_job_id(name)})
         return
     obj = event.data if isinstance(event.data, dict) else {}
     name, bucket = str(obj.get("name", "")), str(obj.get("bucket", ""))
     buckets = buckets_of_event(bucket)
     if buckets is None:
-        log.warning("ignoring gs://%s/%s: not this deployment's task bucket", bucket, name)
+        log.warning("ignoring gs://%s/%s: not this deployment's task bucket", bucket, name,
+                    extra={"job_id": object_job_id(name)})
         return
     pack_id = protocol.pack_id_of_pack_object(name)
     if pack_id is not None:
@@ -176,7 +224,7 @@ def on_pack_uploaded(obj: dict, buckets: Buckets, pack_id: str) -> None:
         not_created(buckets.data, pack_id, protocol.JobState.REJECTED, str(err))
         return
     if manifest is None:
-        log.info("not creating pack %s: gs://%s/%s is gone", pack_id, buckets.tasks, name)
+        log.info("not creating pack %s: gs://%s/%s is gone", pack_id, buckets.tasks, name, extra={"job_id": pack_id})
         return
     create_unless_cancelled(
         buckets, name, protocol.PackObjects(pack_id),
@@ -210,7 +258,7 @@ def create_unless_cancelled(buckets: Buckets, name: str, objects, build) -> None
     if not trigger_present(buckets, name):
         # A redelivered event (or a retry) after the executor gave up and removed the task: a
         # job now would run without its task.
-        log.info("not creating job %s: gs://%s/%s is gone", job_id, buckets.tasks, name)
+        log.info("not creating job %s: gs://%s/%s is gone", job_id, buckets.tasks, name, extra={"job_id": job_id})
         return
     delayed: list[BaseException] = []
 
@@ -227,9 +275,10 @@ def create_unless_cancelled(buckets: Buckets, name: str, objects, build) -> None
             retry=clients.transient_retry(CREATE_RETRY_S, on_error=first_delay),
             timeout=CREATE_TIMEOUT_S,
         )
-        log.info("created job %s for gs://%s/%s", job_id, buckets.tasks, name)
+        log.info("created job %s for gs://%s/%s", job_id, buckets.tasks, name, extra={"job_id": job_id})
     except exceptions.Conflict:  # ALREADY_EXISTS: gRPC raises AlreadyExists, REST its base, Conflict
-        log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, buckets.tasks, name)
+        log.info("job %s already exists (duplicate event for gs://%s/%s)", job_id, buckets.tasks, name,
+                 extra={"job_id": job_id})
     except REFUSALS as err:
         not_created(buckets.data, job_id, protocol.JobState.REJECTED,
                     f"Batch refused to create the job: {err.code} {err.message}")

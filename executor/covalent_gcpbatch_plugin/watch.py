@@ -36,6 +36,38 @@ FOLLOW_INTERVAL_S = 1.0
 FOLLOW_LIMIT_S = 7 * 24 * 3600.0
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
+#: Reading a task's Cloud Logging entries once its objects are gone (``logs``). Logging's read
+#: quota is 60 entries.list requests per minute per project, and a trivial Batch job writes
+#: thousands of lines (platform notes; snakemake's googlebatch show-logs.py paces its reads 1.1 s
+#: apart for the same quota). So: one request per page of LOGGING_PAGE_SIZE entries, requests at
+#: least LOGGING_READ_INTERVAL_S apart in this process (55 a minute: room for a console open
+#: beside it), and at most LOGGING_MAX_PAGES pages per task (then the gcloud command for the rest).
+LOGGING_READ_INTERVAL_S = 60 / 55
+LOGGING_PAGE_SIZE = 1000
+LOGGING_MAX_PAGES = 10
+
+
+class Pacer:
+    """At most one call to ``wait`` returns per ``interval_s`` (thread-safe): a client-side limit
+    that keeps this process's requests under a per-minute quota."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.interval_s, self._clock, self._sleep = interval_s, clock, sleep
+        self._lock = threading.Lock()
+        self._next = float("-inf")
+
+    def wait(self) -> None:
+        with self._lock:
+            delay = self._next - self._clock()
+            if delay > 0:
+                self._sleep(delay)
+            self._next = max(self._clock(), self._next) + self.interval_s
+
+
+#: Every Cloud Logging read of this process goes through this one pacer.
+LOGGING_PACER = Pacer(LOGGING_READ_INTERVAL_S)
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -46,6 +78,8 @@ class Deployment:
     batch_api_endpoint: str
     #: Where the task objects are (the function's trigger bucket), if not in ``bucket_name``.
     task_bucket_name: str = ""
+    #: Cloud Logging's gRPC endpoint (host:port, plaintext) instead of Google's: tests only.
+    logging_api_endpoint: str = ""
 
     @classmethod
     def from_config(cls) -> Deployment:
@@ -56,7 +90,7 @@ class Deployment:
                               "(or covalent deploy up gcpbatch, or covalent-gcpbatch local up) first")
         return cls(section["project_id"], section["region"], section["bucket_name"],
                    section.get("storage_emulator_host") or "", section.get("batch_api_endpoint") or "",
-                   section.get("task_bucket_name") or "")
+                   section.get("task_bucket_name") or "", section.get("logging_api_endpoint") or "")
 
     def bucket(self):
         return clients.storage_client(self.project_id, self.storage_emulator_host or None).bucket(self.bucket_name)
@@ -108,10 +142,71 @@ class TaskOutput:
 def links(deployment: Deployment, job: batch_v1.Job | None, job_id: str) -> str:
     if deployment.local:
         return f"(local stack: the job's container log is under the local Batch service's state directory, jobs/{job_id}/)"
-    lines = [f"Console: {protocol.job_console_url(deployment.project_id, deployment.region, job_id)}"]
-    if job is not None and job.uid:
-        lines.append(f"Cloud Logging: {protocol.job_logs_command(deployment.project_id, job.uid)}")
-    return "\n".join(lines)
+    return f"Console: {protocol.job_console_url(deployment.project_id, deployment.region, job_id)}"
+
+
+def logging_client(endpoint: str = ""):
+    """Cloud Logging's client (Application Default Credentials); ``endpoint``: a plaintext gRPC
+    server instead (tests). The GAPIC client, not the handwritten one: its list_log_entries takes
+    a page token and returns one page per call, so each request can be paced."""
+    from google.cloud.logging_v2.services.logging_service_v2 import LoggingServiceV2Client
+
+    if not endpoint:
+        return LoggingServiceV2Client()
+    import grpc
+    from google.cloud.logging_v2.services.logging_service_v2.transports import LoggingServiceV2GrpcTransport
+
+    return LoggingServiceV2Client(transport=LoggingServiceV2GrpcTransport(channel=grpc.insecure_channel(endpoint)))
+
+
+def entry_text(entry) -> str:
+    """A log entry's line: Batch's task logs are text; a structured one's ``message``."""
+    if entry.text_payload:
+        return entry.text_payload
+    if "json_payload" in entry:
+        fields = dict(entry.json_payload)
+        return str(fields.get("message", fields))
+    return ""
+
+
+def cloud_logging_lines(project: str, job_uid: str, client, *, pacer: Pacer | None = None,
+                        page_size: int = LOGGING_PAGE_SIZE, max_pages: int = LOGGING_MAX_PAGES) -> Iterator[str]:
+    """The job's task log lines from Cloud Logging, oldest first: one entries.list request per
+    page, paced, at most ``max_pages`` (then a last line saying how to read the rest)."""
+    from google.cloud.logging_v2.types import ListLogEntriesRequest
+
+    pacer = pacer or LOGGING_PACER
+    token = ""
+    for _ in range(max_pages):
+        pacer.wait()
+        page = client.list_log_entries(request=ListLogEntriesRequest(
+            resource_names=[f"projects/{project}"], filter=protocol.job_logs_filter(project, job_uid),
+            order_by="timestamp asc", page_size=page_size, page_token=token), timeout=60)
+        for entry in page.entries:  # this page only: the pager would fetch the next one unpaced
+            yield entry_text(entry)
+        token = page.next_page_token
+        if not token:
+            return
+    yield (f"[covalent-gcpbatch: more than {max_pages * page_size} entries; the rest: "
+           f"{protocol.job_logs_command(project, job_uid)}]")
+
+
+def logs_from_cloud_logging(deployment: Deployment, dispatch_id: str, node_id: int | None, out: TextIO) -> bool:
+    """When a dispatch's task objects are gone: its jobs' task logs from Cloud Logging (Batch
+    keeps the jobs, and their ``uid`` names their log entries). False if Batch has none of them."""
+    found = [j for j in dispatch_jobs(deployment, dispatch_id)
+             if node_id is None or j.labels.get("covalent-node-id") == str(node_id)]
+    if not found:
+        return False
+    client = logging_client(deployment.logging_api_endpoint)
+    for job in reversed(found):  # oldest first
+        job_id = protocol.job_id_of_job_name(job.name)
+        print(f"== node {job.labels.get('covalent-node-id', '?')} (Batch job {job_id}): its objects are gone; "
+              "its task log from Cloud Logging", file=out)
+        print(links(deployment, job, job_id), file=out, flush=True)
+        for line in cloud_logging_lines(deployment.project_id, job.uid, client):
+            print(line, end="" if line.endswith("\n") else "\n", file=out, flush=True)
+    return True
 
 
 def _job(deployment: Deployment, job_id: str) -> batch_v1.Job | None:
@@ -130,6 +225,8 @@ def logs(dispatch_id: str, node_id: int | None, follow: bool, out: TextIO = sys.
         # A task that has printed nothing yet has only its task object, in the trigger bucket.
         names += [b.name for b in deployment.task_bucket().list_blobs(prefix=prefix, timeout=30)]
     job_ids = job_ids_in(names)
+    if not job_ids and not deployment.local and logs_from_cloud_logging(deployment, dispatch_id, node_id, out):
+        return 0
     if not job_ids:
         print(f"No task objects of dispatch {dispatch_id}{'' if node_id is None else f' node {node_id}'} in "
               f"gs://{deployment.bucket_name}: not started yet, or ended and cleaned up (its output is then in "

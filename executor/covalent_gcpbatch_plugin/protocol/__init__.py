@@ -43,6 +43,7 @@ from .layout import (  # noqa: F401
     job_id_of_job_name,
     job_console_url,
     job_logs_command,
+    job_logs_filter,
     dispatch_prefix,
     STREAMS,
 )

@@ -245,9 +245,16 @@ def job_console_url(project: str, region: str, job_id: str) -> str:
     return f"https://console.cloud.google.com/batch/jobsDetail/regions/{region}/jobs/{job_id}/details?project={project}"
 
 
+def job_logs_filter(project: str, job_uid: str) -> str:
+    """The Cloud Logging filter of the job's task logs: Batch writes its runnables' stdout/stderr
+    to the ``batch_task_logs`` log, labelled with the job's uid (Batch's "Analyze a job using
+    logs" page and its Python sample: ``logger("batch_task_logs")``, ``labels.job_uid=<uid>``)."""
+    return f'logName="projects/{project}/logs/batch_task_logs" AND labels.job_uid="{job_uid}"'
+
+
 def job_logs_command(project: str, job_uid: str) -> str:
     """The gcloud command that reads the job's task logs from Cloud Logging."""
-    return (f"gcloud logging read 'logName=\"projects/{project}/logs/batch_task_logs\" AND labels.job_uid=\"{job_uid}\"' "
+    return (f"gcloud logging read '{job_logs_filter(project, job_uid)}' "
             f"--project {project} --format 'value(textPayload)' --order asc")
 
 
