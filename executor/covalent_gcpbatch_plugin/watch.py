@@ -17,7 +17,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TextIO
@@ -412,20 +412,25 @@ def cancel_orphans(deployment: Deployment, found: list[batch_v1.Job], out: TextI
 
 def cost_report(dispatch_id: str, prices_file: str | None) -> dict:
     """VM time and an on-demand estimate of a dispatch's jobs (the CLI draws it as a table, or
-    prints it as JSON); ``jobs`` is empty when Batch has none of the dispatch."""
+    prints it as JSON); ``jobs`` is empty when Batch has none of the dispatch. ``price_table``
+    (and ``note``, which the table's last line prints) names the prices' date and source."""
     deployment = Deployment.from_config()
     prices = usage.load_prices(prices_file)
+    table = usage.price_table_of(prices_file)
     rows = []
     for job in dispatch_jobs(deployment, dispatch_id):
         used = usage.usage_of(job)
         h = used.hours()
         rows.append({"job": used.job_id, "state": used.state, "machine_family": used.machine_family,
+                     "machine_type": used.machine_type, "machine_source": used.machine_source,
+                     "provisioning_model": used.provisioning_model,
                      "vcpus": used.vcpus, "memory_gib": used.memory_gib, "gpus": used.gpus, "gpu_type": used.gpu_type,
-                     "vm_s": round(used.vm_seconds, 1), "billed_s": round(used.billed_seconds),
+                     "vm_s": round(used.vm_seconds, 1), "time_source": used.time_source, "billed_s": round(used.billed_seconds),
                      "vcpu_hours": round(h["vcpu_hours"], 6), "memory_gib_hours": round(h["memory_gib_hours"], 6),
                      "gpu_hours": round(h.get("gpu_hours", 0.0), 6), "usd": round(usage.estimate(used, prices), 6),
                      "summary": usage.summary(used, prices)})  # fmt: skip
     return {"dispatch_id": dispatch_id, "project_id": deployment.project_id, "region": deployment.region,
             "jobs": rows, "vm_s": round(sum(r["vm_s"] for r in rows), 1), "billed_s": sum(r["billed_s"] for r in rows),
-            "usd": round(sum(r["usd"] for r in rows), 6),
-            "note": "estimate: list prices, no discounts, disks or network"}  # fmt: skip
+            "usd": round(sum(r["usd"] for r in rows), 6), "price_table": table,
+            "note": (f"estimate: list prices as of {table['as_of']} ({table['source']}); no discounts, disks or network; "
+                     "VM time is Batch's run duration (boot and image pull before RUNNING not included)")}  # fmt: skip

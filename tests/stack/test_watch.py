@@ -99,6 +99,10 @@ def test_output_jobs_and_cost_while_a_task_runs(covalent_server, local_stack):
     assert report.returncode == 0, report.stderr
     (used,) = json.loads(report.stdout)["jobs"]
     assert used["job"] == job_id and used["state"] == "SUCCEEDED"
+    # Batch's typed fields, as the local service fills them: run_duration, and the VM it gave (the
+    # job names no machine type: Batch's pick for the task's resources, an e2)
+    assert used["time_source"] == "run_duration" and used["machine_source"] == "instances", used
+    assert used["machine_type"].startswith("e2-standard-") and used["provisioning_model"] == "STANDARD", used
     vm = used["vm_s"]
     times = batch_admin(local_stack, "stats")["jobs"][job_id]
     measured = times["SUCCEEDED"] - times["SCHEDULED"]

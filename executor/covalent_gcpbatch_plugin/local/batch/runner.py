@@ -85,6 +85,31 @@ def limit_memory(pid: int, memory_mib: int) -> None:
         log.debug("cannot limit the memory of %s: %s", pid, err)
 
 
+#: The VM sizes the local service reports when a job names no machine type: Batch then picks one
+#: for the task's cpu_milli/memory_mib, "an e2 machine today" (a Batch engineer,
+#: https://discuss.google.dev/t/batch-how-to-choose-machine-type/109594); which one is not
+#: documented, so the smallest e2-standard that fits stands in for it.
+_E2_STANDARD_VCPUS = (2, 4, 8, 16, 32)
+
+
+def reported_instance(job: batch_v1.Job) -> batch_v1.JobStatus.InstanceStatus:
+    """What real Batch reports of the VM it gives ``job`` (status.task_groups[...].instances[0]):
+    the job's own machine type and provisioning model, or Batch's pick for the task's resources."""
+    policy = job.allocation_policy.instances[0].policy if job.allocation_policy.instances else batch_v1.AllocationPolicy.InstancePolicy()
+    group = job.task_groups[0] if job.task_groups else batch_v1.TaskGroup()
+    machine = policy.machine_type
+    if not machine:
+        resources = group.task_spec.compute_resource
+        cpus = (resources.cpu_milli or 2000) / 1000  # Batch's default cpuMilli is 2000
+        mib = resources.memory_mib or 2000
+        vcpus = next((n for n in _E2_STANDARD_VCPUS if n >= cpus and n * 4096 >= mib), _E2_STANDARD_VCPUS[-1])
+        machine = f"e2-standard-{vcpus}"
+    return batch_v1.JobStatus.InstanceStatus(
+        machine_type=machine,
+        provisioning_model=policy.provisioning_model or batch_v1.AllocationPolicy.ProvisioningModel.STANDARD,
+        task_pack=group.task_count_per_node or 1, boot_disk=policy.boot_disk if "boot_disk" in policy else None)
+
+
 def subscribed(job: batch_v1.Job, kind: batch_v1.JobNotification.Type, state) -> list[str]:
     """The topics of the job's notifications of ``kind`` that want ``state`` (all, or just it)."""
     topics = []
@@ -425,9 +450,15 @@ class LocalBatch:
             for task in record.tasks:
                 if task.state in TASK_STATE_ON_CANCEL:
                     self._task_enter(record, task, TASK_STATE_ON_CANCEL[task.state], now)
+        if state == State.SCHEDULED:
+            # Batch reports the VMs it allocates as typed fields, status.taskGroups.<id>.instances[]
+            # (machineType, provisioningModel, taskPack, bootDisk: batch_v1 JobStatus.InstanceStatus;
+            # the REST schema in googleapis' Batch v1 discovery document, InstanceStatus).
+            status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(instances=[reported_instance(record.job)])}
         if state in TERMINAL_STATES:
             counts = Counter(task.state.name for task in record.tasks)
-            status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(counts=dict(counts))}
+            instances = list(status.task_groups["group0"].instances) if "group0" in status.task_groups else []
+            status.task_groups = {"group0": batch_v1.JobStatus.TaskGroupStatus(counts=dict(counts), instances=instances)}
         self.state_times.setdefault(record.job_id, {})[state.name] = now
         self._notify(record, previous, state, now)
 
