@@ -244,6 +244,10 @@ V015_ONLY_KEYS = ("key_path", "covalent_package_version")
 DEPLOY_COMMAND = "covalent deploy up gcpbatch --project_id=<your project> --region=<region>"
 
 
+#: Keys that only this version's deployments (deploy.sh, `covalent-gcpbatch local up`) write.
+KEYS_ONLY_THIS_VERSION_WRITES = ("task_bucket_name", "pubsub_emulator_host", "storage_emulator_host", "batch_api_endpoint")
+
+
 class Migration015Warning(UserWarning):
     """The configuration still holds 0.15 values that this version reads differently."""
 
@@ -260,8 +264,7 @@ class Advice:
 def written_by_015(section: Mapping[str, Any]) -> bool:
     """0.15 wrote this section: values only 0.15 writes (its region and cache_dir defaults, its
     deploy keys), and nothing this version's deployments write (``task_bucket_name``, emulators)."""
-    ours = any(section.get(key) for key in ("task_bucket_name", "pubsub_emulator_host", "storage_emulator_host",
-                                              "batch_api_endpoint"))
+    ours = any(section.get(key) for key in KEYS_ONLY_THIS_VERSION_WRITES)
     theirs = (section.get("region") == V015_DEFAULTS["region"] or section.get("cache_dir") == V015_DEFAULTS["cache_dir"]
               or any(key in section for key in V015_ONLY_KEYS))
     return theirs and not ours

@@ -202,7 +202,10 @@ def test_a_result_that_could_not_be_stored_is_explained():
 #: what its `covalent deploy` wrote.
 SECTION_015 = {**settings.V015_DEFAULTS, "project_id": "my-project", "bucket_name": "my-bucket",
                "container_image_uri": "us-docker.pkg.dev/my-project/covalent/executor:0.15",
-               "service_account_email": "sa@my-project.iam.gserviceaccount.com"}
+               "service_account_email": "sa@my-project.iam.gserviceaccount.com",
+               # As 0.15 left it: none of this version's keys (the session's local stack, if up,
+               # has written them into the isolated config).
+               **{key: "" for key in settings.KEYS_ONLY_THIS_VERSION_WRITES}}
 
 
 def test_a_0_15_config_is_told_exactly_what_to_change():
