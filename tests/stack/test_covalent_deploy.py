@@ -53,7 +53,16 @@ class CovalentDeploy:
         self.python.chmod(0o755)
         self.gcloud_config = root / "gcloud-config"
         self.gcloud_config.mkdir()
-        self.env = {**recorder.env, "PYTHONPATH": str(self.site)}
+        # Terraform's version check (its "checkpoint") cannot reach the internet here, and logs its
+        # failure at ERROR, whenever it returns, into the terraform-error.log whose LAST line
+        # Covalent reads as the deployment's status: a failed up then read as "up" at random. Covalent
+        # passes Terraform nothing but PATH (and TF_LOG*), so a terraform first on PATH turns the
+        # check off, as it is quiet where it succeeds.
+        shim = root / "bin"
+        shim.mkdir()
+        (shim / "terraform").write_text(f'#!/bin/sh\nCHECKPOINT_DISABLE=1 exec "{shutil.which("terraform")}" "$@"\n')
+        (shim / "terraform").chmod(0o755)
+        self.env = {**recorder.env, "PYTHONPATH": str(self.site), "PATH": f"{shim}{os.pathsep}{recorder.env['PATH']}"}
 
     @staticmethod
     def _package_files(directory: str, names: list[str]) -> list[str]:
