@@ -27,6 +27,10 @@ def sanitize_label_value(value: str) -> str:
 CREATED_BY_LABEL = "created-by"
 CREATED_BY = "covalent-gcpbatch"
 DEPLOYMENT_LABEL = "covalent-deployment"
+#: And the dispatch and node of its electron (a pack's: of its first), by which `jobs`, `logs` and
+#: `cost` find a dispatch's jobs.
+DISPATCH_LABEL = "covalent-dispatch-id"
+NODE_LABEL = "covalent-node-id"
 
 
 def deployment_label_value(bucket: str) -> str:
@@ -41,8 +45,8 @@ def job_labels(spec: JobSpec, pack: PackManifest | None = None, *, bucket: str =
     first electron and how many it runs."""
     labels = {
         **spec.options.labels,
-        "covalent-dispatch-id": sanitize_label_value(spec.dispatch_id),
-        "covalent-node-id": str(spec.node_id),
+        DISPATCH_LABEL: sanitize_label_value(spec.dispatch_id),
+        NODE_LABEL: str(spec.node_id),
         CREATED_BY_LABEL: CREATED_BY,
     }
     if bucket:

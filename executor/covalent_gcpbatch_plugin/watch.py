@@ -27,7 +27,8 @@ from google.cloud import batch_v1
 
 from . import clients, covalent_config, protocol, usage
 from .errors import ConfigError
-from .jobs import CREATED_BY, CREATED_BY_LABEL, DEPLOYMENT_LABEL, deployment_label_value, sanitize_label_value
+from .jobs import (CREATED_BY, CREATED_BY_LABEL, DEPLOYMENT_LABEL, DISPATCH_LABEL, NODE_LABEL, deployment_label_value,
+                   sanitize_label_value)
 from .settings import PLUGIN_DEFAULTS
 
 #: --follow reads the task's objects this often (an upload of the worker's comes every
@@ -195,13 +196,13 @@ def logs_from_cloud_logging(deployment: Deployment, dispatch_id: str, node_id: i
     """When a dispatch's task objects are gone: its jobs' task logs from Cloud Logging (Batch
     keeps the jobs, and their ``uid`` names their log entries). False if Batch has none of them."""
     found = [j for j in dispatch_jobs(deployment, dispatch_id)
-             if node_id is None or j.labels.get("covalent-node-id") == str(node_id)]
+             if node_id is None or j.labels.get(NODE_LABEL) == str(node_id)]
     if not found:
         return False
     client = logging_client(deployment.logging_api_endpoint)
     for job in reversed(found):  # oldest first
         job_id = protocol.job_id_of_job_name(job.name)
-        print(f"== node {job.labels.get('covalent-node-id', '?')} (Batch job {job_id}): its objects are gone; "
+        print(f"== node {job.labels.get(NODE_LABEL, '?')} (Batch job {job_id}): its objects are gone; "
               "its task log from Cloud Logging", file=out)
         print(links(deployment, job, job_id), file=out, flush=True)
         for line in cloud_logging_lines(deployment.project_id, job.uid, client):
@@ -291,7 +292,7 @@ def dispatch_jobs(deployment: Deployment, dispatch_id: str | None) -> list[batch
     parent = protocol.location_name(deployment.project_id, deployment.region)
     labels = deployment_labels(deployment)
     if dispatch_id is not None:
-        labels["covalent-dispatch-id"] = sanitize_label_value(dispatch_id)
+        labels[DISPATCH_LABEL] = sanitize_label_value(dispatch_id)
     request = batch_v1.ListJobsRequest(parent=parent, filter=label_filter(labels))
     jobs = list(deployment.batch().list_jobs(request=request, timeout=60))
     return sorted(jobs, key=lambda j: j.create_time, reverse=True)
@@ -344,7 +345,7 @@ def job_rows(found: Iterable[batch_v1.Job]) -> list[dict]:
     """What ``jobs`` lists of each job (the CLI draws it as a table, or prints it as JSON)."""
     now = datetime.now(timezone.utc)
     return [{"job": job.name.rsplit("/", 1)[-1], "state": usage.state_name(job.status.state),
-             "dispatch_id": job.labels.get("covalent-dispatch-id", ""), "node_id": job.labels.get("covalent-node-id", ""),
+             "dispatch_id": job.labels.get(DISPATCH_LABEL, ""), "node_id": job.labels.get(NODE_LABEL, ""),
              "age_s": round((now - job.create_time).total_seconds(), 1), "age": _age(job),
              "vm_s": round(usage.vm_seconds(job), 1)} for job in found]  # fmt: skip
 
@@ -378,7 +379,7 @@ def cancel_orphans(deployment: Deployment, found: list[batch_v1.Job], out: TextI
     statuses: dict[str, tuple[str, str]] = {}
     chosen: list[tuple[batch_v1.Job, str]] = []
     for job in active:
-        name, dispatch = job.name.rsplit("/", 1)[-1], job.labels.get("covalent-dispatch-id", "")
+        name, dispatch = job.name.rsplit("/", 1)[-1], job.labels.get(DISPATCH_LABEL, "")
         verdict, said = statuses.setdefault(dispatch, status_of(dispatch) if dispatch else (UNKNOWN, "the job has no dispatch label"))
         if verdict == RUNS:
             print(f"kept {name}: Covalent still runs dispatch {dispatch} (cancel it there: ct.cancel)", file=out)
