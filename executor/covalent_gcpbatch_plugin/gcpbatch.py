@@ -317,7 +317,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 self._cancel_job(pack_id)
                 app_log.info(f"gcpbatch: cancelled pack {pack_id}: none of its electrons is waited for any more")
                 return
-            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30, retry=self._retry())
+            job = self._get_job(pack_id)
             if JobState.of(job.status.state).is_terminal:
                 self._log_usage(job)
             if not self.keep_artifacts:
@@ -479,7 +479,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if placement.packed:
             return self._reconcile_member(job_id, placement, within)
         try:
-            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry(within))
+            job = self._get_job(job_id, within)
         except exceptions.NotFound:
             return self._not_created(job_id, within)
         state = JobState.of(job.status.state)
@@ -507,7 +507,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         not created (yet, or refused); a job still going: queued; a job over: the electron's end
         too (a job that ended without creating the task never ran it)."""
         try:
-            job = self._batch().get_job(name=self._job_name(placement.pack_id), timeout=30, retry=self._retry(within))
+            job = self._get_job(placement.pack_id, within)
         except exceptions.NotFound:
             refused = self._not_created(placement.pack_id, within)
             return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
@@ -524,7 +524,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if pack_id is None:
             return False
         try:
-            job = self._batch().get_job(name=self._job_name(pack_id), timeout=30, retry=self._retry(self.MIN_RETRY_S))
+            job = self._get_job(pack_id, self.MIN_RETRY_S)
         except exceptions.GoogleAPICallError as err:
             app_log.warning(f"gcpbatch: reading pack {pack_id} before giving up on {job_id}: {err.message}")
             return False
@@ -556,7 +556,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             await self.cancel({}, job_id)
             return Outcome(JobState.CANCELLED, "cancelled before the job reached a terminal state")
         reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=self.retries,
-                                pack_progress=pack_progress, task_bucket=self.task_bucket_name or self.bucket_name)
+                                pack_progress=pack_progress, task_bucket=self._task_bucket().name)
         if state is None:
             reason += await asyncio.to_thread(self._create_delay, job_id)
         await self.cancel({}, job_id)
@@ -612,7 +612,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     def _why_unexecuted(self, placement: packing.Placement) -> str | None:
         """Why an electron's task in a pack never ran: None if the pack's job was cancelled, else
         the job's state and status events."""
-        job = self._batch().get_job(name=self._job_name(placement.pack_id), timeout=30, retry=self._retry())
+        job = self._get_job(placement.pack_id)
         state = JobState.of(job.status.state)
         if state in (JobState.CANCELLED, JobState.CANCELLATION_IN_PROGRESS):
             return None
@@ -638,7 +638,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 return f"Batch task {name} ended {state.value} without a result or error record ({err.message})"
             return explain_job_failure(f"{placement.pack_id} task {placement.index}", state, task)
         try:
-            job = self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry())
+            job = self._get_job(job_id)
         except exceptions.GoogleAPICallError as err:
             return f"Batch job {job_id} ended {state.value} without a result or error record ({err.message})"
         self._log_usage(job)
@@ -703,6 +703,11 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     def _job_name(self, job_id: str) -> str:
         return job_name(self.project_id, self.region, job_id)
+
+    def _get_job(self, job_id: str, within: float | None = None):
+        """One get_job of a job of this executor's (a task's or a pack's), transient errors retried
+        (``within``: what is left of a wait's phase, as for ``_retry``)."""
+        return self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry(within))
 
     #: How long one call (a read, a cancel, a delete, a write made once) retries transient errors
     #: (clients.TRANSIENT_ERRORS) before its error is the answer. A read made while waiting retries
