@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -563,6 +564,65 @@ def test_notification_faults_drop_and_duplicate(client, endpoint, topic):
     states = sorted(m.attributes["NewJobState"] for m in messages)
     assert states == sorted(["QUEUED", "SCHEDULED", "SUCCEEDED"] * 2)
     assert admin(endpoint, "stats")["notifications"]["dropped"] == 1
+
+
+def test_fail_create_after_commit_loses_the_answer_not_the_job(client, endpoint):
+    """A lost acknowledgement: the job is created and runs, the client sees an error, and its retry
+    of the same id meets 409 (Conflict over REST)."""
+    admin(endpoint, "faults", {"fail_create_after_commit": 1})
+    job_id = new_id("lost-ack")
+    with pytest.raises(exceptions.ServiceUnavailable, match="fail_create_after_commit"):
+        create(client, make_job(), job_id)
+    name = f"{PARENT}/jobs/{job_id}"
+    assert client.get_job(name=name).name == name
+    with pytest.raises(exceptions.Conflict) as dup:
+        create(client, make_job(), job_id)
+    assert dup.value.code == 409
+    wait_state(client, name, {State.SUCCEEDED})
+    stats = admin(endpoint, "stats")
+    assert stats["create_attempts"][job_id] == 2 and stats["faults"]["fail_create_after_commit"] == 0
+
+
+def test_delayed_notifications_all_arrive(client, endpoint, topic):
+    """Each message published after its own random delay: late, maybe out of order, none lost."""
+    topic_path, pull = topic
+    task_notice = batch_v1.JobNotification(pubsub_topic=topic_path, message=batch_v1.JobNotification.Message(
+        type_=batch_v1.JobNotification.Type.TASK_STATE_CHANGED))
+    admin(endpoint, "faults", {"delay_notifications_s": 1.0})
+    created = create(client, make_job({"FAKE_SLEEP_S": "0.1"}, notifications=[notify(topic_path), task_notice]))
+    wait_state(client, created.name, {State.SUCCEEDED})
+    messages = pull(lambda got: len(got) >= 7)
+    messages += pull(lambda got: False, timeout=1.5)  # nothing else should trickle in
+    job_states = sorted(m.attributes["NewJobState"] for m in messages if "NewJobState" in m.attributes)
+    task_states = sorted(m.attributes["NewTaskState"] for m in messages if "NewTaskState" in m.attributes)
+    assert job_states == sorted(["QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED"])
+    assert task_states == sorted(["ASSIGNED", "RUNNING", "SUCCEEDED"])
+    assert admin(endpoint, "stats")["notifications"]["delayed"] == 7
+    assert admin(endpoint, "faults", {"delay_notifications_s": 0})["delay_notifications_s"] == 0
+
+
+def test_kill_running_ends_the_attempt_with_137(client, endpoint, state_dir):
+    """As the OOM killer would: the worker's process group is SIGKILLed, the attempt ends with
+    exit code 137 and, without retries, the job fails."""
+    created = create(client, make_job({"FAKE_SLEEP_S": "60"}))
+    pid = wait_for_pid(state_dir, job_id_of(created))
+    assert admin(endpoint, "faults", {"kill_running": 1})["kill_running"] == 0, "an action, not a standing fault"
+    done = wait_state(client, created.name, {State.FAILED}, timeout=10)
+    assert exit_codes(done) == [137]
+    task = client.get_task(name=f"{created.name}/taskGroups/group0/tasks/0")
+    assert [e.task_execution.exit_code for e in task.status.status_events if "exit code" in e.description] == [137]
+    assert process_gone(pid)
+    assert admin(endpoint, "stats")["killed"] == 1
+
+
+@pytest.mark.parametrize("body", [{"fail_create_after_commit_status": 200}, {"delay_notifications_s": -1},
+                                  {"delay_notifications_s": "NaN"}, {"kill_running": -1}])
+def test_bad_fault_values_are_refused(endpoint, body):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        admin(endpoint, "faults", body)
+    assert info.value.code == 400
+    faults = admin(endpoint, "stats")["faults"]
+    assert (faults["fail_create_after_commit_status"], faults["delay_notifications_s"], faults["kill_running"]) == (503, 0, 0)
 
 
 def test_sigterm_kills_running_jobs(tmp_path):

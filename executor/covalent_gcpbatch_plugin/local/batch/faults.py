@@ -3,6 +3,7 @@ switch on to make the imitation fail the way real Batch and real VMs do."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -36,6 +37,10 @@ class Faults:
     notify_retried_attempts: bool = False
     fail_create: int = 0
     fail_create_status: int = 503
+    #: create_job calls that commit the job (it is QUEUED and runs) and then answer
+    #: ``fail_create_after_commit_status``: a lost acknowledgement, a retry meets 409 ALREADY_EXISTS.
+    fail_create_after_commit: int = 0
+    fail_create_after_commit_status: int = 503
     #: Reads (get_job and get_task, which share Batch's read quota) that fail with
     #: ``fail_get_status``: a reconcile or confirmation read that errors (429: the quota).
     fail_get: int = 0
@@ -44,12 +49,19 @@ class Faults:
     #: Task-level messages not published: job id (or ``*``) -> task states, for every task of the job.
     drop_task_notifications: dict[str, set[str]] = field(default_factory=dict)
     duplicate_notifications: bool = False
+    #: While > 0, each notification is published after its own delay drawn uniformly from
+    #: [0, this many seconds]: late and out of order, as Pub/Sub may deliver them.
+    delay_notifications_s: float = 0.0
+    #: An action, not a standing fault: SIGKILL this many running workers now (``LocalBatch``
+    #: takes it as soon as it is posted, so it reads 0 afterwards).
+    kill_running: int = 0
 
     def update(self, body: Mapping) -> None:
         """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
         known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_scheduling", "tasks_after_s",
                  "notify_retried_attempts", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
-                 "drop_notifications", "drop_task_notifications", "duplicate_notifications"}
+                 "fail_create_after_commit", "fail_create_after_commit_status", "drop_notifications",
+                 "drop_task_notifications", "duplicate_notifications", "delay_notifications_s", "kill_running"}
         unknown = set(body) - known
         if unknown:
             raise ValueError(f"unknown faults: {', '.join(sorted(unknown))}")
@@ -64,7 +76,7 @@ class Faults:
                 if float(seconds) < 0:
                     raise ValueError(f"{name} values are seconds >= 0")
                 getattr(self, name)[str(job)] = float(seconds)
-        for kind in ("create", "get"):
+        for kind in ("create", "create_after_commit", "get"):
             if f"fail_{kind}" in body:
                 setattr(self, f"fail_{kind}", int(body[f"fail_{kind}"]))
             if f"fail_{kind}_status" in body:
@@ -79,6 +91,16 @@ class Faults:
         for name in ("duplicate_notifications", "notify_retried_attempts"):
             if name in body:
                 setattr(self, name, bool(body[name]))
+        if "delay_notifications_s" in body:
+            delay = float(body["delay_notifications_s"])
+            if not (math.isfinite(delay) and delay >= 0):
+                raise ValueError("delay_notifications_s is seconds >= 0")
+            self.delay_notifications_s = delay
+        if "kill_running" in body:
+            count = int(body["kill_running"])
+            if count < 0:
+                raise ValueError("kill_running is a count >= 0")
+            self.kill_running = count
 
     def take_preempt(self, job_id: str) -> bool:
         return _take_count(self.preempt, job_id)
@@ -101,6 +123,16 @@ class Faults:
             return self.fail_create_status
         return None
 
+    def take_fail_create_after_commit(self) -> int | None:
+        if self.fail_create_after_commit > 0:
+            self.fail_create_after_commit -= 1
+            return self.fail_create_after_commit_status
+        return None
+
+    def take_kill_running(self) -> int:
+        count, self.kill_running = self.kill_running, 0
+        return count
+
     def take_fail_get(self) -> int | None:
         if self.fail_get > 0:
             self.fail_get -= 1
@@ -118,10 +150,13 @@ class Faults:
                 "preempt_after_exit": self.preempt_after_exit, "fail_scheduling": self.fail_scheduling,
                 "tasks_after_s": self.tasks_after_s, "notify_retried_attempts": self.notify_retried_attempts,
                 "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
+                "fail_create_after_commit": self.fail_create_after_commit,
+                "fail_create_after_commit_status": self.fail_create_after_commit_status,
                 "fail_get": self.fail_get, "fail_get_status": self.fail_get_status,
                 "drop_notifications": {k: sorted(v) for k, v in self.drop_notifications.items()},
                 "drop_task_notifications": {k: sorted(v) for k, v in self.drop_task_notifications.items()},
-                "duplicate_notifications": self.duplicate_notifications}
+                "duplicate_notifications": self.duplicate_notifications,
+                "delay_notifications_s": self.delay_notifications_s, "kill_running": self.kill_running}
 
 
 def _take_count(counts: dict[str, int], job_id: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -167,6 +168,7 @@ class TaskRecord:
     uid: str
     workdir: Path
     proc: subprocess.Popen | None = None
+    proc_started: float = 0.0  # time.monotonic() when ``proc`` was set
 
     @property
     def state(self) -> TaskState:
@@ -222,6 +224,8 @@ class LocalBatch:
         #: function reached Batch for ITS task (the global counter moves with other tests' retries).
         self.create_attempts: Counter[str] = Counter()
         self.notices: Counter[str] = Counter()
+        self.killed = 0  # worker processes killed by the kill_running action
+        self.random = random.Random()  # the delays of delay_notifications_s
         self.state_times: dict[str, dict[str, float]] = {}
         self.faults = Faults()
         self.operations: dict[str, Operation] = {}
@@ -276,6 +280,10 @@ class LocalBatch:
                 timer.daemon = True
                 timer.start()
             self._dispatch()
+            failure = self.faults.take_fail_create_after_commit()
+            if failure is not None:
+                raise ApiError(failure, "injected create_job failure after the job was created "
+                                        "(fault fail_create_after_commit)")
             return created
 
     def get(self, project: str, region: str, job_id: str) -> batch_v1.Job:
@@ -378,6 +386,7 @@ class LocalBatch:
                 "create_attempts": dict(self.create_attempts),
                 "jobs": {job_id: dict(times) for job_id, times in self.state_times.items()},
                 "notifications": dict(self.notices),
+                "killed": self.killed,
                 "running": self.running,
                 "queued": len(self.queue),
                 "vms": self.vms.to_json(),
@@ -389,7 +398,19 @@ class LocalBatch:
         with self.lock:
             updated = copy.deepcopy(self.faults)
             updated.update(body)  # raises on a malformed body, leaving the faults as they were
+            kill = updated.take_kill_running()
             self.faults = updated
+            self._kill_running(kill)
+
+    def _kill_running(self, count: int) -> None:
+        """SIGKILL the process groups of the ``count`` most recently started workers, as the OOM
+        killer or a crash would (lock held): each attempt ends with exit code 137."""
+        running = [t for r in self.jobs.values() if r.stop is None for t in r.tasks
+                   if t.proc is not None and t.proc.returncode is None]
+        running.sort(key=lambda t: t.proc_started, reverse=True)
+        for task in running[:count]:
+            _signal_group(task.proc.pid, signal.SIGKILL)
+            self.killed += 1
 
     def reset(self) -> None:
         """Clear faults and counters; state times are kept for jobs that still exist."""
@@ -398,6 +419,7 @@ class LocalBatch:
             self.calls.clear()
             self.create_attempts.clear()
             self.notices.clear()
+            self.killed = 0
             live = {r.job_id for r in self.jobs.values()}
             self.state_times = {k: v for k, v in self.state_times.items() if k in live}
 
@@ -481,7 +503,7 @@ class LocalBatch:
             if self.faults.drops_task(record.job_id, state.name):
                 self.notices["dropped"] += 1
                 continue
-            self.publish(topic, data, attributes)
+            self._publish(topic, data, attributes)
 
     def _notify(self, record: JobRecord, previous: State, state: State, now: float) -> None:
         stamp = datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
@@ -492,7 +514,29 @@ class LocalBatch:
                 self.notices["dropped"] += 1
                 continue
             for _ in range(2 if self.faults.duplicate_notifications else 1):
+                self._publish(topic, data, attributes)
+
+    def _publish(self, topic: str, data: bytes, attributes: dict[str, str]) -> None:
+        """Publish now, or later by a random delay while delay_notifications_s is on (lock held)."""
+        most = self.faults.delay_notifications_s
+        if most <= 0:
+            self.publish(topic, data, attributes)
+            return
+        self.notices["delayed"] += 1
+        timer = threading.Timer(self.random.uniform(0, most), self._publish_late, args=(topic, data, attributes))
+        timer.daemon = True
+        timer.start()
+
+    def _publish_late(self, topic: str, data: bytes, attributes: dict[str, str]) -> None:
+        # Under the lock: shutdown sets closing under it before the service stops its publisher.
+        with self.lock:
+            if self.closing:
+                self.notices["delayed_unsent"] += 1
+                return
+            try:
                 self.publish(topic, data, attributes)
+            except Exception as err:  # a timer thread: a traceback would only be noise
+                log.warning("publishing a delayed notification to %s failed: %s", topic, err)
 
     def _task_text(self, record: JobRecord, exit_code: int, task_state: batch_v1.TaskStatus.State, note: str = "") -> str:
         """A task event's text as Batch words it (the VM's zone and instance in place of ours)."""
@@ -720,7 +764,7 @@ class LocalBatch:
                     return EXIT_NOT_STARTED, f": cannot start {argv[0]!r}: {err.strerror}"
                 limit_memory(proc.pid, spec.compute_resource.memory_mib if spec.compute_resource else 0)
                 with self.lock:
-                    task.proc = proc
+                    task.proc, task.proc_started = proc, time.monotonic()
                     if record.stop is not None:
                         terminate(proc)
                 try:

@@ -14,8 +14,10 @@ JOB_STATE_CHANGED and TASK_STATE_CHANGED notification topics through the real Pu
 (only when PUBSUB_EMULATOR_HOST is set: a local service never publishes to Google).
 
 Admin API (``/_admin``): ``GET stats`` (call counters, per-job state-entry wall-clock times,
-notification counters, requests by the SHA-256 of the bearer token they carried), ``GET active`` (ids of jobs not yet terminal), ``POST faults`` (see
-``faults.Faults``), ``POST reset``. The service is ready once ``GET /_admin/stats`` answers 200.
+notification counters, workers killed by ``kill_running``, requests by the SHA-256 of the bearer
+token they carried), ``GET active`` (ids of jobs not yet terminal), ``POST faults`` (see
+``faults.Faults``; ``kill_running`` is an action, done when posted), ``POST reset``. The service is
+ready once ``GET /_admin/stats`` answers 200.
 """
 
 from __future__ import annotations
