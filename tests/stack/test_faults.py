@@ -442,10 +442,11 @@ def test_a_lost_acknowledgement_on_the_executors_upload_is_no_failure(local_stac
     import asyncio
     import io
 
-    from lost_ack_proxy import LostAckProxy, LostAcks
+    from covalent_gcpbatch_plugin.local.storage_faults import StorageFaultProxy
 
-    acks = LostAcks(pattern=f"{protocol.TASKS_PREFIX}cov-[a-z0-9-]*/{lost}")
-    with LostAckProxy(local_stack.storage_emulator_host, acks) as proxy:
+    with StorageFaultProxy(local_stack.storage_emulator_host) as proxy:
+        proxy.lose_acks(f"{protocol.TASKS_PREFIX}cov-[a-z0-9-]*/{lost}", 1)
+
         async def one(node_id: int):
             executor = DirectExecutor(**{**local_stack.executor_config(), "cache_dir": str(tmp_path), "time_limit": 120,
                                          "storage_emulator_host": proxy.url})
@@ -458,7 +459,7 @@ def test_a_lost_acknowledgement_on_the_executors_upload_is_no_failure(local_stac
         started = time.monotonic()
         results = asyncio.run(scenario())
         elapsed = time.monotonic() - started
-    assert len(acks.dropped) == 1, "the proxy lost one acknowledgement"
+    assert len(proxy.lost_objects) == 1 and proxy.stats()["acks_lost"] == 1, "the proxy lost one acknowledgement"
     assert results == [7, 14]
     no_active_job_left(local_stack)
     record(f"lost acknowledgement on the executor's {lost} upload", "COMPLETED (412 on our own bytes is success)",
@@ -936,7 +937,7 @@ def test_pubsub_emulator_restart_while_tasks_wait(local_stack, tmp_path):
     import asyncio
     import io
 
-    from covalent_gcpbatch_plugin.local.stack import LocalStack, find_pubsub_emulator, stop_component
+    from covalent_gcpbatch_plugin.local.stack import LocalStack
 
     from covalent_gcpbatch_plugin.events import Endpoint, job_events
 
@@ -969,16 +970,7 @@ def test_pubsub_emulator_restart_while_tasks_wait(local_stack, tmp_path):
                 assert time.monotonic() < deadline, "the tasks never ran"
                 await asyncio.sleep(0.3)
             stream_before = subscriber._future
-            (record,) = [r for r in stack._records if r.name == "pubsub"]
-            await asyncio.to_thread(stop_component, record, child=stack._children.get("pubsub"))
-            stack._records.remove(record)
-            port = settings.pubsub_emulator_host.rsplit(":", 1)[1]
-            from covalent_gcpbatch_plugin.local.processes import http_answers
-
-            await asyncio.to_thread(
-                stack._start, "pubsub", [str(find_pubsub_emulator()), "--host=127.0.0.1", f"--port={port}"], dict(os.environ),
-                lambda: http_answers(f"http://{settings.pubsub_emulator_host}/", body=b"Ok"), f"http://{settings.pubsub_emulator_host}")
-            await asyncio.to_thread(stack._create_topics, settings)
+            await asyncio.to_thread(stack.restart, "pubsub")
             restarted = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*tasks), SETTLE_S)
             assert subscriber._future is not stream_before, "the subscriber re-opened its stream"

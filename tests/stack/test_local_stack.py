@@ -383,6 +383,86 @@ def test_up_failing_half_way_stops_what_it_started(tmp_path):
     assert not stack.status()["components"]
 
 
+@pytest.mark.stack
+def test_bridge_reopens_its_stream_when_its_subscription_comes_back(running, function_dir, tmp_path):
+    """The Pub/Sub emulator's NOT_FOUND (a restarted emulator, before the stack recreated the
+    subscription) ends a streaming pull for good in the client library: the bridge re-opens it
+    and delivers what is published once the subscription is back. (Before: it exited, and no
+    task object reached the function again.) Its own topic and bridge, beside the module's."""
+    _, settings = running
+    topic = settings.topic_path("bridge-reopen")
+    subscription = f"projects/{settings.project_id}/subscriptions/bridge-reopen"
+    publisher = clients.publisher_client(settings.pubsub_emulator_host)
+    subscriber = clients.subscriber_client(settings.pubsub_emulator_host)
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(name=subscription, topic=topic)
+    log_path, ready = tmp_path / "bridge.log", tmp_path / "bridge.ready"
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": settings.pubsub_emulator_host, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", bridge.__name__, "--subscription", subscription, "--target", settings.function_url,
+             "--ready-file", str(ready)],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(ready.exists, 30, "the bridge to pull")
+        subscriber.delete_subscription(subscription=subscription)
+        wait_for(lambda: "streaming pull ended (NotFound" in log_path.read_text(), 30, "the stream to end on NOT_FOUND")
+        subscriber.create_subscription(name=subscription, topic=topic)
+        name = "bridge-reopen/task.pkl"
+        data = json.dumps({**json.loads(FAKE_GCS_DATA), "name": name}).encode()
+        publisher.publish(topic, data, **{**FAKE_GCS_ATTRIBUTES, "objectId": name}).result(timeout=30)
+        wait_for(lambda: recorded_events(function_dir, name), 30, "the delivery through the re-opened stream")
+        assert process.poll() is None, log_path.read_text()
+    finally:
+        process.terminate()
+        code = process.wait(30)
+        subscriber.delete_subscription(subscription=subscription)
+        publisher.delete_topic(topic=topic)
+        subscriber.close()
+        publisher.transport.close()
+    assert code == 0, log_path.read_text()
+
+
+@pytest.mark.stack
+def test_restart_of_gcs_keeps_its_objects_and_its_finalize_events(tmp_path):
+    """On a stack of its own: fake-gcs-server restarted (filesystem backend) still has the task
+    bucket's objects, its new uploads still reach the function, and the state file names the new
+    process, which ``down`` stops. Only the emulators can be restarted."""
+    require_emulators()
+    function_dir = tmp_path / "function"
+    stack = LocalStack(tmp_path / "state", function_source=recording_function(function_dir))
+    with pytest.raises(ValueError, match="pubsub and gcs"):
+        stack.restart("bogus")
+    new_pid = None
+    try:
+        settings = stack.up()
+        bucket = clients.storage_client(settings.project_id, settings.storage_emulator_host).bucket(settings.task_bucket_name)
+        bucket.blob("before-restart.txt").upload_from_string(b"kept")
+        wait_for(lambda: recorded_events(function_dir, "before-restart.txt"), 20, "the first upload's event")
+        before = stack.status()["components"]["gcs"]
+
+        down_s = stack.restart("gcs")
+
+        after = LocalStack(stack.state_dir).status()  # as the state file says
+        assert after["running"] and list(after["components"]) == list(COMPONENTS)
+        restarted = after["components"]["gcs"]
+        new_pid = restarted["pid"]
+        assert new_pid != before["pid"] and not group_members(before["pid"])
+        assert restarted["url"] == before["url"] == settings.storage_emulator_host
+        assert 0 < down_s < 30
+        assert "gcs restarted by LocalStack.restart" in (stack.logs_dir / "gcs.log").read_text()
+        assert bucket.blob("before-restart.txt").download_as_bytes() == b"kept"
+        bucket.blob("after-restart.txt").upload_from_string(b"new")
+        [event] = wait_for(lambda: recorded_events(function_dir, "after-restart.txt"), 20, "the new upload's event")
+        assert event["attributes"]["type"] == "google.cloud.storage.object.v1.finalized"
+        with pytest.raises(ValueError, match="not 'batch'"):
+            stack.restart("batch")
+    finally:
+        stack.down()
+    assert new_pid is not None and not group_members(new_pid), "down stopped the restarted process"
+    assert not processes_under(stack.state_dir)
+
+
 def test_missing_pubsub_emulator_names_the_debian_package(tmp_path, monkeypatch):
     from covalent_gcpbatch_plugin.local import stack
 

@@ -299,16 +299,16 @@ def test_a_write_whose_acknowledgement_was_lost_is_done(local_stack, lost):
     """The worker's upload commits but its answer never arrives (a proxy closes the connection);
     its retry meets 412 on its own object: same bytes, so the write is done and the task
     SUCCEEDS. (Before: exit 12, "already exists: refusing to replace", about a result in the bucket.)"""
-    from lost_ack_proxy import LostAckProxy, LostAcks
+    from covalent_gcpbatch_plugin.local.storage_faults import StorageFaultProxy
 
     bucket = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host).bucket(local_stack.bucket_name)
     job_id = protocol.make_job_id("feedface", 4, protocol.new_attempt_token())
     objects = protocol.TaskObjects(job_id)
-    acks = LostAcks(pattern=f"{objects.prefix}[^\"]*{lost}")
     started = time.monotonic()
-    with LostAckProxy(local_stack.storage_emulator_host, acks) as proxy:
+    with StorageFaultProxy(local_stack.storage_emulator_host) as proxy:
+        proxy.lose_acks(f"{objects.prefix}[^\"]*{lost}", 1)
         code, error = run_worker(local_stack, cloudpickle.dumps((_shout, ["hi"], {})), job_id=job_id, storage_host=proxy.url)
-    assert acks.dropped, "the proxy lost an acknowledgement"
+    assert proxy.lost_objects, "the proxy lost an acknowledgement"
     assert (code, error) == (0, None)
     assert cloudpickle.loads(bucket.blob(objects.result).download_as_bytes()) == "HI"
     assert bucket.blob(objects.stdout(0)).download_as_bytes() == b"hi\n"

@@ -5,7 +5,8 @@ A real bucket trigger turns each Cloud Storage notification into a
 function answers 2xx. fake-gcs-server only publishes the notification, and functions-framework only
 turns a Pub/Sub push into a ``messagePublished`` event, so this bridge fills the gap: a streaming
 pull on the notification subscription, one binary-mode CloudEvent POST per message, ack on 2xx and
-nack otherwise (the subscription's retry policy spaces the redeliveries).
+nack otherwise (the subscription's retry policy spaces the redeliveries). A stream that ends (the
+emulator restarted) is re-opened until the bridge is stopped.
 
 Run: ``python -m covalent_gcpbatch_plugin.local.bridge --subscription projects/P/subscriptions/S
 --target http://127.0.0.1:PORT/`` with PUBSUB_EMULATOR_HOST set.
@@ -27,6 +28,8 @@ from pathlib import Path
 import requests
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
+from google.cloud.pubsub_v1 import SubscriberClient
+from google.cloud.pubsub_v1.subscriber.futures import StreamingPullFuture
 from google.cloud.pubsub_v1.subscriber.message import Message
 
 from .. import clients
@@ -42,6 +45,9 @@ EVENT_TYPES = {
 DEFAULT_TIMEOUT = (5.0, 90.0)
 #: Messages in flight at once; each holds one callback thread while its POST runs.
 MAX_IN_FLIGHT = 8
+#: Seconds between a streaming pull's end and the next attempt (the subscription may be missing
+#: for a while: the stack recreates it after a Pub/Sub emulator restart).
+REOPEN_DELAY_S = 1.0
 
 log = logging.getLogger("covalent_gcpbatch.bridge")
 
@@ -125,9 +131,12 @@ class Bridge:
 
 
 def run(subscription: str, target: str, ready_file: Path | None = None) -> int:
-    """Pull and deliver until SIGTERM/SIGINT (exit 0) or the stream fails (exit 1)."""
-    from google.cloud.pubsub_v1.types import FlowControl
+    """Pull and deliver until SIGTERM/SIGINT (exit 0), re-opening the stream whenever it ends.
 
+    A restarted Pub/Sub emulator (``LocalStack.restart``) comes back without the subscription
+    until the stack recreates it; the client library reconnects on its own after UNAVAILABLE, but
+    ends the stream for good on the NOT_FOUND it may meet in that gap. Eventarc's delivery does
+    not stop because Pub/Sub had a bad moment, so neither does the bridge."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -135,17 +144,17 @@ def run(subscription: str, target: str, ready_file: Path | None = None) -> int:
     subscriber = clients.subscriber_client()
     subscriber.get_subscription(subscription=subscription)  # fail fast if it does not exist
     bridge = Bridge(target)
-    future = subscriber.subscribe(subscription, bridge.deliver, flow_control=FlowControl(max_messages=MAX_IN_FLIGHT))
+    future = _pull(subscriber, subscription, bridge)
     log.info("bridging %s -> %s", subscription, target)
     if ready_file is not None:
         ready_file.write_text("ready\n")
 
     while not stop.wait(0.5):
         if future.done():
-            break
-    failed = future.done() and not future.cancelled() and future.exception() is not None
-    if failed:
-        log.error("streaming pull ended: %s", future.exception())
+            log.warning("streaming pull ended (%s); re-opening in %.0f s", _ended_by(future), REOPEN_DELAY_S)
+            if stop.wait(REOPEN_DELAY_S):
+                break
+            future = _pull(subscriber, subscription, bridge)
     future.cancel()
     try:
         future.result(timeout=10)
@@ -153,7 +162,20 @@ def run(subscription: str, target: str, ready_file: Path | None = None) -> int:
         pass
     subscriber.close()
     log.info("bridge stopped")
-    return 1 if failed else 0
+    return 0
+
+
+def _pull(subscriber: SubscriberClient, subscription: str, bridge: Bridge) -> StreamingPullFuture:
+    from google.cloud.pubsub_v1.types import FlowControl
+
+    return subscriber.subscribe(subscription, bridge.deliver, flow_control=FlowControl(max_messages=MAX_IN_FLIGHT))
+
+
+def _ended_by(future: StreamingPullFuture) -> str:
+    if future.cancelled():
+        return "cancelled"
+    error = future.exception()
+    return f"{type(error).__name__}: {error}" if error is not None else "no error"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ process group that ``down`` can stop whole), each logging to ``<state>/logs/<nam
 
 The processes outlive the process that ran ``up``; ``<state>/stack.json`` records the settings and
 the process groups, and is rewritten after every start so that a failed or killed ``up`` can
-still be cleaned up by ``down``. ``up`` of a stack that is already running reuses it.
+still be cleaned up by ``down``. ``up`` of a stack that is already running reuses it. ``restart``
+stops one emulator and starts it again as ``up`` did (fault injection: the soak in bench/).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ MARKER_FILE = ".covalent-gcpbatch-local"
 READY_TIMEOUT_S = {"pubsub": 60.0, "gcs": 20.0, "batch": 30.0, "function": 30.0, "bridge": 30.0}
 STOP_GRACE_S = 10.0
 COMPONENTS = ("pubsub", "gcs", "batch", "function", "bridge")
+#: What ``LocalStack.restart`` may restart: the emulators, whose loss and return a fault soak plays.
+RESTARTABLE = ("pubsub", "gcs")
 
 
 class StackSettings(BaseModel):
@@ -132,6 +135,17 @@ class ProcessRecord:
     url: str = ""
     #: Seconds from spawn until its readiness probe passed.
     ready_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """How ``_start`` started a component, kept so that ``restart`` starts it again exactly so
+    (same port, arguments and environment) without a second copy of its command line."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    ready: Callable[[], bool]
+    url: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +254,7 @@ class LocalStack:
         self.data_dir = self.state_dir / "data"
         self._records: list[ProcessRecord] = []
         self._children: dict[str, subprocess.Popen] = {}
+        self._launches: dict[str, _Launch] = {}
         self._settings: StackSettings | None = None
 
     # -- state file -------------------------------------------------------------------------
@@ -462,9 +477,14 @@ class LocalStack:
         env: Mapping[str, str],
         ready: Callable[[], bool],
         url: str = "",
+        restarting: bool = False,
     ) -> None:
         log_path = self.logs_dir / f"{name}.log"
-        with open(log_path, "wb") as log:
+        # A restart appends: what the component logged before it is the evidence a soak reads.
+        with open(log_path, "ab" if restarting else "wb") as log:
+            if restarting:
+                log.write(f"--- {name} restarted by LocalStack.restart ---\n".encode())
+                log.flush()
             child = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -476,8 +496,9 @@ class LocalStack:
             )
         started = time.monotonic()
         self._children[name] = child
+        self._launches[name] = _Launch(tuple(argv), dict(env), ready, url)
         record = ProcessRecord(name, child.pid, process_start_ticks(child.pid), str(log_path), url)
-        self._records.append(record)
+        self._put_record(record)
         self._write_state(complete=False)
 
         timeout = READY_TIMEOUT_S[name]
@@ -490,6 +511,60 @@ class LocalStack:
             time.sleep(0.05)
         record.ready_s = round(time.monotonic() - started, 3)
         self.progress(f"{name} ready in {record.ready_s:.1f} s ({url or log_path})")
+
+    def _put_record(self, record: ProcessRecord) -> None:
+        """Record a started process; a restarted component's new one takes its old one's place
+        (the state file then names only processes ``down`` must stop, in start order)."""
+        for index, existing in enumerate(self._records):
+            if existing.name == record.name:
+                self._records[index] = record
+                return
+        self._records.append(record)
+
+    # -- restart ----------------------------------------------------------------------------
+
+    def restart(self, name: str) -> float:
+        """Stop the running component ``name`` ("pubsub" or "gcs") and start it again on the same
+        port with the same arguments and environment, ready as ``up`` leaves it; the seconds from
+        stopping it until it was ready again (topics included).
+
+        A restarted Pub/Sub emulator has lost its topics and subscriptions: they are created again
+        (the bridge re-opens its stream by itself; other subscribers must recreate theirs, as the
+        executor's does). fake-gcs-server keeps its buckets and objects (filesystem backend) and
+        publishes finalize events again once up.
+
+        Only the instance whose ``up`` started the stack can restart it: the command lines and
+        environments are not written to the state file (the environment may hold tokens)."""
+        if name not in RESTARTABLE:
+            raise ValueError(f"only {' and '.join(RESTARTABLE)} can be restarted, not {name!r}")
+        launch = self._launches.get(name)
+        settings = self._settings
+        if launch is None or settings is None or not any(r.name == name for r in self._records):
+            raise StackError(f"{name} was not started by this LocalStack: only the instance whose up started "
+                             f"the stack in {self.state_dir} can restart its components")
+        with self._locked():
+            (old,) = [r for r in self._records if r.name == name]
+            stopping = time.monotonic()
+            stop_component(old, child=self._children.pop(name, None))
+            try:
+                self._start(name, list(launch.argv), launch.env, launch.ready, launch.url, restarting=True)
+                if name == "pubsub":
+                    self._create_topics(settings)
+            except BaseException:
+                self._stop_failed_restart(name)
+                raise
+            down_s = time.monotonic() - stopping
+            self._write_state(complete=True)
+        self.progress(f"{name} restarted, down {down_s:.1f} s")
+        return down_s
+
+    def _stop_failed_restart(self, name: str) -> None:
+        """A restart that did not come up is stopped, so that it holds no port; its record stays
+        (now naming a dead process) and the state says incomplete: ``down`` cleans up as after a
+        failed ``up``."""
+        (record,) = [r for r in self._records if r.name == name]
+        stop_component(record, child=self._children.get(name))
+        self._write_state(complete=False)
 
     # -- down / status ----------------------------------------------------------------------
 
@@ -506,7 +581,7 @@ class LocalStack:
         by_pid.update({r.pid: r for r in self._records})
         for record in sorted(by_pid.values(), key=lambda r: _start_order(r.name), reverse=True):
             stop_component(record, child=self._children.get(record.name))
-        self._records, self._children, self._settings = [], {}, None
+        self._records, self._children, self._launches, self._settings = [], {}, {}, None
         self.state_file.unlink(missing_ok=True)
         (self.state_dir / "bridge.ready").unlink(missing_ok=True)
 
