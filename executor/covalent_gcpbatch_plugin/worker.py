@@ -33,6 +33,7 @@ GCPBATCH_PACK_ID) set.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import io
@@ -152,6 +153,7 @@ class Tee(io.TextIOBase):
         self._kept = 0
         self.written = 0  # characters ever written
         self._lock = threading.Lock()
+        self._buffer: TeeBytes | None = None
 
     def write(self, text: str) -> int:
         with self._lock:
@@ -165,6 +167,21 @@ class Tee(io.TextIOBase):
 
     def flush(self) -> None:
         self.passthrough.flush()
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:
+        return "surrogateescape"
+
+    @property
+    def buffer(self) -> "TeeBytes":
+        """What ``sys.stdout.buffer`` is to a task: bytes written there are captured too."""
+        if self._buffer is None:
+            self._buffer = TeeBytes(self)
+        return self._buffer
 
     def since(self, position: int) -> tuple[str, int]:
         """(what was written after ``position`` and is still kept, the new position)."""
@@ -181,6 +198,28 @@ class Tee(io.TextIOBase):
             return kept
         tail = kept[-self.limit :]
         return f"[covalent-gcpbatch: the first {self.written - len(tail)} characters of this output were cut]\n{tail}"
+
+
+class TeeBytes(io.BufferedIOBase):
+    """A Tee's binary side (``sys.stdout.buffer``): tasks and libraries write bytes there. They are
+    decoded as UTF-8, what is not UTF-8 kept as lone surrogates (stored escaped, as ``storable``
+    does), a character split across two writes joined again."""
+
+    def __init__(self, tee: Tee) -> None:
+        super().__init__()
+        self.tee = tee
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.tee.write(self._decoder.decode(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self.tee.flush()
 
 
 class LiveOutput(threading.Thread):
