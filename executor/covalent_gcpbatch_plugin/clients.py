@@ -43,7 +43,18 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     auth_exceptions.TransportError,
     ConnectionError,
 )
-is_transient = api_retry.if_exception_type(*TRANSIENT_ERRORS)
+#: The same errors as HTTP statuses, for what google-cloud-storage's uploads raise: its media
+#: layer's InvalidResponse (the status on its ``response``), converted to api_core's error only
+#: after the retry has given up. (Its own DEFAULT_RETRY's predicate checks the same codes.)
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    from google.cloud.storage.exceptions import InvalidResponse
+
+    return isinstance(exc, InvalidResponse) and getattr(exc.response, "status_code", None) in TRANSIENT_STATUS
 
 
 def transient_retry(timeout_s: float, on_error=None) -> api_retry.Retry:

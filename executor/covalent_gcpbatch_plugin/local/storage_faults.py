@@ -255,7 +255,13 @@ def _handler(target: tuple[str, int], faults: _Faults) -> type[http.server.BaseH
                     headers.append(("Retry-After", str(RETRY_AFTER_S)))
                 self._answer(status, error_body(status), headers)
                 return
-            answer, payload = self._forward(body)
+            try:
+                answer, payload = self._forward(body)
+            except OSError:
+                # fake-gcs-server down (restarted): GCS's front end answers 503 while its backend
+                # is away, and the clients retry it. The request may have committed first.
+                self._answer(503, error_body(503), [("Content-Type", "application/json; charset=UTF-8")])
+                return
             if 200 <= answer.status < 300 and faults.take_lost_ack(self.command, self.path, body) is not None:
                 # Committed upstream; the client never hears of it.
                 self.close_connection = True
