@@ -307,7 +307,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         (cancelled, given up on), the job may still run work nobody waits for: it is cancelled (the
         marker first, as for a task) and its manifest stays for the workers it may still start (the
         bucket's lifecycle rule removes it). Otherwise every task has ended: the job's VM time is
-        logged (once Batch has it ended) and the manifest removed."""
+        logged (once Batch has it ended) and the pack's objects removed."""
         pack_id = settled.pack_id
         if self.wait_mode == "events":
             self._job_events().unregister_pack(pack_id)
@@ -321,7 +321,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             if JobState.of(job.status.state).is_terminal:
                 self._log_usage(job)
             if not self.keep_artifacts:
-                self._task_bucket().delete_blob(PackObjects(pack_id).manifest, timeout=30)
+                objects = PackObjects(pack_id)
+                self._delete_all(self._task_bucket(), [objects.manifest])
+                # The function's records of a delayed (or refused) create, as a task's are removed with it.
+                self._delete_all(self._bucket(), [objects.create_delayed, objects.not_created])
         except Exception as err:  # noqa: BLE001 - every electron already has its outcome
             app_log.warning(f"gcpbatch: closing pack {pack_id}: {type(err).__name__}: {err}")
 
@@ -607,6 +610,10 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 print(record.traceback, end="", file=self.task_stderr)
             step.delivered = True
             raise TaskRuntimeError(f"{record.type}: {record.message}")
+        if bucket.get_blob(objects.cancelled, timeout=30, retry=retry) is not None:
+            # Ended without an outcome after its cancel (its worker honoured the marker): the
+            # task's FAILED message may reach the wait before cancel()'s own wake-up does.
+            raise TaskCancelledError(f"Batch job {job_id} was cancelled")
         self._fail(self._explain_failure(job_id, outcome.state))
 
     def _why_unexecuted(self, placement: packing.Placement) -> str | None:

@@ -283,3 +283,79 @@ def test_cancelling_every_electron_cancels_the_job(covalent_server, local_stack)
     final = wait_until(lambda: (j := batch.get_job(name=job.name)).status.state.name == "CANCELLED" and j, 60,
                        "the pack's job was cancelled")
     assert final.status.state.name == "CANCELLED"
+
+
+def test_an_electron_whose_task_stopped_for_its_cancel_marker_ends_cancelled(local_stack, tmp_path):
+    """The soak found electrons of a cancelled dispatch ending FAILED ("exit code 13: the electron
+    was cancelled"): their workers honoured the cancel marker before cancel()'s wake-up reached
+    the waits (its thread hop queued behind others), so the task's FAILED message came first. A
+    task that ends without an outcome while its marker is there was cancelled: CANCELLED, however
+    the news arrived. Here the marker alone is written, the wake-up never comes."""
+    import asyncio
+    import io
+
+    from covalent._shared_files.exceptions import TaskCancelledError
+    from direct_executor import DirectExecutor
+
+    config = {**local_stack.executor_config(), "time_limit": 120, "cache_dir": str(tmp_path / "cache"),
+              "pack_window": 2.0, "pack_parallelism": 2, "reconcile_interval": 5}
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    dispatch_id = f"marker-{time.time_ns()}"
+
+    def body(i):
+        import time as _time
+
+        _time.sleep(30 if i else 3)
+        return i
+
+    async def one(i):
+        executor = DirectExecutor(**config)
+        executor._task_stdout, executor._task_stderr = io.StringIO(), io.StringIO()
+        return await executor.run(body, [i], {}, {"dispatch_id": dispatch_id, "node_id": i})
+
+    async def scenario():
+        runs = [asyncio.create_task(one(i)) for i in range(2)]
+        prefix = protocol.dispatch_prefix(dispatch_id, 1)
+        task_object = await asyncio.to_thread(wait_until, lambda: list(storage.list_blobs(local_stack.task_bucket_name, prefix=prefix)),
+                                              60, "electron 1's task was uploaded")
+        job_id = protocol.job_id_of_task_object(task_object[0].name)
+        await asyncio.sleep(4)  # its worker is running the 30 s body by now
+        storage.bucket(local_stack.bucket_name).blob(protocol.TaskObjects(job_id).cancelled).upload_from_string(b"")
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    first, second = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert first == 0
+    assert isinstance(second, TaskCancelledError), repr(second)
+
+
+def test_a_pack_whose_create_was_delayed_leaves_no_object(local_stack, tmp_path):
+    """The soak found a pack's create-delayed.txt (the function's record of a transient create
+    error) left in the bucket after its electrons completed: a task's records go with its prefix,
+    a pack's manifest alone was removed."""
+    import asyncio
+    import io
+
+    from direct_executor import DirectExecutor
+
+    config = {**local_stack.executor_config(), "time_limit": 120, "cache_dir": str(tmp_path / "cache"),
+              "pack_window": 2.0, "reconcile_interval": 5}
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    dispatch_id = f"delayed-{time.time_ns()}"
+
+    async def one(i):
+        executor = DirectExecutor(**config)
+        executor._task_stdout, executor._task_stderr = io.StringIO(), io.StringIO()
+        return await executor.run(lambda x: x * 2, [i], {}, {"dispatch_id": dispatch_id, "node_id": i})
+
+    async def scenario():
+        return await asyncio.gather(*(one(i) for i in range(2)))
+
+    batch_admin(local_stack, "faults", {"fail_create": 1, "fail_create_status": 503})
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 120)) == [0, 2]
+    finally:
+        batch_admin(local_stack, "faults", {"fail_create": 0})
+    assert batch_admin(local_stack, "stats")["faults"]["fail_create"] == 0, "the pack's create met the 503"
+    left = [b.name for bucket in (local_stack.bucket_name, local_stack.task_bucket_name)
+            for b in storage.list_blobs(bucket, prefix=protocol.dispatch_prefix(dispatch_id))]
+    assert left == []
