@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint faults bench clean
+.PHONY: install demo test lint faults bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ faults: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Hundreds of electrons through Covalent under faults fired at random moments from a seed, then
+# every outcome checked (bench/soak.py; docs/reliability.md). At most 20 minutes; not part of
+# `make test` (tests/stack/test_soak.py runs a short form). SOAK_ARGS passes options through,
+# e.g. `make soak SOAK_ARGS="--seed 7"` (python -m bench.soak --help).
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # deploy.sh must stay shellcheck-clean (CI runs this before `make test`).
 lint:
