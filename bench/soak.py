@@ -310,6 +310,9 @@ class Soak:
             timers.append(threading.Timer(self.server_kill_s, self._kill_and_restart_server))
             timers[-1].daemon = True
             timers[-1].start()
+        dispatching = threading.Event()  # set once every dispatch is made
+        watcher = threading.Thread(target=self._await_all, args=(ct, started, dispatching), name="soak-watch", daemon=True)
+        watcher.start()
         try:
             for d in self.dispatches:
                 if self._sleep_until(started + d.start_s):
@@ -323,8 +326,10 @@ class Soak:
                     timer.daemon = True
                     timer.start()
                     timers.append(timer)
-            self._await_all(ct, started)
+            dispatching.set()
+            watcher.join(max(0.0, self.deadline - time.monotonic()))
         finally:
+            dispatching.set()
             for timer in timers:
                 timer.cancel()
             injector.clear()
@@ -353,7 +358,7 @@ class Soak:
         killed = time.monotonic()
         try:
             os.killpg(self.server.pgid, signal.SIGKILL)
-            self.interrupted = {name for name, info in self.dispatched.items() if "status" not in info}
+            self.interrupted = {name for name, info in list(self.dispatched.items()) if "status" not in info}
             self.server.pgid = None
             self.server.start()
             self.restart.update(at_s=round(killed - self.started, 2), away_s=round(time.monotonic() - killed, 2),
@@ -389,16 +394,17 @@ class Soak:
         except Exception as err:  # noqa: BLE001 - recorded: the check then finds what the dispatch did
             self.dispatched[name]["cancel_error"] = repr(err)
 
-    def _await_all(self, ct, started: float) -> None:
-        """Watch Covalent's status of each dispatch (status only: cheap) until all are terminal or
-        the budget (less the time kept for the check) is spent; what is left is cancelled. The
-        dispatches the server's kill left in flight are not waited for."""
+    def _await_all(self, ct, started: float, dispatching: threading.Event) -> None:
+        """Watch Covalent's status of each dispatch (status only: cheap), from the first dispatch
+        on, until every dispatch is made and terminal or the budget (less the time kept for the
+        check) is spent; what is left is cancelled. The dispatches the server's kill left in flight
+        are not waited for."""
         check_reserve = 120.0
 
         def pending() -> list[str]:
-            return sorted(n for n, info in self.dispatched.items() if "status" not in info and n not in self.interrupted)
+            return sorted(n for n, info in list(self.dispatched.items()) if "status" not in info and n not in self.interrupted)
 
-        while pending() and time.monotonic() < self.deadline - check_reserve:
+        while (pending() or not dispatching.is_set()) and time.monotonic() < self.deadline - check_reserve:
             self.server_up.wait()
             for name in pending():
                 try:

@@ -120,3 +120,12 @@ def test_a_trigger_event_lost_in_an_emulator_restart_is_explained_only_by_the_su
     assert plan.judge(VALUE, _dispatch(VALUE), plan.Observed(**failed), retries=3) != []
     other = plan.Observed("FAILED", error="something else", submitted_across_restart=True)
     assert plan.judge(VALUE, _dispatch(VALUE), other, retries=3) != []
+
+
+def test_the_reliability_page_lists_every_fault_kind_once():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    table = page.split("## Soak: many faults at once", 1)[1].split("\n\n")[2]
+    listed = [line.split("`")[1] for line in table.splitlines()[2:]]
+    assert listed == list(plan.FAULT_WEIGHTS)

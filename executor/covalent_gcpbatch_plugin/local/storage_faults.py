@@ -29,6 +29,7 @@ import http.server
 import json
 import re
 import socket
+import sys
 import threading
 import urllib.parse
 from collections import Counter
@@ -227,6 +228,13 @@ class _Server(http.server.ThreadingHTTPServer):
         finally:
             with self._connections_lock:
                 self._connections.discard(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-request (its timeout, a retry, the connection this proxy
+        shut to lose an answer) is no error of the proxy's: quiet. Anything else is printed."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         with self._connections_lock:
