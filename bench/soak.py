@@ -40,7 +40,7 @@ from typing import Any
 
 from covalent_gcpbatch_plugin import clients, protocol
 from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer, isolated_env
-from covalent_gcpbatch_plugin.local.processes import free_ports
+from covalent_gcpbatch_plugin.local.processes import free_ports, http_answers
 from covalent_gcpbatch_plugin.local.stack import LocalStack
 from covalent_gcpbatch_plugin.local.storage_faults import StorageFaultProxy
 
@@ -359,13 +359,24 @@ class Soak:
         try:
             os.killpg(self.server.pgid, signal.SIGKILL)
             self.interrupted = {name for name, info in list(self.dispatched.items()) if "status" not in info}
-            self.server.pgid = None
+            # What its user does next: `covalent stop` (it clears the dead server's pid file, which
+            # `covalent start` would otherwise take for a running server), then `covalent start`.
+            self.server.stop()
             self.server.start()
+            url = f"http://127.0.0.1:{self.server.port}/"
+            answers = time.monotonic() + 60
+            while not http_answers(url, any_status=True):
+                if time.monotonic() > answers:
+                    raise RuntimeError(f"covalent start returned, but nothing answers at {url}")
+                time.sleep(0.5)
             self.restart.update(at_s=round(killed - self.started, 2), away_s=round(time.monotonic() - killed, 2),
                                 in_flight=sorted(self.interrupted))
             self.restart["cancelled_at_restart"] = self._cancel_left_behind()
+            log(f"soak: Covalent server SIGKILLed and back in {self.restart['away_s']:g} s; "
+                f"{len(self.interrupted)} dispatches were in flight")
         except Exception as err:  # noqa: BLE001 - reported, and the soak fails
             self.restart.update(at_s=round(killed - self.started, 2), error=f"{type(err).__name__}: {err}")
+            log(f"soak: the Covalent server could not be restarted: {self.restart['error']}")
         finally:
             self.server_up.set()
 
