@@ -113,7 +113,8 @@ class _TaskSettings(BaseModel):
                     "Lower means fewer VM boots and VM-seconds, but the pack's electrons queue for its VMs.")
     keep_artifacts: bool = Field(
         False, strict=True,
-        description="Keep the task's objects in the bucket after the result is read (for debugging).")
+        description="Keep all of the task's objects in the bucket after the result is read (for debugging). Its "
+                    "result or error record is kept either way, until the bucket's lifecycle rule removes it.")
 
 
 class ExecutorPluginDefaults(JobOptions, _TaskSettings):

@@ -33,7 +33,8 @@ def test_layout_round_trips_the_job_id():
     outputs = [objects.stdout(0), objects.stderr(0), objects.stdout(2), objects.stderr(1)]
     everything = [*objects.fixed(), *outputs]
     assert len(set(everything)) == 9 and all(o.startswith(objects.prefix) for o in everything)
-    assert [o for o in everything if not objects.disposable(o)] == [objects.cancelled], "the marker outlives the task"
+    kept = [o for o in everything if not objects.disposable(o)]
+    assert kept == [objects.result, objects.error, objects.cancelled], "the marker and the outcome outlive the task"
     assert not objects.disposable("covalent-gcpbatch/cov-8f1c2d3e-3-a1b2c3d4x/task.pkl"), "another task's"
     assert objects.last_attempt(everything) == 2 and objects.last_attempt(objects.fixed()) is None
     assert p.job_id_of_task_object(objects.stdout(0)) is None, "outputs never start a job"

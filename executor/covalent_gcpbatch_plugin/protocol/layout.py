@@ -117,8 +117,11 @@ class TaskObjects(_Prefix):
 
     def disposable(self, name: str) -> bool:
         """Whether the executor deletes ``name`` (from a listing of ``prefix``) when the task is
-        over: everything of the task but the cancel marker."""
-        return name.startswith(self.prefix) and name != self.cancelled
+        over: everything of the task but the cancel marker and its outcome (result or error
+        record), which the bucket's lifecycle rule removes. Returning the result hands it to
+        Covalent's process, not to its database: a server that dies before recording it would
+        otherwise lose a result nobody could fetch again (the soak found one)."""
+        return name.startswith(self.prefix) and name not in (self.cancelled, self.result, self.error)
 
 
 @dataclass(frozen=True)
