@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -38,13 +37,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from google.cloud import batch_v1
+
 from covalent_gcpbatch_plugin import clients, protocol
+from covalent_gcpbatch_plugin.local.batch.model import State
 from covalent_gcpbatch_plugin.local.covalent_server import CovalentServer, isolated_env
 from covalent_gcpbatch_plugin.local.processes import free_ports, http_answers
 from covalent_gcpbatch_plugin.local.stack import LocalStack
 from covalent_gcpbatch_plugin.local.storage_faults import StorageFaultProxy
 
-from . import _direct, log
+from . import _direct, harness, log
 from . import soak_plan as plan
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -233,8 +235,9 @@ class Injector:
         self.proxy.fail_next(0)
 
 
-ALL_JOB_STATES = ["QUEUED", "SCHEDULED", "RUNNING", "SUCCEEDED", "FAILED", "DELETION_IN_PROGRESS", "CANCELLATION_IN_PROGRESS", "CANCELLED"]
-ALL_TASK_STATES = ["PENDING", "ASSIGNED", "RUNNING", "FAILED", "SUCCEEDED"]
+#: Every job and task state Batch may publish (what a drop_notifications window drops).
+ALL_JOB_STATES = [state.name for state in State]
+ALL_TASK_STATES = [state.name for state in batch_v1.TaskStatus.State]
 NO_FAULTS = {"fail_get": 0, "fail_create": 0, "fail_create_after_commit": 0, "preempt": {"*": 0},
              "preempt_after_exit": {"*": 0}, "drop_notifications": {"*": []}, "drop_task_notifications": {"*": []},
              "duplicate_notifications": False, "delay_notifications_s": 0}
@@ -651,20 +654,15 @@ def verdict(report: dict) -> list[str]:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    except OSError:
-        pass
+    """Where it ran (bench/harness.py's record, as make bench keeps it) and the commit."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(), "commit": commit}
+    return {**harness.machine(), "commit": commit}
 
 
 def print_table(report: dict, out=sys.stdout) -> None:
     print(f"soak seed {report['seed']}: {report['electrons']} electrons, {report['dispatches']} dispatches, "
-          f"{report['wall_s']:.0f} s on {report['machine']['cpu']} ({report['machine']['cores']} cores), "
+          f"{report['wall_s']:.0f} s on {report['machine']['cpu_model']} ({report['machine']['cores']} cores), "
           f"commit {report['machine']['commit']}", file=out)
     print("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(report["faults"].items())), file=out)
     print("electrons by outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(report["outcomes"].items())), file=out)
