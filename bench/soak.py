@@ -46,7 +46,7 @@ from covalent_gcpbatch_plugin.local.processes import free_ports, http_answers
 from covalent_gcpbatch_plugin.local.stack import LocalStack
 from covalent_gcpbatch_plugin.local.storage_faults import StorageFaultProxy
 
-from . import _direct, harness, log
+from . import batch_admin, harness, log
 from . import soak_plan as plan
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -241,16 +241,6 @@ ALL_TASK_STATES = [state.name for state in batch_v1.TaskStatus.State]
 NO_FAULTS = {"fail_get": 0, "fail_create": 0, "fail_create_after_commit": 0, "preempt": {"*": 0},
              "preempt_after_exit": {"*": 0}, "drop_notifications": {"*": []}, "drop_task_notifications": {"*": []},
              "duplicate_notifications": False, "delay_notifications_s": 0}
-
-
-def batch_admin(endpoint: str, path: str, body: dict | None = None) -> Any:
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{endpoint}/_admin/{path}", data=data, method="POST" if data else "GET",
-                                     headers={"Content-Type": "application/json"})
-    with _direct.open(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 # -- the run ------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: The same errors as HTTP statuses, for what google-cloud-storage's uploads raise: its media
 #: layer's InvalidResponse (the status on its ``response``), converted to api_core's error only
-#: after the retry has given up. (Its own DEFAULT_RETRY's predicate checks the same codes.)
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: after the retry has given up. Plus 408, which storage's own DEFAULT_RETRY retries too.
+TRANSIENT_STATUS = frozenset({int(e.code) for e in TRANSIENT_ERRORS if isinstance(getattr(e, "code", None), int)} | {408})
 
 
 def is_transient(exc: BaseException) -> bool:
