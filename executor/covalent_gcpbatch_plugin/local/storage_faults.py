@@ -41,7 +41,7 @@ from typing import Any
 _NOT_FORWARDED = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer",
                   "content-length", "host"}
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-#: The ``reason`` of the JSON API's error for a status (docs "HTTP status and error codes"); any
+#: The ``reason`` of the JSON API's error for a status (Cloud Storage docs, "HTTP status and error codes for JSON": https://cloud.google.com/storage/docs/json_api/v1/status-codes); any
 #: other 5xx is a backendError there too.
 REASONS = {400: "invalid", 401: "required", 403: "forbidden", 404: "notFound", 409: "conflict",
            412: "conditionNotMet", 429: "rateLimitExceeded"}
