@@ -14,6 +14,24 @@ from .model import State
 
 T = TypeVar("T")
 
+#: The OPERATIONAL_INFO texts real Batch writes for a job it cannot place, to use with
+#: ``no_capacity``. Quota: Nextflow printed it as "Batch job cannot be run: VM in Managed Instance
+#: Group meets error: Batch Error: code - CODE_GCE_QUOTA_EXCEEDED, description - error count is 4,
+#: latest message example: Instance '...' creation failed: Quota 'N2_CPUS' exceeded.  Limit: 24.0
+#: in region us-central1" (a user's log, amnahsiddiqa/cloud_nfcore_pipelines; the check is
+#: Nextflow PR #3066). Stockout: Compute Engine's ZONE_RESOURCE_POOL_EXHAUSTED message ("A
+#: e2-standard-2 VM instance is currently unavailable in the europe-west4-a zone...",
+#: GoogleCloudPlatform/ai-on-gke #849) under Batch's CODE_GCE_ZONE_RESOURCE_POOL_EXHAUSTED.
+CAPACITY_EVENTS = {
+    "quota": ("VM in Managed Instance Group meets error: Batch Error: code - CODE_GCE_QUOTA_EXCEEDED, description - "
+              "error count is 4, latest message example: Instance 'job-group0-0-abcd' creation failed: Quota "
+              "'{quota}' exceeded.  Limit: {limit} in region {region}"),
+    "stockout": ("VM in Managed Instance Group meets error: Batch Error: code - CODE_GCE_ZONE_RESOURCE_POOL_EXHAUSTED, "
+                 "description - error count is 3, latest message example: A {machine} VM instance is currently "
+                 "unavailable in the {zone} zone. Alternatively, you can try your request again with a different VM "
+                 "hardware configuration or at a later time."),
+}
+
 @dataclass
 class Faults:
     """Injected failures; keys of the per-job maps are job ids or ``*`` (any job)."""
@@ -29,6 +47,10 @@ class Faults:
     #: Batch words it: "No zone supports all of the provided instance templates", Nextflow #5550),
     #: none of its tasks started.
     fail_scheduling: dict[str, str] = field(default_factory=dict)
+    #: Standing: jobs of a provisioning model (``SPOT``, ``STANDARD``...) or job id (or ``*``) get
+    #: no VM while set: they stay SCHEDULED with this text as an OPERATIONAL_INFO status event, as
+    #: Batch keeps a job it cannot place (quota, stockout) and says why (see CAPACITY_EVENTS).
+    no_capacity: dict[str, str] = field(default_factory=dict)
     #: One-shot: the job's tasks are created this many seconds after it is SCHEDULED (not at
     #: once): until then get_task answers NOT_FOUND, as Batch's may for minutes (Nextflow #5422).
     tasks_after_s: dict[str, float] = field(default_factory=dict)
@@ -58,7 +80,7 @@ class Faults:
 
     def update(self, body: Mapping) -> None:
         """Apply ``POST /_admin/faults``; raises ValueError on a malformed body."""
-        known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_scheduling", "tasks_after_s",
+        known = {"preempt", "preempt_after_s", "preempt_after_exit", "fail_scheduling", "no_capacity", "tasks_after_s",
                  "notify_retried_attempts", "fail_create", "fail_create_status", "fail_get", "fail_get_status",
                  "fail_create_after_commit", "fail_create_after_commit_status", "drop_notifications",
                  "drop_task_notifications", "duplicate_notifications", "delay_notifications_s", "kill_running"}
@@ -69,6 +91,8 @@ class Faults:
             self.preempt[str(job)] = int(count)
         for job, reason in dict(body.get("fail_scheduling", {})).items():
             self.fail_scheduling[str(job)] = str(reason)
+        if "no_capacity" in body:  # the whole map: {} gives every held job its VMs
+            self.no_capacity = {str(key): str(text) for key, text in dict(body["no_capacity"]).items()}
         for job, count in dict(body.get("preempt_after_exit", {})).items():
             self.preempt_after_exit[str(job)] = int(count)
         for name in ("preempt_after_s", "tasks_after_s"):
@@ -111,6 +135,13 @@ class Faults:
     def take_fail_scheduling(self, job_id: str) -> str | None:
         return _take_once(self.fail_scheduling, job_id)
 
+    def capacity_problem(self, job_id: str, provisioning: str) -> str | None:
+        """Why the job gets no VM now (None: it may have one)."""
+        for key in (job_id, provisioning, "*"):
+            if key in self.no_capacity:
+                return self.no_capacity[key]
+        return None
+
     def take_preempt_after(self, job_id: str) -> float | None:
         return _take_once(self.preempt_after_s, job_id)
 
@@ -148,6 +179,7 @@ class Faults:
     def to_json(self) -> dict:
         return {"preempt": self.preempt, "preempt_after_s": self.preempt_after_s,
                 "preempt_after_exit": self.preempt_after_exit, "fail_scheduling": self.fail_scheduling,
+                "no_capacity": self.no_capacity,
                 "tasks_after_s": self.tasks_after_s, "notify_retried_attempts": self.notify_retried_attempts,
                 "fail_create": self.fail_create, "fail_create_status": self.fail_create_status,
                 "fail_create_after_commit": self.fail_create_after_commit,

@@ -194,6 +194,8 @@ class JobRecord:
     vms_live: int = 0
     #: The latency model's: when the job may leave QUEUED.
     admit_at: float = 0.0
+    #: The no_capacity text the job was last held for (its status event was written once).
+    held_for: str | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -401,6 +403,7 @@ class LocalBatch:
             kill = updated.take_kill_running()
             self.faults = updated
             self._kill_running(kill)
+            self._dispatch()  # capacity may have come back (no_capacity lifted)
 
     def _kill_running(self, count: int) -> None:
         """SIGKILL the process groups of the ``count`` most recently started workers, as the OOM
@@ -422,6 +425,7 @@ class LocalBatch:
             self.killed = 0
             live = {r.job_id for r in self.jobs.values()}
             self.state_times = {k: v for k, v in self.state_times.items() if k in live}
+            self._dispatch()  # jobs held by no_capacity get their VMs
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Kill every running job's process group (jobs keep their state) and start nothing more."""
@@ -586,7 +590,7 @@ class LocalBatch:
         to their parallelism), then the next admitted job's first VM."""
         for record in list(self.jobs.values()):
             while (not self.closing and self.running < self.max_running and record.vms_wanted > 0
-                   and record.stop is None and record.pending):
+                   and record.stop is None and record.pending and not self._held(record)):
                 self._start_vm(record)
         while not self.closing and self.queue and self.running < self.max_running:
             record = self.jobs.get(self.queue[0])
@@ -609,8 +613,24 @@ class LocalBatch:
                 timer = threading.Timer(delay, self._create_tasks_when_due, args=(record,))
                 timer.daemon = True
                 timer.start()
-            while self.running < self.max_running and record.vms_wanted > 0 and record.pending:
+            while self.running < self.max_running and record.vms_wanted > 0 and record.pending and not self._held(record):
                 self._start_vm(record)
+
+    def _held(self, record: JobRecord) -> bool:
+        """Whether the job can have no VM now (the no_capacity fault; lock held). The first time,
+        Batch's OPERATIONAL_INFO status event says why; the job stays SCHEDULED, its tasks PENDING,
+        until it is cancelled or the capacity comes (the fault is lifted: set_faults dispatches)."""
+        policy = record.job.allocation_policy.instances[0].policy if record.job.allocation_policy.instances else None
+        model = policy.provisioning_model.name if policy is not None and policy.provisioning_model else "STANDARD"
+        reason = self.faults.capacity_problem(record.job_id, model)
+        if reason is None:
+            record.held_for = None
+            return False
+        if record.held_for != reason:
+            record.held_for = reason
+            record.job.status.status_events.append(batch_v1.StatusEvent(
+                type_="OPERATIONAL_INFO", event_time=timestamp(time.time()), description=reason))
+        return True
 
     def _create_tasks(self, record: JobRecord) -> None:
         """The job's tasks, PENDING (lock held). Batch creates them only once it schedules the job,
