@@ -1,17 +1,24 @@
 """GCPBatchExecutor: runs Covalent tasks as Google Cloud Batch jobs, event-driven.
 
-Lifecycle of one task (``run``):
-  1. choose the job id and hand it to Covalent as the job handle;
+This module is Covalent's lifecycle only; the hops it drives have modules of their own: the
+task's objects in GCS (task_objects.py), the Batch calls (batch_calls.py), the decisions of a
+wait (waiting.py) and of an attempt's end (attempts.py), packing (packing.py).
+
+Lifecycle of one electron (``run``), as one or more attempts, each its own Batch job:
+  1. choose the attempt's job id and hand it to Covalent as the job handle;
   2. register the job id with the process's Pub/Sub subscriber (events.py), BEFORE uploading;
   3. upload the pickled task to GCS with its job spec as object metadata (the Cloud Function
      creates the Batch job from that metadata; see functions/main.py);
   4. wait for the job's terminal state from Pub/Sub, reconciling with one ``get_job`` only when an
-     expected notification is overdue (the decisions: waiting.py); give up (and cancel the job) at a bound;
-  5. read the result, or the error record, and the task's stdout/stderr back from GCS.
+     expected notification is overdue (waiting.py); give up (and cancel the job) at a bound;
+  5. decide what the attempt's end means (attempts.py): most often the electron's outcome, or a
+     next attempt on other terms (a standard VM after Spot preemptions, more memory after an
+     out-of-memory end), from step 1 again;
+  6. read the result, or the error record, and the task's stdout/stderr back from GCS.
 
-With packing on (``pack_window``), step 3 waits up to the window for other electrons of the same
-job spec: together they are uploaded as one pack, one Batch job with a task each (packing.py), and
-each waits for its own task from step 4 on.
+With packing on (``pack_window``), an electron's first attempt waits in step 3 up to the window
+for other electrons of the same job spec: together they are uploaded as one pack, one Batch job
+with a task each (packing.py), and each waits for its own task from step 4 on.
 
 Its settings are declared once, in settings.py; its errors in errors.py.
 """
@@ -19,43 +26,37 @@ Its settings are declared once, in settings.py; its errors in errors.py.
 from __future__ import annotations
 
 import asyncio
-import shutil
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal  # Literal: the constructor's annotations
 
-import cloudpickle
 from covalent._shared_files import logger
 from covalent._shared_files.config import get_config
 from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeError
 from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
-from google.api_core import exceptions
 
-from . import clients, localfiles, packing, settings, usage
+from . import attempts as attempt_rules
+from . import clients, localfiles, packing, settings
+from .attempts import AttemptEnd, NextAttempt
+from .batch_calls import BatchJobs, log_usage_of
 from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-exported: users catch it from here
 from .protocol import (
     JOB_ID_PATTERN,
-    PACK_METADATA_KEY,
     JobEvent,
     JobSpec,
     JobState,
     PackManifest,
-    PackObjects,
     TaskObjects,
-    objects_of,
     job_console_url,
-    state_name,
     job_name,
-    loads_error,
-    loads_not_created,
     make_job_id,
     make_pack_id,
-    member_event,
     new_attempt_token,
-    task_name,
 )
+from .task_objects import TaskStore, pickle_task
 from .waiting import (
     GIVE_UP,
     CancelRequested,
@@ -63,9 +64,10 @@ from .waiting import (
     JobWait,
     Outcome,
     PackEvent,
+    QueuedJob,
     WaitPlan,
-    explain_job_failure,
     give_up_reason,
+    never_placeable,
 )
 
 app_log = logger.app_log
@@ -106,11 +108,11 @@ class PackMember:
 
 @dataclass
 class Step:
-    """What ``run()`` is doing, for the message of a failure nobody foresaw, and whether Covalent
-    has been handed the task's stored outcome (only then may its objects be removed)."""
+    """What ``run()`` is doing, for the message of a failure nobody foresaw, and the attempt whose
+    stored outcome Covalent has been handed (only its outcome may be removed with its objects)."""
 
     now: str
-    delivered: bool = False
+    delivered: TaskObjects | None = None
 
 
 class GCPBatchExecutor(AsyncBaseExecutor):
@@ -132,6 +134,9 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         retries: int | None = None,
         cache_dir: str | None = None,
         *,
+        spot_fallback: int | None = None,
+        spot_wait_s: float | None = None,
+        memory_retry_factor: float | None = None,
         wait_mode: Literal["events", "poll"] | None = None,
         pubsub_topic: str | None = None,
         submit_timeout: float | None = None,
@@ -171,24 +176,47 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     async def run(self, function: Callable, args: list, kwargs: dict, task_metadata: dict) -> Any:
         self._check_required()
         dispatch_id, node_id = task_metadata["dispatch_id"], int(task_metadata["node_id"])
-        job_id = make_job_id(dispatch_id, node_id, new_attempt_token())
-        objects = TaskObjects(job_id)
-        await self.set_job_handle(job_id)
-        if await self.get_cancel_requested():
-            raise TaskCancelledError(f"task {dispatch_id}:{node_id} was cancelled before it was submitted")
-
+        electron = (dispatch_id, node_id)
+        policy = self._attempt_policy()
+        terms = policy.first(self.provisioning, self.memory)
+        first_id = make_job_id(dispatch_id, node_id, new_attempt_token())
         try:
             # Private to this user (localfiles.py): a task's pickles are its code, data and result.
-            workdir = localfiles.private_dir(self.cache_dir) / job_id
+            workdir = localfiles.private_dir(self.cache_dir) / first_id
         except ConfigError as err:
             self._fail(f"task {dispatch_id}:{node_id} was not submitted: {err}")
         step = Step("preparing the task")
-        ended = False  # the task (not just this wait) is over: Batch said it succeeded or failed
+        done: list[AttemptEnd] = []  # the attempts before the current one
+        attempts: list[TaskObjects] = []
+        job_id, ended = first_id, False  # ended: the attempt (not just this wait) is over
+        versions = None
         try:
-            outcome = await self._submit_and_wait(job_id, objects, workdir, (function, args, kwargs), task_metadata, step)
-            ended = not outcome.gave_up and outcome.state in (JobState.SUCCEEDED, JobState.FAILED)
-            step.now = "reading the task's outcome from the bucket"
-            return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir, step)
+            while True:
+                objects = TaskObjects(job_id)
+                attempts.append(objects)
+                _electrons.begin(electron, job_id)
+                await self.set_job_handle(job_id)
+                if await self.get_cancel_requested():
+                    raise TaskCancelledError(f"task {dispatch_id}:{node_id} was cancelled before it was submitted")
+                versions = versions or await self.get_version_info()
+                queue_bound = policy.queue_bound(terms, self.queue_timeout)
+                spec = attempt_spec(self._job_spec(dispatch_id, node_id, versions), terms, self.submit_timeout + queue_bound)
+                ended = False
+                outcome = await self._submit_and_wait(job_id, objects, workdir, (function, args, kwargs), spec, step,
+                                                      packable=not done, queue_timeout=queue_bound)
+                ended = not outcome.gave_up and outcome.state in (JobState.SUCCEEDED, JobState.FAILED)
+                step.now = "deciding on the attempt's end"
+                end = await asyncio.to_thread(self._attempt_end, job_id, objects, outcome, policy, terms)
+                decision = attempt_rules.decide(end, terms, done, policy)
+                if isinstance(decision, NextAttempt):
+                    next_id = make_job_id(dispatch_id, node_id, new_attempt_token())
+                    await asyncio.to_thread(self._attempt_over, job_id, objects, terms, decision, next_id, len(done) + 1)
+                    await self._settle_pack(job_id, ended=True)
+                    done.append(end)
+                    job_id, terms = next_id, decision.terms
+                    continue
+                step.now = "reading the task's outcome from the bucket"
+                return await asyncio.to_thread(self._collect, job_id, objects, outcome, workdir, step)
         except (TaskCancelledError, TaskRuntimeError):
             raise
         except asyncio.CancelledError:
@@ -197,21 +225,20 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             raise
         except Exception as err:  # noqa: BLE001 - every other failure is explained, and its job stopped
             await asyncio.shield(self._stop_job(job_id))
-            kept = await asyncio.shield(asyncio.to_thread(self._stored_outcome, objects))
+            kept = "".join([await asyncio.shield(asyncio.to_thread(self._store().stored_outcome, objects)) for objects in attempts])
             self._fail(
                 f"task {dispatch_id}:{node_id} failed while {step.now} (Batch job {job_id}): "
                 f"{type(err).__name__}: {err}; the job, if it was created, was cancelled{kept}"
             )
         finally:
-            await asyncio.shield(asyncio.to_thread(self._clean_up, objects, workdir, step.delivered))
-            settled = _packs.settle(job_id, abandoned=not ended)
-            if settled is not None and settled.last:
-                await asyncio.shield(asyncio.to_thread(self._pack_over, settled))
+            _electrons.end(electron)
+            await asyncio.shield(asyncio.to_thread(self._clean_up, attempts, workdir, step.delivered))
+            await asyncio.shield(self._settle_pack(job_id, ended=ended))
 
-    async def _submit_and_wait(self, job_id: str, objects: TaskObjects, workdir: Path, task: tuple,
-                               task_metadata: dict, step: Step) -> Outcome:
-        """Register for the job's events, upload the task, wait for the job to end."""
-        spec = self._job_spec(task_metadata["dispatch_id"], int(task_metadata["node_id"]), await self.get_version_info())
+    async def _submit_and_wait(self, job_id: str, objects: TaskObjects, workdir: Path, task: tuple, spec: JobSpec,
+                               step: Step, *, packable: bool = True, queue_timeout: float | None = None) -> Outcome:
+        """Register for the job's events, upload the task, wait for the job to end. Only an
+        electron's first attempt joins a pack: a later one runs on terms of its own."""
         events = None
         inbox: asyncio.Queue = asyncio.Queue()
         try:
@@ -221,8 +248,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
             _waiting.register(job_id, asyncio.get_running_loop(), inbox)
             step.now = f"uploading the task to gs://{self._task_bucket().name}/{objects.task}"
-            if self.pack_window > 0:
-                pickle = await asyncio.to_thread(self._pickle_task, workdir, task)
+            if self.pack_window > 0 and packable:
+                pickle = await asyncio.to_thread(pickle_task, workdir, task)
                 placement = await _packer.join(packing.pack_key(spec, self.__dict__), PackMember(job_id, spec, pickle),
                                                window=self.pack_window,
                                                submit=lambda members: self._submit_pack(members, events))
@@ -235,7 +262,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             else:
                 app_log.info(f"gcpbatch: task runs as Batch job {self._job_name(job_id)}: {self._job_link(job_id)}")
             step.now = "waiting for the Batch job"
-            return await self._wait(job_id, inbox, listening=events is not None, plan=self._wait_plan(spec, placement))
+            plan = self._wait_plan(spec, placement, queue_timeout=queue_timeout)
+            return await self._wait(job_id, inbox, listening=events is not None, plan=plan, spec=spec)
         finally:
             _waiting.unregister(job_id)
             if events is not None:
@@ -256,7 +284,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
     async def cancel(self, task_metadata: dict, job_handle: Any) -> bool:
         """Cancel the task's job wherever it is. The marker object comes first: if the function
-        has not created the job yet, it sees the marker and creates nothing.
+        has not created the job yet, it sees the marker and creates nothing. The handle Covalent
+        holds may be an earlier attempt's: the electron's current attempt is cancelled too.
 
         Without a job handle the task has not reached ``run()``'s upload: nothing to cancel here
         (False), and ``run()`` sees the cancel request before it uploads.
@@ -268,39 +297,29 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 f"it has no Batch job handle yet ({job_handle!r}); it will not be submitted"
             )
             return False
-        await asyncio.to_thread(self._mark_cancelled, job_id)
-        await asyncio.to_thread(self._cancel_job, job_id)
-        _waiting.put(job_id, CancelRequested(job_id))
+        current = _electrons.current(task_metadata.get("dispatch_id"), task_metadata.get("node_id"))
+        for attempt in dict.fromkeys(filter(None, (job_id, current))):
+            await asyncio.to_thread(self._store().mark_cancelled, attempt)
+            await asyncio.to_thread(self._cancel_job, attempt)
+            _waiting.put(attempt, CancelRequested(attempt))
         return True
 
     async def _stop_job(self, job_id: str) -> None:
         """Best effort, for paths that are already failing: mark the task cancelled and cancel its
         job, each tried even if the other fails (GCS may be what failed), logging what went wrong."""
-        for step in (self._mark_cancelled, self._cancel_job):
+        for step in (self._store().mark_cancelled, self._cancel_job):
             try:
                 await asyncio.to_thread(step, job_id)
             except Exception as err:  # noqa: BLE001 - the caller's failure is the one to report
                 app_log.warning(f"gcpbatch: stopping job {job_id}: {step.__name__} failed: {type(err).__name__}: {err}")
 
-    def _mark_cancelled(self, job_id: str) -> None:
-        """The cancel marker, written once: cancel, give-up and stop may each write it within a
-        second, and GCS takes about one mutation a second per object (412: it is there already)."""
-        try:
-            self._bucket().blob(objects_of(job_id).cancelled).upload_from_string(
-                b"", content_type="text/plain", timeout=30, if_generation_match=0, retry=self._retry())
-        except exceptions.PreconditionFailed:
-            pass
-
     def _cancel_job(self, job_id: str) -> None:
-        if _packs.placement(job_id).packed:
-            return  # one task of a pack: its worker honours the marker; the pack's job goes on
-        try:
-            # A cancel applies once however often it is sent: transient errors are retried too.
-            self._batch().cancel_job(name=self._job_name(job_id), timeout=30, retry=self._retry())
-        except exceptions.NotFound:
-            app_log.debug(f"gcpbatch: cancel of {job_id}: no such job (yet); the marker stops its creation")
-        except exceptions.FailedPrecondition as err:
-            app_log.debug(f"gcpbatch: cancel of {job_id}: {err.message} (already over)")
+        self._jobs().cancel(job_id)
+
+    async def _settle_pack(self, job_id: str, *, ended: bool) -> None:
+        settled = _packs.settle(job_id, abandoned=not ended)
+        if settled is not None and settled.last:
+            await asyncio.shield(asyncio.to_thread(self._pack_over, settled))
 
     def _pack_over(self, settled: packing.Settled) -> None:
         """No electron of the pack waits any more. If one stopped waiting before its task ended
@@ -313,20 +332,54 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             self._job_events().unregister_pack(pack_id)
         try:
             if settled.abandoned:
-                self._mark_cancelled(pack_id)
+                self._store().mark_cancelled(pack_id)
                 self._cancel_job(pack_id)
                 app_log.info(f"gcpbatch: cancelled pack {pack_id}: none of its electrons is waited for any more")
                 return
-            job = self._get_job(pack_id)
+            job = self._jobs().get_job(pack_id)
             if JobState.of(job.status.state).is_terminal:
-                self._log_usage(job)
-            if not self.keep_artifacts:
-                objects = PackObjects(pack_id)
-                self._delete_all(self._task_bucket(), [objects.manifest])
-                # The function's records of a delayed (or refused) create, as a task's are removed with it.
-                self._delete_all(self._bucket(), [objects.create_delayed, objects.not_created])
+                log_usage_of(job)
+            self._store().remove_pack(pack_id)
         except Exception as err:  # noqa: BLE001 - every electron already has its outcome
             app_log.warning(f"gcpbatch: closing pack {pack_id}: {type(err).__name__}: {err}")
+
+    # -- attempts ------------------------------------------------------------------------------
+
+    def _attempt_policy(self) -> attempt_rules.Policy:
+        return attempt_rules.Policy(retries=self.retries, spot_fallback=self.spot_fallback, spot_wait_s=self.spot_wait_s,
+                                    memory_retry_factor=self.memory_retry_factor)
+
+    def _attempt_end(self, job_id: str, objects: TaskObjects, outcome: Outcome, policy: attempt_rules.Policy,
+                     terms: attempt_rules.Terms) -> AttemptEnd:
+        """What the attempt's end was, read as far as a new attempt could follow it: with neither
+        spot fallback nor memory retry on (or after a success, a cancel, a refusal), no read."""
+        end = AttemptEnd(outcome.state, gave_up=outcome.gave_up, queued=outcome.phase in (JobState.QUEUED, JobState.SCHEDULED))
+        could_follow = policy.memory_retry_factor or policy.falls_back(terms)
+        if not could_follow or outcome.state is not JobState.FAILED or outcome.gave_up:
+            return end
+        store = self._store()
+        error = store.load_error(objects)
+        if error is not None:
+            return replace(end, error_type=error.type)
+        if store.data.get_blob(objects.result, timeout=30, retry=self._retry()) is not None:
+            return replace(end, has_result=True)
+        if store.is_cancelled(job_id):
+            return replace(end, cancelled=True)
+        return replace(end, exit_codes=self._jobs().run_exit_codes(job_id))
+
+    def _attempt_over(self, job_id: str, objects: TaskObjects, terms: attempt_rules.Terms, decision: NextAttempt,
+                      next_id: str, number: int) -> None:
+        """An attempt is followed by another: its output goes to the node's streams under a line
+        saying what happened, and its job is cancelled should it still hold a VM."""
+        self._cancel_job(job_id)
+        print(f"GCPBatchExecutor: attempt {number} ({attempt_rules.describe(terms)}) as Batch job {job_id}: "
+              f"{decision.why}; attempt {number + 1} ({attempt_rules.describe(decision.terms)}) is Batch job {next_id}",
+              file=self.task_stderr)
+        app_log.warning(f"gcpbatch: {job_id}: {decision.why}; next attempt {next_id}")
+        try:
+            self._store().print_output(objects, self.task_stdout, self.task_stderr)
+        except Exception as err:  # noqa: BLE001 - the next attempt matters more than this one's output
+            app_log.warning(f"gcpbatch: output of attempt {job_id} not read: {type(err).__name__}: {err}")
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -353,33 +406,15 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         )
 
     def _upload_task(self, objects: TaskObjects, spec: JobSpec, workdir: Path, task: tuple) -> None:
-        self._upload_pickle(objects, spec, self._pickle_task(workdir, task))
-
-    @staticmethod
-    def _pickle_task(workdir: Path, task: tuple) -> Path:
-        """The pickle is the user's code and data: readable by this user only (and removed once
-        uploaded, or with the task's directory)."""
-        with localfiles.create_file(workdir, "task.pkl") as f:  # new, 0600, never through a link
-            cloudpickle.dump(task, f)
-        return workdir / "task.pkl"
-
-    def _upload_pickle(self, objects: TaskObjects, spec: JobSpec, path: Path, pack_id: str | None = None) -> None:
-        """Upload the task object: its spec as metadata (and, in a pack, the pack's id, so the
-        function leaves it to the pack's manifest)."""
-        try:
-            # Written once (generation 0): a duplicate never re-fires the function; a lost answer is no failure.
-            clients.create_object(self._task_bucket(), objects.task, path, content_type="application/octet-stream",
-                                  metadata=spec.to_metadata() | ({PACK_METADATA_KEY: pack_id} if pack_id else {}),
-                                  retry=self._retry())
-        finally:
-            path.unlink(missing_ok=True)
+        self._store().upload_task(objects, spec, pickle_task(workdir, task))
 
     async def _submit_pack(self, members: list[PackMember], events) -> list[packing.Placement]:
         """Submit what the packer collected: a lone electron as its own job; several as a pack,
         their task objects first, routed before the manifest (whose upload creates the job)."""
+        store = self._store()
         if len(members) == 1:
             member = members[0]
-            await asyncio.to_thread(self._upload_pickle, TaskObjects(member.job_id), member.spec, member.pickle)
+            await asyncio.to_thread(store.upload_task, TaskObjects(member.job_id), member.spec, member.pickle)
             return [packing.ALONE]
         first = members[0].spec
         pack_id = make_pack_id(first.dispatch_id, new_attempt_token())
@@ -392,35 +427,36 @@ class GCPBatchExecutor(AsyncBaseExecutor):
 
         async def upload(member: PackMember) -> None:
             async with limit:
-                await asyncio.to_thread(self._upload_pickle, TaskObjects(member.job_id), member.spec, member.pickle, pack_id)
+                await asyncio.to_thread(store.upload_task, TaskObjects(member.job_id), member.spec, member.pickle, pack_id)
 
         await asyncio.gather(*(upload(member) for member in members))
-        await asyncio.to_thread(self._upload_manifest, pack_id, first, manifest)
+        await asyncio.to_thread(store.upload_manifest, pack_id, first, manifest)
         app_log.debug(f"gcpbatch: uploaded pack {pack_id} of {len(ids)} electrons")
         return placements
 
-    def _upload_manifest(self, pack_id: str, spec: JobSpec, manifest: PackManifest) -> None:
-        clients.create_object(self._task_bucket(), PackObjects(pack_id).manifest, manifest.dumps(), content_type="application/json",
-                              metadata=spec.to_metadata(), retry=self._retry())
-
-    def _wait_plan(self, spec: JobSpec | None = None, placement: packing.Placement = packing.ALONE) -> WaitPlan:
+    def _wait_plan(self, spec: JobSpec | None = None, placement: packing.Placement = packing.ALONE, *,
+                   queue_timeout: float | None = None) -> WaitPlan:
         # Imported here: jobs.py needs google-cloud-batch, which the worker image (where `import
         # covalent` loads this module) does not have.
         from .jobs import has_gpus
 
-        return WaitPlan.for_task(submit_timeout=self.submit_timeout, queue_timeout=self.queue_timeout,
-                                 time_limit=self.time_limit, retries=self.retries,
+        return WaitPlan.for_task(submit_timeout=self.submit_timeout,
+                                 queue_timeout=self.queue_timeout if queue_timeout is None else queue_timeout,
+                                 time_limit=self.time_limit, retries=self.retries if spec is None else spec.retries,
                                  reconcile_interval=self.reconcile_interval,
                                  gpus=spec is not None and has_gpus(spec.options),
                                  pack_index=placement.index if placement.packed else None,
                                  pack_parallelism=self.pack_parallelism)
 
-    async def _wait(self, job_id: str, inbox: asyncio.Queue, *, listening: bool, plan: WaitPlan) -> Outcome:
+    async def _wait(self, job_id: str, inbox: asyncio.Queue, *, listening: bool, plan: WaitPlan,
+                    spec: JobSpec | None = None) -> Outcome:
         """Until the job ends or a phase bound passes (the decisions: waiting.JobWait). Listening
         (events mode), Pub/Sub pushes events into ``inbox``; otherwise (poll mode) the job is read
-        every poll_freq seconds. Either way ``cancel()`` wakes the wait through ``inbox``."""
+        every poll_freq seconds. Either way ``cancel()`` wakes the wait through ``inbox``. A read
+        of a job waiting for a VM brings Batch's word on why (``_capacity``)."""
         loop = asyncio.get_running_loop()
         wait = JobWait(plan, listening=listening, poll_interval=self.poll_freq, now=loop.time())
+        heard: set[str] = set()
         while True:
             try:
                 item = await asyncio.wait_for(inbox.get(), wait.timeout(loop.time()))
@@ -446,11 +482,15 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 if settled is not None:
                     return settled
                 continue
+            if isinstance(item, QueuedJob) and item.capacity:
+                stuck = await self._capacity(item, heard, spec)
+                if stuck is not None:
+                    return stuck
             decision = wait.observe(item, loop.time())
             if isinstance(decision, Outcome):
                 return decision
             if decision == GIVE_UP:
-                if wait.awaits_pack() and await asyncio.to_thread(self._pack_running, job_id):
+                if wait.awaits_pack() and await asyncio.to_thread(self._jobs().pack_running, job_id):
                     wait.pack_progressing(loop.time())  # its RUNNING message was lost: once, from now
                     continue
                 return await self._give_up(job_id, wait.state, plan, pack_progress=wait.pack_progress is not None)
@@ -458,6 +498,25 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 # Cancelled while the function was creating the job: cancel it now that it exists.
                 await asyncio.to_thread(self._cancel_job, job_id)
                 wait.cancel_sent = True
+
+    async def _capacity(self, read: QueuedJob, heard: set[str], spec: JobSpec | None) -> Outcome | None:
+        """What Batch says keeps the job from its VM (quota, stockout...), each new text once, to
+        the node's log and the server's; a job that can never be placed (waiting.never_placeable)
+        is cancelled now, not at queue_timeout."""
+        for text in read.capacity:
+            if text in heard:
+                continue
+            heard.add(text)
+            print(f"GCPBatchExecutor: Batch job {read.job_id} is {read.state.value}, waiting for a VM: {text}",
+                  file=self.task_stderr)
+            app_log.warning(f"gcpbatch: {read.job_id} waits for a VM: {text}")
+            vcpus, gpus = (spec.vcpus, spec.options.accelerator_count) if spec is not None else (0.0, 0)
+            if never_placeable(text, vcpus=vcpus, gpus=gpus):
+                await self.cancel({}, read.job_id)
+                return Outcome(JobState.FAILED, phase=read.state,
+                               gave_up=f"Batch cannot place job {read.job_id}, so it was cancelled at once rather than at "
+                                       f"queue_timeout: {text}")
+        return None
 
     def _confirm_terminal(self, event: JobEvent) -> JobEvent | None:
         """Pub/Sub does not say who published a message, and more than Batch can publish to the
@@ -475,82 +534,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         return event
 
     def _reconcile(self, job_id: str, *, log_usage: bool = False, within: float | None = None) -> JobEvent | None:
-        """One read of the job's state: a notification is overdue. None if the job does not exist.
-        An electron of a pack reads its own task instead. ``within``: what is left of the wait's
-        phase, which transient errors are retried for (at least ``MIN_RETRY_S``)."""
-        placement = _packs.placement(job_id)
-        if placement.packed:
-            return self._reconcile_member(job_id, placement, within)
-        try:
-            job = self._get_job(job_id, within)
-        except exceptions.NotFound:
-            return self._not_created(job_id, within)
-        state = JobState.of(job.status.state)
-        if log_usage and state is JobState.SUCCEEDED:
-            self._log_usage(job)
-        app_log.debug(f"gcpbatch: reconciled {job_id}: {state.value}")
-        return JobEvent(job_id, state, "reconciled by get_job")
-
-    def _reconcile_member(self, job_id: str, placement: packing.Placement, within: float | None = None) -> JobEvent | None:
-        """One get_task of the electron's task in its pack (None: the pack's job does not exist yet).
-        Batch creates a job's tasks after the job, sometimes minutes after, and a job may end
-        without ever having had them: a task not found is read from its pack's job."""
-        try:
-            task = self._batch().get_task(name=task_name(self._job_name(placement.pack_id), placement.index), timeout=30,
-                                          retry=self._retry(within))
-        except exceptions.NotFound:
-            return self._member_without_task(job_id, placement, within)
-        event = member_event(job_id, state_name(task.status.state), "reconciled by get_task")
-        app_log.debug(f"gcpbatch: reconciled {job_id} (task {placement.index} of {placement.pack_id}): "
-                      f"{event.state.value if event else state_name(task.status.state)}")
-        return event
-
-    def _member_without_task(self, job_id: str, placement: packing.Placement, within: float | None) -> JobEvent | None:
-        """The electron's task does not exist (yet): its pack's job says what that means. No job:
-        not created (yet, or refused); a job still going: queued; a job over: the electron's end
-        too (a job that ended without creating the task never ran it)."""
-        try:
-            job = self._get_job(placement.pack_id, within)
-        except exceptions.NotFound:
-            refused = self._not_created(placement.pack_id, within)
-            return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
-        state = JobState.of(job.status.state)
-        if not state.is_terminal:
-            return JobEvent(job_id, JobState.QUEUED, f"its pack's job {placement.pack_id} is {state.value}; its task is not created yet")
-        ended = JobState.FAILED if state is JobState.SUCCEEDED else state  # a job cannot succeed without it
-        return JobEvent(job_id, ended, f"its pack's job {placement.pack_id} ended {state.value} without creating its task")
-
-    def _pack_running(self, job_id: str) -> bool:
-        """Whether the electron's pack's job runs (some of its tasks do): read once, before an
-        electron queued in it gives up."""
-        pack_id = _packs.placement(job_id).pack_id
-        if pack_id is None:
-            return False
-        try:
-            job = self._get_job(pack_id, self.MIN_RETRY_S)
-        except exceptions.GoogleAPICallError as err:
-            app_log.warning(f"gcpbatch: reading pack {pack_id} before giving up on {job_id}: {err.message}")
-            return False
-        return JobState.of(job.status.state) is JobState.RUNNING
-
-    def _not_created(self, job_id: str, within: float | None = None) -> JobEvent | None:
-        """The function's record of a task (or pack) it created no job for (refused or cancelled), if any."""
-        retry = self._retry(within)
-        blob = self._bucket().get_blob(objects_of(job_id).not_created, timeout=30, retry=retry)
-        if blob is None:
-            return None
-        return loads_not_created(blob.download_as_bytes(timeout=30, retry=retry)).event(job_id)
-
-    def _create_delay(self, job_id: str) -> str:
-        """What Batch answered the function's create with, if it recorded a transient error."""
-        pack_id = _packs.placement(job_id).pack_id
-        name = objects_of(pack_id or job_id).create_delayed
-        try:
-            blob = self._bucket().get_blob(name, timeout=30, retry=self._retry())
-            text = "" if blob is None else blob.download_as_bytes(timeout=30, retry=self._retry()).decode("utf-8", "replace")
-        except Exception as err:  # noqa: BLE001 - the give-up message says what it can
-            return f" (its create-delay record could not be read: {type(err).__name__})"
-        return f"; Batch answered the function's create with {text.strip()}" if text.strip() else ""
+        """One read of the job's (or, in a pack, its task's) state (batch_calls.py)."""
+        return self._jobs().reconcile(job_id, log_usage=log_usage, within=within)
 
     async def _give_up(self, job_id: str, state: JobState | None, plan: WaitPlan, *, pack_progress: bool = False) -> Outcome:
         if await self.get_cancel_requested():
@@ -558,163 +543,66 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             # is the outcome, not the bound we hit waiting.
             await self.cancel({}, job_id)
             return Outcome(JobState.CANCELLED, "cancelled before the job reached a terminal state")
-        reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=self.retries,
+        reason = give_up_reason(job_id, state, plan, time_limit=self.time_limit, retries=plan.retries,
                                 pack_progress=pack_progress, task_bucket=self._task_bucket().name)
         if state is None:
-            reason += await asyncio.to_thread(self._create_delay, job_id)
+            reason += await asyncio.to_thread(self._store().create_delay, _packs.placement(job_id).pack_id or job_id)
         await self.cancel({}, job_id)
-        return Outcome(JobState.FAILED, gave_up=reason + "; the job was cancelled")
+        return Outcome(JobState.FAILED, gave_up=reason + "; the job was cancelled", phase=state)
 
     def _collect(self, job_id: str, objects: TaskObjects, outcome: Outcome, workdir: Path, step: Step) -> Any:
         """The task's result (or its error record, raised), its output printed to Covalent's
-        streams; ``step.delivered`` once Covalent is handed the stored outcome itself."""
+        streams; ``step.delivered`` names the attempt whose stored outcome Covalent was handed."""
         if outcome.gave_up:
             self._fail(outcome.gave_up)
         if outcome.state is JobState.REJECTED:
             self._fail(f"the deployment refused the task: {outcome.detail}")
+        store = self._store()
         if outcome.state is JobState.CANCELLED:
             placement = _packs.placement(job_id)
             if not placement.packed:
                 raise TaskCancelledError(f"Batch job {job_id} was cancelled")
             # Cancelled (its marker), or its task never ran (UNEXECUTED): cancelled only if its
             # pack's job was; a job that failed first (no VM to be had...) fails the electron.
-            marked = self._bucket().get_blob(objects.cancelled, timeout=30, retry=self._retry()) is not None
-            why = None if marked else self._why_unexecuted(placement)
+            why = None if store.is_cancelled(job_id) else self._jobs().why_unexecuted(placement)
             if why is None:
                 raise TaskCancelledError(f"task {placement.index} of Batch job {placement.pack_id} was cancelled")
             self._fail(why)
-        bucket, retry = self._bucket(), self._retry()
-        last = objects.last_attempt(blob.name for blob in bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=retry))
-        if last is not None:
-            for name, stream in ((objects.stdout(last), self.task_stdout), (objects.stderr(last), self.task_stderr)):
-                blob = bucket.get_blob(name, timeout=30, retry=retry)
-                if blob is not None:
-                    # The task's own bytes: what is not UTF-8 shows escaped, never fails the task.
-                    text = blob.download_as_bytes(timeout=60, retry=retry).decode("utf-8", errors="backslashreplace")
-                    print(text, end="", file=stream)
+        store.print_output(objects, self.task_stdout, self.task_stderr)
         if outcome.state is JobState.SUCCEEDED:
-            blob = bucket.get_blob(objects.result, timeout=30, retry=retry)
-            if blob is not None:
-                # On disk (a result may be large), in a file this process created (new, 0600, never
-                # through a link) and reads back through the same descriptor: nobody can swap it.
-                with localfiles.create_file(workdir, "result.pkl") as f:
-                    blob.download_to_file(f, timeout=60, retry=retry)
-                    f.seek(0)
-                    result = cloudpickle.load(f)
-                step.delivered = True
+            found, result = store.load_result(objects, workdir)
+            if found:
+                step.delivered = objects
                 return result
-        error = bucket.get_blob(objects.error, timeout=30, retry=retry)
-        if error is not None:
-            record = loads_error(error.download_as_bytes(timeout=30, retry=retry))
+        record = store.load_error(objects)
+        if record is not None:
             if record.traceback:
                 print(record.traceback, end="", file=self.task_stderr)
-            step.delivered = True
+            step.delivered = objects
             raise TaskRuntimeError(f"{record.type}: {record.message}")
-        if bucket.get_blob(objects.cancelled, timeout=30, retry=retry) is not None:
+        if store.is_cancelled(job_id):
             # Ended without an outcome after its cancel (its worker honoured the marker): the
             # task's FAILED message may reach the wait before cancel()'s own wake-up does.
             raise TaskCancelledError(f"Batch job {job_id} was cancelled")
-        self._fail(self._explain_failure(job_id, outcome.state))
-
-    def _why_unexecuted(self, placement: packing.Placement) -> str | None:
-        """Why an electron's task in a pack never ran: None if the pack's job was cancelled, else
-        the job's state and status events."""
-        job = self._get_job(placement.pack_id)
-        state = JobState.of(job.status.state)
-        if state in (JobState.CANCELLED, JobState.CANCELLATION_IN_PROGRESS):
-            return None
-        self._log_usage(job)
-        return (f"task {placement.index} of Batch job {placement.pack_id} never ran: "
-                + explain_job_failure(placement.pack_id, state, job))
+        self._fail(self._jobs().ended_without_outcome(job_id, outcome.state))
 
     def _fail(self, message: str) -> None:
         """Covalent keeps a failed node's stderr, not the exception's message: write it there too."""
         print(f"GCPBatchExecutor: {message}", file=self.task_stderr)
         raise TaskRuntimeError(message)
 
-    def _explain_failure(self, job_id: str, state: JobState) -> str:
-        """Why a job ended without an error record (killed, preempted, out of memory, image pull...)."""
-        placement = _packs.placement(job_id)
-        if placement.packed:
-            name = task_name(self._job_name(placement.pack_id), placement.index)
-            try:
-                task = self._batch().get_task(name=name, timeout=30, retry=self._retry())
-            except exceptions.NotFound:  # the job ended without creating it (no VM to be had...)
-                return self._why_unexecuted(placement) or f"task {placement.index} of Batch job {placement.pack_id} was cancelled"
-            except exceptions.GoogleAPICallError as err:
-                return f"Batch task {name} ended {state.value} without a result or error record ({err.message})"
-            return explain_job_failure(f"{placement.pack_id} task {placement.index}", state, task)
-        try:
-            job = self._get_job(job_id)
-        except exceptions.GoogleAPICallError as err:
-            return f"Batch job {job_id} ended {state.value} without a result or error record ({err.message})"
-        self._log_usage(job)
-        return explain_job_failure(job_id, state, job)
-
-    def _log_usage(self, job) -> None:
-        """The job's VM time and an on-demand estimate (usage.py), once, when it has ended."""
-        try:
-            app_log.info(f"gcpbatch: {usage.summary(usage.usage_of(job))}")
-        except Exception as err:  # noqa: BLE001 - a report, never the task's outcome
-            app_log.debug(f"gcpbatch: no usage for {job.name}: {err!r}")
-
     def _job_link(self, job_id: str) -> str:
         if self.batch_api_endpoint:
             return f"local Batch service {self.batch_api_endpoint}"
         return job_console_url(self.project_id, self.region, job_id)
 
-    def _stored_outcome(self, objects: TaskObjects) -> str:
-        """For the message of a task that failed after its worker may have stored its outcome:
-        where the kept result or error record is, and how to read it ("" if none is stored)."""
-        try:
-            names = {blob.name for blob in self._bucket().list_blobs(prefix=objects.prefix, timeout=30, retry=self._retry())}
-        except Exception as err:  # noqa: BLE001 - the message says what is known
-            return (f"; its objects under gs://{self.bucket_name}/{objects.prefix} are kept (they could not be listed: "
-                    f"{type(err).__name__})")
-        if objects.result in names:
-            return (f"; its result is stored and kept at gs://{self.bucket_name}/{objects.result}: fetch it with "
-                    f"`gcloud storage cp gs://{self.bucket_name}/{objects.result} .` and load it with cloudpickle "
-                    "where the modules it needs are installed")
-        if objects.error in names:
-            return f"; its error record is kept at gs://{self.bucket_name}/{objects.error}"
-        return ""
-
-    def _clean_up(self, objects: TaskObjects, workdir: Path, delivered: bool) -> None:
-        """Remove the task's local and bucket files, best effort. A result or error record that
-        Covalent was not handed (``delivered`` False) is never removed: it is the user's work, and
-        the node's error says where it is. The cancel marker stays (the bucket's lifecycle rule
-        removes it): a create retry or a redelivered event may come later."""
-        shutil.rmtree(workdir, ignore_errors=True)
-        if self.keep_artifacts:
-            return
-        bucket, tasks = self._bucket(), self._task_bucket()
-        try:
-            blobs = list(bucket.list_blobs(prefix=objects.prefix, timeout=30, retry=self._retry()))
-            if not delivered and {objects.result, objects.error} & {blob.name for blob in blobs}:
-                app_log.warning(f"gcpbatch: kept gs://{self.bucket_name}/{objects.prefix}: its outcome was not handed to Covalent")
-                return
-            self._delete_all(bucket, [blob.name for blob in blobs if objects.disposable(blob.name)])
-            if tasks.name != bucket.name:
-                self._delete_all(tasks, [objects.task])
-        except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome
-            app_log.warning(f"gcpbatch: could not delete gs://{self.bucket_name}/{objects.prefix}: {type(err).__name__}: {err}")
-
-    def _delete_all(self, bucket, names: list[str]) -> None:
-        for name in names:
-            try:
-                bucket.delete_blob(name, timeout=30, retry=self._retry())
-            except exceptions.NotFound:
-                pass
+    def _clean_up(self, attempts: list[TaskObjects], workdir: Path, delivered: TaskObjects | None) -> None:
+        self._store().clean_up(attempts, workdir, delivered)
 
     # -- clients (lazy: Covalent rebuilds the executor from its attributes inside its server) --
 
     def _job_name(self, job_id: str) -> str:
         return job_name(self.project_id, self.region, job_id)
-
-    def _get_job(self, job_id: str, within: float | None = None):
-        """One get_job of a job of this executor's (a task's or a pack's), transient errors retried
-        (``within``: what is left of a wait's phase, as for ``_retry``)."""
-        return self._batch().get_job(name=self._job_name(job_id), timeout=30, retry=self._retry(within))
 
     #: How long one call (a read, a cancel, a delete, a write made once) retries transient errors
     #: (clients.TRANSIENT_ERRORS) before its error is the answer. A read made while waiting retries
@@ -726,6 +614,15 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     def _retry(self, within: float | None = None):
         bound = self.RETRY_S if within is None else min(self.RETRY_S, max(self.MIN_RETRY_S, within))
         return clients.transient_retry(bound)
+
+    def _store(self) -> TaskStore:
+        """The electron's objects in the deployment's buckets (task_objects.py)."""
+        return TaskStore(data=self._bucket(), tasks=self._task_bucket(), retry=self._retry, keep_artifacts=self.keep_artifacts)
+
+    def _jobs(self) -> BatchJobs:
+        """Batch as this executor calls it (batch_calls.py)."""
+        return BatchJobs(client=self._batch(), project_id=self.project_id, region=self.region, packs=_packs,
+                         store=self._store(), retry=self._retry, min_retry_s=self.MIN_RETRY_S)
 
     def _job_events(self):
         """The process's subscriber to this executor's notification topic (events.py). Imported here:
@@ -750,6 +647,44 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """Where task objects and pack manifests go: the function's trigger bucket."""
         return self._bucket().client.bucket(self.task_bucket_name or self.bucket_name)
 
+
+def attempt_spec(spec: JobSpec, terms: attempt_rules.Terms, start_within_s: float) -> JobSpec:
+    """The electron's job spec on an attempt's terms. Its start deadline is the attempt's own: a
+    Spot attempt given up after spot_wait_s must not start its task after the next one was made."""
+    if (spec.options.provisioning, spec.memory_mb, spec.retries, spec.start_within_s) == (
+            terms.provisioning, terms.memory_mb, terms.retries, float(start_within_s)):
+        return spec
+    options = spec.options.model_copy(update={"provisioning": terms.provisioning})
+    return spec.model_copy(update={"memory_mb": terms.memory_mb, "retries": terms.retries, "options": options,
+                                   "start_within_s": float(start_within_s)})
+
+
+class _Electrons:
+    """Each running electron's current attempt (its job id), by (dispatch id, node id): Covalent
+    holds one job handle per electron, which may be an earlier attempt's when cancel() comes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: dict[tuple[str, int], str] = {}
+
+    def begin(self, electron: tuple[str, int], job_id: str) -> None:
+        with self._lock:
+            self._current[electron] = job_id
+
+    def end(self, electron: tuple[str, int]) -> None:
+        with self._lock:
+            self._current.pop(electron, None)
+
+    def current(self, dispatch_id: Any, node_id: Any) -> str | None:
+        try:
+            key = (str(dispatch_id), int(node_id))
+        except (TypeError, ValueError):
+            return None
+        with self._lock:
+            return self._current.get(key)
+
+
+_electrons = _Electrons()
 
 #: Task objects of one pack uploaded at once (each upload is a thread).
 UPLOAD_CONCURRENCY = 16

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .packing import MAX_WAIT_S
@@ -67,6 +67,21 @@ class _TaskSettings(BaseModel):
         3, ge=0, le=10, strict=True,
         description="Times Batch re-runs a task after an infrastructure failure (preemption, VM loss). A task that "
                     "raises is never re-run. `0` disables retries. At most 10.")
+    spot_fallback: int = Field(
+        0, ge=0, le=10, strict=True,
+        description="With `provisioning = \"SPOT\"`: after this many preemptions of one attempt, or after "
+                    "`spot_wait_s` without a Spot VM, the electron's next attempt runs as a new STANDARD job (its "
+                    "own job id, logs and cost; each attempt spends `retries`). `0`: off, Batch retries preemptions "
+                    "on Spot VMs only.")
+    spot_wait_s: float = Field(
+        0, ge=0, strict=True,
+        description="With `spot_fallback`: seconds a Spot attempt may wait for a VM before the next attempt runs on "
+                    "a standard VM. `0`: `queue_timeout`.")
+    memory_retry_factor: float = Field(
+        0, ge=0, le=8, strict=True,
+        description="An attempt that ends out of memory (exit code 137, or the task's own `MemoryError`) is run "
+                    "again with `memory` times this factor, e.g. `2`, up to the deployment's memory cap (each attempt "
+                    "spends `retries`; the node's log says so). `0`: off, an out-of-memory end fails the electron.")
     time_limit: int = Field(
         300, ge=1, strict=True,
         description="Seconds the task may run; Batch kills it after that (its max run duration). Time spent waiting "
@@ -116,6 +131,13 @@ class _TaskSettings(BaseModel):
         description="Keep all of the task's objects in the bucket after the result is read (for debugging). Its "
                     "result or error record is kept either way, until the bucket's lifecycle rule removes it.")
 
+
+    @field_validator("memory_retry_factor")
+    @classmethod
+    def _a_growth(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("must be more than 1 (each retry asks for more memory), or 0 to turn memory retries off")
+        return value
 
 class ExecutorPluginDefaults(JobOptions, _TaskSettings):
     """Every GCPBatchExecutor setting (fields in README order: the task's, the job options', the
@@ -307,7 +329,7 @@ def migration_advice(section: Mapping[str, Any]) -> list[Advice]:
 
 
 def advice_text(advice: list[Advice]) -> str:
-    lines = ["[executors.gcpbatch] was written for covalent-gcpbatch-plugin 0.15 (README \"Migrating from 0.15\"):"]
+    lines = ["[executors.gcpbatch] was written for covalent-gcpbatch-plugin 0.15 (docs/migrating.md):"]
     lines += [f"- {'must change' if item.must else 'check'} {item.key}: {item.text}" for item in advice]
     return "\n".join(lines)
 

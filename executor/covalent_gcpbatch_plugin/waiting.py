@@ -34,6 +34,7 @@ change neither.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,10 @@ OUTCOME_S = 60
 RUN_GRACE_S = NEW_VM_S + IMAGE_PULL_S + OUTCOME_S
 #: GPU VMs install their drivers before the task starts: "a few minutes" (dsub's provider docs).
 GPU_DRIVERS_S = 300
+#: While a job waits for a VM (QUEUED/SCHEDULED), its reads come this soon at the latest (then
+#: doubling): Batch publishes no message for what keeps it there (quota, stockout), only status
+#: events that a read sees, and a user waiting on a queue should hear of them within a minute.
+CAPACITY_READ_S = 60
 #: ``JobWait.observe`` says this when the phase's bound has passed.
 GIVE_UP = "give up"
 
@@ -65,6 +70,8 @@ class WaitPlan:
     #: An electron of a pack: how long, once the pack runs, the tasks ahead of its own may take.
     packed: bool = False
     pack_wait: float = 0.0
+    #: Batch's retries of the job (its attempts in RUNNING: ``retries + 1``).
+    retries: int = 0
 
     @classmethod
     def for_task(cls, *, submit_timeout: float, queue_timeout: float, time_limit: float, retries: int,
@@ -82,6 +89,7 @@ class WaitPlan:
             reconcile_interval=float(reconcile_interval),
             packed=pack_index is not None,
             pack_wait=waves_ahead * run_timeout,
+            retries=retries,
         )
 
     def phase_bound(self, state: JobState | None) -> float:
@@ -99,6 +107,8 @@ class Outcome:
     state: JobState
     detail: str = ""
     gave_up: str = ""
+    #: Where the wait gave up: the job's last state seen (None: never seen).
+    phase: JobState | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,8 @@ class JobWait:
                 self.phase_end = max(self.phase_end, self.pack_progress + self.plan.pack_wait + self.plan.queue_timeout)
             if self.listening:  # the job moved: reads go back to their first interval
                 self.quiet = self.plan.reconcile_interval
+                if event.state in (JobState.QUEUED, JobState.SCHEDULED):
+                    self.quiet = min(self.quiet, CAPACITY_READ_S)
             return None
         if now >= self.phase_end:
             return GIVE_UP
@@ -267,3 +279,41 @@ def explain_job_failure(job_id: str, state: JobState, job: Any) -> str:
         lines.append(f"{event.description}" + (f" [exit code {code}{': ' + meaning if meaning else ''}]" if code else ""))
     events = "; ".join(lines) or "no status events"
     return f"Batch job {job_id} ended {state.value} without a result or error record: {events}"
+
+
+@dataclass(frozen=True)
+class QueuedJob(JobEvent):
+    """A read of a job waiting for a VM, with what Batch said about placing it: the text of its
+    OPERATIONAL_INFO status events (quota, stockout, impossible requests), oldest first."""
+
+    capacity: tuple[str, ...] = ()
+
+
+#: Batch's status event type for what it meets placing a job's VMs; the texts name Compute
+#: Engine's error codes (CODE_GCE_QUOTA_EXCEEDED, CODE_GCE_ZONE_RESOURCE_POOL_EXHAUSTED: Nextflow
+#: PR #3066; local/batch/faults.py CAPACITY_EVENTS has real examples).
+OPERATIONAL_INFO = "OPERATIONAL_INFO"
+_QUOTA = re.compile(r"Quota '([A-Z0-9_]+)' exceeded\.\s+Limit: ([0-9.]+)")
+
+
+def capacity_events(job: Any) -> tuple[str, ...]:
+    """The texts of a ``batch_v1.Job``'s events about placing its VMs, oldest first."""
+    return tuple(event.description for event in job.status.status_events
+                 if event.type_ == OPERATIONAL_INFO or "Batch Error: code - " in (event.description or ""))
+
+
+def never_placeable(text: str, *, vcpus: float, gpus: int) -> bool:
+    """Whether Batch's event says the job can never get its VM: an error Batch calls
+    non-retryable, or a quota whose limit is below what one VM of the job needs (a limit of 0, or
+    fewer CPUs or GPUs than the task asks for) and which no waiting raises."""
+    if "non-retryable" in text:
+        return True
+    quota = _QUOTA.search(text)
+    if quota is None:
+        return False
+    name, limit = quota.group(1), float(quota.group(2))
+    if limit == 0:
+        return True
+    if name.endswith("GPUS"):
+        return gpus > limit
+    return name.endswith("CPUS") and vcpus > limit

@@ -17,6 +17,7 @@ from covalent_gcpbatch_plugin import clients, localfiles, settings
 from covalent_gcpbatch_plugin.errors import ConfigError
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor, Step
 from covalent_gcpbatch_plugin.protocol import JobState, TaskObjects, make_job_id
+from covalent_gcpbatch_plugin.task_objects import TaskStore, pickle_task
 from covalent_gcpbatch_plugin.waiting import Outcome
 
 NOBODY = 65534
@@ -28,16 +29,14 @@ class OfflineExecutor(DirectExecutor):
 
     uploaded: list[Path]
 
-    def _upload_pickle(self, objects, spec, path, pack_id=None):
+    def _upload_task(self, objects, spec, workdir, task):
+        path = pickle_task(workdir, task)
         self.uploaded.append(path)
         self.modes = (stat.S_IMODE(os.stat(path.parent).st_mode), stat.S_IMODE(os.stat(path).st_mode))
         raise RuntimeError("upload stopped by the test")
 
     async def _stop_job(self, job_id):
         pass
-
-    def _stored_outcome(self, objects):
-        return ""
 
     def _retry(self, within=None):
         return clients.transient_retry(0.01)
@@ -127,7 +126,7 @@ def test_a_symlinked_task_directory_is_refused_for_the_task_pickle(tmp_path):
     workdir.parent.mkdir(mode=0o700)
     workdir.symlink_to(theirs)
     with pytest.raises(ConfigError, match="is a symbolic link"):
-        GCPBatchExecutor._pickle_task(workdir, (lambda: 1, [], {}))
+        pickle_task(workdir, (lambda: 1, [], {}))
     assert list(theirs.iterdir()) == []
 
 
@@ -138,12 +137,12 @@ def test_a_planted_task_pickle_is_not_overwritten_or_followed(tmp_path):
     victim.write_bytes(b"keep")
     (workdir / "task.pkl").symlink_to(victim)
     with pytest.raises(ConfigError, match="cannot be created as a new private file"):
-        GCPBatchExecutor._pickle_task(workdir, (lambda: 1, [], {}))
+        pickle_task(workdir, (lambda: 1, [], {}))
     assert victim.read_bytes() == b"keep"
 
 
 def test_the_task_pickle_is_private(tmp_path):
-    path = GCPBatchExecutor._pickle_task(tmp_path / "cov-0123abcd-0-aaaaaaaa", (len, ["ab"], {}))
+    path = pickle_task(tmp_path / "cov-0123abcd-0-aaaaaaaa", (len, ["ab"], {}))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     function, args, kwargs = cloudpickle.loads(path.read_bytes())
@@ -181,7 +180,7 @@ def collect(workdir: Path, result=42):
     objects = TaskObjects(job_id)
     executor = GCPBatchExecutor(project_id="p", bucket_name="b", container_image_uri="i")
     bucket = Bucket({objects.result: cloudpickle.dumps(result)})
-    executor._bucket = lambda: bucket
+    executor._store = lambda: TaskStore(data=bucket, tasks=bucket, retry=executor._retry)
     return executor._collect(job_id, objects, Outcome(JobState.SUCCEEDED), workdir, Step("reading"))
 
 

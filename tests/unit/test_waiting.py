@@ -5,16 +5,20 @@ from __future__ import annotations
 import pytest
 from google.cloud import batch_v1
 
+from covalent_gcpbatch_plugin.local.batch.faults import CAPACITY_EVENTS
 from covalent_gcpbatch_plugin.protocol import JobEvent, JobState
 from covalent_gcpbatch_plugin.waiting import (
+    CAPACITY_READ_S,
     GIVE_UP,
     GPU_DRIVERS_S,
     RUN_GRACE_S,
     JobWait,
     Outcome,
     WaitPlan,
+    capacity_events,
     explain_job_failure,
     give_up_reason,
+    never_placeable,
 )
 
 PLAN = WaitPlan(submit_timeout=10, queue_timeout=30, run_timeout=100, reconcile_interval=5)
@@ -210,3 +214,51 @@ def test_docs_state_the_wait_bounds_as_declared():
             "for the worker's uploads and the\nnotification") in page
     assert f"{waiting.GPU_DRIVERS_S} s more with GPUs" in page
     assert page.count(f"{waiting.RUN_GRACE_S} s") >= 2, "the bounds paragraph and the failure section"
+
+
+def test_a_job_waiting_for_a_vm_is_read_within_a_minute_then_less_often():
+    """Batch publishes nothing for what keeps a job QUEUED or SCHEDULED (quota, stockout): reads
+    come within CAPACITY_READ_S while it waits, doubling; a running job's at reconcile_interval."""
+    plan = WaitPlan(submit_timeout=10, queue_timeout=3600, run_timeout=7200, reconcile_interval=300)
+    wait = JobWait(plan, listening=True, poll_interval=1, now=0)
+    assert wait.timeout(0) == 10, "before the job exists: submit_timeout's end"
+    wait.observe(event(JobState.QUEUED), 1)
+    assert wait.timeout(1) == CAPACITY_READ_S
+    wait.silence()
+    assert wait.timeout(1) == 2 * CAPACITY_READ_S
+    wait.observe(event(JobState.RUNNING), 200)
+    assert wait.timeout(200) == 300
+
+
+@pytest.mark.parametrize(
+    ("quota", "limit", "vcpus", "gpus", "never"),
+    [
+        ("GPUS_ALL_REGIONS", "0.0", 2, 1, True),  # a limit of 0 is never raised by waiting
+        ("N2_CPUS", "24.0", 32, 0, True),  # one VM needs more than the whole quota
+        ("N2_CPUS", "24.0", 8, 0, False),  # others' VMs hold it: it may free up
+        ("NVIDIA_T4_GPUS", "1.0", 4, 2, True),
+        ("NVIDIA_T4_GPUS", "4.0", 4, 2, False),
+        ("IN_USE_ADDRESSES", "8.0", 64, 0, False),
+    ],
+)
+def test_a_quota_that_can_never_hold_one_vm_is_never_placeable(quota, limit, vcpus, gpus, never):
+    text = CAPACITY_EVENTS["quota"].format(quota=quota, limit=limit, region="us-east1")
+    assert never_placeable(text, vcpus=vcpus, gpus=gpus) is never
+
+
+def test_stockouts_wait_and_non_retryable_errors_do_not():
+    stockout = CAPACITY_EVENTS["stockout"].format(machine="a2-highgpu-1g", zone="us-east1-b")
+    assert not never_placeable(stockout, vcpus=12, gpus=1)
+    # Nextflow #5550's event, as Batch wrote it.
+    assert never_placeable("Job gets non-retryable information Batch Error: code - CODE_GCE_INVALID_FIELD_VALUE, "
+                           "description - Invalid value for field 'operation': ''. No zone supports all of the "
+                           "provided instance templates.", vcpus=2, gpus=0)
+
+
+def test_capacity_events_are_batchs_operational_info_events_oldest_first():
+    job = batch_v1.Job(status=batch_v1.JobStatus(status_events=[
+        batch_v1.StatusEvent(type_="STATUS_CHANGED", description="Job state is set from QUEUED to SCHEDULED for job x."),
+        batch_v1.StatusEvent(type_="OPERATIONAL_INFO", description="first"),
+        batch_v1.StatusEvent(type_="OPERATIONAL_INFO", description="second"),
+    ]))
+    assert capacity_events(job) == ("first", "second")
