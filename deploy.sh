@@ -82,7 +82,8 @@ Options (environment fallbacks in parentheses):
   --retention-days N       delete task objects (under covalent-gcpbatch/) after N days (7)
   --function-runtime RT    Cloud Functions runtime (python311)
   --max-vcpus N, --max-memory-mb N, --max-time-limit-s N, --max-accelerator-count N,
-  --max-boot-disk-size-gb N, --max-parallel-vcpus N, --allowed-machine-types T1,T2
+  --max-boot-disk-size-gb N, --max-scratch-disk-gb N, --max-parallel-vcpus N,
+  --allowed-machine-types T1,T2
                            caps the function enforces on every task (defaults: deployment.py)
   --allowed-images I1,I2   images a task may run (default: every worker image in the deployment's
                            repository, <region>-docker.pkg.dev/<project>/<prefix>/worker*)
@@ -216,7 +217,7 @@ parse_args() {
   RETENTION_DAYS=7
   FUNCTION_RUNTIME=python311
   MAX_VCPUS="" MAX_MEMORY_MB="" MAX_TIME_LIMIT_S="" MAX_ACCELERATOR_COUNT="" ALLOWED_MACHINE_TYPES=""
-  MAX_BOOT_DISK_SIZE_GB="" MAX_PARALLEL_VCPUS=""
+  MAX_BOOT_DISK_SIZE_GB="" MAX_SCRATCH_DISK_GB="" MAX_PARALLEL_VCPUS=""
   ALLOWED_IMAGES="" IMAGE_SUFFIX="" REQUIREMENTS="" COVALENT_CONF=""
   ONLY=""
   YES=0
@@ -242,6 +243,7 @@ parse_args() {
       --max-time-limit-s) MAX_TIME_LIMIT_S=$value ;;
       --max-accelerator-count) MAX_ACCELERATOR_COUNT=$value ;;
       --max-boot-disk-size-gb) MAX_BOOT_DISK_SIZE_GB=$value ;;
+      --max-scratch-disk-gb) MAX_SCRATCH_DISK_GB=$value ;;
       --max-parallel-vcpus) MAX_PARALLEL_VCPUS=$value ;;
       --allowed-machine-types) ALLOWED_MACHINE_TYPES=$value ;;
       --allowed-images) ALLOWED_IMAGES=$value ;;
@@ -547,7 +549,8 @@ plan_function() {
     --job-service-account "$RUNNER_SA" --task-bucket "$TASK_BUCKET" --bucket "$BUCKET" "${allowed[@]}" \
     --max-vcpus "$MAX_VCPUS" --max-memory-mb "$MAX_MEMORY_MB" --max-time-limit-s "$MAX_TIME_LIMIT_S" \
     --max-accelerator-count "$MAX_ACCELERATOR_COUNT" --allowed-machine-types "$ALLOWED_MACHINE_TYPES" \
-    --max-boot-disk-size-gb "$MAX_BOOT_DISK_SIZE_GB" --max-parallel-vcpus "$MAX_PARALLEL_VCPUS" \
+    --max-boot-disk-size-gb "$MAX_BOOT_DISK_SIZE_GB" --max-scratch-disk-gb "$MAX_SCRATCH_DISK_GB" \
+    --max-parallel-vcpus "$MAX_PARALLEL_VCPUS" \
     >"$WORK/function-env.yaml"
   # As many gunicorn threads as requests an instance is sent (the Cloud Run functions docs' advice).
   printf 'THREADS: "%s"\n' "$FUNCTION_CONCURRENCY" >>"$WORK/function-env.yaml"

@@ -61,6 +61,10 @@ class DeploymentSettings(BaseSettings):
     #: ask for protocol's 64 TiB); a deployment that needs more says so.
     max_boot_disk_size_gb: int = Field(
         4096, gt=0, json_schema_extra=CAP, description="Largest boot disk in GB a task may ask for (`boot_disk_size_gb`).")
+    #: 9,000: 24 local SSDs of 375 GB, the most Compute Engine attaches to one N2 VM ("About Local SSD
+    #: disks"); pd and Hyperdisk scratch disks go further, with the deployer's consent.
+    max_scratch_disk_gb: int = Field(
+        9000, gt=0, json_schema_extra=CAP, description="Largest scratch disk in GB a task may ask for (`scratch_disk_gb`).")
     #: 4,000: a pack at the executor's defaults (1,000 electrons of 2 vCPUs, all at once) needs 2,000;
     #: this leaves it twice that, and equals the most VMs Batch runs at once for a job spread over
     #: zones (4,000; one VM per task here), so only a pack wider than Batch would run anyway, or
@@ -143,6 +147,7 @@ class DeploymentSettings(BaseSettings):
             ("time_limit", spec.time_limit_s, self.max_time_limit_s),
             ("accelerator_count", options.accelerator_count, self.max_accelerator_count),
             ("boot_disk_size_gb", options.boot_disk_size_gb, self.max_boot_disk_size_gb),
+            ("scratch_disk_gb", options.scratch_disk_gb, self.max_scratch_disk_gb),
         ):
             if value > cap:
                 raise SpecError(f"{name}={value:g} exceeds this deployment's cap of {cap:g}")

@@ -11,7 +11,18 @@ from google.cloud import batch_v1
 from google.protobuf import duration_pb2
 
 from .deployment import DeploymentSettings
-from .protocol import RETRIED_EXIT_CODES, JobSpec, PackManifest, location_name, pack_environment, worker_environment
+from .protocol import (
+    HYPERDISK_ONLY_FAMILIES,
+    NO_RESERVATION,
+    RETRIED_EXIT_CODES,
+    SCRATCH_DEVICE_NAME,
+    SCRATCH_MOUNT_PATH,
+    JobSpec,
+    PackManifest,
+    location_name,
+    pack_environment,
+    worker_environment,
+)
 
 _LABEL_INVALID = re.compile(r"[^a-z0-9_-]")
 
@@ -62,9 +73,17 @@ def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.T
     Retries are for infrastructure failures only: a RETRY_TASK lifecycle policy on
     ``RETRIED_EXIT_CODES`` (preemption, VM loss) retries those ``retries`` times and fails every
     other non-zero exit at once, so the user's code is never re-run for its own failure.
+
+    A scratch disk is a volume at SCRATCH_MOUNT_PATH; the container gets it at the same path
+    without naming it in ``container.volumes`` (Batch's default for TaskSpec volumes).
     """
+    container = batch_v1.Runnable.Container(image_uri=spec.container_image_uri,
+                                            enable_image_streaming=spec.options.image_streaming)
+    volumes = ([batch_v1.Volume(device_name=SCRATCH_DEVICE_NAME, mount_path=SCRATCH_MOUNT_PATH)]
+               if spec.options.scratch_disk_gb else [])
     return batch_v1.TaskSpec(
-        runnables=[batch_v1.Runnable(container=batch_v1.Runnable.Container(image_uri=spec.container_image_uri))],
+        runnables=[batch_v1.Runnable(container=container)],
+        volumes=volumes,
         compute_resource=batch_v1.ComputeResource(
             cpu_milli=round(spec.vcpus * 1000),
             memory_mib=spec.memory_mb,
@@ -90,19 +109,44 @@ def has_gpus(options) -> bool:
     return bool(options.accelerator_count) or options.machine_type.startswith(GPU_MACHINE_FAMILIES)
 
 
+def reservation_field(spec: JobSpec) -> str:
+    """InstancePolicy.reservation for the spec: "" (any matching one, Batch's default), NO_RESERVATION,
+    or the named one's path. Flex-start VMs consume none (Compute Engine creates them with
+    reservation affinity none, "About Flex-start VMs")."""
+    reservation = spec.options.reservation
+    if reservation == "none" or spec.options.provisioning == "FLEX_START":
+        return NO_RESERVATION
+    if reservation == "any":
+        return ""
+    return reservation if "/" in reservation else f"projects/{spec.project_id}/reservations/{reservation}"
+
+
+def boot_disk_type(options) -> str:
+    """The boot disk's type: the user's, else hyperdisk-balanced for the families that take only
+    Hyperdisk (Batch's default, pd-balanced, fails there: Nextflow PR #6841 sets it so), else Batch's."""
+    if options.boot_disk_type:
+        return options.boot_disk_type
+    return "hyperdisk-balanced" if options.machine_type.startswith(HYPERDISK_ONLY_FAMILIES) else ""
+
+
 def build_allocation_policy(spec: JobSpec, settings: DeploymentSettings) -> batch_v1.AllocationPolicy:
-    """Where and on what the task runs: machine, provisioning, GPUs, disk, network, locations,
-    and the deployment's service account (never one from the spec)."""
+    """Where and on what the task runs: machine, provisioning, reservation, GPUs, disks, network,
+    locations, and the deployment's service account (never one from the spec)."""
     Policy = batch_v1.AllocationPolicy
     options = spec.options
     instance = Policy.InstancePolicy(
         machine_type=options.machine_type,
         provisioning_model=Policy.ProvisioningModel[options.provisioning],
+        reservation=reservation_field(spec),
     )
     if options.accelerator_count:
         instance.accelerators = [Policy.Accelerator(type_=options.accelerator_type, count=options.accelerator_count)]
-    if options.boot_disk_size_gb:
-        instance.boot_disk = Policy.Disk(size_gb=options.boot_disk_size_gb)
+    if options.boot_disk_size_gb or boot_disk_type(options):
+        instance.boot_disk = Policy.Disk(size_gb=options.boot_disk_size_gb, type_=boot_disk_type(options))
+    if options.scratch_disk_gb:
+        instance.disks = [Policy.AttachedDisk(
+            new_disk=Policy.Disk(type_=options.scratch_disk_type, size_gb=options.scratch_disk_gb),
+            device_name=SCRATCH_DEVICE_NAME)]
     allocation = Policy(
         instances=[
             Policy.InstancePolicyOrTemplate(

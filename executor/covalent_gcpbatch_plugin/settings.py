@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .packing import MAX_WAIT_S
-from .protocol import MAX_PARALLELISM, JobOptions
+from .protocol import MAX_PARALLELISM, JobOptions, job_problem
 
 #: json_schema_extra marks: a task cannot run without the key; a deployment writes the key.
 REQUIRED = {"required_to_run": True, "deployment": True}
@@ -155,6 +155,13 @@ class ExecutorPluginDefaults(JobOptions, _TaskSettings):
         "", json_schema_extra=DEPLOYMENT, description="URL of a GCS emulator (local stack only).")
     batch_api_endpoint: str = Field(
         "", json_schema_extra=DEPLOYMENT, description="URL of a Batch API endpoint (the local Batch service).")
+
+    def model_post_init(self, context: object) -> None:
+        super().model_post_init(context)  # JobOptions' own rules
+        # The rules between job options and the task's image, region and time limit, as the function checks them.
+        problem = job_problem(self, image_uri=self.container_image_uri, region=self.region, time_limit_s=self.time_limit)
+        if problem:
+            raise ValueError(problem)
 
 
 FIELDS = ExecutorPluginDefaults.model_fields

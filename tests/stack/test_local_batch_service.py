@@ -706,3 +706,43 @@ def test_a_task_array_runs_each_task_with_its_index_on_reused_vms(modelled, topi
     ended = {protocol.parse_task_notification(dict(m.attributes), m.data) for m in messages}
     ended = sorted((e.task_index, e.state) for e in ended if e.state in ("SUCCEEDED", "FAILED"))
     assert ended == [(i, "FAILED" if i == 3 else "SUCCEEDED") for i in range(6)]
+
+
+def test_a_scratch_disk_job_is_stored_as_sent_and_a_volume_without_its_disk_refused(client, endpoint):
+    """Issue 26: the service keeps the disks, volume, reservation and streaming flag as Batch
+    would show them; the worker runs as a host process in its attempt directory (no VM path is
+    mapped for it, the scratch mount path included). A volume naming no attached disk is a 400."""
+    Policy = batch_v1.AllocationPolicy
+    job = make_job({"FAKE_SLEEP_S": "0"}, runnable=batch_v1.Runnable(container=batch_v1.Runnable.Container(
+        image_uri="local/worker:dev", enable_image_streaming=True)))
+    job.task_groups[0].task_spec.volumes = [batch_v1.Volume(device_name=protocol.SCRATCH_DEVICE_NAME,
+                                                            mount_path=protocol.SCRATCH_MOUNT_PATH)]
+    disk = Policy.AttachedDisk(new_disk=Policy.Disk(type_="local-ssd", size_gb=375), device_name=protocol.SCRATCH_DEVICE_NAME)
+    job.allocation_policy = Policy(instances=[Policy.InstancePolicyOrTemplate(policy=Policy.InstancePolicy(
+        machine_type="n2-standard-8", disks=[disk], reservation="NO_RESERVATION"))])
+    created = create(client, job)
+    done = wait_state(client, created.name, {State.SUCCEEDED, State.FAILED}, timeout=60)
+    assert done.status.state == State.SUCCEEDED
+    policy = done.allocation_policy.instances[0].policy
+    assert list(policy.disks) == [disk] and policy.reservation == "NO_RESERVATION"
+    assert done.task_groups[0].task_spec.volumes[0].mount_path == "/mnt/disks/scratch"
+    assert done.task_groups[0].task_spec.runnables[0].container.enable_image_streaming is True
+
+    orphan = make_job({})
+    orphan.task_groups[0].task_spec.volumes = [batch_v1.Volume(device_name="data", mount_path="/mnt/disks/data")]
+    with pytest.raises(exceptions.BadRequest, match="names device 'data'"):
+        create(client, orphan)
+
+
+def test_image_streaming_shortens_the_modelled_boot(modelled):
+    """A streamed image's VM reaches RUNNING in 1 / 2.5 of a pulled one's boot (Nextflow PR #6836)."""
+    from covalent_gcpbatch_plugin.local.batch.latency import LatencyModel
+
+    model, client = LatencyModel.realistic(MODEL_SCALE), clients.batch_client(modelled)
+    assert model.boot_seconds(image_streaming=True) == pytest.approx(model.boot_s / 2.5)
+    streamed = create(client, make_job({"FAKE_SLEEP_S": "0"}, runnable=batch_v1.Runnable(
+        container=batch_v1.Runnable.Container(image_uri="local/worker:dev", enable_image_streaming=True))))
+    wait_state(client, streamed.name, {State.SUCCEEDED}, timeout=60)
+    t = admin(modelled, "stats")["jobs"][job_id_of(streamed)]
+    booted = t["RUNNING"] - t["SCHEDULED"]
+    assert model.real(model.boot_seconds(image_streaming=True)) - 0.005 <= booted < model.real(model.boot_s)

@@ -105,3 +105,10 @@ def test_the_defaults_take_a_pack_at_the_executor_s_defaults():
 
 def test_the_new_caps_are_caps():
     assert {"max_boot_disk_size_gb", "max_parallel_vcpus"} <= set(CAP_FIELDS)
+
+
+def test_the_scratch_disk_is_capped():
+    settings = deployment(max_scratch_disk_gb=750)
+    settings.check(spec(options=p.JobOptions(scratch_disk_gb=750)))
+    refused(settings, spec(options=p.JobOptions(scratch_disk_gb=751)), "scratch_disk_gb=751 exceeds this deployment's cap of 750")
+    assert "max_scratch_disk_gb" in CAP_FIELDS

@@ -259,3 +259,16 @@ def test_the_check_command_reads_the_covalent_config(section, capsys):
     section(**{**SECTION_015, "region": "us-east1", "cache_dir": "", "task_bucket_name": "p-tasks"})
     assert settings.main(["check"]) == 0
     assert "nothing to change" in capsys.readouterr().out
+
+
+def test_capacity_settings_are_checked_at_construction():
+    """Rules across a job option and a task setting (image streaming and the image's region,
+    flex-start and time_limit) are the executor's too, not only the function's."""
+    with pytest.raises(ConfigError, match="image_streaming needs the image in the job's region"):
+        settings.validate({"image_streaming": True, "container_image_uri": "asia-east1-docker.pkg.dev/p/r/worker:1"})
+    with pytest.raises(ConfigError, match="at most 7 days"):
+        settings.validate({"provisioning": "FLEX_START", "machine_type": "g2-standard-4", "time_limit": 8 * 24 * 3600})
+    with pytest.raises(ConfigError, match="not a multiple of 375"):
+        settings.validate({"machine_type": "n2-standard-8", "scratch_disk_gb": 500, "scratch_disk_type": "local-ssd"})
+    checked = settings.validate({"provisioning": "flex_start", "machine_type": "g2-standard-4", "reservation": "none"})
+    assert checked.provisioning == "FLEX_START"

@@ -135,3 +135,102 @@ def test_the_worker_container_runs_unprivileged_on_gpu_and_cpu_vms(options):
     assert isinstance(runnable.container, batch_v1.Runnable.Container)
     assert runnable.container.options == "" and list(runnable.container.volumes) == []
     assert job.allocation_policy.instances[0].install_gpu_drivers is jobs.has_gpus(options)
+
+
+# -- Issue 26: scratch disks and disk types, reservations and flex-start, image streaming -----------
+
+
+def test_a_scratch_disk_is_an_attached_disk_and_a_volume_the_container_gets_by_default():
+    job = build(options=p.JobOptions(machine_type="n2-standard-8", scratch_disk_gb=750, scratch_disk_type="local-ssd"))
+    (disk,) = job.allocation_policy.instances[0].policy.disks
+    assert isinstance(disk, batch_v1.AllocationPolicy.AttachedDisk)
+    assert (disk.new_disk.type_, disk.new_disk.size_gb, disk.device_name) == ("local-ssd", 750, p.SCRATCH_DEVICE_NAME)
+    task = job.task_groups[0].task_spec
+    (volume,) = task.volumes
+    assert (volume.device_name, volume.mount_path) == (disk.device_name, "/mnt/disks/scratch")
+    assert list(task.runnables[0].container.volumes) == [], "Batch mounts TaskSpec volumes in the container at the same path"
+    assert batch_v1.Job.from_json(batch_v1.Job.to_json(job)) == job
+    plain = build()
+    assert not plain.allocation_policy.instances[0].policy.disks and not plain.task_groups[0].task_spec.volumes
+
+
+def test_boot_disk_type_and_hyperdisk_only_families():
+    (policy,) = [i.policy for i in build(options=p.JobOptions(boot_disk_type="pd-ssd", boot_disk_size_gb=50)).allocation_policy.instances]
+    assert (policy.boot_disk.type_, policy.boot_disk.size_gb) == ("pd-ssd", 50)
+    assert "boot_disk" not in build().allocation_policy.instances[0].policy, "Batch's default boot disk"
+    c4 = build(options=p.JobOptions(machine_type="c4-standard-8")).allocation_policy.instances[0].policy
+    assert c4.boot_disk.type_ == "hyperdisk-balanced" and c4.boot_disk.size_gb == 0
+    with pytest.raises(ValueError, match="takes Hyperdisk only, not boot_disk_type='pd-balanced'"):
+        p.JobOptions(machine_type="n4-standard-4", boot_disk_type="pd-balanced")
+    with pytest.raises(ValueError, match="scratch_disk_type='pd-ssd'"):
+        p.JobOptions(machine_type="c4-standard-8", scratch_disk_gb=100, scratch_disk_type="pd-ssd")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(machine_type="n2-standard-8", scratch_disk_gb=400, scratch_disk_type="local-ssd"), "set scratch_disk_gb to e.g. 750"),
+    (dict(scratch_disk_gb=375, scratch_disk_type="local-ssd"), "needs a machine_type that takes local SSDs"),
+    (dict(machine_type="e2-standard-4", scratch_disk_gb=375, scratch_disk_type="local-ssd"), "not 'e2-standard-4'"),
+    (dict(scratch_disk_type="nvme"), "scratch_disk_type"),
+])
+def test_impossible_scratch_disks_are_refused_naming_the_fix(options, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        p.JobOptions(**options)
+
+
+@pytest.mark.parametrize("reservation, provisioning, field", [
+    ("any", "STANDARD", ""),
+    ("none", "STANDARD", "NO_RESERVATION"),
+    ("gpu-pool", "STANDARD", "projects/my-project/reservations/gpu-pool"),
+    ("projects/other-project/reservations/gpu-pool", "STANDARD", "projects/other-project/reservations/gpu-pool"),
+    ("any", "FLEX_START", "NO_RESERVATION"),
+])
+def test_reservation_and_provisioning_shape_the_instance_policy(reservation, provisioning, field):
+    options = p.JobOptions(machine_type="g2-standard-4", reservation=reservation, provisioning=provisioning)
+    policy = build(options=options).allocation_policy.instances[0].policy
+    assert policy.reservation == field
+    assert policy.provisioning_model == batch_v1.AllocationPolicy.ProvisioningModel[provisioning]
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(machine_type="n2-standard-4", reservation="r1", provisioning="SPOT"), "provisioning SPOT cannot consume reservation"),
+    (dict(machine_type="a2-highgpu-1g", reservation="r1", provisioning="FLEX_START"), "use provisioning STANDARD"),
+    (dict(reservation="r1"), "reservation 'r1' needs machine_type"),
+    (dict(provisioning="flex_start"), "FLEX_START needs a machine_type of the a2, a3, a4, g2 or h4d"),
+    (dict(machine_type="n1-standard-4", accelerator_type="nvidia-tesla-t4", accelerator_count=1, provisioning="FLEX_START"),
+     "not 'n1-standard-4'"),
+    (dict(reservation="Not_A_Name"), "reservation"),
+])
+def test_impossible_capacity_combinations_are_refused_naming_the_fix(options, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        p.JobOptions(**options)
+
+
+def test_flex_start_runs_at_most_seven_days():
+    flex = p.JobOptions(machine_type="a3-highgpu-1g", provisioning="FLEX_START")
+    spec(options=flex, time_limit_s=7 * 24 * 3600)
+    with pytest.raises(ValueError, match="at most 7 days"):
+        spec(options=flex, time_limit_s=7 * 24 * 3600 + 1)
+
+
+def test_image_streaming_sets_the_container_and_needs_artifact_registry_in_the_region():
+    streamed = p.JobOptions(image_streaming=True)
+    (runnable,) = build(options=streamed).task_groups[0].task_spec.runnables
+    assert runnable.container.enable_image_streaming is True  # us-docker.pkg.dev holds us-east1
+    assert build().task_groups[0].task_spec.runnables[0].container.enable_image_streaming is False
+    spec(options=streamed, container_image_uri="us-east1-docker.pkg.dev/my-project/covalent/worker:1")
+    with pytest.raises(ValueError, match="needs an Artifact Registry image"):
+        spec(options=streamed, container_image_uri="gcr.io/my-project/worker:1")
+    with pytest.raises(ValueError, match="in the job's region 'us-east1'"):
+        spec(options=streamed, container_image_uri="europe-west1-docker.pkg.dev/my-project/covalent/worker:1")
+    with pytest.raises(ValueError, match="not in 'us-west1'"):
+        spec(options=streamed, container_image_uri="us-west1-docker.pkg.dev/my-project/covalent/worker:1")
+
+
+def test_the_function_refuses_what_the_executor_refuses():
+    """The same rules reach the function through the spec's metadata (SpecError, not a job)."""
+    bad = spec().model_dump()
+    bad["options"] = dict(image_streaming=True)
+    bad["container_image_uri"] = "gcr.io/my-project/worker:1"
+    import json
+    with pytest.raises(p.SpecError, match="image_streaming needs an Artifact Registry image"):
+        p.JobSpec.from_metadata({p.SPEC_METADATA_KEY: json.dumps(bad)})

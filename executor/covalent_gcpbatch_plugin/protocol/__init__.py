@@ -57,6 +57,12 @@ from .spec import (  # noqa: F401
     JobOptions,
     JobSpec,
     PackManifest,
+    LOCAL_SSD_GB,
+    SCRATCH_DEVICE_NAME,
+    SCRATCH_MOUNT_PATH,
+    HYPERDISK_ONLY_FAMILIES,
+    NO_RESERVATION,
+    job_problem,
 )
 from .outcome import (  # noqa: F401
     ENV_BUCKET,

@@ -32,6 +32,72 @@ RESERVED_LABEL_PREFIXES = ("goog-", "google-")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _OPTIONAL_RESOURCE_NAME = r"^([a-z0-9][a-z0-9./_-]*)?$"
 
+# -- Disks ---------------------------------------------------------------------------------------
+#: Scratch disk types (batch_v1 AllocationPolicy.Disk.type_: a type of `gcloud compute disk-types
+#: list`); a boot disk cannot be a local SSD.
+SCRATCH_DISK_TYPES = ("local-ssd", "pd-balanced", "pd-ssd", "hyperdisk-balanced")
+BOOT_DISK_TYPES = ("pd-balanced", "pd-ssd", "hyperdisk-balanced")
+#: Local SSDs come in disks of 375 GB: Batch rounds any other size up to the next multiple
+#: (batch_v1 AllocationPolicy.Disk.size_gb), so one is refused here rather than billed larger.
+LOCAL_SSD_GB = 375
+#: The scratch disk's device name (AttachedDisk.device_name = Volume.device_name) and mount path.
+#: The container sees it at the same path: with TaskSpec.volumes set and Container.volumes unset,
+#: "Batch will mount each volume from the host machine to the container with the same mount path",
+#: read-write for a new disk (batch_v1 Runnable.Container.volumes).
+SCRATCH_DEVICE_NAME = "scratch"
+SCRATCH_MOUNT_PATH = "/mnt/disks/scratch"
+#: Machine families that take Hyperdisk only, boot disk too (Nextflow issue #6614 and PR #6841's
+#: HYPERDISK_ONLY_FAMILIES; dsub #301: n4 with a pd-standard disk fails "No zone supports all of the
+#: provided instance templates"). Batch's boot disk default is pd-balanced (AllocationPolicy.Disk.type_).
+HYPERDISK_ONLY_FAMILIES = ("c4-", "c4a-", "c4d-", "n4-", "n4a-", "n4d-")
+#: E2 VMs take no local SSD (Compute Engine, "About Local SSD disks"); Batch picks an E2 machine when
+#: the job names none (local/batch/runner.py, reported_instance), so local SSD needs a machine type,
+#: as Nextflow picks one itself for it (GoogleBatchTaskHandler: findBestMachineType(..., local-ssd)).
+NO_LOCAL_SSD_FAMILIES = ("e2-",) + HYPERDISK_ONLY_FAMILIES
+
+# -- Capacity ------------------------------------------------------------------------------------
+#: InstancePolicy.reservation: unset consumes any matching reservation, "NO_RESERVATION" none, a
+#: name only that one (batch_v1 AllocationPolicy.InstancePolicy.reservation).
+NO_RESERVATION = "NO_RESERVATION"
+_RESERVATION = r"^(any|none|[a-z]([-a-z0-9]{0,61}[a-z0-9])?|projects/[a-z][-a-z0-9]{4,28}[a-z0-9]/reservations/[a-z]([-a-z0-9]{0,61}[a-z0-9])?)$"
+#: Flex-start VMs (DWS): accelerator-optimized machine types but A4X and G4, and H4D; they run for
+#: at most seven days (Compute Engine, "About Flex-start VMs").
+FLEX_START_FAMILIES = ("a2-", "a3-", "a4-", "g2-", "h4d-")
+FLEX_START_MAX_RUN_S = 7 * 24 * 3600
+
+# -- Image streaming -----------------------------------------------------------------------------
+#: Batch streams only images in Artifact Registry, from a location that contains the job's VMs: the
+#: job's region, or the multi-region it is in (Batch, "Use Image streaming" limitations,
+#: https://cloud.google.com/batch/docs/use-image-streaming).
+_ARTIFACT_REGISTRY = re.compile(r"^(?P<location>[a-z0-9-]+)-docker\.pkg\.dev/")
+ARTIFACT_REGISTRY_MULTI_REGIONS = ("us", "europe", "asia")
+
+
+def image_streaming_problem(image_uri: str, region: str) -> str | None:
+    """Why Batch cannot stream ``image_uri`` to VMs in ``region`` (None: it can)."""
+    match = _ARTIFACT_REGISTRY.match(image_uri)
+    if match is None:
+        return (f"image_streaming needs an Artifact Registry image (<region>-docker.pkg.dev/...), not "
+                f"{image_uri!r}: push the worker image to Artifact Registry, or set image_streaming false")
+    location = match["location"]
+    if location != region and not (location in ARTIFACT_REGISTRY_MULTI_REGIONS and region.startswith(f"{location}-")):
+        return (f"image_streaming needs the image in the job's region {region!r} (or its multi-region), not in "
+                f"{location!r}: use a {region}-docker.pkg.dev image, or set image_streaming false")
+    return None
+
+
+def job_problem(options: JobOptions, *, image_uri: str, region: str, time_limit_s: int) -> str | None:
+    """What the job options cannot do with the task's image, region and time limit (None: nothing).
+    The executor checks it at construction (settings.py), the function with the spec."""
+    if options.image_streaming and image_uri:
+        problem = image_streaming_problem(image_uri, region)
+        if problem:
+            return problem
+    if options.provisioning == "FLEX_START" and time_limit_s > FLEX_START_MAX_RUN_S:
+        return (f"provisioning FLEX_START runs a VM for at most 7 days ({FLEX_START_MAX_RUN_S} s), not "
+                f"time_limit={time_limit_s}: lower time_limit, or use STANDARD")
+    return None
+
 
 class JobOptions(BaseModel):
     """Batch job options beyond size and time: where and on what the task runs."""
@@ -42,9 +108,17 @@ class JobOptions(BaseModel):
         default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$",
         description="Compute Engine machine type, e.g. `n2-standard-8`; empty lets Batch choose from `vcpus`/`memory`. "
                     "The deployment may restrict it.")
-    provisioning: Literal["STANDARD", "SPOT"] = Field(
+    provisioning: Literal["STANDARD", "SPOT", "FLEX_START"] = Field(
         default="STANDARD",
-        description="`STANDARD` or `SPOT` (cheaper, preemptible: preemptions are retried up to `retries` times).")
+        description="`STANDARD`, `SPOT` (cheaper, preemptible: preemptions are retried up to `retries` times) or "
+                    "`FLEX_START` (Dynamic Workload Scheduler: waits for scarce GPUs, discounted; needs a `machine_type` "
+                    "of the a2, a3, a4, g2 or h4d families, and `time_limit` of at most 7 days).")
+    reservation: str = Field(
+        default="any", max_length=128, pattern=_RESERVATION,
+        description="Compute Engine reservation the VMs consume: `any` (a matching one if there is, Batch's default), "
+                    "`none`, or a reservation's name (`projects/P/reservations/R` for another project's). A named one "
+                    "needs `machine_type` and `allowed_locations` to match the reservation's type and zone, and "
+                    "`provisioning = \"STANDARD\"` (Spot and flex-start VMs consume no reservation).")
     accelerator_type: str = Field(
         default="", max_length=64, pattern=r"^([a-z0-9][a-z0-9-]*)?$",
         description="GPU type, e.g. `nvidia-tesla-t4`; set together with `accelerator_count`.")
@@ -55,6 +129,18 @@ class JobOptions(BaseModel):
                     "type that comes with them (`a2-`, `a3-`, `g2-`).")
     boot_disk_size_gb: int = Field(
         default=0, ge=0, le=65536, description="Boot disk size; `0` keeps Batch's default.")
+    boot_disk_type: Literal[("",) + BOOT_DISK_TYPES] = Field(
+        default="",
+        description="Boot disk type; empty keeps Batch's default (`pd-balanced`), or `hyperdisk-balanced` for the "
+                    "machine families that take only Hyperdisk (`c4`, `c4a`, `c4d`, `n4`, `n4a`, `n4d`).")
+    scratch_disk_gb: int = Field(
+        default=0, ge=0, le=65536,
+        description=f"Size in GB of a scratch disk mounted at `{SCRATCH_MOUNT_PATH}` (deleted with the VM); `0`: none. "
+                    f"A `local-ssd` size is a multiple of {LOCAL_SSD_GB}. Capped by the deployment.")
+    scratch_disk_type: Literal[SCRATCH_DISK_TYPES] = Field(
+        default="pd-balanced",
+        description="`pd-balanced`, `pd-ssd`, `hyperdisk-balanced` (the only one `c4`/`n4` families take) or "
+                    "`local-ssd` (fastest; needs a `machine_type` that takes local SSDs, not `e2`, `c4` or `n4`).")
     labels: dict[str, str] = Field(
         default_factory=dict, max_length=32,
         description="Job labels, on its VMs too (GCP label rules; keys starting with `goog-` or `google-` are Google's). "
@@ -73,6 +159,11 @@ class JobOptions(BaseModel):
     allowed_locations: tuple[str, ...] = Field(
         default=(), max_length=32,
         description="`regions/...` or `zones/...` entries inside the deployment's region; empty means the whole region.")
+    image_streaming: bool = Field(
+        default=False,
+        description="Stream the worker image instead of pulling it first: a 600 MB image's job started in about 1 "
+                    "minute instead of 2.5 (Nextflow PR #6836). Needs the image in Artifact Registry in the job's region "
+                    "or its multi-region (`us-east1-docker.pkg.dev/...`, `us-docker.pkg.dev/...`).")
 
     @field_validator("provisioning", mode="before")
     @classmethod
@@ -108,6 +199,41 @@ class JobOptions(BaseModel):
             # Batch refuses the job: VMs without an external IP must be placed in a given subnet.
             raise ValueError("no_external_ip needs network and subnetwork: set both (a VPC with Cloud NAT or "
                              "Private Google Access), or leave no_external_ip false")
+        self._check_disks()
+        self._check_capacity()
+
+    def _check_disks(self) -> None:
+        machine = self.machine_type
+        if machine.startswith(HYPERDISK_ONLY_FAMILIES):
+            for key, kind in (("boot_disk_type", self.boot_disk_type),
+                              ("scratch_disk_type", self.scratch_disk_type if self.scratch_disk_gb else "")):
+                if kind.startswith("pd-"):
+                    raise ValueError(f"machine_type {machine!r} takes Hyperdisk only, not {key}={kind!r}: set {key} "
+                                     "to hyperdisk-balanced, or choose another machine type")
+        if not self.scratch_disk_gb or self.scratch_disk_type != "local-ssd":
+            return
+        if self.scratch_disk_gb % LOCAL_SSD_GB:
+            fit = -(-self.scratch_disk_gb // LOCAL_SSD_GB) * LOCAL_SSD_GB
+            raise ValueError(f"scratch_disk_gb={self.scratch_disk_gb} is not a multiple of {LOCAL_SSD_GB}: local SSDs "
+                             f"come in {LOCAL_SSD_GB} GB disks; set scratch_disk_gb to e.g. {fit}")
+        if not machine or machine.startswith(NO_LOCAL_SSD_FAMILIES):
+            given = repr(machine) if machine else "none (Batch would pick an e2 machine)"
+            raise ValueError(f"scratch_disk_type local-ssd needs a machine_type that takes local SSDs (e.g. n2-standard-8; "
+                             f"not e2, c4 or n4), not {given}: set machine_type, or use a pd-balanced scratch disk")
+
+    def _check_capacity(self) -> None:
+        named = self.reservation not in ("any", "none")
+        if self.provisioning != "STANDARD" and named:
+            # Spot VMs do not consume reservations; flex-start VMs take their capacity from DWS
+            # (Compute Engine, "About Flex-start VMs": reservation affinity none).
+            raise ValueError(f"provisioning {self.provisioning} cannot consume reservation {self.reservation!r}: use "
+                             "provisioning STANDARD with the reservation, or reservation 'any'")
+        if named and not self.machine_type:
+            raise ValueError(f"reservation {self.reservation!r} needs machine_type: set it to the reservation's machine "
+                             "type (its VMs must match the reservation exactly)")
+        if self.provisioning == "FLEX_START" and not self.machine_type.startswith(FLEX_START_FAMILIES):
+            raise ValueError(f"provisioning FLEX_START needs a machine_type of the a2, a3, a4, g2 or h4d families, not "
+                             f"{self.machine_type or 'none'!r}: e.g. g2-standard-4 for one L4 GPU, or use STANDARD or SPOT")
 
 
 class JobSpec(BaseModel):
@@ -144,6 +270,12 @@ class JobSpec(BaseModel):
         if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
             raise ValueError("dispatch_id may contain only letters, digits, '.', '_' and '-'")
         return value
+
+    def model_post_init(self, _context: object) -> None:
+        problem = job_problem(self.options, image_uri=self.container_image_uri, region=self.region,
+                              time_limit_s=self.time_limit_s)
+        if problem:
+            raise ValueError(problem)
 
     def to_metadata(self) -> dict[str, str]:
         """Custom object metadata carrying this spec; raises SpecError if over GCS's 8 KiB."""

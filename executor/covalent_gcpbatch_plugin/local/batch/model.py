@@ -97,6 +97,9 @@ def validate_job(job_id: str, job: batch_v1.Job) -> str | None:
             return f"runnable {i}: the local Batch service runs foreground container runnables (the worker image) only"
         if runnable.container.entrypoint:
             return f"runnable {i}: the local Batch service runs the worker image's own entrypoint; container.entrypoint must be empty"
+    problem = volumes_problem(job)
+    if problem:
+        return problem
     if not 0 <= spec.max_retry_count <= MAX_RETRY_COUNT:
         return f"task_spec.max_retry_count must be between 0 and {MAX_RETRY_COUNT}"
     if len(spec.lifecycle_policies) > 1:
@@ -104,6 +107,22 @@ def validate_job(job_id: str, job: batch_v1.Job) -> str | None:
     for notification in job.notifications:
         if not _TOPIC.fullmatch(notification.pubsub_topic):
             return f"notification pubsub_topic {notification.pubsub_topic!r} must be projects/<project>/topics/<topic>"
+    return None
+
+
+def volumes_problem(job: batch_v1.Job) -> str | None:
+    """A task volume naming a disk device the VMs do not get: a Volume.device_name "should align
+    with a device_name specified by job.allocation_policy.instances[0].policy.disks[i].device_name"
+    (batch_v1 Volume). Refusing it with 400 is the service's assumption of what Batch answers.
+
+    A disk volume is stored, not emulated: the worker runs as a host process, whose directory is its
+    attempt's (no path of the VM's, such as the scratch disk's mount path, is mapped for it)."""
+    instances = job.allocation_policy.instances
+    devices = {disk.device_name for disk in instances[0].policy.disks} if instances else set()
+    for volume in job.task_groups[0].task_spec.volumes:
+        if volume.device_name and volume.device_name not in devices:
+            return (f"task_spec volume at {volume.mount_path!r} names device {volume.device_name!r}, which no "
+                    "allocation_policy.instances[0].policy.disks entry has")
     return None
 
 

@@ -691,7 +691,8 @@ class LocalBatch:
             spec = batch_v1.TaskSpec(record.job.task_groups[0].task_spec)  # a copy: the job changes under the lock
         since = time.time()
         try:
-            if record.stopping.wait(self.model.real(self.model.boot_s)):
+            streaming = any(r.container.enable_image_streaming for r in spec.runnables)
+            if record.stopping.wait(self.model.real(self.model.boot_seconds(image_streaming=streaming))):
                 return  # stopped while its VM booted (finally: the state and the VM's bill)
             while task is not None:
                 try:
