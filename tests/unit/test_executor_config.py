@@ -121,6 +121,10 @@ def test_attributes_survive_covalents_json_round_trip():
         ({"keep_artifacts": "yes"}, "keep_artifacts"),
         ({"wait_mode": "sometimes"}, "wait_mode: Input should be 'events' or 'poll'"),
         ({"retries": True}, "retries"),
+        ({"memory_retry_factor": 1}, "memory_retry_factor: Value error, must be more than 1"),
+        ({"memory_retry_factor": 9}, "memory_retry_factor"),
+        ({"spot_fallback": -1}, "spot_fallback"),
+        ({"spot_wait_s": -5}, "spot_wait_s"),
     ],
 )
 def test_invalid_settings_fail_at_construction_naming_the_key(kwargs, fragment):
