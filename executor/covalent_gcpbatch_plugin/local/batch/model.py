@@ -97,6 +97,14 @@ def validate_job(job_id: str, job: batch_v1.Job) -> str | None:
             return f"runnable {i}: the local Batch service runs foreground container runnables (the worker image) only"
         if runnable.container.entrypoint:
             return f"runnable {i}: the local Batch service runs the worker image's own entrypoint; container.entrypoint must be empty"
+    for i, volume in enumerate(spec.volumes):
+        if "gcs" not in volume or not volume.mount_path.startswith("/"):
+            return f"volume {i}: the local Batch service mounts Cloud Storage volumes (gcs) at absolute paths only"
+    environments = [spec.environment, *(r.environment for r in spec.runnables)]
+    for name, version in (item for env in environments for item in env.secret_variables.items()):
+        # Batch takes "the path to a secret version" (https://cloud.google.com/batch/docs/create-run-job-secret-manager).
+        if not protocol.SECRET_VERSION_NAME.fullmatch(version):
+            return f"secret variable {name}: {version!r} must be projects/PROJECT/secrets/SECRET/versions/VERSION"
     if not 0 <= spec.max_retry_count <= MAX_RETRY_COUNT:
         return f"task_spec.max_retry_count must be between 0 and {MAX_RETRY_COUNT}"
     if len(spec.lifecycle_policies) > 1:
