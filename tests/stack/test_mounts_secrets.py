@@ -151,3 +151,52 @@ def test_a_secret_off_the_allowlist_is_refused_naming_the_flag(covalent_server, 
     node = run_one(executor, lambda: 1)
     assert str(node["status"]) == "FAILED"
     assert f"--allowed-secrets projects/{local_stack.project_id}/secrets/not-allowed" in node["stderr"], node["stderr"]
+
+
+def test_file_transfers_work_on_the_worker_as_its_own_account(covalent_server, local_stack, tmp_path):
+    """Covalent's own GCloud strategy needs a key file and fails on the worker without one (the
+    deployment makes none); GCloudDefaultCredentials is it with the worker's own credentials: a
+    file comes down before the task and one goes up after it."""
+    from covalent_gcpbatch_plugin.transfers import GCloudDefaultCredentials
+
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    bucket = storage.bucket(local_stack.mount_bucket_name)
+    run = uuid.uuid4().hex[:12]
+    bucket.blob(f"transfers/{run}/in.txt").upload_from_string("hello from the bucket")
+    local_in, local_out = tmp_path / "in.txt", tmp_path / "out.txt"
+    strategy = GCloudDefaultCredentials(project_id=local_stack.project_id)
+    files = [ct.fs.TransferFromRemote(f"gs://{local_stack.mount_bucket_name}/transfers/{run}/in.txt", str(local_in),
+                                      strategy=strategy),
+             ct.fs.TransferToRemote(f"gs://{local_stack.mount_bucket_name}/transfers/{run}/out.txt", str(local_out),
+                                    strategy=strategy)]
+
+    @ct.electron(executor=GCPBatchExecutor(time_limit=120, pack_window=0), files=files)
+    def task(files=[]):  # noqa: B006 - Covalent's own convention for file transfers
+        text = open(files[0][1]).read()
+        with open(files[1][0], "w") as f:
+            f.write(text.upper())
+        return text
+
+    @ct.lattice
+    def flow():
+        return task()
+
+    node = nodes_by_name(wait_for(ct.dispatch(flow)(), timeout_s=240))["task"]
+    assert str(node["status"]) == "COMPLETED", (node["error"], node["stderr"])
+    assert node["output"].get_deserialized() == "hello from the bucket"
+    assert bucket.blob(f"transfers/{run}/out.txt").download_as_text() == "HELLO FROM THE BUCKET"
+
+    # Covalent's own strategy, without a key file, fails on the worker before any request.
+    @ct.electron(executor=GCPBatchExecutor(time_limit=120, pack_window=0),
+                 files=[ct.fs.TransferFromRemote(f"gs://{local_stack.mount_bucket_name}/transfers/{run}/in.txt",
+                                                 str(tmp_path / "again.txt"), strategy=ct.fs_strategies.GCloud())])
+    def plain(files=[]):  # noqa: B006
+        return 1
+
+    @ct.lattice
+    def plain_flow():
+        return plain()
+
+    node = nodes_by_name(wait_for(ct.dispatch(plain_flow)(), timeout_s=240))["plain"]
+    assert str(node["status"]) == "FAILED"
+    assert "'NoneType' object has no attribute 'keys'" in str(node["error"]) + str(node["stderr"]), (node["error"], node["stderr"])
