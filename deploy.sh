@@ -85,6 +85,12 @@ Options (environment fallbacks in parentheses):
   --max-boot-disk-size-gb N, --max-scratch-disk-gb N, --max-parallel-vcpus N,
   --allowed-machine-types T1,T2
                            caps the function enforces on every task (defaults: deployment.py)
+  --allowed-mount-buckets B1,B2, --allowed-writable-mount-buckets B1,B2
+                           buckets tasks may mount (gcs_volumes) read-only, or read-write; the
+                           jobs' account gets objectViewer, or objectUser, on these buckets only
+  --allowed-secrets projects/P/secrets/S1,...
+                           Secret Manager secrets tasks may read (secrets), by full name; the jobs'
+                           account gets secretAccessor on each of these secrets only
   --allowed-images I1,I2   images a task may run (default: every worker image in the deployment's
                            repository, <region>-docker.pkg.dev/<project>/<prefix>/worker*)
   --name N, --requirements FILE
@@ -218,6 +224,7 @@ parse_args() {
   FUNCTION_RUNTIME=python311
   MAX_VCPUS="" MAX_MEMORY_MB="" MAX_TIME_LIMIT_S="" MAX_ACCELERATOR_COUNT="" ALLOWED_MACHINE_TYPES=""
   MAX_BOOT_DISK_SIZE_GB="" MAX_SCRATCH_DISK_GB="" MAX_PARALLEL_VCPUS=""
+  ALLOWED_MOUNT_BUCKETS="" ALLOWED_WRITABLE_MOUNT_BUCKETS="" ALLOWED_SECRETS=""
   ALLOWED_IMAGES="" IMAGE_SUFFIX="" REQUIREMENTS="" COVALENT_CONF=""
   ONLY=""
   YES=0
@@ -246,6 +253,9 @@ parse_args() {
       --max-scratch-disk-gb) MAX_SCRATCH_DISK_GB=$value ;;
       --max-parallel-vcpus) MAX_PARALLEL_VCPUS=$value ;;
       --allowed-machine-types) ALLOWED_MACHINE_TYPES=$value ;;
+      --allowed-mount-buckets) ALLOWED_MOUNT_BUCKETS=$value ;;
+      --allowed-writable-mount-buckets) ALLOWED_WRITABLE_MOUNT_BUCKETS=$value ;;
+      --allowed-secrets) ALLOWED_SECRETS=$value ;;
       --allowed-images) ALLOWED_IMAGES=$value ;;
       --name) IMAGE_SUFFIX=$value ;;
       --requirements) REQUIREMENTS=$value ;;
@@ -446,10 +456,17 @@ ensure_image() {
 # IAM: where a role is granted sets what an account can reach. iam_target KIND [CONDITION] sets
 # IAM_GROUP (the gcloud command group), IAM_WHERE (flags locating the resource) and IAM_BIND
 # (extra flags for add/remove). Only project grants take a condition (an IAM condition expression).
+# Kinds: our own resources, and the user's that tasks may reach (mount: a bucket of
+# --allowed-(writable-)mount-buckets; secret: a secret of --allowed-secrets, projects/P/secrets/S,
+# located in its own project P), whose grants down removes since the resources stay.
 iam_target() {
   IAM_WHERE=(--project="$PROJECT")
   IAM_BIND=()
   case "$1" in
+    mount) IAM_GROUP=(storage buckets) ;;
+    secret)
+      local owner=${3#projects/}
+      IAM_GROUP=(secrets); IAM_WHERE=(--project="${owner%%/*}") ;;
     project)
       IAM_GROUP=(projects); IAM_WHERE=()
       if [ -n "${2:-}" ]; then IAM_BIND=(--condition="expression=$2,title=$PREFIX-scope"); else IAM_BIND=(--condition=None); fi ;;
@@ -465,7 +482,7 @@ iam_target() {
 # has_binding KIND RESOURCE ROLE MEMBER [CONDITION]: 0 if bound (under exactly that condition
 # expression, if given), 1 if not, 2 if the resource does not exist.
 has_binding() {
-  iam_target "$1" "${5:-}"
+  iam_target "$1" "${5:-}" "$2"
   lookup gcloud "${IAM_GROUP[@]}" get-iam-policy "$2" "${IAM_WHERE[@]}" --format=json || return 2
   local rc=0
   helper has-binding "$3" "$4" ${5:+--condition "$5"} <<<"$FOUND" || rc=$?
@@ -481,7 +498,12 @@ ensure_binding() {
   has_binding "$kind" "$resource" "$role" "$member" "$condition" || rc=$?
   case "$rc" in
     0) present "$role for ${member#*:} on $kind $resource${condition:+ (if $condition)}"; return ;;
-    2) die "$kind $resource does not exist: run the step that creates it first" ;;
+    2)
+      case "$kind" in
+        mount) die "bucket $resource (--allowed-mount-buckets or --allowed-writable-mount-buckets) does not exist or you cannot read its IAM policy: create it, or leave it out" ;;
+        secret) die "secret $resource (--allowed-secrets) does not exist or you cannot read its IAM policy: create it (gcloud secrets create), or leave it out" ;;
+        *) die "$kind $resource does not exist: run the step that creates it first" ;;
+      esac ;;
   esac
   run_retrying gcloud "${IAM_GROUP[@]}" add-iam-policy-binding "$resource" "${IAM_WHERE[@]}" "${IAM_BIND[@]}" \
     --member="$member" --role="$role" --format=none
@@ -501,6 +523,18 @@ each_binding() {
   "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$runner"
   "$action" repo "$REPO" roles/artifactregistry.reader "$runner"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$runner"
+  # What tasks may reach, each bucket or secret by name (deployment.py's allowlists, which the
+  # function enforces): mounted buckets (gcsfuse reads as the VM's account: objectViewer read-only,
+  # objectUser to write; https://cloud.google.com/storage/docs/cloud-storage-fuse/quickstart-mount-bucket),
+  # and secrets, which "the job's service account" reads with roles/secretmanager.secretAccessor "on the
+  # secret" (https://cloud.google.com/batch/docs/create-run-job-secret-manager).
+  local item items=()
+  IFS=, read -ra items <<<"$ALLOWED_MOUNT_BUCKETS"
+  for item in "${items[@]}"; do "$action" mount "gs://$item" roles/storage.objectViewer "$runner"; done
+  IFS=, read -ra items <<<"$ALLOWED_WRITABLE_MOUNT_BUCKETS"
+  for item in "${items[@]}"; do "$action" mount "gs://$item" roles/storage.objectUser "$runner"; done
+  IFS=, read -ra items <<<"$ALLOWED_SECRETS"
+  for item in "${items[@]}"; do "$action" secret "$item" roles/secretmanager.secretAccessor "$runner"; done
   # The function: create Batch jobs that run as the runner account (and only it), read task
   # objects and cancel markers, record (create-only: never overwrite or delete) and publish why it
   # created no job for a task, receive Eventarc events.
@@ -551,7 +585,8 @@ plan_function() {
     --max-accelerator-count "$MAX_ACCELERATOR_COUNT" --allowed-machine-types "$ALLOWED_MACHINE_TYPES" \
     --max-boot-disk-size-gb "$MAX_BOOT_DISK_SIZE_GB" --max-scratch-disk-gb "$MAX_SCRATCH_DISK_GB" \
     --max-parallel-vcpus "$MAX_PARALLEL_VCPUS" \
-    >"$WORK/function-env.yaml"
+    --allowed-mount-buckets "$ALLOWED_MOUNT_BUCKETS" --allowed-writable-mount-buckets "$ALLOWED_WRITABLE_MOUNT_BUCKETS" \
+    --allowed-secrets "$ALLOWED_SECRETS" >"$WORK/function-env.yaml"
   # As many gunicorn threads as requests an instance is sent (the Cloud Run functions docs' advice).
   printf 'THREADS: "%s"\n' "$FUNCTION_CONCURRENCY" >>"$WORK/function-env.yaml"
   FUNCTION_DEPLOY=(
@@ -612,6 +647,7 @@ write_config() {
 
 cmd_up() {
   local step
+  plan_function  # the function's settings are checked (deployment.py) before anything is changed
   for step in "${UP_STEPS[@]}"; do
     wanted "$step" || continue
     case "$step" in
@@ -664,15 +700,16 @@ delete_function() {
   fi
 }
 
-# Project-level grants outlive the accounts they name, so they go first. Resource-level grants go
-# with their resources. The Cloud Storage service agent keeps roles/pubsub.publisher: any storage
+# Project-level grants outlive the accounts they name, so they go first, and so do the grants on
+# the user's buckets and secrets (mount, secret), which stay. Grants on our resources go with
+# them. The Cloud Storage service agent keeps roles/pubsub.publisher: any storage
 # trigger in the project needs it.
 # shellcheck disable=SC2317  # called through each_binding
 remove_binding() {
   local kind=$1 resource=$2 role=$3 member=$4 condition=${5:-}
-  [ "$kind" = project ] || return 0
+  case "$kind" in project | mount | secret) ;; *) return 0 ;; esac
   has_binding "$kind" "$resource" "$role" "$member" "$condition" || return 0
-  run gcloud projects remove-iam-policy-binding "$PROJECT" --member="$member" --role="$role" \
+  run gcloud "${IAM_GROUP[@]}" remove-iam-policy-binding "$resource" "${IAM_WHERE[@]}" --member="$member" --role="$role" \
     "${IAM_BIND[@]}" --format=none
 }
 

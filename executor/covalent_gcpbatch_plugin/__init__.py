@@ -16,4 +16,8 @@ def __getattr__(name: str) -> str:
             return version("covalent-gcpbatch-plugin")
         except PackageNotFoundError:
             return "unknown"
+    if name == "volume_path":  # covalent_gcpbatch_plugin.volume_path("/mnt/data/..."): volumes.py
+        from .volumes import volume_path
+
+        return volume_path
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

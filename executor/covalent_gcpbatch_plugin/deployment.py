@@ -19,12 +19,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import machine_types
 from .errors import FunctionNotConfigured, SpecError
-from .protocol import JobSpec, PackManifest, topic_path
+from .protocol import BUCKET_NAME, SECRET_NAME, JobSpec, PackManifest, secret_of_version, topic_path
 
 ENV_PREFIX = "GCPBATCH_"
 #: A comma-separated list in the environment (``a,b``), a tuple here.
 CsvList = Annotated[tuple[str, ...], NoDecode]
 CAP = {"cap": True}
+#: A cap that lists what a task may reach: empty allows nothing (the caps table says "none").
+ALLOWLIST = {"cap": True, "empty": "none"}
 
 
 class DeploymentSettings(BaseSettings):
@@ -78,12 +80,46 @@ class DeploymentSettings(BaseSettings):
         description="Machine types a task may ask for (`machine_type`); empty means any whose size the function knows "
                     "(`machine_types.py`). A type listed here that it does not know is allowed, sized by the task's fields.")
 
-    @field_validator("allowed_images", "allowed_machine_types", mode="before")
+    #: Allowlists of what a task may reach as the job's service account: empty allows nothing, and
+    #: deploy.sh grants the runner account access to exactly these (no project-wide role).
+    allowed_mount_buckets: CsvList = Field(
+        (), json_schema_extra=ALLOWLIST,
+        description="Buckets a task may mount read-only (`gcs_volumes`); deploy.sh grants the jobs' account "
+                    "roles/storage.objectViewer on each.")
+    allowed_writable_mount_buckets: CsvList = Field(
+        (), json_schema_extra=ALLOWLIST,
+        description="Buckets a task may mount read-write (`gcs_volumes` with `read_only` false), or read-only; "
+                    "deploy.sh grants the jobs' account roles/storage.objectUser on each.")
+    allowed_secrets: CsvList = Field(
+        (), json_schema_extra=ALLOWLIST,
+        description="Secret Manager secrets a task may read into its environment (`secrets`), as full names "
+                    "`projects/P/secrets/S` (any version of each); deploy.sh grants the jobs' account "
+                    "roles/secretmanager.secretAccessor on each secret, not project-wide.")
+
+    @field_validator("allowed_images", "allowed_machine_types", "allowed_mount_buckets",
+                     "allowed_writable_mount_buckets", "allowed_secrets", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
+
+    @field_validator("allowed_mount_buckets", "allowed_writable_mount_buckets")
+    @classmethod
+    def _bucket_names(cls, buckets: tuple[str, ...]) -> tuple[str, ...]:
+        for bucket in buckets:
+            if not BUCKET_NAME.fullmatch(bucket):
+                raise ValueError(f"{bucket!r} is not a bucket name (give the name, not gs://...)")
+        return buckets
+
+    @field_validator("allowed_secrets")
+    @classmethod
+    def _secret_names(cls, secrets: tuple[str, ...]) -> tuple[str, ...]:
+        for secret in secrets:
+            if not SECRET_NAME.fullmatch(secret):
+                raise ValueError(f"{secret!r} is not a secret's full name 'projects/PROJECT/secrets/SECRET' (no "
+                                 "version, no wildcard: each secret is granted to the jobs' account by name)")
+        return secrets
 
     @classmethod
     def from_env(cls) -> DeploymentSettings:
@@ -138,6 +174,8 @@ class DeploymentSettings(BaseSettings):
                 f"machine_type {options.machine_type!r} is not allowed by this deployment; "
                 f"allowed: {', '.join(self.allowed_machine_types)}"
             )
+        self.check_volumes(spec)
+        self.check_secrets(spec)
         for location in options.allowed_locations:
             if not location.split("/", 1)[1].startswith(self.region):
                 raise SpecError(f"allowed location {location!r} is outside this deployment's region {self.region!r}")
@@ -165,6 +203,30 @@ class DeploymentSettings(BaseSettings):
                     raise SpecError(f"{what} has {has}, over this deployment's cap of {cap:g} ({cap_flag(flag)}): "
                                     "choose a smaller machine type, or leave machine_type empty to size the VM by vcpus and memory")
         self.check_parallel(spec, 1)
+
+    def check_volumes(self, spec: JobSpec) -> None:
+        """Each mounted bucket on the allowlist of its kind: a read-write mount's on
+        ``allowed_writable_mount_buckets``, a read-only one's on either list."""
+        for path, volume in spec.options.gcs_volumes.items():
+            readable = self.allowed_mount_buckets + self.allowed_writable_mount_buckets
+            allowed, flag = ((readable, "--allowed-mount-buckets") if volume.read_only
+                             else (self.allowed_writable_mount_buckets, "--allowed-writable-mount-buckets"))
+            if volume.bucket not in allowed:
+                how = "read-only" if volume.read_only else "read-write"
+                raise SpecError(
+                    f"gcs_volumes[{path!r}]: bucket {volume.bucket!r} may not be mounted {how} by this deployment "
+                    f"(allowed: {', '.join(allowed) or 'none'}): ask the deployer to add it (deploy.sh up {flag} "
+                    f"{volume.bucket}), which also grants the jobs' account access to it")
+
+    def check_secrets(self, spec: JobSpec) -> None:
+        """Each secret on ``allowed_secrets`` (by its full name; any version)."""
+        for name, version in spec.options.secrets.items():
+            secret = secret_of_version(version)
+            if secret not in self.allowed_secrets:
+                raise SpecError(
+                    f"secrets[{name!r}]: secret {secret!r} is not allowed by this deployment (allowed: "
+                    f"{', '.join(self.allowed_secrets) or 'none'}): ask the deployer to add it (deploy.sh up "
+                    f"--allowed-secrets {secret}), which also grants the jobs' account access to it alone")
 
     def machine_shape(self, machine_type: str) -> machine_types.MachineShape | None:
         """What ``machine_type`` brings (None: no machine type, or one the deployer allowed by name
@@ -229,7 +291,8 @@ def caps_table() -> str:
     rows = ["| flag | default | meaning |", "|---|---|---|"]
     for name in CAP_FIELDS:
         default = FIELDS[name].default
-        shown = "any" if default == () else f"{default:g}" if isinstance(default, float) else str(default)
+        empty = (FIELDS[name].json_schema_extra or {}).get("empty", "any")
+        shown = empty if default == () else f"{default:g}" if isinstance(default, float) else str(default)
         rows.append(f"| `{cap_flag(name)}` | {shown} | {FIELDS[name].description} |")
     return "\n".join(rows)
 

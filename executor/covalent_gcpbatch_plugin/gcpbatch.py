@@ -161,6 +161,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         no_external_ip: bool | None = None,
         allowed_locations: list[str] | tuple[str, ...] | None = None,
         image_streaming: bool | None = None,
+        gcs_volumes: dict[str, str | dict[str, Any]] | None = None,
+        secrets: dict[str, str] | None = None,
         task_bucket_name: str | None = None,
         pubsub_emulator_host: str | None = None,
         storage_emulator_host: str | None = None,

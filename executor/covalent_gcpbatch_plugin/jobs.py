@@ -74,13 +74,22 @@ def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.T
     ``RETRIED_EXIT_CODES`` (preemption, VM loss) retries those ``retries`` times and fails every
     other non-zero exit at once, so the user's code is never re-run for its own failure.
 
-    A scratch disk is a volume at SCRATCH_MOUNT_PATH; the container gets it at the same path
-    without naming it in ``container.volumes`` (Batch's default for TaskSpec volumes).
+    A scratch disk is a volume at SCRATCH_MOUNT_PATH, mounted buckets are gcsfuse volumes
+    (``build_volumes``); the container sees each at the same path.
     """
-    container = batch_v1.Runnable.Container(image_uri=spec.container_image_uri,
+    # Container.volumes: "If the TaskSpec.Volumes field is specified but this field is not, Batch
+    # will mount each volume ... read-write (rw) for other volume types, regardless of the original
+    # mount options" (batch_v1.Runnable.Container, google-cloud-batch 0.22.4): so each bucket is
+    # bound into the container explicitly, ro or rw as asked (as Nextflow's GoogleBatchScriptLauncher
+    # binds its gcsfuse mounts, path:path:rw), and then the scratch disk must be named too.
+    binds = [f"{path}:{path}:{'ro' if v.read_only else 'rw'}" for path, v in spec.options.gcs_volumes.items()]
+    volumes = build_volumes(spec)
+    if spec.options.scratch_disk_gb:
+        volumes.insert(0, batch_v1.Volume(device_name=SCRATCH_DEVICE_NAME, mount_path=SCRATCH_MOUNT_PATH))
+        if binds:
+            binds.insert(0, f"{SCRATCH_MOUNT_PATH}:{SCRATCH_MOUNT_PATH}:rw")
+    container = batch_v1.Runnable.Container(image_uri=spec.container_image_uri, volumes=binds,
                                             enable_image_streaming=spec.options.image_streaming)
-    volumes = ([batch_v1.Volume(device_name=SCRATCH_DEVICE_NAME, mount_path=SCRATCH_MOUNT_PATH)]
-               if spec.options.scratch_disk_gb else [])
     return batch_v1.TaskSpec(
         runnables=[batch_v1.Runnable(container=container)],
         volumes=volumes,
@@ -96,8 +105,24 @@ def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.T
                 action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=list(RETRIED_EXIT_CODES)),
             )
         ],
-        environment=batch_v1.Environment(variables=environment),
+        # secret_variables: "environment variable names to Secret Manager secret names. The VM will
+        # access the named secrets to set the value of each environment variable" (batch_v1.Environment):
+        # the job carries names only, and the job's service account needs secretAccessor on each
+        # (https://cloud.google.com/batch/docs/create-run-job-secret-manager).
+        environment=batch_v1.Environment(variables=environment, secret_variables=dict(spec.options.secrets)),
     )
+
+
+def build_volumes(spec: JobSpec) -> list[batch_v1.Volume]:
+    """The task's buckets, mounted by Batch with gcsfuse on the VM (batch_v1.Volume: "For a Cloud
+    Storage bucket, all the mount options provided by the gcsfuse tool are supported"): read-only
+    by gcsfuse's ``-o ro`` unless the task asked to write (``-o rw``, Nextflow's default), then the
+    task's own options, in the order of ``gcs_volumes``."""
+    return [
+        batch_v1.Volume(gcs=batch_v1.GCS(remote_path=volume.remote_path), mount_path=path,
+                        mount_options=["-o ro" if volume.read_only else "-o rw", *volume.mount_options])
+        for path, volume in spec.options.gcs_volumes.items()
+    ]
 
 
 #: Machine families whose VMs come with GPUs attached (A100, H100, L4): they need the drivers even

@@ -233,6 +233,9 @@ def _annotation_text(key: str) -> str:
         text = f"Literal[{', '.join(repr(a).replace(chr(39), chr(34)) for a in args)}]"
     elif origin is tuple:  # allowed_locations: a TOML list or a tuple
         text = f"list[{args[0].__name__}] | tuple[{args[0].__name__}, ...]"
+    elif origin is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+        # gcs_volumes: each value its model's shorthand (a string) or its fields as a dict
+        text = f"dict[{args[0].__name__}, str | dict[str, Any]]"
     elif origin is dict:
         text = f"dict[{args[0].__name__}, {args[1].__name__}]"
     else:

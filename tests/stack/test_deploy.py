@@ -287,6 +287,57 @@ def test_a_changed_setting_redeploys_only_the_function(recorder):
     assert 'GCPBATCH_MAX_VCPUS: "8.0"' in env_file or 'GCPBATCH_MAX_VCPUS: "8"' in env_file
 
 
+def test_mount_buckets_and_secrets_are_granted_to_the_runner_alone_and_only_those(recorder):
+    """Issue 26, items 3 and 5: the allowlists reach the function, and the jobs' account gets a role
+    on each listed bucket (objectViewer read-only, objectUser read-write) and on each listed secret
+    (secretAccessor, in the secret's own project), nothing project-wide; down takes those grants
+    away and leaves the user's buckets and secrets."""
+    secret = "projects/vault-project-1/secrets/api-key"
+    recorder.state_file.write_text(json.dumps({"resources": {
+        "storage buckets/gs://shared-data": {"name": "gs://shared-data"},
+        "storage buckets/gs://results-rw": {"name": "gs://results-rw"},
+        f"secrets/{secret}": {"name": secret},
+    }}))
+    flags = ["--allowed-mount-buckets", "shared-data", "--allowed-writable-mount-buckets", "results-rw",
+             "--allowed-secrets", secret]
+    check(recorder.deploy("up", *ARGS, *flags))
+    runner = f"serviceAccount:{RUNNER}"
+    assert recorder.bindings("storage buckets/gs://shared-data") == {("roles/storage.objectViewer", runner)}
+    assert recorder.bindings("storage buckets/gs://results-rw") == {("roles/storage.objectUser", runner)}
+    assert recorder.bindings(f"secrets/{secret}") == {("roles/secretmanager.secretAccessor", runner)}
+    (grant,) = find(recorder.calls(), "secrets", "add-iam-policy-binding")
+    assert grant["argv"][2] == secret and "--project=vault-project-1" in grant["argv"]
+    project_roles = {r for r, m in recorder.bindings(f"projects/{PROJECT}") if m == runner}
+    assert project_roles == {"roles/batch.agentReporter", "roles/logging.logWriter"}, "no project-wide storage or secret role"
+    (deploy,) = find(recorder.calls(), "functions", "deploy")
+    env = deploy["files"]["--env-vars-file"]
+    assert 'GCPBATCH_ALLOWED_MOUNT_BUCKETS: "shared-data"' in env
+    assert 'GCPBATCH_ALLOWED_WRITABLE_MOUNT_BUCKETS: "results-rw"' in env
+    assert f'GCPBATCH_ALLOWED_SECRETS: "{secret}"' in env
+    assert "MISSING" not in check(recorder.deploy("status", *ARGS, *flags)).stdout
+
+    check(recorder.deploy("down", *ARGS, *flags, "--yes"))
+    for resource in ("storage buckets/gs://shared-data", "storage buckets/gs://results-rw", f"secrets/{secret}"):
+        assert resource in recorder.state["resources"], "the user's bucket or secret stays"
+        assert recorder.bindings(resource) == set(), f"the runner's grant on {resource} is gone"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--allowed-secrets", "projects/p1/secrets/*"], "is not a secret's full name"),
+    (["--allowed-mount-buckets", "gs://shared-data"], "is not a bucket name"),
+])
+def test_bad_allowlists_are_refused_before_any_change(recorder, flags, message):
+    result = recorder.deploy("up", *ARGS, *flags)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    assert [c["argv"] for c in recorder.calls() if verb_of(c) in MUTATING] == []
+
+
+def test_a_missing_mount_bucket_is_named(recorder):
+    result = recorder.deploy("up", *ARGS, "--allowed-mount-buckets", "no-such-bucket")
+    assert result.returncode != 0
+    assert "bucket gs://no-such-bucket (--allowed-mount-buckets or --allowed-writable-mount-buckets) does not exist" in result.stderr
+
+
 # gcloud's own texts for a grant that has not propagated yet (docs/deploy.md "What it creates", README "Troubleshooting").
 EVENTARC_AGENT_NOT_READY = (
     "ERROR: (gcloud.functions.deploy) INVALID_ARGUMENT: Validation failed for trigger projects/{p}/locations/{r}/"

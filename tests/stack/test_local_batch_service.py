@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -70,6 +71,9 @@ FAKE_WORKER = textwrap.dedent(
 
 
 MODEL_SCALE = 0.01
+#: The service's secret store (its --secrets-dir): one secret, two versions.
+SECRET = f"projects/{PROJECT}/secrets/api-token"
+SECRET_VALUES = {"1": f"first-{uuid.uuid4().hex}", "2": f"second-{uuid.uuid4().hex}"}
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures
@@ -113,7 +117,12 @@ def start_service(root: Path, env: dict[str, str], *extra: str) -> tuple[subproc
 def service(tmp_path_factory, pubsub_host):
     root = tmp_path_factory.mktemp("batch")
     env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_host, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}
-    proc, endpoint = start_service(root, env, "--max-running", "2")
+    secrets_dir = root / "secrets"
+    versions = secrets_dir / SECRET / "versions"
+    versions.mkdir(parents=True)
+    for version, value in SECRET_VALUES.items():
+        (versions / version).write_text(value)
+    proc, endpoint = start_service(root, env, "--max-running", "2", "--secrets-dir", str(secrets_dir))
     yield endpoint, root / "state"
     stop_process_group(proc)
     assert proc.returncode == 0, (root / "service.log").read_text()[-3000:]
@@ -746,3 +755,43 @@ def test_image_streaming_shortens_the_modelled_boot(modelled):
     t = admin(modelled, "stats")["jobs"][job_id_of(streamed)]
     booted = t["RUNNING"] - t["SCHEDULED"]
     assert model.real(model.boot_seconds(image_streaming=True)) - 0.005 <= booted < model.real(model.boot_s)
+
+def test_secret_variables_reach_the_worker_environment_only(client, endpoint, state_dir):
+    """Batch's secret_variables, imitated (task_io): each version's value from the secret store
+    (``latest``: the highest numbered), in the worker's environment; the job keeps the names only,
+    and neither the service's log nor the attempt's log holds a value."""
+    job = make_job({"PLAIN": "x"})
+    job.task_groups[0].task_spec.environment.secret_variables = {
+        "TOKEN_LATEST": f"{SECRET}/versions/latest", "TOKEN_ONE": f"{SECRET}/versions/1"}
+    created = create(client, job)
+    done = wait_state(client, created.name, {State.SUCCEEDED, State.FAILED})
+    assert done.status.state == State.SUCCEEDED, done.status.status_events
+    job_id = job_id_of(created)
+    seen = json.loads((state_dir / "jobs" / job_id / "attempt-0" / "env.json").read_text())["env"]
+    assert (seen["TOKEN_LATEST"], seen["TOKEN_ONE"], seen["PLAIN"]) == (SECRET_VALUES["2"], SECRET_VALUES["1"], "x")
+    assert dict(done.task_groups[0].task_spec.environment.secret_variables)["TOKEN_ONE"] == f"{SECRET}/versions/1"
+    text = batch_v1.Job.to_json(done) + (state_dir / "jobs" / job_id / "attempt-0.log").read_text()
+    text += (state_dir.parent / "service.log").read_text()
+    assert not [v for v in SECRET_VALUES.values() if v in text]
+
+
+def test_a_secret_the_store_lacks_fails_the_task_naming_it_not_retried(client, endpoint):
+    job = make_job(retries=3, policy=batch_v1.LifecyclePolicy(
+        action=Action.RETRY_TASK, action_condition=batch_v1.LifecyclePolicy.ActionCondition(exit_codes=[50001])))
+    job.task_groups[0].task_spec.environment.secret_variables = {"TOKEN": f"projects/{PROJECT}/secrets/absent/versions/1"}
+    done = wait_state(client, create(client, job).name, {State.SUCCEEDED, State.FAILED})
+    assert done.status.state == State.FAILED
+    assert exit_codes(done) == [127]
+    assert "secret variable TOKEN: cannot access projects/local-project/secrets/absent/versions/1" in str(done.status.status_events)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda spec: spec.environment.secret_variables.update({"TOKEN": "../../etc/passwd"}), "must be projects/PROJECT/secrets"),
+    (lambda spec: spec.volumes.append(batch_v1.Volume(nfs=batch_v1.NFS(server="10.0.0.2", remote_path="/x"), mount_path="/mnt/x")),
+     "mounts Cloud Storage volumes (gcs) at absolute paths only"),
+])
+def test_unsupported_secrets_and_volumes_are_refused(client, endpoint, change, message):
+    job = make_job()
+    change(job.task_groups[0].task_spec)
+    with pytest.raises(exceptions.BadRequest, match=re.escape(message)):
+        create(client, job)

@@ -112,3 +112,46 @@ def test_the_scratch_disk_is_capped():
     settings.check(spec(options=p.JobOptions(scratch_disk_gb=750)))
     refused(settings, spec(options=p.JobOptions(scratch_disk_gb=751)), "scratch_disk_gb=751 exceeds this deployment's cap of 750")
     assert "max_scratch_disk_gb" in CAP_FIELDS
+
+MOUNTS = p.JobOptions(gcs_volumes={"/mnt/data": "gs://shared-data/in", "/mnt/out": {"uri": "gs://results", "read_only": False}})
+
+
+def test_mounted_buckets_must_be_on_the_deployments_allowlists():
+    """Issue 26, item 3: nothing may be mounted by default; a read-only mount's bucket on either
+    list, a read-write mount's on the writable list only; the error names the flag."""
+    refused(deployment(), spec(options=MOUNTS), "deploy.sh up --allowed-mount-buckets shared-data")
+    refused(deployment(allowed_mount_buckets=("shared-data", "results")), spec(options=MOUNTS),
+            "bucket 'results' may not be mounted read-write by this deployment (allowed: none): ask the deployer "
+            "to add it (deploy.sh up --allowed-writable-mount-buckets results)")
+    deployment(allowed_mount_buckets=("shared-data",), allowed_writable_mount_buckets=("results",)).check(spec(options=MOUNTS))
+    deployment(allowed_writable_mount_buckets=("shared-data", "results")).check(spec(options=MOUNTS))
+
+
+def test_secrets_must_be_on_the_deployments_allowlist_by_full_name():
+    """Issue 26, item 5: any version of an allowed secret; another secret (even a prefix match) is refused."""
+    task = spec(options=p.JobOptions(secrets={"API_KEY": "projects/my-project/secrets/api-key/versions/latest"}))
+    refused(deployment(), task, "deploy.sh up --allowed-secrets projects/my-project/secrets/api-key")
+    refused(deployment(allowed_secrets=("projects/my-project/secrets/api",)), task, "is not allowed by this deployment")
+    deployment(allowed_secrets=("projects/my-project/secrets/api-key",)).check(task)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("allowed_mount_buckets", "gs://shared-data", "is not a bucket name"),
+    ("allowed_secrets", "projects/p1/secrets/*", "is not a secret's full name"),
+    ("allowed_secrets", "projects/p1/secrets/s/versions/1", "is not a secret's full name"),
+])
+def test_allowlist_entries_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        deployment(**{field: value})
+
+
+def test_allowlists_are_caps_and_read_from_the_environment(monkeypatch):
+    assert {"allowed_mount_buckets", "allowed_writable_mount_buckets", "allowed_secrets"} <= set(CAP_FIELDS)
+    env = deployment(allowed_mount_buckets=("a-bucket", "b-bucket"), allowed_secrets=("projects/p1/secrets/s",)).to_env()
+    assert env["GCPBATCH_ALLOWED_MOUNT_BUCKETS"] == "a-bucket,b-bucket"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from covalent_gcpbatch_plugin.deployment import DeploymentSettings
+
+    settings = DeploymentSettings.from_env()
+    assert settings.allowed_mount_buckets == ("a-bucket", "b-bucket") and settings.allowed_secrets == ("projects/p1/secrets/s",)

@@ -1,5 +1,7 @@
 """Job spec -> Batch Job translation, checked on real batch_v1 types and their JSON wire form."""
 
+import json
+
 import pytest
 from google.cloud import batch_v1
 
@@ -234,3 +236,45 @@ def test_the_function_refuses_what_the_executor_refuses():
     import json
     with pytest.raises(p.SpecError, match="image_streaming needs an Artifact Registry image"):
         p.JobSpec.from_metadata({p.SPEC_METADATA_KEY: json.dumps(bad)})
+
+def wire_task_spec(job: batch_v1.Job) -> dict:
+    """The task spec as the REST client sends it: camelCase, fields at their defaults left out."""
+    text = batch_v1.Job.to_json(job, always_print_fields_with_no_presence=False)
+    return json.loads(text)["taskGroups"][0]["taskSpec"]
+
+
+def test_gcs_volumes_are_gcsfuse_volumes_bound_into_the_container():
+    """gcs_volumes (issue 26, item 3): a TaskSpec volume per bucket (GCS.remote_path "bucket" or
+    "bucket/folder/"), read-only by gcsfuse's -o ro unless asked to write, the task's own gcsfuse
+    flags after it, and each bound into the container at the same path, ro or rw (Container.volumes;
+    without it Batch would bind a GCS volume rw whatever its options)."""
+    job = build(options=p.JobOptions(gcs_volumes={
+        "/mnt/data": "gs://my-data/inputs/2024",
+        "/mnt/out": {"uri": "gs://my-results", "read_only": False, "mount_options": ["--implicit-dirs"]},
+    }))
+    task = job.task_groups[0].task_spec
+    assert [type(v) for v in task.volumes] == [batch_v1.Volume, batch_v1.Volume]
+    data, out = task.volumes
+    assert (data.gcs.remote_path, data.mount_path, list(data.mount_options)) == ("my-data/inputs/2024/", "/mnt/data", ["-o ro"])
+    assert (out.gcs.remote_path, out.mount_path, list(out.mount_options)) == ("my-results", "/mnt/out", ["-o rw", "--implicit-dirs"])
+    assert list(task.runnables[0].container.volumes) == ["/mnt/data:/mnt/data:ro", "/mnt/out:/mnt/out:rw"]
+    # As the client sends it (camelCase JSON, Batch's REST names).
+    wire = wire_task_spec(job)
+    assert wire["volumes"][0] == {"gcs": {"remotePath": "my-data/inputs/2024/"}, "mountPath": "/mnt/data", "mountOptions": ["-o ro"]}
+    assert wire["runnables"][0]["container"]["volumes"] == ["/mnt/data:/mnt/data:ro", "/mnt/out:/mnt/out:rw"]
+    # No volumes asked for, none sent.
+    plain = build().task_groups[0].task_spec
+    assert list(plain.volumes) == [] and list(plain.runnables[0].container.volumes) == []
+
+
+def test_secrets_are_secret_variables_of_the_task_environment():
+    """secrets (issue 26, item 5): Batch's Environment.secret_variables (names of secret versions; the
+    VM reads the values), beside the worker's own variables, never among them."""
+    version = "projects/my-project/secrets/api-key/versions/3"
+    job = build(options=p.JobOptions(secrets={"API_KEY": version}))
+    environment = job.task_groups[0].task_spec.environment
+    assert dict(environment.secret_variables) == {"API_KEY": version}
+    assert dict(environment.variables) == {p.ENV_BUCKET: "tasks-bucket", p.ENV_JOB_ID: JOB_ID}
+    wire = wire_task_spec(job)["environment"]
+    assert wire["secretVariables"] == {"API_KEY": version}
+    assert "secretVariables" not in wire_task_spec(build())["environment"]

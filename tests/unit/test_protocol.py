@@ -255,3 +255,64 @@ def test_the_worker_is_told_where_its_task_is_when_it_is_not_beside_its_outputs(
         p.ENV_BUCKET: "out", p.ENV_TASK_BUCKET: "tasks", p.ENV_JOB_ID: "cov-a-0-x"}
     assert p.pack_environment("out", "cov-a-pack-q", "tasks") == {
         p.ENV_BUCKET: "out", p.ENV_TASK_BUCKET: "tasks", p.ENV_PACK_ID: "cov-a-pack-q"}
+
+
+VOLUME_REFUSALS = [
+    ({"/etc/data": "gs://my-data"}, "inside /etc, a directory of the container's own: mount under /mnt"),
+    ({"/mnt/a": "gs://my-data", "/mnt/a/b": "gs://other"}, "are nested"),
+    # Sorted, '/mnt/a-b' falls between them: every pair is compared, not neighbours only.
+    ({"/mnt/a": "gs://my-data", "/mnt/a-b": "gs://third", "/mnt/a/c": "gs://other"}, "are nested"),
+    ({"mnt/data": "gs://my-data"}, "must be an absolute path"),
+    ({"/mnt/../etc": "gs://my-data"}, "must be an absolute path"),
+    ({"/mnt/data": "s3://my-data"}, "is not a gs://BUCKET or gs://BUCKET/FOLDER address"),
+    ({"/mnt/data": "gs://my-data/../x"}, "is not a gs://BUCKET"),
+    ({"/mnt/data": {"uri": "gs://my-data", "mount_options": ["--key-file=/k.json"]}}, "is not allowed"),
+    ({"/mnt/data": {"uri": "gs://my-data", "mount_options": ["-o rw"]}}, "must be one gcsfuse flag"),
+    ({"/mnt/data": {"uri": "gs://my-data", "writable": True}}, "Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.parametrize("volumes, fragment", VOLUME_REFUSALS)
+def test_bad_gcs_volumes_are_refused_naming_the_problem(volumes, fragment):
+    with pytest.raises(ValueError, match=None) as info:
+        p.JobOptions(gcs_volumes=volumes)
+    assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("secrets, fragment", [
+    ({"GCPBATCH_BUCKET": "projects/p1/secrets/s/versions/1"}, "is reserved"),
+    ({"BATCH_TASK_INDEX": "projects/p1/secrets/s/versions/1"}, "is reserved"),
+    ({"MY-KEY": "projects/p1/secrets/s/versions/1"}, "must be letters, digits and '_'"),
+    ({"KEY": "projects/p1/secrets/s"}, "must name a secret version"),
+    ({"KEY": "projects/p1/secrets/s/versions/0"}, "must name a secret version"),
+    ({"KEY": "s/versions/1"}, "must name a secret version"),
+])
+def test_bad_secrets_are_refused_naming_the_problem(secrets, fragment):
+    with pytest.raises(ValueError) as info:
+        p.JobOptions(secrets=secrets)
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_every_worker_variable_is_reserved_from_secrets():
+    """No secret can replace what the worker reads (worker_environment, pack_environment)."""
+    names = set(p.worker_environment("b", "j", "t")) | set(p.pack_environment("b", "j", "t"))
+    assert names <= set(p.WORKER_ENV_NAMES)
+    for name in names:
+        with pytest.raises(ValueError, match="is reserved"):
+            p.JobOptions(secrets={name: "projects/p1/secrets/s/versions/1"})
+
+
+def test_a_volume_shorthand_is_read_only_and_the_spec_stays_small():
+    options = p.JobOptions(gcs_volumes={f"/mnt/d{i}": f"gs://bucket-{i}/some/folder" for i in range(8)},
+                           secrets={f"KEY_{i}": f"projects/my-project/secrets/secret-{i}/versions/latest" for i in range(16)})
+    assert all(v.read_only and v.mount_options == () for v in options.gcs_volumes.values())
+    metadata = spec(options=options).to_metadata()  # the most a task may ask for fits in the 8 KiB
+    assert p.JobSpec.from_metadata(metadata).options == options
+
+
+def test_a_bucket_mounted_over_the_scratch_disk_is_refused():
+    with pytest.raises(ValueError, match="overlaps the scratch disk's '/mnt/disks/scratch'"):
+        p.JobOptions(scratch_disk_gb=100, gcs_volumes={"/mnt/disks/scratch/in": "gs://my-data"})
+    with pytest.raises(ValueError, match="overlaps the scratch disk"):
+        p.JobOptions(scratch_disk_gb=100, gcs_volumes={"/mnt/disks": "gs://my-data"})
+    assert p.JobOptions(scratch_disk_gb=100, gcs_volumes={"/mnt/disks/scratch2": "gs://my-data"})

@@ -59,6 +59,8 @@ MARKER_FILE = ".covalent-gcpbatch-local"
 #: Seconds each component gets to become ready. The JVM is the slow one on a loaded 2-core CI box.
 READY_TIMEOUT_S = {"pubsub": 60.0, "gcs": 20.0, "batch": 30.0, "function": 30.0, "bridge": 30.0}
 STOP_GRACE_S = 10.0
+#: Below the state directory: what the emulators and services hold (emptied by each `up`).
+DATA_SUBDIR = "data"
 COMPONENTS = ("pubsub", "gcs", "batch", "function", "bridge")
 #: What ``LocalStack.restart`` may restart: the emulators, whose loss and return a fault soak plays.
 RESTARTABLE = ("pubsub", "gcs")
@@ -78,6 +80,11 @@ class StackSettings(BaseModel):
     #: GCS object notifications, consumed by the bridge.
     gcs_topic: str = "covalent-gcpbatch-gcs-events"
     bridge_subscription: str = "covalent-gcpbatch-eventarc-bridge"
+    #: A bucket tasks may mount (gcs_volumes), read-only or read-write, and a secret they may read
+    #: (secrets): the local deployment's allowlists. The secret's versions are files of the Batch
+    #: service's secret store, ``<state dir>/data/secrets/<secret name>/versions/<n>`` (``secret_store``).
+    mount_bucket_name: str = "covalent-gcpbatch-local-data"
+    allowed_secret: str = "projects/local-project/secrets/covalent-gcpbatch-local-secret"
     container_image_uri: str = "local/covalent-gcpbatch-worker:dev"
     service_account_email: str = "covalent-gcpbatch-runner@local-project.iam.gserviceaccount.com"
     pubsub_emulator_host: str = ""
@@ -113,7 +120,15 @@ class StackSettings(BaseModel):
             batch_api_endpoint=self.batch_api_endpoint,
             task_bucket=self.task_bucket_name,
             bucket=self.bucket_name,
+            allowed_writable_mount_buckets=(self.mount_bucket_name,),
+            allowed_secrets=(self.allowed_secret,),
         )
+
+    @property
+    def secret_store(self) -> Path:
+        """The local Batch service's Secret Manager (its --secrets-dir): write a version's value to
+        ``secret_store / "projects/local-project/secrets/<id>/versions/1"``."""
+        return Path(self.state_dir) / DATA_SUBDIR / "secrets"
 
     def topic_path(self, topic: str) -> str:
         return protocol.topic_path(self.project_id, topic)
@@ -251,7 +266,7 @@ class LocalStack:
         self.progress = progress
         self.batch_time_scale = batch_time_scale
         self.logs_dir = self.state_dir / "logs"
-        self.data_dir = self.state_dir / "data"
+        self.data_dir = self.state_dir / DATA_SUBDIR
         self._records: list[ProcessRecord] = []
         self._children: dict[str, subprocess.Popen] = {}
         self._launches: dict[str, _Launch] = {}
@@ -392,8 +407,9 @@ class LocalStack:
             ready=lambda: http_answers(f"{s.storage_emulator_host}/storage/v1/b"),
         )
         storage = clients.storage_client(s.project_id, s.storage_emulator_host)
-        for bucket in (s.bucket_name, s.task_bucket_name):
+        for bucket in (s.bucket_name, s.task_bucket_name, s.mount_bucket_name):
             storage.create_bucket(bucket, location=s.region)
+        s.secret_store.mkdir(mode=0o700)
 
         worker_argv = shlex.split(self.batch_worker_command or "python -m covalent_gcpbatch_plugin.worker")
         if worker_argv[0] in ("python", "python3"):
@@ -407,7 +423,7 @@ class LocalStack:
                 "--state-dir", str(self.data_dir / "batch"),
                 "--project-number-map", f"{s.project_id}={s.project_number}",
                 *(["--max-running", str(self.batch_max_running)] if self.batch_max_running is not None else []),
-                "--worker-command", shlex.join(worker_argv),
+                "--worker-command", shlex.join(worker_argv), "--secrets-dir", str(s.secret_store),
                 "--latency-model", self.batch_latency_model, "--time-scale", str(self.batch_time_scale),
             ],
             # The workers' "image": its environment first on PATH, as the Dockerfile's ENV PATH does,

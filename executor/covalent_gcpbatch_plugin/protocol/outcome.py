@@ -24,6 +24,13 @@ ENV_RETRY_ATTEMPT = "BATCH_TASK_RETRY_ATTEMPT"
 #: Set by Batch on the VM of every task: the job's UID (a job id can be reused once the job is
 #: deleted; its UID never is). Public Batch task scripts read it as BATCH_JOB_UID.
 ENV_JOB_UID = "BATCH_JOB_UID"
+#: Set by the local Batch service only (its imitation of mounted buckets: a host process cannot
+#: see ``/mnt/...``): JSON ``{mount path: local directory}``; ``volumes.volume_path`` honours it.
+ENV_LOCAL_MOUNTS = "GCPBATCH_LOCAL_MOUNTS"
+#: Environment names a task's ``secrets`` may not take: the worker's own (``worker_environment``,
+#: ``pack_environment``) and, by prefix, this plugin's and Batch's predefined variables (BATCH_TASK_INDEX...).
+WORKER_ENV_NAMES = (ENV_BUCKET, ENV_TASK_BUCKET, ENV_JOB_ID, ENV_PACK_ID)
+RESERVED_ENV_PREFIXES = ("GCPBATCH_", "BATCH_")
 #: Object metadata of an outcome (result.pkl, error.json): the UID of the job whose worker wrote
 #: it and the attempt. A retried attempt of the same job that finds its job's outcome stored
 #: (the VM died after the write, before Batch recorded the attempt) does not run the task again.

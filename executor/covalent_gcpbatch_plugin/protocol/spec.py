@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import SpecError
+from .outcome import RESERVED_ENV_PREFIXES, WORKER_ENV_NAMES
 
 PROTOCOL_VERSION = 1
 
@@ -99,6 +100,77 @@ def job_problem(options: JobOptions, *, image_uri: str, region: str, time_limit_
     return None
 
 
+#: Bucket names (Cloud Storage naming rules, dotted names included).
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,220}[a-z0-9]$")
+_GCS_URI = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9_.-]{1,220}[a-z0-9])(?:/(?P<path>[A-Za-z0-9._~=+@-][A-Za-z0-9._~=+@/-]*)?)?$")
+#: Secret Manager names as Batch's ``secret_variables`` take them: a secret version,
+#: ``projects/PROJECT/secrets/SECRET/versions/VERSION`` (https://cloud.google.com/batch/docs/create-run-job-secret-manager:
+#: "you must format it as the path to a secret version"); a project id or number; secret ids are
+#: letters, digits, '_' and '-', up to 255; a version is a number or ``latest``.
+SECRET_NAME = re.compile(r"^projects/[a-z0-9][a-z0-9-]{0,62}/secrets/[A-Za-z0-9_-]{1,255}$")
+SECRET_VERSION_NAME = re.compile(r"^(?P<secret>projects/[a-z0-9][a-z0-9-]{0,62}/secrets/[A-Za-z0-9_-]{1,255})/versions/([1-9][0-9]*|latest)$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_MOUNT_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
+#: Where a bucket may not be mounted: the container's own system directories (a mount there would
+#: hide the image's files) and the worker's home. /mnt/... is the usual place (Batch's examples).
+RESERVED_MOUNT_ROOTS = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+                        "/run", "/sbin", "/sys", "/tmp", "/usr", "/var")
+#: gcsfuse options a task may not pass: read/write is ``read_only``'s (``-o ro``/``-o rw``), and the
+#: credentials and configuration are the job's service account's, never a task's.
+_FORBIDDEN_MOUNT_OPTIONS = ("-o", "--o", "--key-file", "--token-url", "--reuse-token-from-url", "--config-file",
+                            "--billing-project", "--custom-endpoint", "--endpoint")
+_MOUNT_OPTION = re.compile(r"^--?[a-z][a-z0-9-]*(=[A-Za-z0-9._:,/-]{1,100})?$")
+
+
+class GcsVolume(BaseModel):
+    """A bucket (or a folder of it) mounted in the task: ``uri``, read-only unless ``read_only`` is
+    false, with extra gcsfuse ``mount_options`` (``--implicit-dirs``, ``--file-mode=644``...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = Field(max_length=1024)
+    read_only: bool = True
+    mount_options: tuple[str, ...] = Field(default=(), max_length=8)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str) -> str:
+        if not _GCS_URI.fullmatch(uri) or "//" in uri[5:] or "/../" in f"{uri}/" or "/./" in f"{uri}/":
+            raise ValueError(f"{uri!r} is not a gs://BUCKET or gs://BUCKET/FOLDER address")
+        return uri
+
+    @field_validator("mount_options")
+    @classmethod
+    def _options(cls, options: tuple[str, ...]) -> tuple[str, ...]:
+        for option in options:
+            if not _MOUNT_OPTION.fullmatch(option):
+                raise ValueError(f"mount option {option!r} must be one gcsfuse flag, like '--implicit-dirs' or "
+                                 "'--file-mode=644'")
+            if option.split("=", 1)[0] in _FORBIDDEN_MOUNT_OPTIONS:
+                raise ValueError(f"mount option {option!r} is not allowed: read/write is set by read_only, and "
+                                 "the bucket is reached as the job's service account")
+        return options
+
+    @property
+    def bucket(self) -> str:
+        return _GCS_URI.fullmatch(self.uri)["bucket"]
+
+    @property
+    def folder(self) -> str:
+        """The folder inside the bucket ("" for the whole bucket), without a trailing '/'."""
+        return (_GCS_URI.fullmatch(self.uri)["path"] or "").rstrip("/")
+
+    @property
+    def remote_path(self) -> str:
+        """Batch's GCS.remote_path: "bucket_name, bucket_name/subdirectory/" (batch_v1.GCS)."""
+        return f"{self.bucket}/{self.folder}/" if self.folder else self.bucket
+
+
+def secret_of_version(version_name: str) -> str:
+    """``projects/P/secrets/S`` of ``projects/P/secrets/S/versions/V``."""
+    return version_name.rsplit("/versions/", 1)[0]
+
+
 class JobOptions(BaseModel):
     """Batch job options beyond size and time: where and on what the task runs."""
 
@@ -165,6 +237,64 @@ class JobOptions(BaseModel):
                     "minute instead of 2.5 (Nextflow PR #6836). Needs the image in Artifact Registry in the job's region "
                     "or its multi-region (`us-east1-docker.pkg.dev/...`, `us-docker.pkg.dev/...`).")
 
+    gcs_volumes: dict[str, GcsVolume] = Field(
+        default_factory=dict, max_length=8,
+        description="Buckets mounted in the task (gcsfuse), by mount path: `{\"/mnt/data\": \"gs://bucket/folder\"}` "
+                    "mounts read-only; `{\"/mnt/out\": {\"uri\": \"gs://bucket/out\", \"read_only\": false, "
+                    "\"mount_options\": [\"--implicit-dirs\"]}}` read-write, with gcsfuse flags. Each bucket must be on "
+                    "the deployment's allowlist (`--allowed-mount-buckets`, `--allowed-writable-mount-buckets`). Not under "
+                    "`/bin`, `/etc`, `/home`, `/opt`, `/tmp`, `/usr`, `/var` and the like; `/mnt/...` is usual. On the "
+                    "local stack, read the files through `covalent_gcpbatch_plugin.volume_path(\"/mnt/data\")` "
+                    "(docs/local.md); on Batch that is the path itself.")
+    secrets: dict[str, str] = Field(
+        default_factory=dict, max_length=16,
+        description="Secret Manager secrets as environment variables of the task, by name: `{\"API_KEY\": "
+                    "\"projects/P/secrets/S/versions/1\"}` (or `versions/latest`). Batch reads them on the VM as the job's "
+                    "service account: the values are in no object, message or log of this plugin. Each secret must be "
+                    "on the deployment's allowlist (`--allowed-secrets`). Names may not start with `GCPBATCH_` or "
+                    "`BATCH_` (the worker's and Batch's own).")
+
+    @field_validator("gcs_volumes", mode="before")
+    @classmethod
+    def _volume_shorthand(cls, value: object) -> object:
+        # "gs://bucket/path" is short for {"uri": "gs://bucket/path"} (read-only, no options).
+        if isinstance(value, Mapping):
+            return {path: {"uri": v} if isinstance(v, str) else v for path, v in value.items()}
+        return value
+
+    @field_validator("gcs_volumes")
+    @classmethod
+    def _mount_paths(cls, volumes: dict[str, GcsVolume]) -> dict[str, GcsVolume]:
+        paths = sorted(volumes)
+        for path in paths:
+            if not _MOUNT_PATH.fullmatch(path) or "/../" in f"{path}/" or "/./" in f"{path}/" or len(path) > 256:
+                raise ValueError(f"mount path {path!r} must be an absolute path like '/mnt/data' (letters, digits, "
+                                 "'.', '_', '-'; no '..')")
+            reserved = next((root for root in RESERVED_MOUNT_ROOTS if path == root or path.startswith(root + "/")), None)
+            if reserved:
+                raise ValueError(f"mount path {path!r} is inside {reserved}, a directory of the container's own: "
+                                 "mount under /mnt instead, e.g. '/mnt/data'")
+        for outer in paths:  # every pair: sorted, '/mnt/a-b' falls between '/mnt/a' and '/mnt/a/c'
+            inner = next((other for other in paths if other.startswith(outer + "/")), None)
+            if inner:
+                raise ValueError(f"mount paths {outer!r} and {inner!r} are nested: give each bucket its own directory")
+        return volumes
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, secrets: dict[str, str]) -> dict[str, str]:
+        for name, version in secrets.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"secret environment name {name!r} must be letters, digits and '_', not starting with "
+                                 "a digit")
+            if name in WORKER_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"secret environment name {name!r} is reserved: names starting with "
+                                 f"{' or '.join(RESERVED_ENV_PREFIXES)} are the worker's and Batch's own; choose another")
+            if not SECRET_VERSION_NAME.fullmatch(version):
+                raise ValueError(f"secret {name}={version!r} must name a secret version: "
+                                 "'projects/PROJECT/secrets/SECRET/versions/VERSION' (a number, or 'latest')")
+        return secrets
+
     @field_validator("provisioning", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -204,6 +334,12 @@ class JobOptions(BaseModel):
 
     def _check_disks(self) -> None:
         machine = self.machine_type
+        if self.scratch_disk_gb:
+            for path in self.gcs_volumes:
+                if path == SCRATCH_MOUNT_PATH or f"{path}/".startswith(f"{SCRATCH_MOUNT_PATH}/") or \
+                        SCRATCH_MOUNT_PATH.startswith(f"{path}/"):
+                    raise ValueError(f"mount path {path!r} overlaps the scratch disk's {SCRATCH_MOUNT_PATH!r}: mount the "
+                                     "bucket elsewhere, e.g. '/mnt/data'")
         if machine.startswith(HYPERDISK_ONLY_FAMILIES):
             for key, kind in (("boot_disk_type", self.boot_disk_type),
                               ("scratch_disk_type", self.scratch_disk_type if self.scratch_disk_gb else "")):

@@ -100,6 +100,14 @@ def validate_job(job_id: str, job: batch_v1.Job) -> str | None:
     problem = volumes_problem(job)
     if problem:
         return problem
+    for i, volume in enumerate(spec.volumes):
+        if not volume.mount_path.startswith("/") or not ("gcs" in volume or volume.device_name):
+            return f"volume {i}: the local Batch service mounts Cloud Storage volumes (gcs) and attached disks at absolute paths only"
+    environments = [spec.environment, *(r.environment for r in spec.runnables)]
+    for name, version in (item for env in environments for item in env.secret_variables.items()):
+        # Batch takes "the path to a secret version" (https://cloud.google.com/batch/docs/create-run-job-secret-manager).
+        if not protocol.SECRET_VERSION_NAME.fullmatch(version):
+            return f"secret variable {name}: {version!r} must be projects/PROJECT/secrets/SECRET/versions/VERSION"
     if not 0 <= spec.max_retry_count <= MAX_RETRY_COUNT:
         return f"task_spec.max_retry_count must be between 0 and {MAX_RETRY_COUNT}"
     if len(spec.lifecycle_policies) > 1:
@@ -115,8 +123,8 @@ def volumes_problem(job: batch_v1.Job) -> str | None:
     with a device_name specified by job.allocation_policy.instances[0].policy.disks[i].device_name"
     (batch_v1 Volume). Refusing it with 400 is the service's assumption of what Batch answers.
 
-    A disk volume is stored, not emulated: the worker runs as a host process, whose directory is its
-    attempt's (no path of the VM's, such as the scratch disk's mount path, is mapped for it)."""
+    A disk volume is an empty directory of the attempt's, which ``volume_path`` maps its mount path
+    to (task_io.LocalMounts), as for a mounted bucket."""
     instances = job.allocation_policy.instances
     devices = {disk.device_name for disk in instances[0].policy.disks} if instances else set()
     for volume in job.task_groups[0].task_spec.volumes:

@@ -32,6 +32,7 @@ from google.cloud import batch_v1
 from ... import protocol
 from .faults import Faults
 from .latency import Admission, LatencyModel, VmLedger
+from .task_io import LocalMounts, TaskSetupError, make_writable, resolve_secrets
 from .model import (
     DEFAULT_WORKER_COMMAND,
     EXIT_NOT_STARTED,
@@ -208,8 +209,11 @@ class LocalBatch:
 
     def __init__(self, state_dir: Path, *, publish: Publish, worker_command: Sequence[str] = DEFAULT_WORKER_COMMAND,
                  max_running: int = 2, project_numbers: Mapping[str, str] | None = None,
-                 base_env: Mapping[str, str] | None = None, model: LatencyModel | None = None) -> None:
+                 base_env: Mapping[str, str] | None = None, model: LatencyModel | None = None,
+                 secrets_dir: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
+        #: Secret Manager's stand-in (task_io): the values of the jobs' secret_variables.
+        self.secrets_dir = Path(secrets_dir) if secrets_dir else None
         self.publish = publish
         self.worker_command = tuple(worker_command)
         self.max_running = max(1, max_running)
@@ -770,13 +774,53 @@ class LocalBatch:
         limit = spec.max_run_duration.total_seconds() if spec.max_run_duration else 0.0
         deadline = time.monotonic() + limit if limit > 0 else None
         count = len(record.tasks)
-        with open(task.workdir / f"attempt-{retries}.log", "wb") as out:
+        log_path = task.workdir / f"attempt-{retries}.log"
+        # What Batch does on the VM before the container starts: read the secrets, mount the
+        # buckets (task_io); a secret or bucket it cannot have fails the attempt, named in its log.
+        emulator = self.base_env.get("STORAGE_EMULATOR_HOST", "")
+        try:
+            secret_env = resolve_secrets(spec.environment.secret_variables, self.secrets_dir)
+            mounts = LocalMounts.prepare(spec.volumes, workdir / ".mounts", emulator)
+        except TaskSetupError as err:
+            log_path.write_text(f"the task's VM could not be set up: {err}\n")
+            return EXIT_NOT_STARTED, f": {err}"
+        try:
+            return self._run_runnables(record, task, spec, retries, workdir, log_path, deadline, count,
+                                       {**secret_env, **mounts.environment()},
+                                       preempt, preempt_after, preempt_after_exit, limit)
+        finally:
+            self._write_back(mounts, emulator, log_path)
+
+    def _write_back(self, mounts: LocalMounts, emulator: str, log_path: Path) -> None:
+        """What the task wrote into its read-write mounts, written back (gcsfuse writes on close):
+        noted in the attempt's log, as are failures (the task's outcome stands)."""
+        try:
+            changed = mounts.write_back(emulator)
+        except Exception as err:  # noqa: BLE001 - the emulator may be down: say so, go on
+            changed = [f"writing back the task's mounts failed: {type(err).__name__}: {err}"]
+        finally:
+            for mount in mounts.mounts:
+                make_writable(mount.local)
+        if changed:
+            with open(log_path, "a") as out:
+                out.write("".join(f"local Batch service: mount write-back: {line}\n" for line in changed))
+
+    def _run_runnables(self, record: JobRecord, task: TaskRecord, spec: batch_v1.TaskSpec, retries: int,
+                       workdir: Path, log_path: Path, deadline: float | None, count: int, setup_env: dict[str, str],
+                       preempt: bool, preempt_after: float | None, preempt_after_exit: bool,
+                       limit: float) -> tuple[int, str] | None:
+        with open(log_path, "wb") as out:
             for runnable in spec.runnables:
                 argv = runnable_argv(runnable, self.worker_command)
                 site_packages = workdir / ".task-site-packages"
                 site_packages.mkdir(exist_ok=True)  # before start: Python skips a PYTHONPATH entry missing then
                 env = task_environment(self.base_env, spec, runnable, retries, site_packages, home=workdir,
                                        index=task.index, count=count, job_uid=record.job.uid)
+                try:
+                    env.update(setup_env, **resolve_secrets(runnable.environment.secret_variables, self.secrets_dir))
+                except TaskSetupError as err:
+                    out.write(f"the task's VM could not be set up: {err}\n".encode())
+                    return EXIT_NOT_STARTED, f": {err}"
                 try:
                     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)

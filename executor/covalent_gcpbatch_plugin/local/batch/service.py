@@ -3,7 +3,7 @@ client (``clients.batch_client("http://127.0.0.1:P")``).
 
     python -m covalent_gcpbatch_plugin.local.batch.service --host 127.0.0.1 --port P --state-dir DIR \\
         [--project-number-map local-project=123456789012] [--max-running 2] \\
-        [--worker-command "python -m covalent_gcpbatch_plugin.worker"]
+        [--worker-command "python -m covalent_gcpbatch_plugin.worker"] [--secrets-dir DIR]
 
 Batch API (``/v1``): create, get, list, cancel and delete jobs; get and list a job's task (its
 state and, per attempt, its ``task_execution`` exit code). Cancel and delete answer with a
@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="realistic: admission, VM boot and billing as real Batch (local/batch/latency.py)")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="real seconds per model second (0.05 runs a 90 s VM boot in 4.5 s)")
+    parser.add_argument("--secrets-dir", type=Path, default=None,
+                        help="Secret Manager's stand-in: the value of projects/P/secrets/S/versions/V is the file of "
+                             "that path below this directory (local/batch/task_io.py)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s batch-service: %(message)s")
@@ -408,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--time-scale must be positive")
     model = LatencyModel.realistic(args.time_scale) if args.latency_model == "realistic" else LatencyModel(time_scale=args.time_scale)
     batch = LocalBatch(args.state_dir.resolve(), publish=notifier.publish, max_running=args.max_running,
-                       worker_command=parse_worker_command(args.worker_command), project_numbers=numbers, model=model)
+                       worker_command=parse_worker_command(args.worker_command), project_numbers=numbers, model=model,
+                       secrets_dir=args.secrets_dir.resolve() if args.secrets_dir else None)
     server = BatchHTTPServer((args.host, args.port), BatchApp(batch, notifier))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
