@@ -105,7 +105,8 @@ class BatchJobs:
             return None if refused is None else JobEvent(job_id, refused.state, refused.detail)
         state = JobState.of(job.status.state)
         if not state.is_terminal:
-            return JobEvent(job_id, JobState.QUEUED, f"its pack's job {placement.pack_id} is {state.value}; its task is not created yet")
+            return QueuedJob(job_id, JobState.QUEUED, f"its pack's job {placement.pack_id} is {state.value}; its task is not "
+                             "created yet", capacity=capacity_events(job))
         ended = JobState.FAILED if state is JobState.SUCCEEDED else state  # a job cannot succeed without it
         return JobEvent(job_id, ended, f"its pack's job {placement.pack_id} ended {state.value} without creating its task")
 
@@ -167,9 +168,17 @@ class BatchJobs:
         return explain_job_failure(job_id, state, job)
 
 
-def log_usage_of(job) -> None:
-    """The job's VM time and an on-demand estimate (usage.py), once, when it has ended."""
+def usage_line(job) -> str:
+    """The job's VM time and estimate (usage.py) as one line; "" when Batch's job says too little."""
     try:
-        app_log.info(f"gcpbatch: {usage.summary(usage.usage_of(job))}")
+        return usage.summary(usage.usage_of(job))
     except Exception as err:  # noqa: BLE001 - a report, never the task's outcome
         app_log.debug(f"gcpbatch: no usage for {job.name}: {err!r}")
+        return ""
+
+
+def log_usage_of(job) -> None:
+    """The job's VM time and an on-demand estimate (usage.py), once, when it has ended."""
+    line = usage_line(job)
+    if line:
+        app_log.info(f"gcpbatch: {line}")

@@ -41,7 +41,7 @@ from covalent.executor.schemas import TaskUpdate
 from . import attempts as attempt_rules
 from . import clients, localfiles, packing, settings
 from .attempts import AttemptEnd, NextAttempt
-from .batch_calls import BatchJobs, log_usage_of
+from .batch_calls import BatchJobs, log_usage_of, usage_line
 from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-exported: users catch it from here
 from .protocol import (
     JOB_ID_PATTERN,
@@ -195,6 +195,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         step = Step("preparing the task")
         done: list[AttemptEnd] = []  # the attempts before the current one
         attempts: list[TaskObjects] = []
+        replaced: list[TaskObjects] = []  # attempts a next one followed: no result, an error record at most
         job_id, ended = first_id, False  # ended: the attempt (not just this wait) is over
         versions = None
         try:
@@ -220,6 +221,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                     await asyncio.to_thread(self._attempt_over, job_id, objects, terms, decision, next_id, len(done) + 1)
                     await self._settle_pack(job_id, ended=True)
                     done.append(end)
+                    replaced.append(objects)
                     job_id, terms = next_id, decision.terms
                     continue
                 step.now = "reading the task's outcome from the bucket"
@@ -239,7 +241,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             )
         finally:
             _electrons.end(electron)
-            await asyncio.shield(asyncio.to_thread(self._clean_up, attempts, workdir, step.delivered))
+            await asyncio.shield(asyncio.to_thread(self._clean_up, attempts, workdir, step.delivered, replaced))
             await asyncio.shield(self._settle_pack(job_id, ended=ended))
 
     async def _submit_and_wait(self, job_id: str, objects: TaskObjects, workdir: Path, task: tuple, spec: JobSpec,
@@ -377,11 +379,18 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     def _attempt_over(self, job_id: str, objects: TaskObjects, terms: attempt_rules.Terms, decision: NextAttempt,
                       next_id: str, number: int) -> None:
         """An attempt is followed by another: its output goes to the node's streams under a line
-        saying what happened, and its job is cancelled should it still hold a VM."""
+        saying what happened and what the attempt's VM cost, and its job is cancelled should it
+        still hold a VM."""
         self._cancel_job(job_id)
+        cost = ""
+        if not _packs.placement(job_id).packed:
+            try:
+                cost = usage_line(self._jobs().get_job(job_id))
+            except Exception as err:  # noqa: BLE001 - the next attempt matters more than this one's bill
+                app_log.debug(f"gcpbatch: no usage for attempt {job_id}: {type(err).__name__}: {err}")
         print(f"GCPBatchExecutor: attempt {number} ({attempt_rules.describe(terms)}) as Batch job {job_id}: "
-              f"{decision.why}; attempt {number + 1} ({attempt_rules.describe(decision.terms)}) is Batch job {next_id}",
-              file=self.task_stderr)
+              f"{decision.why}; attempt {number + 1} ({attempt_rules.describe(decision.terms)}) is Batch job {next_id}"
+              + (f" ({cost})" if cost else ""), file=self.task_stderr)
         app_log.warning(f"gcpbatch: {job_id}: {decision.why}; next attempt {next_id}")
         try:
             self._store().print_output(objects, self.task_stdout, self.task_stderr)
@@ -603,8 +612,9 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             return f"local Batch service {self.batch_api_endpoint}"
         return job_console_url(self.project_id, self.region, job_id)
 
-    def _clean_up(self, attempts: list[TaskObjects], workdir: Path, delivered: TaskObjects | None) -> None:
-        self._store().clean_up(attempts, workdir, delivered)
+    def _clean_up(self, attempts: list[TaskObjects], workdir: Path, delivered: TaskObjects | None,
+                  replaced: list[TaskObjects] = ()) -> None:
+        self._store().clean_up(attempts, workdir, delivered, replaced)
 
     # -- clients (lazy: Covalent rebuilds the executor from its attributes inside its server) --
 

@@ -159,22 +159,28 @@ class TaskStore:
 
     # -- clean-up -------------------------------------------------------------------------------
 
-    def clean_up(self, attempts: Iterable[TaskObjects], workdir: Path, delivered: TaskObjects | None) -> None:
+    def clean_up(self, attempts: Iterable[TaskObjects], workdir: Path, delivered: TaskObjects | None,
+                 replaced: Iterable[TaskObjects] = ()) -> None:
         """Remove the electron's local files and its attempts' bucket files, best effort. An
         attempt's result or error record that Covalent was not handed (it is not ``delivered``)
         is never removed, nor is the rest of that attempt's prefix: it is the user's work, and the
-        node's error says where it is. Cancel markers stay (the bucket's lifecycle rule removes
+        node's error says where it is. An attempt ``replaced`` by a next one has no result (one
+        with a result is never followed by another: attempts.py) and its error record (out of
+        memory) was acted on: it goes. Cancel markers stay (the bucket's lifecycle rule removes
         them): a create retry or a redelivered event may come later."""
+        replaced = list(replaced)
         shutil.rmtree(workdir, ignore_errors=True)
         if self.keep_artifacts:
             return
         for objects in attempts:
             try:
                 blobs = [blob.name for blob in self.data.list_blobs(prefix=objects.prefix, timeout=30, retry=self.retry())]
-                if objects != delivered and {objects.result, objects.error} & set(blobs):
+                if objects.result in blobs and objects != delivered or (
+                        objects.error in blobs and objects != delivered and objects not in replaced):
                     app_log.warning(f"gcpbatch: kept gs://{self.data.name}/{objects.prefix}: its outcome was not handed to Covalent")
                     continue
-                self.delete_all(self.data, [name for name in blobs if objects.disposable(name)])
+                gone = [name for name in blobs if objects.disposable(name) or (objects in replaced and name == objects.error)]
+                self.delete_all(self.data, gone)
                 if self.tasks.name != self.data.name:
                     self.delete_all(self.tasks, [objects.task])
             except Exception as err:  # noqa: BLE001 - clean-up never hides the task's outcome

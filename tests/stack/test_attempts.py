@@ -22,6 +22,7 @@ from workflow_helpers import (
     wait_until,
 )
 
+from covalent_gcpbatch_plugin import clients, protocol
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
 from covalent_gcpbatch_plugin.local.batch.faults import CAPACITY_EVENTS
 from covalent_gcpbatch_plugin.local.batch.runner import MEMORY_ALLOWANCE_MIB
@@ -83,6 +84,7 @@ def test_a_spot_electron_preempted_n_times_finishes_on_a_standard_vm(covalent_se
     assert spot.task_groups[0].task_spec.max_retry_count == 1 and standard.task_groups[0].task_spec.max_retry_count == 1
     stderr = nodes_by_name(result)["task"]["stderr"]
     assert "preempted 2 time(s)" in stderr and "STANDARD" in stderr, stderr
+    assert "on demand" in stderr.split("preempted 2 time(s)")[1], "what the Spot attempt cost"
     no_active_job_left(local_stack)
 
 
@@ -179,7 +181,14 @@ def test_a_memory_error_runs_again_with_more_and_without_the_factor_fails(covale
     retried = GCPBatchExecutor(memory=128, memory_retry_factor=8, retries=1, time_limit=120, pack_window=0)
     dispatch_id, result, _ = run_flow(one_node_flow(retried, body))
     assert str(result.status) == "COMPLETED" and result.result == (1024 + MEMORY_ALLOWANCE_MIB) * MIB
-    assert len(jobs_of_dispatch(local_stack, dispatch_id)) == 2
+    first, second = by_creation(ended_jobs_of_dispatch(local_stack, dispatch_id))
+    storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
+    left = {protocol.job_id_of_job_name(job.name): [blob.name for blob in storage.list_blobs(
+        local_stack.bucket_name, prefix=protocol.TaskObjects(protocol.job_id_of_job_name(job.name)).prefix)]
+        for job in (first, second)}
+    first_id, second_id = left
+    assert left[first_id] == [], "the replaced attempt's MemoryError record and logs are removed"
+    assert left[second_id] == [protocol.TaskObjects(second_id).result], "the delivered result is kept (lifecycle rule)"
 
     once = GCPBatchExecutor(memory=128, retries=1, time_limit=120, pack_window=0)
     dispatch_id, result, _ = run_flow(one_node_flow(once, body))
