@@ -6,7 +6,6 @@ The decisions themselves are tests/unit/test_attempts.py's table."""
 from __future__ import annotations
 
 import sys
-import time
 
 import cloudpickle
 import covalent as ct
@@ -18,6 +17,8 @@ from workflow_helpers import (
     no_active_job_left,
     nodes_by_name,
     nonzero_exit_codes,
+    one_node_flow,
+    run_flow,
     wait_for,
     wait_until,
 )
@@ -43,25 +44,6 @@ def clean_faults(local_stack):
     batch_admin(local_stack, "reset", {})
 
 
-def one_node_flow(executor, body):
-    @ct.electron(executor=executor)
-    def task(*args):
-        return body(*args)
-
-    @ct.lattice
-    def flow(*args):
-        return task(*args)
-
-    return flow
-
-
-def run_flow(flow, *args):
-    started = time.monotonic()
-    dispatch_id = ct.dispatch(flow)(*args)
-    result = wait_for(dispatch_id, timeout_s=SETTLE_S + 60)
-    return dispatch_id, result, time.monotonic() - started
-
-
 def provisioning(job) -> str:
     return job.allocation_policy.instances[0].policy.provisioning_model.name
 
@@ -76,7 +58,7 @@ def test_a_spot_electron_preempted_n_times_finishes_on_a_standard_vm(covalent_se
     own, which runs it to the end. The node's log says what happened."""
     batch_admin(local_stack, "faults", {"preempt": {"*": 2}})
     executor = GCPBatchExecutor(provisioning="SPOT", spot_fallback=2, retries=3, time_limit=120, pack_window=0)
-    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, lambda: "on standard"))
+    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, lambda: "on standard"), timeout_s=SETTLE_S)
     assert str(result.status) == "COMPLETED" and result.result == "on standard", nodes_by_name(result)["task"]["stderr"]
     spot, standard = by_creation(ended_jobs_of_dispatch(local_stack, dispatch_id))
     assert (provisioning(spot), provisioning(standard)) == ("SPOT", "STANDARD")
@@ -94,7 +76,7 @@ def test_a_spot_electron_without_a_vm_for_spot_wait_s_runs_on_a_standard_vm(cova
     batch_admin(local_stack, "faults", {"no_capacity": {"SPOT": STOCKOUT}})
     executor = GCPBatchExecutor(provisioning="SPOT", spot_fallback=1, spot_wait_s=3, queue_timeout=600, time_limit=120,
                                 pack_window=0)
-    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, lambda: 7))
+    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, lambda: 7), timeout_s=SETTLE_S)
     assert str(result.status) == "COMPLETED" and result.result == 7, nodes_by_name(result)["task"]["stderr"]
     spot, standard = by_creation(ended_jobs_of_dispatch(local_stack, dispatch_id))
     assert (provisioning(spot), spot.status.state.name) == ("SPOT", "CANCELLED")
@@ -126,7 +108,7 @@ def test_a_request_no_quota_can_ever_hold_fails_in_seconds_with_batchs_words(cov
     quota = CAPACITY_EVENTS["quota"].format(quota="GPUS_ALL_REGIONS", limit="0.0", region=local_stack.region)
     batch_admin(local_stack, "faults", {"no_capacity": {"*": quota}})
     executor = GCPBatchExecutor(queue_timeout=3600, reconcile_interval=2, time_limit=120, pack_window=0)
-    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, lambda: 1))
+    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, lambda: 1), timeout_s=SETTLE_S)
     node = nodes_by_name(result)["task"]
     assert str(node["status"]) == "FAILED"
     assert "GPUS_ALL_REGIONS" in node["stderr"] and "cannot place" in node["stderr"], node["stderr"]
@@ -153,7 +135,7 @@ def test_an_electron_killed_for_memory_runs_again_with_more(covalent_server, loc
         return _resource.getrlimit(_resource.RLIMIT_AS)[0]
 
     executor = GCPBatchExecutor(memory=256, memory_retry_factor=2, retries=2, time_limit=120, pack_window=0)
-    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, body), str(runs))
+    dispatch_id, result, elapsed = run_flow(one_node_flow(executor, body), str(runs), timeout_s=SETTLE_S)
     assert str(result.status) == "COMPLETED", nodes_by_name(result)["task"]["stderr"]
     assert result.result == (512 + MEMORY_ALLOWANCE_MIB) * MIB
     first, second = by_creation(ended_jobs_of_dispatch(local_stack, dispatch_id))
@@ -179,7 +161,7 @@ def test_a_memory_error_runs_again_with_more_and_without_the_factor_fails(covale
         return limit
 
     retried = GCPBatchExecutor(memory=128, memory_retry_factor=8, retries=1, time_limit=120, pack_window=0)
-    dispatch_id, result, _ = run_flow(one_node_flow(retried, body))
+    dispatch_id, result, _ = run_flow(one_node_flow(retried, body), timeout_s=SETTLE_S)
     assert str(result.status) == "COMPLETED" and result.result == (1024 + MEMORY_ALLOWANCE_MIB) * MIB
     first, second = by_creation(ended_jobs_of_dispatch(local_stack, dispatch_id))
     storage = clients.storage_client(local_stack.project_id, local_stack.storage_emulator_host)
@@ -191,7 +173,7 @@ def test_a_memory_error_runs_again_with_more_and_without_the_factor_fails(covale
     assert left[second_id] == [protocol.TaskObjects(second_id).result], "the delivered result is kept (lifecycle rule)"
 
     once = GCPBatchExecutor(memory=128, retries=1, time_limit=120, pack_window=0)
-    dispatch_id, result, _ = run_flow(one_node_flow(once, body))
+    dispatch_id, result, _ = run_flow(one_node_flow(once, body), timeout_s=SETTLE_S)
     node = nodes_by_name(result)["task"]
     assert str(node["status"]) == "FAILED" and "MemoryError" in node["stderr"]
     assert len(jobs_of_dispatch(local_stack, dispatch_id)) == 1

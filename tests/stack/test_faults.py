@@ -31,6 +31,8 @@ from workflow_helpers import (
     node_results,
     no_active_job_left,
     nodes_by_name,
+    one_node_flow,
+    run_flow,
     wait_until,
     wait_for,
     wait_for_delivery,
@@ -56,28 +58,6 @@ def clean_faults(local_stack):
 
 
 exit_codes = nonzero_exit_codes
-
-
-def run_flow(flow, *args, timeout_s: float = SETTLE_S):
-    started = time.monotonic()
-    dispatch_id = ct.dispatch(flow)(*args)
-    result = wait_for(dispatch_id, timeout_s=timeout_s + 60)
-    elapsed = time.monotonic() - started
-    return dispatch_id, result, elapsed
-
-
-def one_node_flow(executor, body):
-    """A lattice around one electron ``task`` running ``body(*args)``."""
-
-    @ct.electron(executor=executor)
-    def task(*args):
-        return body(*args)
-
-    @ct.lattice
-    def flow(*args):
-        return task(*args)
-
-    return flow
 
 
 def bucket(stack):

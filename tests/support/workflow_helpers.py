@@ -29,6 +29,29 @@ def wait_for(dispatch_id: str, timeout_s: float = 180):
     pytest.fail(f"dispatch {dispatch_id} did not finish within {timeout_s} s")
 
 
+def one_node_flow(executor, body):
+    """A lattice around one electron ``task`` running ``body(*args)``."""
+
+    @ct.electron(executor=executor)
+    def task(*args):
+        return body(*args)
+
+    @ct.lattice
+    def flow(*args):
+        return task(*args)
+
+    return flow
+
+
+def run_flow(flow, *args, timeout_s: float = 60):
+    """Dispatch ``flow(*args)`` and wait for it (``timeout_s`` plus a minute for Covalent itself):
+    (dispatch id, result, seconds from dispatch to terminal)."""
+    started = time.monotonic()
+    dispatch_id = ct.dispatch(flow)(*args)
+    result = wait_for(dispatch_id, timeout_s=timeout_s + 60)
+    return dispatch_id, result, time.monotonic() - started
+
+
 def node_results(result) -> list[dict]:
     return [result.get_node_result(node_id) for node_id in result.lattice.transport_graph._graph.nodes]
 
