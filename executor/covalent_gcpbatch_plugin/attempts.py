@@ -16,7 +16,7 @@ jobs. Anything else settles the electron with the attempt's own outcome (result,
 cancel, refusal, the wait's give-up), which the executor then reads (gcpbatch.py ``_collect``).
 
 The executor does the I/O (gcpbatch.py: the wait, the reads of the outcome and of the job's status
-events); tests/unit/test_attempts.py checks the decisions as a table.
+events); tests/unit/test_attempt_rules.py checks the decisions as a table.
 """
 
 from __future__ import annotations

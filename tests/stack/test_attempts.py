@@ -1,7 +1,7 @@
 """An electron's attempts, end to end through Covalent on the local stack: spot fallback (after
 preemptions, after a queue without Spot capacity), out of memory then more memory, capacity
 problems said as they happen and impossible requests failed at once, cancel across attempts.
-The decisions themselves are tests/unit/test_attempts.py's table."""
+The decisions themselves are tests/unit/test_attempt_rules.py's table."""
 
 from __future__ import annotations
 

@@ -144,3 +144,12 @@ def test_pins_that_block_upgrades_are_only_the_explained_ones():
     for pinned in ("fastapi<0.132", "functions-framework==3.10.1", "cloudevents==1.12.0"):
         line = text.index(f'"{pinned}"')
         assert "#" in text[text.rindex("\n", 0, text.rindex("\n", 0, line)):line], f"{pinned}: say why"
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by basename (the test folders are not packages): two
+    test_x.py in different folders fail the whole run at collection ("import file mismatch")."""
+    from collections import Counter
+
+    names = Counter(path.name for path in (Path(__file__).resolve().parents[1]).rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
