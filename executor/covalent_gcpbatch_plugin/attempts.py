@@ -132,8 +132,8 @@ def decide(end: AttemptEnd, terms: Terms, history: Sequence[AttemptEnd], policy:
     if policy.falls_back(terms):
         standard = replace(terms, provisioning="STANDARD", retries=left - 1)
         if end.gave_up and end.queued:
-            return NextAttempt(standard, f"no Spot VM within spot_wait_s={policy.spot_wait_s:g} s: the next attempt "
-                                         "runs on a standard VM")
+            return NextAttempt(standard, f"no Spot VM within spot_wait_s={policy.spot_wait_s:g} s (or one Batch said it "
+                                         "cannot place): the next attempt runs on a standard VM")
         preempted = sum(1 for code in end.exit_codes if code == EXIT_PREEMPTED)
         if not end.gave_up and end.exit_codes and end.exit_codes[-1] == EXIT_PREEMPTED and preempted >= policy.spot_fallback:
             return NextAttempt(standard, f"preempted {preempted} time(s) (spot_fallback={policy.spot_fallback}): the next "
