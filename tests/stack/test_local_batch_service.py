@@ -788,7 +788,7 @@ def test_a_secret_the_store_lacks_fails_the_task_naming_it_not_retried(client, e
 @pytest.mark.parametrize("change, message", [
     (lambda spec: spec.environment.secret_variables.update({"TOKEN": "../../etc/passwd"}), "must be projects/PROJECT/secrets"),
     (lambda spec: spec.volumes.append(batch_v1.Volume(nfs=batch_v1.NFS(server="10.0.0.2", remote_path="/x"), mount_path="/mnt/x")),
-     "mounts Cloud Storage volumes (gcs) at absolute paths only"),
+     "mounts Cloud Storage volumes (gcs) and attached disks at absolute paths only"),
 ])
 def test_unsupported_secrets_and_volumes_are_refused(client, endpoint, change, message):
     job = make_job()
