@@ -104,3 +104,13 @@ def test_a_process_stopped_at_its_bound_is_cut_and_a_crash_or_a_wrong_result_is_
     assert child_status("overhead", None, crashed)[0] == "failed"
     assert child_status("overhead", None, stopped)[0] == "cut"
 
+
+def test_the_docs_state_the_default_bounds_as_declared():
+    from pathlib import Path
+
+    from bench.harness import PARAMETERS
+
+    budget = PARAMETERS["budget_s"][0]
+    stated = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in bounds.shares(budget, PHASES, ALL).items())
+    text = " ".join((Path(__file__).resolve().parents[2] / "docs" / "performance.md").read_text().split())
+    assert f"Of the default {budget:.0f} s: {stated}" in text
