@@ -36,7 +36,7 @@ import cloudpickle
 import covalent
 
 import bench.tasks
-from bench import batch_stats, log
+from bench import batch_stats, bounds, log
 from covalent_gcpbatch_plugin import clients, events
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
 from covalent_gcpbatch_plugin.local.processes import proc_stat
@@ -47,6 +47,12 @@ cloudpickle.register_pickle_by_value(bench.tasks)
 #: job id -> marks; written from the event loop, worker threads and the subscriber's callback
 #: thread (single dict operations, atomic under the GIL).
 MARKS: dict[str, dict[str, Any]] = {}
+#: A task's error when its phase was cut at its bound (a bounded benchmark's outcome, not a failure).
+CUT = "timed out (phase bound)"
+#: At most this long (and a tenth of its bound) of a phase goes to stopping its tasks after a cut.
+CANCEL_GRACE_S = 30.0
+#: No phase runs with less than this (the mode's deadline still caps it).
+MIN_PHASE_S = 5.0
 VERSIONS = {"python": f"{sys.version_info.major}.{sys.version_info.minor}", "covalent": covalent.__version__}
 
 
@@ -190,7 +196,7 @@ class Driver:
             if not record["ok"]:
                 record["error"] = "wrong result"
         except asyncio.CancelledError:
-            record["error"] = "timed out (phase bound)"
+            record["error"] = CUT
             raise
         except Exception as err:  # noqa: BLE001 - a failed task is a result of the benchmark
             record["error"] = f"{type(err).__name__}: {err}"[:500]
@@ -203,7 +209,9 @@ class Driver:
 
     async def _phase(self, phase: str, count: int, concurrency: int, timeout_s: float, sleep_step_s: float = 0.0) -> dict:
         """``count`` add_one tasks, at most ``concurrency`` in flight; Batch call counts around it.
-        Task i sleeps ``(i % 10) * sleep_step_s`` seconds."""
+        Task i sleeps ``(i % 10) * sleep_step_s`` seconds. Bounded by ``timeout_s`` in all: at
+        ``timeout_s`` less a grace the tasks still running are cancelled (each stops its job), and
+        the phase waits at most that grace for them, so that the next phase starts on time."""
         dispatch_id = self._dispatch_id(phase)
         gate = asyncio.Semaphore(concurrency)
 
@@ -212,19 +220,25 @@ class Driver:
                 args = (i, (i % 10) * sleep_step_s)
                 return await self._one(phase, dispatch_id, i, bench.tasks.add_one, args, lambda r, i=i: r == i + 1)
 
+        entered, bound_s = time.time(), self._bounded(timeout_s)
+        grace_s = min(CANCEL_GRACE_S, bound_s / 10)
         calls_before = (await asyncio.to_thread(batch_stats, self.batch_endpoint))["calls"]
         cpu_before = cpu_seconds(self.config["process_groups"])
         started = time.time()
-        timed_out = False
         jobs = [asyncio.ensure_future(one(i)) for i in range(count)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), self._bounded(timeout_s))
-        except asyncio.TimeoutError:
-            timed_out = True
+        # The counters' reads after the tasks take about as long as those before them.
+        _, pending = await asyncio.wait(jobs, timeout=max(0.5, bound_s - grace_s - 2 * (started - entered)))
+        timed_out = bool(pending)
+        if pending:
+            for job in pending:
+                job.cancel()
+            await asyncio.wait(pending, timeout=grace_s)  # the rest stop their jobs in the background
         ended = time.time()
         cpu_after = cpu_seconds(self.config["process_groups"])
         calls_after = (await asyncio.to_thread(batch_stats, self.batch_endpoint))["calls"]
         records = [r for r in self.tasks if r["phase"] == phase]
+        for i in range(len(records), count):  # never started: the gate held them until the cut
+            records.append({"phase": phase, "node_id": i, "job_id": "", "ok": False, "error": CUT})
         return {
             "tasks": count,
             "concurrency": concurrency,
@@ -288,6 +302,9 @@ class Driver:
             source.write_bytes(payload)
             summary["raw_warmup"] = await asyncio.to_thread(self._raw_round_trip, source)
             for i in range(rounds):
+                if ends - time.time() < 1.0:
+                    summary["rounds"].append({"completed": False, "job_id": "", "error": CUT})
+                    break
                 try:
                     record = await asyncio.wait_for(
                         self._one("p5", dispatch_id, i, bench.tasks.echo, (payload,), lambda r: r == payload,
@@ -295,7 +312,7 @@ class Driver:
                         max(1.0, ends - time.time()),
                     )
                 except asyncio.TimeoutError:
-                    summary["rounds"].append({"completed": False, "job_id": "", "error": "timed out (phase bound)"})
+                    summary["rounds"].append({"completed": False, "job_id": "", "error": CUT})
                     break
                 raw = await asyncio.to_thread(self._raw_round_trip, source)
                 summary["rounds"].append({"completed": record["ok"], "job_id": record["job_id"],
@@ -334,37 +351,73 @@ class Driver:
         return legs
 
     async def main(self, save) -> dict:
-        """Every phase, bounded; ``save(out)`` after each one, so that a failed or overrunning
-        process still leaves what it measured. A failed phase is recorded, not fatal."""
+        """Every phase, each in its own bound; ``save(out)`` after each one, so that a failed or
+        stopped process still leaves what it measured. The bounds: ``phase_fractions`` of the
+        time from ``launched`` to the deadline (bounds.py; the fractions are harness.MODE_PHASES),
+        so that P4 cannot eat P5's time. A failed phase is recorded, not fatal; a phase cut at its
+        bound is recorded as cut."""
         _instrument_subscriber()
         c = self.config
-        out: dict[str, Any] = {"mode": self.mode, "versions": VERSIONS, "pid": os.getpid(), "failures": {}}
-        phases = [("warmup", lambda: self._phase("warmup", c["warmup"], min(c["warmup"], 8), 180))]
+        out: dict[str, Any] = {"mode": self.mode, "versions": VERSIONS, "pid": os.getpid(), "failures": {}, "phases": {}}
+        phases = {"warmup": lambda b: self._phase("warmup", c["warmup"], min(c["warmup"], 8), b)}
         if c["p1_tasks"] > 0:
-            phases.append(("p1", lambda: self._phase("p1", c["p1_tasks"], c["p1_concurrency"], c["p1_timeout_s"],
-                                                     c["p1_sleep_step_s"])))
+            phases["p1"] = lambda b: self._phase("p1", c["p1_tasks"], c["p1_concurrency"], b, c["p1_sleep_step_s"])
         if c["p4_tasks"] > 0:
-            phases.append(("p4", lambda: self._scale(
-                c["p4_tasks"], min(c["p4_timeout_s"], self.deadline - time.time() - c["p5_reserve_s"]))))
+            phases["p4"] = lambda b: self._scale(c["p4_tasks"], b)
         if c["p5_mib"] > 0:
-            phases.append(("p5", lambda: self._payload(c["p5_mib"], c["p5_rounds"], c["p5_timeout_s"])))
-        for name, phase in phases:
+            phases["p5"] = lambda b: self._payload(c["p5_mib"], c["p5_rounds"], b)
+        shares = bounds.shares(self.deadline - float(c["launched"]), c["phase_fractions"], phases)
+        for name, phase in phases.items():
+            left = self.deadline - time.time()
+            bound_s = min(max(bounds.bound(name, shares, left), MIN_PHASE_S), left)
+            started = time.time()
+            record: dict[str, Any] = {"share_s": round(shares[name], 1), "bound_s": round(max(0.0, bound_s), 1)}
+            out["phases"][name] = record
+            if bound_s < MIN_PHASE_S:
+                record.update(status="skipped", used_s=0.0, reason=f"the mode's bound is spent ({left:.0f} s left)")
+                log(f"[{self.mode}] {name}: skipped, the mode's bound is spent")
+                save(out)
+                continue
             try:
-                out[name] = await phase()
+                out[name] = await phase(bound_s)
             except Exception as err:  # noqa: BLE001 - recorded; the other phases still run
                 out["failures"][name] = f"{type(err).__name__}: {err}"
+                record.update(status="failed", reason=out["failures"][name][:300])
                 log(f"[{self.mode}] {name} failed: {err!r}")
             else:
                 summary = out[name]
+                record.update(phase_status(summary))
                 if "tasks" in summary:
                     log(f"[{self.mode}] {name}: {summary['completed']}/{summary['tasks']} tasks in "
-                        f"{summary['ended'] - summary['started']:.0f} s")
+                        f"{summary['ended'] - summary['started']:.0f} s ({record['status']}, bound {bound_s:.0f} s)")
                 else:
-                    log(f"[{self.mode}] {name}: {'ok' if summary.get('completed') else summary.get('error')}")
+                    log(f"[{self.mode}] {name}: {'ok' if summary.get('completed') else summary.get('errors')} "
+                        f"({record['status']}, bound {bound_s:.0f} s)")
+            record["used_s"] = round(time.time() - started, 1)
             out["tasks"] = self.tasks
             out["marks"] = MARKS
             save(out)
         return out
+
+
+def phase_status(summary: dict) -> dict[str, str]:
+    """A phase's status from its summary: ``ran`` (every task right), ``cut`` (stopped at its
+    bound; every task that ended before was right) or ``failed`` (a task failed or was wrong)."""
+    if "tasks" in summary:
+        errors = [e for e in summary["errors"] if e != CUT]
+        cut = summary["timed_out"]
+    else:  # P5
+        errors = sorted({r["error"] for r in summary["rounds"] if r["error"] and r["error"] != CUT})
+        cut = any(r["error"] == CUT for r in summary["rounds"])
+    if errors:
+        return {"status": "failed", "reason": "; ".join(errors)[:300]}
+    if cut:
+        return {"status": "cut", "reason": "stopped at its bound"}
+    if "tasks" in summary and summary["completed"] != summary["tasks"]:
+        return {"status": "failed", "reason": f"{summary['completed']}/{summary['tasks']} completed"}
+    if "rounds" in summary and not summary["completed"]:
+        return {"status": "failed", "reason": "a round did not complete"}
+    return {"status": "ran", "reason": ""}
 
 
 def main(argv: list[str]) -> int:

@@ -16,7 +16,11 @@ each job's worker wrapped by bench/timed_worker.py), then one executor process p
 Every latency is a difference of ``time.time()`` stamps taken by the components themselves: the
 Batch service's state-entry times (``GET /_admin/stats``), the executor's marks (driver.py) and the
 worker's (timed_worker.py). The results go to ``<out-dir>/<date>.json`` and ``.png``; the table is
-printed. The whole run is bounded by ``--budget-s``; each phase has its own bound inside it.
+printed. The whole run is bounded by ``--budget-s``, and each phase by its own share of it
+(``PHASES``; inside a mode, ``MODE_PHASES``; the arithmetic is bench/bounds.py): a phase that
+reaches its bound is stopped, what it measured is kept and reported as cut, and the next phase
+runs in its own share. The exit status is 0 when every phase ran or was cut at its bound, 1 when
+one failed (a crash, a task that failed or returned a wrong result).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from covalent_gcpbatch_plugin.local.covalent_server import isolated_env
 from covalent_gcpbatch_plugin.local.processes import terminate_group
 from covalent_gcpbatch_plugin.local.stack import LocalStack
 
-from . import batch_stats, log, report
+from . import batch_stats, bounds, log, report
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -59,7 +63,7 @@ PARAMETERS = {
     "payload_rounds": (3, 1),
     "poll_freq": (5.0, 0.5),
     "max_running": (8, 4),
-    # Of the default 2700 s: about 700 s for event and poll, 900 s for packing, 90 s for overhead.
+    # Each phase's share of it: PHASES below.
     "budget_s": (2700.0, 300.0),
     # The packing comparison (bench/packing.py), on a stack of its own with Batch's latency modelled.
     "packing_electrons": (200, 6),
@@ -70,8 +74,21 @@ PARAMETERS = {
     # Per-electron overhead through Covalent, GCPBatchExecutor against LocalExecutor (bench/overhead.py).
     "overhead_rounds": (10, 2),
 }
-#: Seconds kept back from the budget for stack start, analysis and teardown.
-RESERVE_S = 60.0
+#: Each phase's share of --budget-s, in the order they run (bench/bounds.py: a phase is bounded by
+#: its share, or more if those before it left time over, never less). "setup" is the first stack's
+#: start and warm-up; packing and overhead start stacks of their own inside their shares. What the
+#: fractions leave (0.04: 108 s of the default 2700 s) is kept for analysis and teardown.
+#: Measured at 617ab98 on an Intel Xeon (1611 s in all): each mode about 325 s, packing about 830 s
+#: (its one-job-per-electron run 528 s of Batch's modelled latency, which a faster CPU does not
+#: shorten), overhead about 60 s. On an AMD EPYC P1-P5 took 3.6 times as long: the modes are cut there.
+PHASES = {"setup": 0.05, "event": 0.22, "poll": 0.22, "packing": 0.40, "overhead": 0.07}
+#: Inside one mode's bound (bench/driver.py), the same way: P4 cannot eat P5's share. What they
+#: leave (0.05) is the executor process's start-up and its last save.
+MODE_PHASES = {"warmup": 0.05, "p1": 0.25, "p4": 0.45, "p5": 0.20}
+#: A phase whose bound is below this is skipped (it could not measure anything).
+MIN_BOUND_S = {"event": 20.0, "poll": 20.0, "packing": 45.0, "overhead": 45.0}
+#: How long a phase's process group gets between SIGTERM and SIGKILL once it reaches its bound.
+STOP_GRACE_S = 15.0
 
 
 def _d(name: str) -> str:
@@ -93,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--payload-rounds", type=int, help=f"P5 round trips per mode, medians reported (default {_d('payload_rounds')})")
     parser.add_argument("--poll-freq", type=float, help=f"polling mode's poll_freq in seconds (default {_d('poll_freq')}, the old plugin's)")
     parser.add_argument("--max-running", type=int, help=f"workers the local Batch service runs at once (default {_d('max_running')})")
-    parser.add_argument("--budget-s", type=float, help=f"hard bound on the whole run in seconds (default {_d('budget_s')})")
+    parser.add_argument("--budget-s", type=float, help=f"bound on the whole run in seconds, each phase bounded by its share (PHASES) of it (default {_d('budget_s')})")
     parser.add_argument("--packing-electrons", type=int,
                         help=f"electrons of the packing comparison, packed and one job each (default {_d('packing_electrons')}; 0 skips it)")
     parser.add_argument("--packing-time-scale", type=float,
@@ -159,8 +176,9 @@ def machine() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_driver(mode: str, config: dict, workdir: Path, env: dict[str, str], timeout_s: float) -> dict | None:
-    """One executor process for one mode; its recorded marks, or None if it failed or overran."""
+def run_driver(mode: str, config: dict, workdir: Path, env: dict[str, str], timeout_s: float) -> tuple[dict | None, dict]:
+    """One executor process for one mode: (its recorded marks or None, how the process ended:
+    ``stopped`` if it reached ``timeout_s`` and its group was stopped, ``exit`` its code)."""
     config_path, out_path = workdir / f"driver-{mode}.json", workdir / f"driver-{mode}.out.json"
     config_path.write_text(json.dumps(config))
     child = subprocess.Popen([sys.executable, "-m", "bench.driver", str(config_path), str(out_path)],
@@ -169,22 +187,21 @@ def run_driver(mode: str, config: dict, workdir: Path, env: dict[str, str], time
     try:
         code = child.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        log(f"[{mode}] the executor process overran its {timeout_s:.0f} s: stopping it")
-        terminate_group(child.pid, grace_s=15.0, reap=child.poll)
-        child.wait()
+        log(f"[{mode}] the executor process reached its {timeout_s:.0f} s bound: stopping it")
+        terminate_group(child.pid, grace_s=STOP_GRACE_S, reap=child.poll)
+        child.wait(timeout=10)
     finally:
         if child.poll() is None:  # interrupted: never leave it behind
             terminate_group(child.pid, grace_s=5.0, reap=child.poll)
-    if code != 0:
-        log(f"[{mode}] the executor process " + ("overran" if code is None else f"failed (exit {code})"))
+    if code not in (0, None):
+        log(f"[{mode}] the executor process failed (exit {code})")
+    ended = {"stopped": code is None, "exit": code}
     if not out_path.exists():
-        return None
+        return None, ended
     result = json.loads(out_path.read_text())  # written after each phase: what it measured
-    if code is None:
-        result["failures"]["process"] = f"overran its {timeout_s:.0f} s and was stopped"
-    elif code != 0 and not result["failures"]:
+    if code is not None and code != 0 and not result["failures"]:
         result["failures"]["process"] = f"exit {code}"
-    return result
+    return result, ended
 
 
 def worker_timings(directory: Path) -> dict[str, dict]:
@@ -201,11 +218,30 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)  # run the finally blocks: stop the drivers and the stack
 
 
+def planned_phases(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """(the phases that will run, in order; why each other one is skipped)."""
+    modes = [key for key in args.modes.split(",") if key]
+    skipped = {key: f"not in --modes {args.modes}" for key in dict(MODES) if key not in modes}
+    if not args.packing_electrons:
+        skipped["packing"] = "--packing-electrons 0"
+    if not args.overhead_rounds:
+        skipped["overhead"] = "--overhead-rounds 0"
+    order = ["setup", *modes, "packing", "overhead"]
+    return [name for name in order if name not in skipped], skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminated)
     started = time.time()
-    hard_end = started + args.budget_s
+    running, skipped = planned_phases(args)
+    shares = bounds.shares(args.budget_s, PHASES, running)
+    phases_end = started + args.budget_s * sum(PHASES.values())  # the rest is the reserve
+
+    def bound(name: str) -> float:
+        return bounds.bound(name, shares, phases_end - time.time())
+
+    phases: dict[str, dict] = {name: {"status": "skipped", "reason": why} for name, why in skipped.items()}
     root = Path(tempfile.mkdtemp(prefix="gcpbatch-bench-"))
     timings_dir = root / "worker-timings"
     timings_dir.mkdir()
@@ -218,46 +254,61 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(root / "stack", batch_max_running=args.max_running, batch_worker_command=worker_command)
     drivers: dict[str, dict | None] = {}
     try:
-        log(f"starting the local stack (Batch service --max-running {args.max_running})")
+        setup_bound, setup_start = bound("setup"), time.time()
+        log(f"starting the local stack (Batch service --max-running {args.max_running}), setup bound {setup_bound:.0f} s")
         settings = stack.up()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
         groups = {c: info["pid"] for c, info in stack.status()["components"].items()}
-        if args.stack_warmup:
-            log(f"warming the stack up with {args.stack_warmup} tasks (not measured)")
-            config = driver_config(args, settings, "events", deadline=time.time() + 180, cache_dir=root / "cache",
-                                   process_groups=groups)
+        phases["setup"] = {"status": "ran", "reason": "", "share_s": round(shares["setup"], 1),
+                           "bound_s": round(setup_bound, 1)}
+        warmup_s = setup_start + setup_bound - time.time()
+        if args.stack_warmup and warmup_s < 20:
+            phases["setup"].update(status="cut", reason=f"the stack's start left {warmup_s:.0f} s: no warm-up")
+        elif args.stack_warmup:
+            log(f"warming the stack up with {args.stack_warmup} tasks (not measured), bound {warmup_s:.0f} s")
+            config = driver_config(args, settings, "events", deadline=time.time() + warmup_s - 10,
+                                   cache_dir=root / "cache", process_groups=groups)
             config.update(warmup=args.stack_warmup, p1_tasks=0, p4_tasks=0, p5_mib=0)
-            run_driver("stack-warmup", config, root, env, timeout_s=200)
-        modes = [(key, dict(MODES)[key]) for key in args.modes.split(",")]
-        for index, (key, wait_mode) in enumerate(modes):
-            remaining = hard_end - time.time() - RESERVE_S
-            share = remaining / (len(modes) - index)
-            if index == 0 and len(modes) == 2 and args.p4_tasks != args.p4_poll_tasks and args.p4_tasks:
-                # Shares by P4 task count, which dominates the time.
-                mine = args.p4_tasks if key == "event" else args.p4_poll_tasks
-                share = remaining * mine / (args.p4_tasks + args.p4_poll_tasks)
-            if share < 20:
-                log(f"[{key}] skipped: the time budget is spent")
+            warm, ended = run_driver("stack-warmup", config, root, env, timeout_s=warmup_s)
+            status, reason = report.mode_status(warm, ended)
+            phases["setup"].update(status=status, reason=reason and f"stack warm-up: {reason}")
+        phases["setup"]["used_s"] = round(time.time() - setup_start, 1)
+        for key, wait_mode in [(k, dict(MODES)[k]) for k in running if k in dict(MODES)]:
+            share_s = bound(key)
+            record = {"share_s": round(shares[key], 1), "bound_s": round(share_s, 1)}
+            if share_s < MIN_BOUND_S[key]:
+                log(f"[{key}] skipped: its bound is {share_s:.0f} s")
+                phases[key] = {**record, "status": "skipped", "reason": f"its bound ({share_s:.0f} s) is too short"}
                 drivers[key] = None
                 continue
-            config = driver_config(args, settings, wait_mode, deadline=time.time() + share - 10, cache_dir=root / "cache",
-                                   process_groups=groups)
+            mode_start = time.time()
+            config = driver_config(args, settings, wait_mode, deadline=mode_start + share_s - STOP_GRACE_S - 5,
+                                   cache_dir=root / "cache", process_groups=groups)
             log(f"[{key}] executor process: wait_mode={wait_mode!r}"
-                + (f", poll_freq={args.poll_freq:g} s" if wait_mode == "poll" else "") + f", bound {share:.0f} s")
-            drivers[key] = run_driver(key, config, root, env, timeout_s=share)
+                + (f", poll_freq={args.poll_freq:g} s" if wait_mode == "poll" else "") + f", bound {share_s:.0f} s")
+            drivers[key], ended = run_driver(key, config, root, env, timeout_s=share_s - STOP_GRACE_S - 5)
+            status, reason = report.mode_status(drivers[key], ended)
+            phases[key] = {**record, "status": status, "reason": reason, "used_s": round(time.time() - mode_start, 1),
+                           "phases": (drivers[key] or {}).get("phases", {})}
+            log(f"[{key}] {status}" + (f": {reason}" if reason else "") + f" ({phases[key]['used_s']:.0f} s)")
         stats = batch_stats(settings.batch_api_endpoint)
         timings = worker_timings(timings_dir)
     finally:
         log("stopping the local stack")
         stack.down()
     try:
-        packing = run_packing(args, root, hard_end)
-        overhead = run_overhead(args, root, hard_end)
+        packing = overhead = None
+        if "packing" in running:
+            packing, phases["packing"] = run_packing(args, root, bound("packing"), shares["packing"])
+        if "overhead" in running:
+            overhead, phases["overhead"] = run_overhead(args, root, bound("overhead"), shares["overhead"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     results = report.analyse(drivers, stats, timings, config=run_config(args), machine=machine(),
-                             started=started, ended=time.time(), packing=packing, overhead=overhead)
+                             started=started, ended=time.time(), packing=packing, overhead=overhead,
+                             phases={name: phases[name] for name in ["setup", *dict(MODES), "packing", "overhead"]
+                                     if name in phases})
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = datetime.date.today().isoformat()
     if (args.out_dir / f"{stem}.json").exists():
@@ -269,48 +320,53 @@ def main(argv: list[str] | None = None) -> int:
         plot_path = report.plot(results, args.out_dir / f"{stem}.png")
     print(report.table(results))
     print(f"\nresults: {json_path}" + (f"\nplot:    {plot_path}" if plot_path else ""))
-    return 0 if results["complete"] else 1
+    # A phase cut at its bound is the outcome of a bounded benchmark; only a failure is an error.
+    return 1 if results["outcome"] == "failed" else 0
 
 
-def run_packing(args: argparse.Namespace, root: Path, hard_end: float) -> dict | None:
+def run_packing(args: argparse.Namespace, root: Path, bound_s: float, share_s: float) -> tuple[dict | None, dict]:
     """bench/packing.py in a process of its own (its own stack, Covalent server and config)."""
-    if not args.packing_electrons:
-        return None
+    # Its two dispatches share what its stack and server's start leave (bench/packing.py WEIGHTS).
     return run_phase("packing", ["--electrons", str(args.packing_electrons), "--time-scale", str(args.packing_time_scale),
-                                 "--parallelism", str(args.packing_parallelism)], root, hard_end, share=0.8)
+                                 "--parallelism", str(args.packing_parallelism), "--timeout-s", f"{bound_s:.0f}",
+                                 "--deadline", f"{time.time() + bound_s - STOP_GRACE_S - 10:.1f}"], root, bound_s, share_s)
 
 
-def run_overhead(args: argparse.Namespace, root: Path, hard_end: float) -> dict | None:
+def run_overhead(args: argparse.Namespace, root: Path, bound_s: float, share_s: float) -> tuple[dict | None, dict]:
     """bench/overhead.py in a process of its own."""
-    if not args.overhead_rounds:
-        return None
-    return run_phase("overhead", ["--rounds", str(args.overhead_rounds)], root, hard_end, share=1.0)
+    return run_phase("overhead", ["--rounds", str(args.overhead_rounds), "--timeout-s", f"{bound_s:.0f}",
+                                  "--deadline", f"{time.time() + bound_s - STOP_GRACE_S - 10:.1f}"], root, bound_s, share_s)
 
 
-def run_phase(name: str, options: list[str], root: Path, hard_end: float, share: float) -> dict | None:
-    """``python -m bench.<name> OUT.json <options>``, bounded by ``share`` of what is left of the budget."""
-    remaining = (hard_end - time.time() - 30) * share
-    if remaining < 45:
-        log(f"{name}: skipped: the time budget is spent")
-        return None
+def run_phase(name: str, options: list[str], root: Path, bound_s: float, share_s: float) -> tuple[dict | None, dict]:
+    """``python -m bench.<name> OUT.json <options>`` within ``bound_s``: (what it wrote, its phase record).
+    Reaching the bound stops its process group; what it wrote so far is kept and the phase is cut."""
+    record: dict[str, Any] = {"share_s": round(share_s, 1), "bound_s": round(bound_s, 1)}
+    if bound_s < MIN_BOUND_S[name]:
+        log(f"{name}: skipped: its bound is {bound_s:.0f} s")
+        return None, {**record, "status": "skipped", "reason": f"its bound ({bound_s:.0f} s) is too short"}
     out = root / f"{name}.json"
-    command = [sys.executable, "-m", f"bench.{name}", str(out), *options, "--timeout-s", str(max(30.0, remaining / 2 - 30))]
+    command = [sys.executable, "-m", f"bench.{name}", str(out), *options]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
-    proc = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True)
+    log(f"{name}: bound {bound_s:.0f} s")
+    started = time.time()
+    proc = subprocess.Popen(command, env=env, cwd=REPO, start_new_session=True, stdin=subprocess.DEVNULL)
+    code: int | None = None
     try:
-        proc.wait(timeout=remaining)
+        code = proc.wait(timeout=max(1.0, bound_s - STOP_GRACE_S - 5))
     except subprocess.TimeoutExpired:
-        log(f"{name}: over its time bound, stopped")
+        log(f"{name}: reached its bound, stopping it")
     finally:
-        terminate_group(proc.pid, grace_s=20.0)
-    return json.loads(out.read_text()) if out.exists() else None
+        terminate_group(proc.pid, grace_s=STOP_GRACE_S, reap=proc.poll)
+    data = json.loads(out.read_text()) if out.exists() else None
+    status, reason = report.child_status(name, data, {"stopped": code is None, "exit": code})
+    log(f"{name}: {status}" + (f": {reason}" if reason else ""))
+    return data, {**record, "status": status, "reason": reason, "used_s": round(time.time() - started, 1)}
 
 
 def driver_config(args: argparse.Namespace, settings, wait_mode: str, deadline: float, cache_dir: Path,
                   process_groups: dict[str, int]) -> dict:
     poll = wait_mode == "poll"
-    # Measured here: a 256 MiB round trip plus its raw transfers takes 15-30 s.
-    p5_bound = 30 + args.payload_rounds * (10 + args.payload_mib * 0.1)
     return {
         "mode": wait_mode,
         "executor": {
@@ -328,20 +384,18 @@ def driver_config(args: argparse.Namespace, settings, wait_mode: str, deadline: 
         },
         "batch_api_endpoint": settings.batch_api_endpoint,
         "process_groups": process_groups,
+        # Its phases' bounds: MODE_PHASES of the time from now to the deadline (bench/bounds.py).
+        "launched": time.time(),
         "deadline": deadline,
+        "phase_fractions": MODE_PHASES,
         "warmup": args.warmup,
         "p1_tasks": args.tasks,
         "p1_concurrency": args.concurrency,
-        "p1_timeout_s": 600,
         # Both modes run the same tasks: task i sleeps (i % 10) tenths of the polling interval.
         "p1_sleep_step_s": args.poll_freq / 10,
         "p4_tasks": args.p4_poll_tasks if poll else args.p4_tasks,
-        "p4_timeout_s": 1200,
         "p5_mib": args.payload_mib,
         "p5_rounds": args.payload_rounds,
-        # P5's bound; P4 stops this long before the deadline so that P5 still runs.
-        "p5_timeout_s": p5_bound,
-        "p5_reserve_s": p5_bound if args.payload_mib else 0,
     }
 
 
@@ -363,5 +417,7 @@ def run_config(args: argparse.Namespace) -> dict:
         "packing_time_scale": args.packing_time_scale,
         "packing_parallelism": args.packing_parallelism,
         "overhead_rounds": args.overhead_rounds,
+        "phase_fractions": PHASES,
+        "mode_phase_fractions": MODE_PHASES,
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }

@@ -6,7 +6,8 @@ in the same run.
 
 A round is one dispatch of a lattice of one electron that returns at once; its overhead is from
 just before ``ct.dispatch`` to the node's end as Covalent records it. One warm-up round per
-executor is not counted. The figures: ``gcpbatch_p50_s``, ``local_p50_s`` and their samples.
+executor is not counted. The figures: ``gcpbatch_p50_s``, ``local_p50_s`` and their samples; an
+executor whose dispatch reaches its bound is named in ``cut`` (its rounds so far are kept).
 GCPBatchExecutor runs with its defaults, ``pack_window`` included (a lone electron waits that long
 for company before it is submitted).
 """
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("out", type=Path)
     parser.add_argument("--rounds", type=int, default=PARAMETERS["overhead_rounds"][0])
     parser.add_argument("--timeout-s", type=float, default=300.0, help="bound on each dispatch, seconds")
+    parser.add_argument("--deadline", type=float, help="wall-clock time (time.time()) by which every dispatch ends")
     return parser.parse_args(argv)
 
 
@@ -53,15 +55,39 @@ def one_round(ct, executor, timeout_s: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     samples: dict[str, list[float]] = {}
+    results: dict = {"rounds": args.rounds, "samples_s": samples}
     with on_covalent("gcpbatch-bench-overhead-") as (ct, _settings):
-        for key, executor in (("gcpbatch", ct.executor.GCPBatchExecutor()), ("local", ct.executor.LocalExecutor())):
-            one_round(ct, executor, args.timeout_s)  # warm-up, not counted
-            samples[key] = [round(one_round(ct, executor, args.timeout_s), 4) for _ in range(args.rounds)]
-            log(f"overhead: {key}: p50 {statistics.median(samples[key]):.3f} s over {args.rounds} rounds")
-    results = {"rounds": args.rounds, "gcpbatch_p50_s": round(statistics.median(samples["gcpbatch"]), 4),
-               "local_p50_s": round(statistics.median(samples["local"]), 4), "samples_s": samples}
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+        executors = (("gcpbatch", ct.executor.GCPBatchExecutor()), ("local", ct.executor.LocalExecutor()))
+        for index, (key, executor) in enumerate(executors):
+            samples[key] = []
+            # Each executor's rounds in their own part of what is left: one cannot starve the other.
+            ends = None if args.deadline is None else time.time() + (args.deadline - time.time()) / (len(executors) - index)
+            try:
+                one_round(ct, executor, _left(args.timeout_s, ends))  # warm-up, not counted
+                for _ in range(args.rounds):
+                    samples[key].append(round(one_round(ct, executor, _left(args.timeout_s, ends)), 4))
+                    save(args.out, results)
+            except TimeoutError as err:  # its bound: what it measured is kept, the next executor still runs
+                results.setdefault("cut", {})[key] = str(err)
+                log(f"overhead: {key}: cut after {len(samples[key])} rounds: {err}")
+            if samples[key]:
+                results[f"{key}_p50_s"] = round(statistics.median(samples[key]), 4)
+                log(f"overhead: {key}: p50 {results[f'{key}_p50_s']:.3f} s over {len(samples[key])} rounds")
+            save(args.out, results)
     return 0
+
+
+def _left(timeout_s: float, ends: float | None) -> float:
+    """One dispatch's bound: ``timeout_s``, and no later than ``ends`` (wall clock)."""
+    if ends is None:
+        return timeout_s
+    return max(1.0, min(timeout_s, ends - time.time()))
+
+
+def save(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from . import bounds
+
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 #: Keys every mode's object has (tests/stack/test_bench_smoke.py checks them).
 REQUIRED_KEYS = ("p1_p50_s", "p1_p90_s", "p1_max_s", "p2_reads_per_task", "p3_p50_s",
@@ -275,18 +277,73 @@ def packing_figures(packing: dict | None) -> dict[str, Any] | None:
             "mutations_per_electron": round(packed["batch_mutations"] / max(1, packing["tasks"]), 4)}
 
 
+# ---------------------------------------------------------------------------------------------
+# What ran: each phase's status
+# ---------------------------------------------------------------------------------------------
+
+#: A phase's status: it ran to its end; it reached its bound and was stopped (what it measured is
+#: kept); it did not run (why is said); it failed (a crash, a task that failed or was wrong).
+STATUSES = ("ran", "cut", "skipped", "failed")
+
+
+def mode_status(driver: dict | None, ended: dict) -> tuple[str, str]:
+    """(status, reason) of one executor process (bench/driver.py) from what it recorded and how it
+    ended (``stopped``: it reached its bound and was stopped; ``exit``: its exit code)."""
+    if driver is None:
+        if ended["stopped"]:
+            return "cut", "stopped at its bound before it recorded a phase"
+        return "failed", f"exit {ended['exit']}, nothing recorded"
+    sub = driver.get("phases", {})
+    failed = {name: r.get("reason", "") for name, r in sub.items() if r.get("status") == "failed"}
+    failed.update({name: why for name, why in driver.get("failures", {}).items() if name not in failed})
+    if failed:
+        return "failed", "; ".join(f"{name}: {why}" for name, why in failed.items())[:500]
+    short = ", ".join(f"{name} {r['status']}" for name, r in sub.items() if r.get("status") in ("cut", "skipped"))
+    if ended["stopped"]:
+        return "cut", "stopped at its bound" + (f" ({short})" if short else "")
+    if short:
+        return "cut", short
+    return "ran", ""
+
+
+def child_status(name: str, data: dict | None, ended: dict) -> tuple[str, str]:
+    """(status, reason) of the packing or overhead process from what it wrote and how it ended."""
+    cut = (data or {}).get("cut") or {}
+    if name == "packing" and data:
+        bad = [k for k in ("unpacked", "packed") if k in data and data[k].get("status") != "COMPLETED"]
+        if bad:
+            return "failed", "; ".join(f"{k}: {data[k]['status']} {data[k].get('failures')}" for k in bad)[:500]
+    if ended["stopped"]:
+        return "cut", "stopped at its bound" + (f" ({', '.join(cut)} cut)" if cut else "")
+    if ended["exit"] != 0:
+        return "failed", f"exit {ended['exit']}"
+    if data is None:
+        return "failed", "it wrote no results"
+    if cut:
+        return "cut", "; ".join(f"{k}: {why}" for k, why in cut.items())[:500]
+    return "ran", ""
+
+
 def analyse(drivers: dict[str, dict | None], stats: dict, timings: dict[str, dict], *, config: dict,
             machine: dict, started: float, ended: float, packing: dict | None = None,
-            overhead: dict | None = None) -> dict[str, Any]:
+            overhead: dict | None = None, phases: dict[str, dict] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine, "config": config, "started": started,
                                "duration_s": round(ended - started, 1)}
+    # Per phase: status (STATUSES), reason, its share and bound, the time it used; the machine's CPU
+    # beside it, as beside every figure.
+    results["phases"] = {name: {**record, "cpu_model": machine["cpu_model"]} for name, record in (phases or {}).items()}
+    results["outcome"] = bounds.outcome(r["status"] for r in results["phases"].values())
+    def why(name: str, default: str) -> str:
+        record = results["phases"].get(name) or {}
+        return f"{record['status']}: {record.get('reason') or ''}".strip(": ") if record else default
+
     if config.get("overhead_rounds"):
-        results["overhead"] = overhead or {"error": "the overhead comparison failed or overran"}
+        results["overhead"] = overhead or {"error": why("overhead", "the overhead comparison failed or overran")}
     if config.get("packing_electrons"):
-        results["packing"] = packing_figures(packing) or {"error": "the packing comparison failed or overran"}
+        results["packing"] = packing_figures(packing) or {"error": why("packing", "the packing comparison failed or overran")}
     for key, driver in drivers.items():
         if driver is None:
-            results[key] = {**{k: None for k in REQUIRED_KEYS}, "error": "the executor process failed or overran"}
+            results[key] = {**{k: None for k in REQUIRED_KEYS}, "error": why(key, "the executor process failed or overran")}
         else:
             results[key] = analyse_mode(ModeData(driver, stats, timings))
     results["batch_calls_total"] = stats["calls"]
@@ -408,27 +465,31 @@ def table(results: dict) -> str:
          "", ""),
         ("task total (run() start -> return) p50", _ms(e.get("task_total_p50_s")), _ms(p.get("task_total_p50_s")), "", ""),
     ]
-    lines = [f"| figure | event | {poll_label} | target (event) | |", "|---|---|---|---|---|"]
+    cpu = results["machine"]["cpu_model"]
+    lines = [f"Event against polling on {cpu}:", "",
+             f"| figure | event | {poll_label} | target (event) | |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
-    worker = ["", "Worker phases per task (P1 tasks, p50; `call` is the task itself, which sleeps in P1):", "",
+    worker = ["", f"Worker phases per task on {cpu} (P1 tasks, p50; `call` is the task itself, which sleeps in P1):", "",
               "| worker phase | event | poll |", "|---|---|---|"]
     for name in WORKER_PHASES:
         worker.append(f"| {name} | {_ms((e.get('worker_p50_s') or {}).get(name))} | {_ms((p.get('worker_p50_s') or {}).get(name))} |")
     worker.append(f"| total (RUNNING -> terminal) | {_ms(e.get('worker_total_p50_s'))} | {_ms(p.get('worker_total_p50_s'))} |")
     worker.append(f"| overhead (total - call) | {_ms(e.get('worker_overhead_p50_s'))} | {_ms(p.get('worker_overhead_p50_s'))} |")
     overhead, t = results.get("overhead") or {}, results["targets"]
-    if overhead.get("gcpbatch_p50_s") is not None:
-        worker += ["", f"Per-electron overhead through Covalent (a trivial electron, dispatch -> node end, p50 of "
+    if overhead.get("gcpbatch_p50_s") is not None and overhead.get("local_p50_s") is not None:
+        worker += ["", f"Per-electron overhead through Covalent on {cpu} (a trivial electron, dispatch -> node end, p50 of "
                    f"{overhead['rounds']}): GCPBatchExecutor {_ms(overhead['gcpbatch_p50_s'])} (target <= 300 ms: "
                    f"{_yes(t['overhead_gcpbatch_p50_le_03s'])}), LocalExecutor {_ms(overhead['local_p50_s'])}; the worker's "
                    f"fixed cost per task {_ms(results.get('worker_overhead_s'))} (target <= 300 ms: "
                    f"{_yes(t['worker_overhead_le_03s'])})."]
     elif overhead:
-        worker += ["", f"Overhead: {overhead.get('error', 'incomplete')}"]
+        worker += ["", f"Overhead on {cpu}: {overhead.get('error') or (results.get('phases') or {}).get('overhead', {}).get('reason') or 'incomplete'}"
+                   + "".join(f"; {k} p50 {_ms(overhead.get(f'{k}_p50_s'))} over {len(v)} rounds"
+                             for k, v in (overhead.get("samples_s") or {}).items() if v)]
     packing = results.get("packing") or {}
     if packing.get("packed") and packing.get("unpacked"):
         pk, up, t = packing["packed"], packing["unpacked"], results["targets"]
-        worker += ["", f"Packing: {packing['tasks']} electrons of {packing['task_model_s']:g} s (model time), Batch's latency "
+        worker += ["", f"Packing on {cpu}: {packing['tasks']} electrons of {packing['task_model_s']:g} s (model time), Batch's latency "
                    f"modelled at time scale {packing['time_scale']:g}, through a Covalent server; packed with "
                    f"pack_parallelism {packing['pack_parallelism']}:", "",
                    "| figure | packed | one job each | ratio | target | |", "|---|---|---|---|---|---|",
@@ -444,13 +505,33 @@ def table(results: dict) -> str:
                    f"| Batch reads per electron | {_num(round(pk['batch_reads'] / max(1, packing['tasks']), 3))} | "
                    f"{_num(round(up['batch_reads'] / max(1, packing['tasks']), 3))} | | | |"]
     elif packing:
-        worker += ["", f"Packing: {packing.get('error', 'incomplete')}"]
+        worker += ["", f"Packing on {cpu}: {packing.get('error') or (results.get('phases') or {}).get('packing', {}).get('reason') or 'incomplete'}"]
+    worker += phase_table(results)
     m = results["machine"]
     footer = ["", f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['os']}.",
               f"P1-P3: {c['tasks']} tasks per mode, {c['concurrency']} in flight; P4: {c['p4_tasks']['event']} (event) / "
               f"{c['p4_tasks']['poll']} (poll) in flight from one process; local Batch service --max-running "
               f"{c['batch_max_running']}; run took {results['duration_s']:.0f} s.", *[f"Note: {n}" for n in results["notes"]]]
     return "\n".join(lines + worker + footer)
+
+
+def phase_table(results: dict) -> list[str]:
+    """What ran: each phase's status, bound and time used, the mode's own phases indented."""
+    phases = results.get("phases") or {}
+    if not phases:
+        return []
+    lines = ["", f"What ran on {results['machine']['cpu_model']} (budget {results['config']['budget_s']:g} s; "
+             f"outcome: {results['outcome']}):", "", "| phase | status | bound | used | note |", "|---|---|---|---|---|"]
+
+    def row(name: str, r: dict) -> str:
+        bound = f"{r['bound_s']:.0f} s" if r.get("bound_s") is not None else "-"
+        used = f"{r['used_s']:.0f} s" if r.get("used_s") is not None else "-"
+        return f"| {name} | {r['status']} | {bound} | {used} | {r.get('reason') or ''} |"
+
+    for name, record in phases.items():
+        lines.append(row(name, record))
+        lines += [row(f"{name} {sub}", r) for sub, r in (record.get("phases") or {}).items()]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +613,7 @@ def plot(results: dict, path: Path) -> Path | None:
     plt.close(fig)
     packing = results.get("packing") or {}
     if packing.get("packed") and packing.get("unpacked"):
-        plot_packing(packing, path.with_name(path.stem + "-packing.png"), plt)
+        plot_packing({**packing, "cpu_model": m["cpu_model"]}, path.with_name(path.stem + "-packing.png"), plt)
     return path
 
 
@@ -556,7 +637,7 @@ def plot_packing(packing: dict, path: Path, plt) -> Path:
         ax.set_xlabel("model seconds since the dispatch")
         ax.legend()
         ax.grid(True, alpha=0.3)
-    fig.suptitle(f"Packing: {packing['tasks']} electrons of {packing['task_model_s']:g} s, Batch latency modelled "
+    fig.suptitle(f"Packing on {packing['cpu_model']}: {packing['tasks']} electrons of {packing['task_model_s']:g} s, Batch latency modelled "
                  f"(time scale {packing['time_scale']:g}), pack_parallelism {packing['pack_parallelism']}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

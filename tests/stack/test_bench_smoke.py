@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODE_KEYS = ("p1_p50_s", "p1_p90_s", "p1_max_s", "p2_reads_per_task", "p3_p50_s",
              "p4_tasks", "p4_completed", "p4_rss_growth_mb", "p5_ratio")
 MACHINE_KEYS = ("cpu_model", "cores", "memory_gib", "python", "os")
+PHASE_KEYS = ("status", "reason", "share_s", "bound_s", "used_s", "cpu_model")
 
 
 def test_bench_smoke_run_writes_every_figure(tmp_path):
@@ -62,6 +63,20 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert 0 < overhead["local_p50_s"] and 0 < overhead["gcpbatch_p50_s"], overhead
     assert results["worker_overhead_s"] > 0 and "worker_overhead_le_03s" in results["targets"]
     assert "Per-electron overhead through Covalent" in proc.stdout
+    # What ran: every phase has its record, with its bound, the time it used and the machine's CPU.
+    phases = results["phases"]
+    assert list(phases) == ["setup", "event", "poll", "packing", "overhead"]
+    for name, record in phases.items():
+        assert record["status"] == "ran", (name, record)
+        assert set(record) >= set(PHASE_KEYS), (name, record)
+        assert 0 < record["used_s"] <= record["bound_s"] + 20, (name, record)
+        assert record["cpu_model"] == results["machine"]["cpu_model"]
+    for mode in ("event", "poll"):
+        assert list(phases[mode]["phases"]) == ["warmup", "p1", "p4", "p5"]
+        assert all(r["status"] == "ran" and r["bound_s"] > 0 for r in phases[mode]["phases"].values())
+    assert results["outcome"] == "complete" and results["complete"]
+    assert f"What ran on {results['machine']['cpu_model']}" in proc.stdout
+    assert f"Event against polling on {results['machine']['cpu_model']}" in proc.stdout
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) == 2 and sum(name.endswith("-packing.png") for name in pngs) == 1, pngs
     for png in tmp_path.glob("*.png"):
