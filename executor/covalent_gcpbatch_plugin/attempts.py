@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from .protocol import RETRIED_EXIT_CODES, JobState
+from .protocol import RETRIED_EXIT_CODES, JobState, exceeded_cap
 
 #: Batch's exit code of a task whose Spot VM was preempted (../shared/notes/platform.md).
 EXIT_PREEMPTED = 50001
@@ -90,6 +90,9 @@ class AttemptEnd:
     error_type: str | None = None
     #: The exit codes of the attempt's runs, in order, from Batch's status events.
     exit_codes: tuple[int, ...] = ()
+    #: The memory the attempt asked for, and the function's refusal of it (REJECTED), if any.
+    memory_mb: int = 0
+    refusal: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,10 @@ SETTLE = Settle()
 
 
 def runs_of(end: AttemptEnd) -> int:
-    """How many times the attempt's task ran: each Batch retry left an infrastructure exit code."""
+    """How many times the attempt's task ran: each Batch retry left an infrastructure exit code; a
+    refused attempt never ran."""
+    if end.state is JobState.REJECTED:
+        return 0
     retried = sum(1 for code in end.exit_codes if code in RETRIED_EXIT_CODES)
     return max(1, retried + (0 if end.exit_codes and end.exit_codes[-1] in RETRIED_EXIT_CODES else 1))
 
@@ -123,7 +129,9 @@ def out_of_memory(end: AttemptEnd) -> bool:
 
 def decide(end: AttemptEnd, terms: Terms, history: Sequence[AttemptEnd], policy: Policy) -> Decision:
     """What the attempt's end means for the electron. ``history``: the attempts before this one."""
-    if end.has_result or end.cancelled or end.state in (JobState.SUCCEEDED, JobState.CANCELLED, JobState.REJECTED):
+    if end.state is JobState.REJECTED:
+        return _up_to_the_cap(end, terms, history, policy)
+    if end.has_result or end.cancelled or end.state in (JobState.SUCCEEDED, JobState.CANCELLED):
         return SETTLE
     used = sum(runs_of(past) for past in history) + runs_of(end)  # runs so far, this attempt's included
     left = policy.retries + 1 - used  # runs still allowed
@@ -145,6 +153,20 @@ def decide(end: AttemptEnd, terms: Terms, history: Sequence[AttemptEnd], policy:
                            f"out of memory with memory={terms.memory_mb} MiB: the next attempt has {memory} MiB "
                            f"(memory_retry_factor={policy.memory_retry_factor:g})")
     return SETTLE
+
+
+def _up_to_the_cap(end: AttemptEnd, terms: Terms, history: Sequence[AttemptEnd], policy: Policy) -> Decision:
+    """A memory retry the deployment refused for its memory cap runs with the cap itself, when the
+    cap is still more than the attempt that ran out had: "more memory, up to the deployment's cap".
+    Any other refusal is the electron's end."""
+    cap = exceeded_cap(end.refusal, "memory")
+    if not (policy.memory_retry_factor and history and out_of_memory(history[-1]) and cap is not None):
+        return SETTLE
+    memory = int(cap)
+    if not history[-1].memory_mb < memory < terms.memory_mb:
+        return SETTLE
+    return NextAttempt(replace(terms, memory_mb=memory),
+                       f"memory={terms.memory_mb} MiB is over the deployment's cap: the next attempt has the cap, {memory} MiB")
 
 
 def describe(terms: Terms) -> str:

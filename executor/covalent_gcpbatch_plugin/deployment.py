@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import machine_types
 from .errors import FunctionNotConfigured, SpecError
-from .protocol import BUCKET_NAME, SECRET_NAME, JobSpec, PackManifest, secret_of_version, topic_path
+from .protocol import BUCKET_NAME, SECRET_NAME, JobSpec, PackManifest, cap_exceeded, secret_of_version, topic_path
 
 ENV_PREFIX = "GCPBATCH_"
 #: A comma-separated list in the environment (``a,b``), a tuple here.
@@ -188,7 +188,7 @@ class DeploymentSettings(BaseSettings):
             ("scratch_disk_gb", options.scratch_disk_gb, self.max_scratch_disk_gb),
         ):
             if value > cap:
-                raise SpecError(f"{name}={value:g} exceeds this deployment's cap of {cap:g}")
+                raise SpecError(cap_exceeded(name, value, cap))
         machine = self.machine_shape(options.machine_type)
         if machine is not None:
             what = f"machine_type {options.machine_type!r}"

@@ -362,7 +362,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                      terms: attempt_rules.Terms) -> AttemptEnd:
         """What the attempt's end was, read as far as a new attempt could follow it: with neither
         spot fallback nor memory retry on (or after a success, a cancel, a refusal), no read."""
-        end = AttemptEnd(outcome.state, gave_up=outcome.gave_up, queued=outcome.phase in (JobState.QUEUED, JobState.SCHEDULED))
+        end = AttemptEnd(outcome.state, gave_up=outcome.gave_up, queued=outcome.phase in (JobState.QUEUED, JobState.SCHEDULED),
+                         memory_mb=terms.memory_mb, refusal=outcome.detail if outcome.state is JobState.REJECTED else "")
         could_follow = policy.memory_retry_factor or policy.falls_back(terms)
         if not could_follow or outcome.state is not JobState.FAILED or outcome.gave_up:
             return end

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from covalent_gcpbatch_plugin.attempts import (
@@ -15,7 +17,7 @@ from covalent_gcpbatch_plugin.attempts import (
     decide,
     runs_of,
 )
-from covalent_gcpbatch_plugin.protocol import JobState
+from covalent_gcpbatch_plugin.protocol import JobState, cap_exceeded
 
 OFF = Policy(retries=3)
 SPOT_2 = Policy(retries=3, spot_fallback=2, spot_wait_s=600)
@@ -29,6 +31,8 @@ PREEMPTED_TWICE = AttemptEnd(FAILED, exit_codes=(EXIT_PREEMPTED, EXIT_PREEMPTED)
 KILLED = AttemptEnd(FAILED, exit_codes=(EXIT_KILLED,))
 MEMORY_ERROR = AttemptEnd(FAILED, error_type="MemoryError")
 NO_SPOT_VM = AttemptEnd(FAILED, gave_up="did not start within 600 s", queued=True)
+#: The function's words for it (deployment.py through protocol.cap_exceeded).
+OVER_CAP = AttemptEnd(JobState.REJECTED, memory_mb=2048, refusal=cap_exceeded("memory", 2048, 1536))
 
 
 @pytest.mark.parametrize(
@@ -65,6 +69,14 @@ NO_SPOT_VM = AttemptEnd(FAILED, gave_up="did not start within 600 s", queued=Tru
         (KILLED, STANDARD, (KILLED, KILLED, KILLED), MEMORY_2, SETTLE),
         (PREEMPTED_TWICE, SPOT, (PREEMPTED_TWICE,), SPOT_2, SETTLE),
         (KILLED, STANDARD, (PREEMPTED_TWICE, KILLED), Policy(retries=3, memory_retry_factor=2), SETTLE),
+        # More memory up to the deployment's cap: a retry refused for it runs with the cap itself,
+        # if that is still more than the attempt that ran out had.
+        (OVER_CAP, Terms("STANDARD", 2048, 2), (replace(KILLED, memory_mb=1024),), MEMORY_2,
+         NextAttempt(Terms("STANDARD", 1536, 2), "the next attempt has the cap, 1536 MiB")),
+        (OVER_CAP, Terms("STANDARD", 2048, 2), (replace(KILLED, memory_mb=1536),), MEMORY_2, SETTLE),  # no more to give
+        (OVER_CAP, STANDARD, (), MEMORY_2, SETTLE),  # a first attempt over the cap: the user's setting
+        (AttemptEnd(JobState.REJECTED, refusal="container image 'x' is not allowed"), Terms("STANDARD", 2048, 2),
+         (replace(KILLED, memory_mb=1024),), MEMORY_2, SETTLE),
     ],
 )
 def test_what_an_attempts_end_means(end, terms, history, policy, expected):
@@ -99,3 +111,17 @@ def test_a_spot_attempt_that_may_fall_back_waits_spot_wait_s_for_a_vm():
     assert SPOT_2.queue_bound(Terms("STANDARD", 512, 1), 3600) == 3600
     assert Policy(retries=3, spot_fallback=2).queue_bound(Terms("SPOT", 512, 1), 3600) == 3600
     assert OFF.queue_bound(Terms("SPOT", 512, 1), 3600) == 3600
+
+
+def test_the_functions_cap_refusal_is_read_back_by_the_rule():
+    """The two sides of one message: deployment.py refuses with cap_exceeded's words, attempts.py
+    reads the cap from them (exceeded_cap)."""
+    from specs import deployment, spec
+
+    from covalent_gcpbatch_plugin.errors import SpecError
+    from covalent_gcpbatch_plugin.protocol import exceeded_cap
+
+    with pytest.raises(SpecError) as info:
+        deployment(max_memory_mb=1536).check(spec(memory_mb=4096))
+    assert exceeded_cap(str(info.value), "memory") == 1536
+    assert exceeded_cap(str(info.value), "vcpus") is None

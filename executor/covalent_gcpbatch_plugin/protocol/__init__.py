@@ -68,6 +68,8 @@ from .spec import (  # noqa: F401
     HYPERDISK_ONLY_FAMILIES,
     NO_RESERVATION,
     job_problem,
+    cap_exceeded,
+    exceeded_cap,
 )
 from .outcome import (  # noqa: F401
     ENV_BUCKET,

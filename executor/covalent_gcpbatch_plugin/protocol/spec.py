@@ -171,6 +171,18 @@ def secret_of_version(version_name: str) -> str:
     return version_name.rsplit("/versions/", 1)[0]
 
 
+def cap_exceeded(name: str, value: float, cap: float) -> str:
+    """The function's refusal of a value over one of the deployment's caps (deployment.py), in the
+    words the executor reads back with ``exceeded_cap``."""
+    return f"{name}={value:g} exceeds this deployment's cap of {cap:g}"
+
+
+def exceeded_cap(text: str, name: str) -> float | None:
+    """The cap a refusal (``cap_exceeded``'s words) names for setting ``name``, if it names one."""
+    found = re.search(rf"\b{re.escape(name)}=[0-9.e+]+ exceeds this deployment's cap of ([0-9.e+]+)", text)
+    return float(found.group(1)) if found else None
+
+
 class JobOptions(BaseModel):
     """Batch job options beyond size and time: where and on what the task runs."""
 
