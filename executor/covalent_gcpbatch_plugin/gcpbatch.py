@@ -371,7 +371,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         error = store.load_error(objects)
         if error is not None:
             return replace(end, error_type=error.type)
-        if store.data.get_blob(objects.result, timeout=30, retry=self._retry()) is not None:
+        if store.has_result(objects):
             return replace(end, has_result=True)
         if store.is_cancelled(job_id):
             return replace(end, cancelled=True)
@@ -520,6 +520,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """What Batch says keeps the job from its VM (quota, stockout...), each new text once, to
         the node's log and the server's; a job that can never be placed (waiting.never_placeable)
         is cancelled now, not at queue_timeout."""
+        vcpus, gpus = (spec.vcpus, spec.options.accelerator_count) if spec is not None else (0.0, 0)
         for text in read.capacity:
             if text in heard:
                 continue
@@ -527,7 +528,6 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             print(f"GCPBatchExecutor: Batch job {read.job_id} is {read.state.value}, waiting for a VM: {text}",
                   file=self.task_stderr)
             app_log.warning(f"gcpbatch: {read.job_id} waits for a VM: {text}")
-            vcpus, gpus = (spec.vcpus, spec.options.accelerator_count) if spec is not None else (0.0, 0)
             if never_placeable(text, vcpus=vcpus, gpus=gpus):
                 await self.cancel({}, read.job_id)
                 return Outcome(JobState.FAILED, phase=read.state,

@@ -124,6 +124,9 @@ class TaskStore:
                 print(blob.download_as_bytes(timeout=60, retry=self.retry()).decode("utf-8", errors="backslashreplace"),
                       end="", file=stream)
 
+    def has_result(self, objects: TaskObjects) -> bool:
+        return self.data.get_blob(objects.result, timeout=30, retry=self.retry()) is not None
+
     def load_result(self, objects: TaskObjects, workdir: Path) -> tuple[bool, Any]:
         """(True, the result) if the worker stored one, else (False, None). On disk first (a result
         may be large), in a file this process created (new, 0600, never through a link) and reads
@@ -175,8 +178,8 @@ class TaskStore:
         for objects in attempts:
             try:
                 blobs = [blob.name for blob in self.data.list_blobs(prefix=objects.prefix, timeout=30, retry=self.retry())]
-                if objects.result in blobs and objects != delivered or (
-                        objects.error in blobs and objects != delivered and objects not in replaced):
+                outcome_kept = objects.result in blobs or (objects.error in blobs and objects not in replaced)
+                if objects != delivered and outcome_kept:
                     app_log.warning(f"gcpbatch: kept gs://{self.data.name}/{objects.prefix}: its outcome was not handed to Covalent")
                     continue
                 gone = [name for name in blobs if objects.disposable(name) or (objects in replaced and name == objects.error)]
