@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from . import machine_types
 from .errors import FunctionNotConfigured, SpecError
-from .protocol import BUCKET_NAME, SECRET_NAME, JobSpec, PackManifest, cap_exceeded, secret_of_version, topic_path
+from .protocol import BUCKET_NAME, MAX_KEEP_WARM_S, SECRET_NAME, JobSpec, PackManifest, cap_exceeded, secret_of_version, topic_path
 
 ENV_PREFIX = "GCPBATCH_"
 #: A comma-separated list in the environment (``a,b``), a tuple here.
@@ -79,6 +79,23 @@ class DeploymentSettings(BaseSettings):
         (), json_schema_extra=CAP,
         description="Machine types a task may ask for (`machine_type`); empty means any whose size the function knows "
                     "(`machine_types.py`). A type listed here that it does not know is allowed, sized by the task's fields.")
+
+    #: Warm VMs (protocol/warm.py): 600 s of waiting is ten billed minutes per idle VM at most, and
+    #: no more than ten of them: a bound a deployer raises knowingly.
+    max_keep_warm_s: int = Field(
+        600, ge=0, le=MAX_KEEP_WARM_S, json_schema_extra=CAP,
+        description="Longest `keep_warm` in seconds a task may ask for; `0` turns warm VMs off.")
+    max_warm_vms: int = Field(
+        10, ge=0, json_schema_extra=CAP,
+        description="Most warm VMs waiting for an electron at once; a VM that finds this many waiting exits instead.")
+    warm_lifetime_s: int = Field(
+        4 * 3600, gt=0, json_schema_extra=CAP,
+        description="Longest life in seconds of a job whose VM is kept warm (its max run duration): a warm VM takes "
+                    "only an electron whose `time_limit` ends before it.")
+    warm_topic: str | None = Field(
+        None, description="Topic id of the offers to warm VMs. Unset: `<topic>-warm`.")
+    warm_subscription: str | None = Field(
+        None, description="Subscription id the warm VMs take offers from (one, shared). Unset: `<topic>-warm-offers`.")
 
     #: Allowlists of what a task may reach as the job's service account: empty allows nothing, and
     #: deploy.sh grants the runner account access to exactly these (no project-wide role).
@@ -144,6 +161,14 @@ class DeploymentSettings(BaseSettings):
     def topic_path(self) -> str:
         return topic_path(self.project_id, self.topic)
 
+    @property
+    def warm_topic_path(self) -> str:
+        return topic_path(self.project_id, self.warm_topic or f"{self.topic}-warm")
+
+    @property
+    def warm_subscription_path(self) -> str:
+        return f"projects/{self.project_id}/subscriptions/{self.warm_subscription or f'{self.topic}-warm-offers'}"
+
     def image_allowed(self, uri: str) -> bool:
         """Whether ``uri`` is in the allowlist: equal to an entry, or starting with an entry's text
         before its trailing ``*``. Empty allows any."""
@@ -186,6 +211,7 @@ class DeploymentSettings(BaseSettings):
             ("accelerator_count", options.accelerator_count, self.max_accelerator_count),
             ("boot_disk_size_gb", options.boot_disk_size_gb, self.max_boot_disk_size_gb),
             ("scratch_disk_gb", options.scratch_disk_gb, self.max_scratch_disk_gb),
+            ("keep_warm", options.keep_warm, self.max_keep_warm_s),
         ):
             if value > cap:
                 raise SpecError(cap_exceeded(name, value, cap))

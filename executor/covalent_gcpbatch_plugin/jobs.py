@@ -21,6 +21,7 @@ from .protocol import (
     PackManifest,
     location_name,
     pack_environment,
+    warm_environment,
     worker_environment,
 )
 
@@ -67,7 +68,7 @@ def job_labels(spec: JobSpec, pack: PackManifest | None = None, *, bucket: str =
     return labels
 
 
-def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.TaskSpec:
+def build_task_spec(spec: JobSpec, *, environment: dict[str, str], max_run_s: int | None = None) -> batch_v1.TaskSpec:
     """One container runnable (the worker image's entrypoint runs the task), sized and bounded.
 
     Retries are for infrastructure failures only: a RETRY_TASK lifecycle policy on
@@ -97,7 +98,8 @@ def build_task_spec(spec: JobSpec, *, environment: dict[str, str]) -> batch_v1.T
             cpu_milli=round(spec.vcpus * 1000),
             memory_mib=spec.memory_mb,
         ),
-        max_run_duration=duration_pb2.Duration(seconds=spec.time_limit_s),
+        # A warm VM's job lives for several electrons (``max_run_s``); its worker bounds each by its own time_limit.
+        max_run_duration=duration_pb2.Duration(seconds=max_run_s or spec.time_limit_s),
         max_retry_count=spec.retries,
         lifecycle_policies=[
             batch_v1.LifecyclePolicy(
@@ -212,7 +214,12 @@ def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSe
     Notification = batch_v1.JobNotification
     kinds = [Notification.Type.JOB_STATE_CHANGED]
     if pack is None:
-        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=worker_environment(bucket, job_id, task_bucket)),
+        environment, max_run_s = worker_environment(bucket, job_id, task_bucket), None
+        if keeps_warm(spec, settings):
+            environment |= warm_environment(settings.warm_subscription_path, settings.topic_path,
+                                            settings.warm_lifetime_s, settings.max_warm_vms)
+            max_run_s = max(settings.warm_lifetime_s, spec.time_limit_s)
+        group = batch_v1.TaskGroup(task_spec=build_task_spec(spec, environment=environment, max_run_s=max_run_s),
                                    task_count=1, task_count_per_node=TASKS_PER_VM)
     else:
         kinds.append(Notification.Type.TASK_STATE_CHANGED)
@@ -231,6 +238,12 @@ def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSe
             Notification(pubsub_topic=settings.topic_path, message=Notification.Message(type_=kind)) for kind in kinds
         ],
     )
+
+
+def keeps_warm(spec: JobSpec, settings: DeploymentSettings) -> bool:
+    """Whether a lone electron's job keeps its VM warm: asked for, and the deployment has warm VMs
+    (a pack's tasks never wait: the pack's next task needs the VM)."""
+    return spec.options.keep_warm > 0 and settings.max_keep_warm_s > 0 and settings.max_warm_vms > 0
 
 
 def job_parent(settings: DeploymentSettings) -> str:

@@ -5,7 +5,8 @@ Everything two hops must agree on lives here and nowhere else, one module per co
 * ``layout``: the GCS objects of one task, the deterministic Batch job id, resource names;
 * ``spec``: the job spec the executor attaches to the task object as custom metadata;
 * ``outcome``: the worker's environment, exit codes and error record;
-* ``messages``: the Pub/Sub messages Batch publishes (and the function's "no job" messages).
+* ``messages``: the Pub/Sub messages Batch publishes (and the function's "no job" messages);
+* ``warm``: warm VMs' idle records, offers, claims and electron state messages.
 
 (What a deployment allows is deployment.py; the executor's settings are settings.py.) The Cloud
 Function imports this package too (``functions/`` links its files), so it depends on nothing but
@@ -30,6 +31,9 @@ from .layout import (  # noqa: F401
     PackObjects,
     objects_of,
     job_id_of_task_object,
+    job_id_of_cold_object,
+    CLAIM_OBJECT,
+    COLD_OBJECT,
     pack_id_of_pack_object,
     make_pack_id,
     is_pack_id,
@@ -67,6 +71,7 @@ from .spec import (  # noqa: F401
     SCRATCH_MOUNT_PATH,
     HYPERDISK_ONLY_FAMILIES,
     NO_RESERVATION,
+    MAX_KEEP_WARM_S,
     job_problem,
     cap_exceeded,
     exceeded_cap,
@@ -84,6 +89,11 @@ from .outcome import (  # noqa: F401
     OUTCOME_ATTEMPT_KEY,
     ENV_PACK_ID,
     ENV_TASK_INDEX,
+    ENV_WARM_SUBSCRIPTION,
+    ENV_TOPIC,
+    ENV_WARM_LIFETIME_S,
+    ENV_MAX_WARM_VMS,
+    warm_environment,
     EXIT_CANCELLED,
     EXIT_TOO_LATE,
     EXIT_TASK_FAILED,
@@ -119,4 +129,21 @@ from .messages import (  # noqa: F401
     loads_not_created,
     job_state_message,
     task_state_message,
+)
+from .warm import (  # noqa: F401
+    WARM_PREFIX,
+    OFFER_TAKE_S,
+    OFFER_MARGIN_S,
+    WARM_OFFER,
+    ELECTRON_STATE,
+    warm_key,
+    IdleVM,
+    live_from,
+    idle_of_name,
+    Offer,
+    Claim,
+    ElectronEvent,
+    electron_state_message,
+    parse_electron_event,
+    parse_offer,
 )

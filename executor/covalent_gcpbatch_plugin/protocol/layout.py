@@ -23,6 +23,13 @@ STDERR_OBJECT = "stderr.log"
 #: Never deleted by the executor (the bucket's lifecycle rule removes it): the function may still
 #: be retrying its create, or Eventarc may redeliver the finalize event, after the task has ended.
 CANCEL_OBJECT = "cancelled"
+#: Created once (generation 0) by whatever runs the electron (protocol/warm.py): the worker of its
+#: own job, or a warm VM. The loser of that race runs nothing. Never deleted by the executor: a late
+#: offer must find it (the bucket's lifecycle rule removes it).
+CLAIM_OBJECT = "claim.json"
+#: Written by the executor in the task bucket when a warm VM did not claim its offer in time: the
+#: function then creates the electron's job, as for the task object's own upload.
+COLD_OBJECT = "cold"
 #: Written by the function when it creates no job for a task (refused, or cancelled first): a
 #: ``NotCreated`` record, so an executor that polls (no Pub/Sub) learns it too.
 NOT_CREATED_OBJECT = "not-created.json"
@@ -83,6 +90,14 @@ class TaskObjects(_Prefix):
     def error(self) -> str:
         return self.prefix + ERROR_OBJECT
 
+    @property
+    def claim(self) -> str:
+        return self.prefix + CLAIM_OBJECT
+
+    @property
+    def cold(self) -> str:
+        return self.prefix + COLD_OBJECT
+
     def stdout(self, attempt: int) -> str:
         return self._output(attempt, STDOUT_OBJECT)
 
@@ -118,10 +133,10 @@ class TaskObjects(_Prefix):
     def disposable(self, name: str) -> bool:
         """Whether the executor deletes ``name`` (from a listing of ``prefix``) when the task is
         over: everything of the task but the cancel marker and its outcome (result or error
-        record), which the bucket's lifecycle rule removes. Returning the result hands it to
+        record) and its claim, which the bucket's lifecycle rule removes. Returning the result hands it to
         Covalent's process, not to its database: a server that dies before recording it would
         otherwise lose a result nobody could fetch again (the soak found one)."""
-        return name.startswith(self.prefix) and name not in (self.cancelled, self.result, self.error)
+        return name.startswith(self.prefix) and name not in (self.cancelled, self.claim, self.result, self.error)
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,12 @@ def job_id_of_task_object(object_name: str) -> str | None:
     those, since results land in the same bucket and fire the same trigger.
     """
     return _id_of(object_name, TASK_OBJECT)
+
+
+def job_id_of_cold_object(object_name: str) -> str | None:
+    """The job id if ``object_name`` is an executor's request for the electron's own job after an
+    untaken warm offer (``covalent-gcpbatch/<job id>/cold``)."""
+    return _id_of(object_name, COLD_OBJECT)
 
 
 # Job id

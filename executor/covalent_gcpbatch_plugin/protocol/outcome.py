@@ -27,6 +27,13 @@ ENV_JOB_UID = "BATCH_JOB_UID"
 #: Set by the local Batch service only (its imitation of mounted buckets: a host process cannot
 #: see ``/mnt/...``): JSON ``{mount path: local directory}``; ``volumes.volume_path`` honours it.
 ENV_LOCAL_MOUNTS = "GCPBATCH_LOCAL_MOUNTS"
+#: Set in a job whose VM is kept warm (protocol/warm.py): the offer subscription it waits on, the
+#: notification topic it tells its electrons' states on, its job's max run duration, and how many
+#: warm VMs may wait at once.
+ENV_WARM_SUBSCRIPTION = "GCPBATCH_WARM_SUBSCRIPTION"
+ENV_TOPIC = "GCPBATCH_TOPIC"
+ENV_WARM_LIFETIME_S = "GCPBATCH_WARM_LIFETIME_S"
+ENV_MAX_WARM_VMS = "GCPBATCH_MAX_WARM_VMS"
 #: Environment names a task's ``secrets`` may not take: the worker's own (``worker_environment``,
 #: ``pack_environment``) and, by prefix, this plugin's and Batch's predefined variables (BATCH_TASK_INDEX...).
 WORKER_ENV_NAMES = (ENV_BUCKET, ENV_TASK_BUCKET, ENV_JOB_ID, ENV_PACK_ID)
@@ -103,6 +110,12 @@ def worker_environment(bucket: str, job_id: str, task_bucket: str | None = None)
     """The environment a job's container gets: where its task is (``task_bucket``, default
     ``bucket``) and where its outputs go (``bucket``)."""
     return _buckets(bucket, task_bucket) | {ENV_JOB_ID: job_id}
+
+
+def warm_environment(subscription_path: str, topic_path: str, lifetime_s: int, max_vms: int) -> dict[str, str]:
+    """What a job whose VM is kept warm adds to ``worker_environment``."""
+    return {ENV_WARM_SUBSCRIPTION: subscription_path, ENV_TOPIC: topic_path, ENV_WARM_LIFETIME_S: str(lifetime_s),
+            ENV_MAX_WARM_VMS: str(max_vms)}
 
 
 def pack_environment(bucket: str, pack_id: str, task_bucket: str | None = None) -> dict[str, str]:

@@ -66,6 +66,10 @@ _RESERVATION = r"^(any|none|[a-z]([-a-z0-9]{0,61}[a-z0-9])?|projects/[a-z][-a-z0
 FLEX_START_FAMILIES = ("a2-", "a3-", "a4-", "g2-", "h4d-")
 FLEX_START_MAX_RUN_S = 7 * 24 * 3600
 
+# -- Warm VMs ------------------------------------------------------------------------------------
+#: Longest ``keep_warm`` any deployment allows (a deployment's own cap is at most this).
+MAX_KEEP_WARM_S = 3600
+
 # -- Image streaming -----------------------------------------------------------------------------
 #: Batch streams only images in Artifact Registry, from a location that contains the job's VMs: the
 #: job's region, or the multi-region it is in (Batch, "Use Image streaming" limitations,
@@ -249,6 +253,12 @@ class JobOptions(BaseModel):
                     "minute instead of 2.5 (Nextflow PR #6836). Needs the image in Artifact Registry in the job's region "
                     "or its multi-region (`us-east1-docker.pkg.dev/...`, `us-docker.pkg.dev/...`).")
 
+    keep_warm: int = Field(
+        default=0, ge=0, le=MAX_KEEP_WARM_S,
+        description="Seconds a lone electron's VM waits, its electron done, for the next electron of the same job spec "
+                    "(but for the node): that electron then starts on it at once, with no VM boot (README, \"Warm VMs\"). "
+                    "A VM is billed for one minute at least: waiting 60 s costs at most what the next electron's own new "
+                    "VM would. `0`: off, every electron boots its own VM. Capped by the deployment.")
     gcs_volumes: dict[str, GcsVolume] = Field(
         default_factory=dict, max_length=8,
         description="Buckets mounted in the task (gcsfuse), by mount path: `{\"/mnt/data\": \"gs://bucket/folder\"}` "

@@ -1,0 +1,1 @@
+../../../executor/covalent_gcpbatch_plugin/protocol/warm.py
