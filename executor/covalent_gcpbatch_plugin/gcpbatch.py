@@ -161,6 +161,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         no_external_ip: bool | None = None,
         allowed_locations: list[str] | tuple[str, ...] | None = None,
         image_streaming: bool | None = None,
+        keep_warm: int | None = None,
         gcs_volumes: dict[str, str | dict[str, Any]] | None = None,
         secrets: dict[str, str] | None = None,
         task_bucket_name: str | None = None,
