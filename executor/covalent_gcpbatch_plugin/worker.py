@@ -27,6 +27,9 @@ BATCH_TASK_INDEX names in the pack's manifest. Batch cannot cancel one task of a
 worker honours the electron's cancel marker itself: present at the start, the electron is skipped;
 seen while it runs (checked every CANCEL_CHECK_S), it is stopped; either way exit EXIT_CANCELLED.
 
+A lone electron's job whose VM is kept warm (GCPBATCH_WARM_SUBSCRIPTION set) is warm_worker.py's:
+this electron, then the next ones offered to the VM, each in a fresh child.
+
 Run as ``python -m covalent_gcpbatch_plugin.worker`` with GCPBATCH_BUCKET and GCPBATCH_JOB_ID (or
 GCPBATCH_PACK_ID) set.
 """
@@ -60,6 +63,7 @@ from .protocol import (
     ENV_PACK_ID,
     ENV_RETRY_ATTEMPT,
     ENV_TASK_INDEX,
+    ENV_WARM_SUBSCRIPTION,
     EXIT_CANCELLED,
     EXIT_TASK_FAILED,
     EXIT_TOO_LATE,
@@ -516,18 +520,38 @@ def main() -> int:
     for stream in (sys.stdout, sys.stderr):  # the container's log takes any text the task prints
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    watch: CancelWatch | None = None
-    objects: TaskObjects | None = None
     try:
         client = clients.storage_client(project=None)
         bucket = client.bucket(os.environ[ENV_BUCKET])
         task_bucket = client.bucket(os.environ.get(ENV_TASK_BUCKET) or os.environ[ENV_BUCKET])
+    except Exception as exc:  # noqa: BLE001 - nothing of the worker's may end in an exit code Batch retries
+        print(f"covalent-gcpbatch worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_WORKER_ERROR
+    if os.environ.get(ENV_WARM_SUBSCRIPTION) and not os.environ.get(ENV_PACK_ID):
+        from . import warm_worker  # imports Pub/Sub: only a job whose VM is kept warm needs it
+
         try:
-            objects, pack_id = electron_of_task(task_bucket)
-        except WorkerError as err:  # no electron to write an error record for: the job's log says it
-            print(f"covalent-gcpbatch worker: {err}", file=sys.stderr)
-            return EXIT_WORKER_ERROR
-        if pack_id is not None:
+            return warm_worker.serve(bucket, task_bucket, TaskObjects(os.environ[ENV_JOB_ID]))
+        except Terminated:
+            print("covalent-gcpbatch worker: stopped by SIGTERM (cancel, preemption or time limit)", file=sys.stderr)
+            return EXIT_TERMINATED
+    return run_electron(bucket, task_bucket)
+
+
+def run_electron(bucket, task_bucket, objects: TaskObjects | None = None, *, watch_cancel: bool = False) -> int:
+    """Run one electron: ``objects``' (a warm VM's child), or this task's (``electron_of_task``).
+    Its cancel marker is watched in a pack, or with ``watch_cancel`` (Batch cannot cancel one
+    task of a job, nor one electron of a warm VM)."""
+    watch: CancelWatch | None = None
+    pack_id: str | None = None
+    try:
+        if objects is None:
+            try:
+                objects, pack_id = electron_of_task(task_bucket)
+            except WorkerError as err:  # no electron to write an error record for: the job's log says it
+                print(f"covalent-gcpbatch worker: {err}", file=sys.stderr)
+                return EXIT_WORKER_ERROR
+        if pack_id is not None or watch_cancel:
             if bucket.blob(objects.cancelled).exists(timeout=LIVE_TIMEOUT_S):
                 print(f"covalent-gcpbatch worker: {objects.job_id} was cancelled; skipped", file=sys.stderr)
                 return EXIT_CANCELLED
