@@ -64,6 +64,8 @@ DATA_SUBDIR = "data"
 COMPONENTS = ("pubsub", "gcs", "batch", "function", "bridge")
 #: What ``LocalStack.restart`` may restart: the emulators, whose loss and return a fault soak plays.
 RESTARTABLE = ("pubsub", "gcs")
+#: Ack deadline of the warm VMs' offer subscription: an offer is claimed within OFFER_TAKE_S (10 s).
+WARM_ACK_DEADLINE_S = 10
 
 
 class StackSettings(BaseModel):
@@ -469,9 +471,20 @@ class LocalStack:
 
         publisher = clients.publisher_client(s.pubsub_emulator_host)
         subscriber = clients.subscriber_client(s.pubsub_emulator_host)
+        deployment = s.deployment_settings()
         try:
-            for topic in (s.gcs_topic, s.topic):
-                publisher.create_topic(name=s.topic_path(topic))
+            for topic in (s.topic_path(s.gcs_topic), s.topic_path(s.topic), deployment.warm_topic_path):
+                publisher.create_topic(name=topic)
+            # The warm VMs' one shared subscription of the offers (protocol/warm.py): each waiting
+            # worker pulls from it and leaves (nacks) an offer addressed to another VM, so a short
+            # deadline hands it on quickly.
+            subscriber.create_subscription(
+                request={
+                    "name": deployment.warm_subscription_path,
+                    "topic": deployment.warm_topic_path,
+                    "ack_deadline_seconds": WARM_ACK_DEADLINE_S,
+                }
+            )
             # Eventarc's subscriptions back off between redeliveries; without a retry policy the
             # emulator redelivers a nacked message every ~50 ms.
             subscriber.create_subscription(
