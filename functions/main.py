@@ -10,6 +10,12 @@ A pack (several electrons in one Batch job, one task each) is created from its m
 (``pack.json``), uploaded after its electrons' task objects; those name their pack in their
 metadata and create nothing themselves.
 
+A lone electron whose spec keeps VMs warm (``keep_warm``) is first routed to a warm VM
+(protocol/warm.py): the function takes a live idle record of the same warm key (``taken``, at
+generation 0) and publishes an offer to that VM, creating no job; with none to take, it creates the
+job as for any task. An offer nobody claims in time is followed by the executor's ``cold`` object,
+whose finalize creates the electron's job (never routed again).
+
 Batch's answer to the create is told as it is. Transient errors (429, 5xx: ``clients.TRANSIENT_ERRORS``)
 are retried, the first one recorded beside the task (``create-delayed.txt``: a task given up at
 ``submit_timeout`` names it), then propagate: the function answers 500 and Eventarc redelivers. A
@@ -24,6 +30,8 @@ import functools
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import functions_framework
@@ -44,6 +52,23 @@ CREATE_TIMEOUT_S = 30.0
 REFUSALS = (exceptions.BadRequest, exceptions.Forbidden, exceptions.NotFound)
 #: A manifest names at most protocol.MAX_PACK_TASKS ids of under 64 characters: anything larger is not one.
 MAX_MANIFEST_BYTES = 128 * 1024
+#: Storage reads and gen-0 writes of the warm routing (claim, idle records, offers): each call's
+#: transient errors retried this long, then they propagate (500: Eventarc redelivers).
+WARM_RETRY_S = 20.0
+WARM_RETRY = clients.transient_retry(WARM_RETRY_S)
+WARM_TIMEOUT_S = 30.0
+#: Names one listing of the live idle records returns at most (one page): records still waiting
+#: and their ``taken`` marks, a few per warm VM (``max_warm_vms``); more than this is not a deployment's.
+MAX_WARM_LISTING = 1000
+#: An idle record's body is an IdleVM's JSON, a few hundred bytes; anything larger is not one.
+MAX_IDLE_BYTES = 4096
+#: The function's own record of the offer it made for an electron (the Offer, at generation 0,
+#: under the electron's prefix in the data bucket): a redelivered upload event finds it and offers
+#: nothing a second time, one read instead of taking a second idle VM. While the offer is live the
+#: redelivery publishes the same offer again (the first delivery may have failed before its
+#: publishes); once it is past its ``take_by`` unclaimed, the redelivery creates the job itself (the
+#: executor may never have heard of the offer). Disposable with the task's other objects.
+OFFERED_OBJECT = "offered.json"
 
 
 
@@ -193,21 +218,187 @@ def on_task_uploaded(event: CloudEvent) -> None:
     if pack_id is not None:
         on_pack_uploaded(obj, buckets, pack_id)
         return
+    cold_id = protocol.job_id_of_cold_object(name)
+    if cold_id is not None:
+        on_cold_requested(buckets, cold_id)
+        return
     job_id = protocol.job_id_of_task_object(name)
     if job_id is None:
         return  # foreign objects (and, in a deployment of one bucket, results and logs)
     if protocol.PACK_METADATA_KEY in (obj.get("metadata") or {}):
         return  # an electron of a pack: the pack's manifest creates its job
 
+    spec = checked_spec(buckets, job_id, obj.get("metadata"))
+    if spec is None:
+        return
+    objects = protocol.TaskObjects(job_id)
+    route = (lambda: route_to_warm_vm(buckets, objects, spec)) if jobs.keeps_warm(spec, settings()) else None
+    create_unless_cancelled(buckets, name, objects, lambda: build_electron_job(buckets, job_id, spec), route=route)
+
+
+def checked_spec(buckets: Buckets, job_id: str, metadata) -> protocol.JobSpec | None:
+    """The task's spec, validated and within the deployment's caps; None (and the task told it is
+    REJECTED, why) if it is not."""
     try:
-        spec = protocol.JobSpec.from_metadata(obj.get("metadata"))
+        spec = protocol.JobSpec.from_metadata(metadata)
         settings().check(spec)
     except protocol.SpecError as err:
         not_created(buckets.data, job_id, protocol.JobState.REJECTED, str(err))
+        return None
+    return spec
+
+
+def build_electron_job(buckets: Buckets, job_id: str, spec: protocol.JobSpec):
+    return jobs.build_job(spec, bucket=buckets.data, task_bucket=buckets.tasks, job_id=job_id, settings=settings())
+
+
+def on_cold_requested(buckets: Buckets, job_id: str) -> None:
+    """The executor's ``cold`` object: the electron's warm offer was not claimed in time, so create
+    its own job. Nothing in the cold object is trusted (its body is not read): the spec is the task
+    object's, checked as for its upload, and a claim already made (a runner has it) means no job."""
+    objects = protocol.TaskObjects(job_id)
+    task = storage().bucket(buckets.tasks).get_blob(objects.task, retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
+    if task is None:
+        log.info("not creating job %s: its task gs://%s/%s is gone", job_id, buckets.tasks, objects.task,
+                 extra={"job_id": job_id})
         return
-    create_unless_cancelled(
-        buckets, name, protocol.TaskObjects(job_id),
-        lambda: jobs.build_job(spec, bucket=buckets.data, task_bucket=buckets.tasks, job_id=job_id, settings=settings()))
+    if protocol.PACK_METADATA_KEY in (task.metadata or {}):
+        log.warning("ignoring cold request of job %s: a pack's electron (its pack's job runs it)", job_id,
+                    extra={"job_id": job_id})
+        return
+    spec = checked_spec(buckets, job_id, task.metadata)
+    if spec is None:
+        return
+    if claimed(buckets, objects):
+        log.info("not creating job %s: its electron was claimed already", job_id, extra={"job_id": job_id})
+        return
+    create_unless_cancelled(buckets, objects.task, objects, lambda: build_electron_job(buckets, job_id, spec))
+
+
+def claimed(buckets: Buckets, objects: protocol.TaskObjects) -> bool:
+    """Whether a runner (a warm VM, or the electron's own job) has claimed the electron."""
+    return storage().bucket(buckets.data).blob(objects.claim).exists(retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
+
+
+def offered_name(objects: protocol.TaskObjects) -> str:
+    return objects.prefix + OFFERED_OBJECT
+
+
+def route_to_warm_vm(buckets: Buckets, objects: protocol.TaskObjects, spec: protocol.JobSpec) -> bool:
+    """Offer the electron to a warm VM instead of creating its job; True if that settles it (a
+    runner has it, or it was offered), False if it needs its job."""
+    job_id = objects.job_id
+    if claimed(buckets, objects):
+        log.info("not routing job %s: its electron was claimed already (duplicate event)", job_id, extra={"job_id": job_id})
+        return True
+    now = time.time()
+    recorded, earlier = earlier_offer(buckets, objects, spec)
+    if recorded:
+        if earlier is None or earlier.take_by <= now:
+            log.info("job %s was offered before and not claimed by the offer's take_by: creating its job", job_id,
+                     extra={"job_id": job_id})
+            return False
+        log.info("job %s was offered to warm VM %s already (duplicate event): publishing that offer again", job_id,
+                 earlier.runner, extra={"job_id": job_id})
+        publish_offer(earlier)
+        return True
+    offer = take_idle_vm(buckets, objects, spec, now)
+    if offer is None:
+        return False
+    try:
+        clients.create_object(storage().bucket(buckets.data), offered_name(objects), offer.dumps(),
+                              content_type="application/json", retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
+    except exceptions.PreconditionFailed:
+        # A concurrent delivery of the same upload offered it first: its offer stands (the VM this
+        # one took waits on, unoffered, until its record's end).
+        log.info("job %s was offered by a concurrent delivery; warm VM %s left idle", job_id, offer.runner,
+                 extra={"job_id": job_id})
+        return True
+    publish_offer(offer)
+    return True
+
+
+def earlier_offer(buckets: Buckets, objects: protocol.TaskObjects,
+                  spec: protocol.JobSpec) -> tuple[bool, protocol.Offer | None]:
+    """Whether an earlier delivery of this upload recorded an offer (``offered.json``), and that
+    offer if it is one of this electron and spec (None for anything else: never offered on its word,
+    so the job is created)."""
+    blob = storage().bucket(buckets.data).blob(offered_name(objects))
+    try:
+        payload = blob.download_as_bytes(retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
+    except exceptions.NotFound:
+        return False, None
+    offer = protocol.Offer.loads(payload[:MAX_IDLE_BYTES])
+    if offer is None or offer.job_id != objects.job_id or offer.key != protocol.warm_key(spec):
+        log.warning("gs://%s/%s is not an offer of job %s", buckets.data, blob.name, objects.job_id,
+                    extra={"job_id": objects.job_id})
+        return True, None
+    return True, offer
+
+
+def idle_candidates(buckets: Buckets, key: str, now: float) -> Iterator[str]:
+    """Names of the live, untaken idle records of warm key ``key``, soonest to stop waiting first:
+    the listing starts at ``protocol.live_from(now)`` (names sort by that time), so it holds only
+    records still waiting, with their ``taken`` marks right after them."""
+    names = [blob.name for blob in storage().bucket(buckets.data).list_blobs(
+        prefix=protocol.WARM_PREFIX, start_offset=protocol.live_from(now), max_results=MAX_WARM_LISTING,
+        retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)]
+    taken = {name.removesuffix(protocol.warm.TAKEN_SUFFIX) for name in names if name.endswith(protocol.warm.TAKEN_SUFFIX)}
+    for name in names:
+        parsed = protocol.idle_of_name(name)
+        if parsed is not None and parsed[0] == key and name not in taken:
+            yield name
+
+
+def read_idle(buckets: Buckets, name: str) -> protocol.IdleVM | None:
+    """The idle record ``name`` (None if it is gone, or is not an IdleVM of that very name)."""
+    try:
+        payload = storage().bucket(buckets.data).blob(name).download_as_bytes(retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
+    except exceptions.NotFound:
+        return None
+    try:
+        idle = protocol.IdleVM.model_validate_json(payload[:MAX_IDLE_BYTES])
+    except ValueError:
+        idle = None
+    if idle is None or idle.name != name:
+        log.warning("ignoring gs://%s/%s: not an idle record", buckets.data, name)
+        return None
+    return idle
+
+
+def take_idle_vm(buckets: Buckets, objects: protocol.TaskObjects, spec: protocol.JobSpec,
+                 now: float) -> protocol.Offer | None:
+    """Take one live idle record that may run ``spec``'s electron: create its ``taken`` mark (the
+    Offer) at generation 0, so exactly one upload gets each idle period; None if none was taken.
+    At most ``max_warm_vms`` records are tried: no more VMs wait at once."""
+    key = protocol.warm_key(spec)
+    for tried, name in enumerate(idle_candidates(buckets, key, now)):
+        if tried >= settings().max_warm_vms:
+            break
+        idle = read_idle(buckets, name)
+        if idle is None or not idle.takes(spec, now):
+            continue
+        offer = protocol.Offer(job_id=objects.job_id, key=key, runner=idle.runner, seq=idle.seq,
+                               take_by=now + protocol.OFFER_TAKE_S)
+        try:
+            clients.create_object(storage().bucket(buckets.data), idle.taken, offer.dumps(),
+                                  content_type="application/json", retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
+        except exceptions.PreconditionFailed:
+            continue  # another upload took this idle period: try the next
+        return offer
+    return None
+
+
+def publish_offer(offer: protocol.Offer) -> None:
+    """The offer to its VM (warm topic), and its QUEUED state to the waiting executor (notification
+    topic), which writes ``cold`` if the VM has not claimed it by ``take_by``."""
+    data, attributes = offer.message()
+    publisher().publish(settings().warm_topic_path, data, **attributes).result(timeout=30)
+    data, attributes = protocol.electron_state_message(offer.job_id, offer.runner, protocol.JobState.QUEUED,
+                                                       f"offered to warm VM {offer.runner}", take_by=offer.take_by)
+    publisher().publish(settings().topic_path, data, **attributes).result(timeout=30)
+    log.info("offered job %s to warm VM %s (seq %d) until %.3f", offer.job_id, offer.runner, offer.seq, offer.take_by,
+             extra={"job_id": offer.job_id})
 
 
 def on_pack_uploaded(obj: dict, buckets: Buckets, pack_id: str) -> None:
@@ -244,10 +435,12 @@ def read_manifest(bucket: str, name: str, obj: dict) -> protocol.PackManifest | 
     return protocol.PackManifest.loads(payload[:MAX_MANIFEST_BYTES + 1])
 
 
-def create_unless_cancelled(buckets: Buckets, name: str, objects, build) -> None:
+def create_unless_cancelled(buckets: Buckets, name: str, objects, build,
+                            route: Callable[[], bool] | None = None) -> None:
     """Create the job of ``objects`` (a task's or a pack's: ``objects.job_id``) unless it was
     cancelled or its trigger object ``name`` is gone; afterwards, cancel it if the cancel came while
-    it was being created."""
+    it was being created. ``route`` (a warm electron's) runs after those checks, so a cancelled
+    electron is never offered: True means it settled the task and no job is created."""
     job_id = objects.job_id
     if cancel_marked(buckets.data, objects):
         # A redelivered event may find the job created by an earlier delivery: cancel it.
@@ -259,6 +452,8 @@ def create_unless_cancelled(buckets: Buckets, name: str, objects, build) -> None
         # A redelivered event (or a retry) after the executor gave up and removed the task: a
         # job now would run without its task.
         log.info("not creating job %s: gs://%s/%s is gone", job_id, buckets.tasks, name, extra={"job_id": job_id})
+        return
+    if route is not None and route():
         return
     delayed: list[BaseException] = []
 
