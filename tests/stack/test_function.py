@@ -332,7 +332,7 @@ def test_the_deployed_function_imports_without_covalent(tmp_path):
     assert where.startswith(str(source)), "the uploaded copy is what is imported"
     assert set(ast.literal_eval(modules)) <= {f"covalent_gcpbatch_plugin.{m}" for m in ("clients", "deployment", "errors", "jobs", "protocol",
                                                                                     "protocol.layout", "protocol.spec", "protocol.outcome",
-                                                                                    "protocol.messages", "machine_types")}
+                                                                                    "protocol.messages", "protocol.warm", "machine_types")}
 
 
 def new_pack(stack, bucket, size: int = 3) -> tuple[str, list[str], protocol.PackManifest]:
@@ -421,3 +421,241 @@ def test_a_pack_over_max_parallel_vcpus_creates_no_job_and_publishes_the_reason(
     assert event.state is protocol.JobState.REJECTED and reason in event.detail, event.detail
     record = protocol.loads_not_created(direct_bucket.blob(protocol.PackObjects(pack_id).not_created).download_as_bytes())
     assert record.state is protocol.JobState.REJECTED and "set pack_parallelism to at most 1" in record.reason
+
+
+# -- Warm VMs (protocol/warm.py) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def warm_offers(local_stack):
+    """The offers on the stack's shared warm subscription, as a waiting worker pulls them (acked)."""
+    settings = local_stack.deployment_settings()
+    subscriber = clients.subscriber_client(local_stack.pubsub_emulator_host)
+
+    def pull(job_id: str, count: int = 1, within_s: float = 5.0) -> list[protocol.Offer]:
+        """The offers of ``job_id`` pulled until ``count`` came or ``within_s`` passed."""
+        offers, deadline = [], time.monotonic() + within_s
+        while len(offers) < count and time.monotonic() < deadline:
+            try:
+                response = subscriber.pull(subscription=settings.warm_subscription_path, max_messages=50,
+                                           timeout=max(0.5, deadline - time.monotonic()))
+            except exceptions.DeadlineExceeded:
+                break
+            if not response.received_messages:
+                time.sleep(0.1)
+                continue
+            subscriber.acknowledge(subscription=settings.warm_subscription_path,
+                                   ack_ids=[m.ack_id for m in response.received_messages])
+            parsed = [protocol.parse_offer(dict(m.message.attributes), m.message.data) for m in response.received_messages]
+            offers += [o for o in parsed if o is not None and o.job_id == job_id]
+        return offers
+
+    yield pull
+    subscriber.close()
+
+
+@pytest.fixture
+def electron_states(local_stack):
+    """ELECTRON_STATE messages on the notification topic from now on (a subscription of the test's own)."""
+    subscriber = clients.subscriber_client(local_stack.pubsub_emulator_host)
+    path = f"projects/{local_stack.project_id}/subscriptions/test-{uuid.uuid4().hex[:12]}"
+    subscriber.create_subscription(name=path, topic=local_stack.topic_path(local_stack.topic))
+
+    def pull(job_id: str) -> list[protocol.ElectronEvent]:
+        response = subscriber.pull(subscription=path, max_messages=50, timeout=10)
+        if response.received_messages:
+            subscriber.acknowledge(subscription=path, ack_ids=[m.ack_id for m in response.received_messages])
+        events = [protocol.parse_electron_event(dict(m.message.attributes), m.message.data) for m in response.received_messages]
+        return [e for e in events if e is not None and e.job_id == job_id]
+
+    yield pull
+    subscriber.delete_subscription(subscription=path)
+    subscriber.close()
+
+
+def warm_spec(stack, **overrides) -> protocol.JobSpec:
+    """A keep_warm spec of a warm key of its own (a label unique to the test): idle records other
+    tests left in the module's bucket never match it."""
+    options = protocol.JobOptions(keep_warm=60, labels={"warm": uuid.uuid4().hex[:12]})
+    return spec_for(stack, **{"options": options, **overrides})
+
+
+def write_idle(bucket, spec: protocol.JobSpec, *, until_s: float = 60, ends_s: float = 3600, seq: int = 0,
+               key: str | None = None) -> protocol.IdleVM:
+    """An idle record, as a warm worker writes it: waiting ``until_s`` more, its job ending in ``ends_s``."""
+    now = time.time()
+    idle = protocol.IdleVM(key=key or protocol.warm_key(spec), runner=new_job_id(), seq=seq, until=now + until_s,
+                           ends=now + ends_s)
+    bucket.blob(idle.name).upload_from_string(idle.model_dump_json(), content_type="application/json")
+    return idle
+
+
+def taken_offer(bucket, idle: protocol.IdleVM) -> protocol.Offer | None:
+    blob = bucket.blob(idle.taken)
+    return protocol.Offer.loads(blob.download_as_bytes()) if blob.exists() else None
+
+
+def assert_no_job(stack, job_id: str) -> None:
+    with pytest.raises(exceptions.NotFound):
+        get_job(stack, job_id)
+
+
+def test_a_warm_upload_is_offered_to_an_idle_vm_of_its_key(function, local_stack, direct_bucket, warm_offers,
+                                                           electron_states):
+    spec = warm_spec(local_stack)
+    idle = write_idle(direct_bucket, spec)
+    job_id = new_job_id()
+    before = time.time()
+    assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec.to_metadata()).status_code == 200
+    assert_no_job(local_stack, job_id)
+    offer = taken_offer(direct_bucket, idle)
+    assert offer is not None and (offer.job_id, offer.key, offer.runner, offer.seq) == (job_id, idle.key, idle.runner, 0)
+    assert before + protocol.OFFER_TAKE_S <= offer.take_by <= time.time() + protocol.OFFER_TAKE_S
+    assert warm_offers(job_id) == [offer], "the VM hears of it on the shared subscription"
+    (state,) = electron_states(job_id)
+    assert state.state is protocol.JobState.QUEUED and state.runner == idle.runner
+    assert state.take_by == pytest.approx(offer.take_by, abs=0.001) and idle.runner in state.detail
+
+
+def test_a_redelivered_warm_upload_takes_no_second_vm(function, local_stack, direct_bucket, warm_offers):
+    """Eventarc redelivers: the function's record of its offer stops a second take (the claim
+    would decide, but a second VM would wait for nothing); the same offer is published again."""
+    spec = warm_spec(local_stack)
+    idles = [write_idle(direct_bucket, spec, seq=seq) for seq in range(2)]
+    job_id = new_job_id()
+    for _ in range(2):
+        assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec.to_metadata()).status_code == 200
+    taken = [offer for idle in idles if (offer := taken_offer(direct_bucket, idle)) is not None]
+    assert len(taken) == 1
+    assert warm_offers(job_id, count=2) == taken * 2
+    assert_no_job(local_stack, job_id)
+
+
+def test_a_claimed_electron_is_not_routed_again(function, local_stack, direct_bucket, warm_offers):
+    spec = warm_spec(local_stack)
+    idle = write_idle(direct_bucket, spec)
+    objects = protocol.TaskObjects(new_job_id())
+    direct_bucket.blob(objects.claim).upload_from_string(protocol.Claim(runner=new_job_id()).dumps())
+    assert post(function, direct_bucket, objects.task, spec.to_metadata()).status_code == 200
+    assert taken_offer(direct_bucket, idle) is None and warm_offers(objects.job_id, within_s=1) == []
+    assert_no_job(local_stack, objects.job_id)
+
+
+def test_a_stale_unclaimed_offer_gets_its_job_on_redelivery(function, local_stack, direct_bucket):
+    """A redelivery after the offer's take_by, nobody having claimed it: the executor may never
+    have heard of the offer, so the function creates the job itself."""
+    spec = warm_spec(local_stack)
+    objects = protocol.TaskObjects(new_job_id())
+    stale = protocol.Offer(job_id=objects.job_id, key=protocol.warm_key(spec), runner=new_job_id(), seq=0,
+                           take_by=time.time() - 1)
+    direct_bucket.blob(objects.prefix + "offered.json").upload_from_string(stale.dumps())
+    idle = write_idle(direct_bucket, spec)
+    assert post(function, direct_bucket, objects.task, spec.to_metadata()).status_code == 200
+    assert get_job(local_stack, objects.job_id).name.endswith(objects.job_id)
+    assert taken_offer(direct_bucket, idle) is None
+
+
+@pytest.mark.parametrize("idle_kind", ["other key", "expired", "stops waiting too soon", "ends too soon", "taken"])
+def test_a_warm_upload_without_a_vm_to_take_gets_its_job(function, local_stack, direct_bucket, warm_offers, idle_kind):
+    spec = warm_spec(local_stack)
+    if idle_kind == "other key":
+        idle = write_idle(direct_bucket, spec, key=protocol.warm_key(warm_spec(local_stack)))
+    elif idle_kind == "expired":
+        idle = write_idle(direct_bucket, spec, until_s=-1)
+    elif idle_kind == "stops waiting too soon":
+        idle = write_idle(direct_bucket, spec, until_s=protocol.OFFER_MARGIN_S / 2)
+    elif idle_kind == "ends too soon":  # the VM's job ends before the electron's time limit would
+        idle = write_idle(direct_bucket, spec, ends_s=spec.time_limit_s)
+    else:
+        idle = write_idle(direct_bucket, spec)
+        direct_bucket.blob(idle.taken).upload_from_string(b"{}")
+    job_id = new_job_id()
+    assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec.to_metadata()).status_code == 200
+    job = get_job(local_stack, job_id)
+    variables = dict(job.task_groups[0].task_spec.environment.variables)
+    assert variables[protocol.ENV_WARM_SUBSCRIPTION] == local_stack.deployment_settings().warm_subscription_path
+    if idle_kind != "taken":
+        assert taken_offer(direct_bucket, idle) is None
+    assert warm_offers(job_id, within_s=1) == []
+
+
+def test_two_warm_uploads_and_one_idle_vm_one_offer_and_one_job(function, local_stack, direct_bucket, warm_offers):
+    spec = warm_spec(local_stack)
+    idle = write_idle(direct_bucket, spec)
+    first, second = new_job_id(), new_job_id()
+    for job_id in (first, second):
+        assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, spec.to_metadata()).status_code == 200
+    assert taken_offer(direct_bucket, idle).job_id == first
+    assert_no_job(local_stack, first)
+    assert get_job(local_stack, second).name.endswith(second)
+    assert [o.runner for o in warm_offers(first)] == [idle.runner]
+
+
+def upload_task(bucket, objects: protocol.TaskObjects, spec: protocol.JobSpec) -> None:
+    """The task object, as the executor uploaded it (its own event delivered or not: the cold path reads it)."""
+    blob = bucket.blob(objects.task)
+    blob.metadata = spec.to_metadata()
+    blob.upload_from_string(b"task")
+
+
+def test_a_cold_object_creates_the_electrons_job(function, local_stack, direct_bucket):
+    """An untaken offer: the executor's cold object; its job is created with the task's own spec
+    (never routed again, though an idle VM waits), the cold object's body and metadata ignored."""
+    spec = warm_spec(local_stack)
+    idle = write_idle(direct_bucket, spec)
+    objects = protocol.TaskObjects(new_job_id())
+    upload_task(direct_bucket, objects, spec)
+    forged = spec_for(local_stack, container_image_uri="docker.io/attacker/miner:latest").to_metadata()
+    assert post(function, direct_bucket, objects.cold, forged, payload=b"anything").status_code == 200
+    job = get_job(local_stack, objects.job_id)
+    assert job.task_groups[0].task_spec.runnables[0].container.image_uri == local_stack.container_image_uri
+    assert taken_offer(direct_bucket, idle) is None
+
+
+def test_a_cold_object_of_a_claimed_electron_creates_nothing(function, local_stack, direct_bucket):
+    spec = warm_spec(local_stack)
+    objects = protocol.TaskObjects(new_job_id())
+    upload_task(direct_bucket, objects, spec)
+    direct_bucket.blob(objects.claim).upload_from_string(protocol.Claim(runner=new_job_id()).dumps())
+    creates_before = batch_admin(local_stack, "stats")["calls"]["create"]
+    assert post(function, direct_bucket, objects.cold, None, payload=b"").status_code == 200
+    assert batch_admin(local_stack, "stats")["calls"]["create"] == creates_before
+    assert_no_job(local_stack, objects.job_id)
+
+
+def test_a_cold_object_of_a_cancelled_electron_creates_nothing(function, local_stack, direct_bucket, not_created):
+    spec = warm_spec(local_stack)
+    objects = protocol.TaskObjects(new_job_id())
+    upload_task(direct_bucket, objects, spec)
+    direct_bucket.blob(objects.cancelled).upload_from_string(b"")
+    assert post(function, direct_bucket, objects.cold, None, payload=b"").status_code == 200
+    assert_no_job(local_stack, objects.job_id)
+    (event,) = [e for e in not_created() if e.job_id == objects.job_id]
+    assert event.state is protocol.JobState.CANCELLED
+
+
+def test_a_cold_object_of_a_task_gone_creates_nothing(function, local_stack, direct_bucket):
+    objects = protocol.TaskObjects(new_job_id())
+    assert post(function, direct_bucket, objects.cold, None, payload=b"").status_code == 200
+    assert_no_job(local_stack, objects.job_id)
+
+
+def test_a_cancelled_warm_upload_is_never_offered(function, local_stack, direct_bucket, not_created, warm_offers):
+    spec = warm_spec(local_stack)
+    idle = write_idle(direct_bucket, spec)
+    objects = protocol.TaskObjects(new_job_id())
+    direct_bucket.blob(objects.cancelled).upload_from_string(b"")
+    assert post(function, direct_bucket, objects.task, spec.to_metadata()).status_code == 200
+    assert taken_offer(direct_bucket, idle) is None and warm_offers(objects.job_id, within_s=1) == []
+    (event,) = [e for e in not_created() if e.job_id == objects.job_id]
+    assert event.state is protocol.JobState.CANCELLED
+
+
+def test_keep_warm_over_the_deployments_cap_is_rejected(local_stack, monkeypatch, direct_bucket, not_created):
+    function = make_function(local_stack, monkeypatch, task_bucket=direct_bucket.name, bucket=direct_bucket.name)
+    monkeypatch.setenv(deployment.env_name("max_keep_warm_s"), "30")  # read at the first event
+    job_id = new_job_id()
+    assert post(function, direct_bucket, protocol.TaskObjects(job_id).task, warm_spec(local_stack).to_metadata()).status_code == 200
+    assert_no_job(local_stack, job_id)
+    (event,) = [e for e in not_created() if e.job_id == job_id]
+    assert event.state is protocol.JobState.REJECTED and "keep_warm" in event.detail, event.detail
