@@ -350,8 +350,9 @@ def idle_candidates(buckets: Buckets, key: str, now: float) -> Iterator[str]:
             yield name
 
 
-def read_idle(buckets: Buckets, name: str) -> protocol.IdleVM | None:
-    """The idle record ``name`` (None if it is gone, or is not an IdleVM of that very name)."""
+def read_idle(buckets: Buckets, name: str, job_id: str) -> protocol.IdleVM | None:
+    """The idle record ``name`` (None if it is gone, or is not an IdleVM of that very name), read
+    to offer it job ``job_id``."""
     try:
         payload = storage().bucket(buckets.data).blob(name).download_as_bytes(retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
     except exceptions.NotFound:
@@ -361,7 +362,7 @@ def read_idle(buckets: Buckets, name: str) -> protocol.IdleVM | None:
     except ValueError:
         idle = None
     if idle is None or idle.name != name:
-        log.warning("ignoring gs://%s/%s: not an idle record", buckets.data, name)
+        log.warning("ignoring gs://%s/%s: not an idle record", buckets.data, name, extra={"job_id": job_id})
         return None
     return idle
 
@@ -375,7 +376,7 @@ def take_idle_vm(buckets: Buckets, objects: protocol.TaskObjects, spec: protocol
     for tried, name in enumerate(idle_candidates(buckets, key, now)):
         if tried >= settings().max_warm_vms:
             break
-        idle = read_idle(buckets, name)
+        idle = read_idle(buckets, name, objects.job_id)
         if idle is None or not idle.takes(spec, now):
             continue
         offer = protocol.Offer(job_id=objects.job_id, key=key, runner=idle.runner, seq=idle.seq,
