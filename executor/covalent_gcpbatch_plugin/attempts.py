@@ -6,6 +6,8 @@ some ends call for a new job on other terms instead, which only the executor can
 
 * **spot fallback** (``spot_fallback = N``): a SPOT attempt whose job ended preempted N times, or
   whose queue wait passed ``spot_wait_s`` without a VM, is followed by a STANDARD one;
+* **a lost warm VM**: an electron running on another job's warm VM (protocol/warm.py) whose VM
+  was lost before the electron's outcome was stored runs again as a new attempt;
 * **out of memory, then more memory** (``memory_retry_factor``): an attempt that ended out of
   memory (exit code 137, or the task's own MemoryError) is followed by one with ``memory`` times
   the factor.
@@ -90,6 +92,8 @@ class AttemptEnd:
     error_type: str | None = None
     #: The exit codes of the attempt's runs, in order, from Batch's status events.
     exit_codes: tuple[int, ...] = ()
+    #: The warm VM running the electron was lost before its outcome was stored (waiting.Outcome.lost_runner).
+    lost_runner: str = ""
     #: The memory the attempt asked for, and the function's refusal of it (REJECTED), if any.
     memory_mb: int = 0
     refusal: str = ""
@@ -137,6 +141,11 @@ def decide(end: AttemptEnd, terms: Terms, history: Sequence[AttemptEnd], policy:
     left = policy.retries + 1 - used  # runs still allowed
     if left <= 0:
         return SETTLE
+    if end.lost_runner and not end.gave_up:
+        # Batch retries a lost VM's task for the job's own electron only; one it was lent is the executor's to retry.
+        return NextAttempt(replace(terms, retries=min(terms.retries, left - 1)),
+                           f"the warm VM of Batch job {end.lost_runner} was lost while it ran the electron: it runs again "
+                           f"(retries={policy.retries})")
     if policy.falls_back(terms):
         standard = replace(terms, provisioning="STANDARD", retries=left - 1)
         if end.gave_up and end.queued:

@@ -33,8 +33,8 @@ from google.protobuf import duration_pb2
 
 from . import clients
 from .errors import SubscribeError
-from .protocol import JobEvent, member_event, parse_notification, parse_task_notification, topic_path
-from .waiting import Inboxes, PackEvent
+from .protocol import JobEvent, member_event, parse_electron_event, parse_notification, parse_task_notification, topic_path
+from .waiting import Inboxes, PackEvent, RunnerEvent
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class JobEvents:
         self._routes = Inboxes()
         #: pack id -> its electrons' ids by task index (their inboxes are in ``_routes``).
         self._packs: dict[str, tuple[str, ...]] = {}
+        #: a warm VM's job id -> the electrons it runs or was offered (they hear its job and task events).
+        self._runners: dict[str, set[str]] = {}
+        self._runner_lock = threading.Lock()
         self._subscriber: pubsub_v1.SubscriberClient | None = None
         self._future = None
         self._closing = False
@@ -185,11 +188,35 @@ class JobEvents:
     def unregister_pack(self, pack_id: str) -> None:
         self._packs.pop(pack_id, None)
 
+    def watch_runner(self, runner: str, job_id: str) -> None:
+        """Route the events of warm VM ``runner``'s job (and its task's) to electron ``job_id`` as
+        RunnerEvents, until ``unwatch_runner``."""
+        with self._runner_lock:
+            self._runners.setdefault(runner, set()).add(job_id)
+
+    def unwatch_runner(self, runner: str, job_id: str) -> None:
+        with self._runner_lock:
+            watchers = self._runners.get(runner)
+            if watchers is not None:
+                watchers.discard(job_id)
+                if not watchers:
+                    del self._runners[runner]
+
+    def _runner_watchers(self, job_id: str) -> tuple[str, ...]:
+        with self._runner_lock:
+            return tuple(self._runners.get(job_id, ()))
+
     def _on_message(self, message) -> None:
         attributes = dict(message.attributes)
-        task = parse_task_notification(attributes, message.data)
-        event = None if task is not None else parse_notification(attributes, message.data)
+        electron = parse_electron_event(attributes, message.data)
+        task = None if electron is not None else parse_task_notification(attributes, message.data)
+        event = None if electron is not None or task is not None else parse_notification(attributes, message.data)
         message.ack()
+        if electron is not None:
+            self._routes.put(electron.job_id, electron)
+            return
+        for watcher in self._runner_watchers((task or event).job_id if (task or event) else ""):
+            self._routes.put(watcher, RunnerEvent(task or event))
         if task is not None:
             members = self._packs.get(task.job_id, ())
             if task.task_index < len(members):

@@ -26,6 +26,7 @@ Its settings are declared once, in settings.py; its errors in errors.py.
 from __future__ import annotations
 
 import asyncio
+import time
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,10 +46,12 @@ from .batch_calls import BatchJobs, log_usage_of, usage_line
 from .errors import ConfigError, GCPBatchError  # noqa: F401 - ConfigError re-exported: users catch it from here
 from .protocol import (
     JOB_ID_PATTERN,
+    ElectronEvent,
     JobEvent,
     JobSpec,
     JobState,
     PackManifest,
+    TaskEvent,
     TaskObjects,
     job_console_url,
     job_name,
@@ -65,7 +68,9 @@ from .waiting import (
     Outcome,
     PackEvent,
     QueuedJob,
+    RunnerEvent,
     WaitPlan,
+    WarmWatch,
     give_up_reason,
     never_placeable,
 )
@@ -364,7 +369,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         """What the attempt's end was, read as far as a new attempt could follow it: with neither
         spot fallback nor memory retry on (or after a success, a cancel, a refusal), no read."""
         end = AttemptEnd(outcome.state, gave_up=outcome.gave_up, queued=outcome.phase in (JobState.QUEUED, JobState.SCHEDULED),
-                         memory_mb=terms.memory_mb, refusal=outcome.detail if outcome.state is JobState.REJECTED else "")
+                         memory_mb=terms.memory_mb, refusal=outcome.detail if outcome.state is JobState.REJECTED else "",
+                         lost_runner=outcome.lost_runner)
         could_follow = policy.memory_retry_factor or policy.falls_back(terms)
         if not could_follow or outcome.state is not JobState.FAILED or outcome.gave_up:
             return end
@@ -420,7 +426,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             python_version=python,
             covalent_version=str(versions["covalent"]),
             start_within_s=float(self.submit_timeout + self.queue_timeout),
-            options=settings.job_options(self.__dict__),
+            # A warm VM's electrons are told by messages only: an executor that polls takes no part.
+            options=settings.job_options(self.__dict__ | ({"keep_warm": 0} if self.wait_mode == "poll" else {})),
         )
 
     def _upload_task(self, objects: TaskObjects, spec: JobSpec, workdir: Path, task: tuple) -> None:
@@ -474,11 +481,31 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         of a job waiting for a VM brings Batch's word on why (``_capacity``)."""
         loop = asyncio.get_running_loop()
         wait = JobWait(plan, listening=listening, poll_interval=self.poll_freq, now=loop.time())
+        warm = WarmWatch()
+        try:
+            return await self._wait_for(job_id, inbox, wait, warm, plan, spec)
+        finally:
+            if warm.elsewhere(job_id) and self.wait_mode == "events":
+                self._job_events().unwatch_runner(warm.runner, job_id)
+
+    async def _wait_for(self, job_id: str, inbox: asyncio.Queue, wait: JobWait, warm: WarmWatch, plan: WaitPlan,
+                        spec: JobSpec | None) -> Outcome:
+        loop = asyncio.get_running_loop()
         heard: set[str] = set()
         while True:
             try:
-                item = await asyncio.wait_for(inbox.get(), wait.timeout(loop.time()))
-                if isinstance(item, PackEvent):
+                item = await asyncio.wait_for(inbox.get(), warm.timeout(loop.time(), wait.timeout(loop.time())))
+                if isinstance(item, ElectronEvent):
+                    item = await self._electron_event(job_id, item, warm)
+                    if item is None:
+                        continue
+                elif isinstance(item, RunnerEvent):
+                    item = await asyncio.to_thread(self._runner_event, job_id, item, warm)
+                    if item is None:
+                        continue
+                elif isinstance(item, JobEvent) and warm.elsewhere(job_id) and not isinstance(item, QueuedJob):
+                    continue  # its own job's worker lost the claim: that VM's states are not the electron's
+                elif isinstance(item, PackEvent):
                     # The pack's job moved: it exists (the electron is queued at least); once it has
                     # ended, the electron's own task says how the electron did.
                     if item.event.state.is_terminal:
@@ -490,8 +517,11 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 elif isinstance(item, JobEvent) and item.state.is_terminal:
                     item = await asyncio.to_thread(self._confirm_terminal, item)
             except asyncio.TimeoutError:
+                if warm.cold_due(loop.time()):
+                    await asyncio.to_thread(self._ask_for_job, job_id, warm)
+                    continue
                 wait.silence()
-                item = await asyncio.to_thread(self._reconcile, job_id, within=wait.left(loop.time()))
+                item = await asyncio.to_thread(self._reconcile_electron, job_id, warm, wait.left(loop.time()))
             if isinstance(item, CancelRequested):
                 settled = wait.cancel_requested()
                 if settled is None and _packs.placement(job_id).packed:
@@ -506,7 +536,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                     return stuck
             decision = wait.observe(item, loop.time())
             if isinstance(decision, Outcome):
-                return decision
+                return replace(decision, lost_runner=warm.lost) if warm.lost else decision
             if decision == GIVE_UP:
                 if wait.awaits_pack() and await asyncio.to_thread(self._jobs().pack_running, job_id):
                     wait.pack_progressing(loop.time())  # its RUNNING message was lost: once, from now
@@ -516,6 +546,97 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 # Cancelled while the function was creating the job: cancel it now that it exists.
                 await asyncio.to_thread(self._cancel_job, job_id)
                 wait.cancel_sent = True
+
+    # -- warm VMs (protocol/warm.py) ------------------------------------------------------------
+
+    async def _electron_event(self, job_id: str, event: ElectronEvent, warm: WarmWatch) -> JobEvent | None:
+        """A message about the electron from whoever routes or runs it: offered to a warm VM (the
+        function), running, ended (its runner). An end is confirmed before it settles anything."""
+        if event.state is JobState.QUEUED:
+            warm.offered(event.runner, event.take_by, wall=time.time(), now=asyncio.get_running_loop().time())
+            app_log.info(f"gcpbatch: {job_id} offered to the warm VM of Batch job {event.runner}")
+            return JobEvent(job_id, JobState.QUEUED, event.detail)
+        if event.state is JobState.RUNNING:
+            if not warm.runner:
+                self._runs_on(job_id, event.runner, warm)
+            return JobEvent(job_id, JobState.RUNNING, event.detail)
+        confirmed = await asyncio.to_thread(self._confirm_electron, job_id, event)
+        if confirmed is not None and not warm.runner:
+            self._runs_on(job_id, event.runner, warm)
+        return confirmed
+
+    def _runs_on(self, job_id: str, runner: str, warm: WarmWatch) -> None:
+        warm.claimed(runner)
+        if runner == job_id:
+            return
+        if self.wait_mode == "events":
+            self._job_events().watch_runner(runner, job_id)
+        print(f"GCPBatchExecutor: the electron runs on the warm VM of Batch job {runner} (no VM boot)", file=self.task_stderr)
+
+    def _confirm_electron(self, job_id: str, event: ElectronEvent) -> JobEvent | None:
+        """An electron's end, as its runner says it, if the bucket agrees: the claim is that
+        runner's, and the outcome it names is stored (the result for SUCCEEDED, the error record
+        for FAILED, the cancel marker for CANCELLED). Anything else is ignored (and logged)."""
+        objects, store = TaskObjects(job_id), self._store()
+        claim = store.load_claim(objects)
+        if claim is None or claim.runner != event.runner:
+            app_log.warning(f"gcpbatch: ignored a {event.state.value} message for {job_id} from {event.runner}: the "
+                            f"electron's claim names {claim.runner if claim else 'no runner'}")
+            return None
+        stored = {JobState.SUCCEEDED: lambda: store.has_result(objects),
+                  JobState.FAILED: lambda: store.load_error(objects) is not None,
+                  JobState.CANCELLED: lambda: store.is_cancelled(job_id)}[event.state]()
+        if not stored:
+            app_log.warning(f"gcpbatch: ignored a {event.state.value} message for {job_id}: its outcome is not stored")
+            return None
+        return JobEvent(job_id, event.state, event.detail)
+
+    def _stored_end(self, job_id: str) -> JobEvent | None:
+        """The electron's end as its stored outcome says it (a runner's message may be lost)."""
+        objects, store = TaskObjects(job_id), self._store()
+        if store.has_result(objects):
+            return JobEvent(job_id, JobState.SUCCEEDED)
+        error = store.load_error(objects)
+        return None if error is None else JobEvent(job_id, JobState.FAILED, error.message)
+
+    def _runner_event(self, job_id: str, item: RunnerEvent, warm: WarmWatch) -> JobEvent | None:
+        """The job of the warm VM running the electron moved: its task failed or the job ended
+        while the electron had no stored outcome means the VM was lost with it."""
+        event = item.event
+        if not warm.elsewhere(job_id) or event.job_id != warm.runner:
+            return None
+        ended = event.state == "FAILED" if isinstance(event, TaskEvent) else event.state.is_terminal
+        if not ended:
+            return None
+        return self._stored_end(job_id) or self._lost(job_id, warm, f"its task {'failed' if isinstance(event, TaskEvent) else event.state.value}")
+
+    def _lost(self, job_id: str, warm: WarmWatch, why: str) -> JobEvent:
+        warm.lost = warm.runner
+        return JobEvent(job_id, JobState.FAILED, f"the warm VM of Batch job {warm.runner} was lost while it ran the electron ({why})")
+
+    def _reconcile_electron(self, job_id: str, warm: WarmWatch, within: float) -> JobEvent | None:
+        """One read after silence. An electron a runner claimed: its stored outcome first (the
+        runner's message may be lost; its own job may be idle, RUNNING, after it), then, on
+        another job's VM, that job's state."""
+        if not (warm.runner or warm.offered_to):
+            return self._reconcile(job_id, within=within)
+        stored = self._stored_end(job_id)
+        if stored is not None:
+            return stored
+        if warm.elsewhere(job_id):
+            runner = self._jobs().reconcile(warm.runner, within=within)
+            if runner is None or runner.state.is_terminal:
+                return self._lost(job_id, warm, f"its job is {runner.state.value if runner else 'gone'}")
+            return JobEvent(job_id, JobState.RUNNING)
+        return self._reconcile(job_id, within=within)
+
+    def _ask_for_job(self, job_id: str, warm: WarmWatch) -> None:
+        """The warm VM offered the electron did not claim it in time (it died, or left): ask the
+        function for the electron's own job. Should that VM claim it late after all, the claim
+        decides, and the job's worker runs nothing."""
+        warm.sent_cold()
+        app_log.warning(f"gcpbatch: the warm VM of Batch job {warm.offered_to} did not take {job_id}: creating its own job")
+        self._store().ask_for_job(TaskObjects(job_id))
 
     async def _capacity(self, read: QueuedJob, heard: set[str], spec: JobSpec | None) -> Outcome | None:
         """What Batch says keeps the job from its VM (quota, stockout...), each new text once, to

@@ -216,6 +216,8 @@ def build_job(spec: JobSpec, *, bucket: str, job_id: str, settings: DeploymentSe
     if pack is None:
         environment, max_run_s = worker_environment(bucket, job_id, task_bucket), None
         if keeps_warm(spec, settings):
+            # Its task's failures reach the electrons lent its VM even when Batch retries the task.
+            kinds.append(Notification.Type.TASK_STATE_CHANGED)
             environment |= warm_environment(settings.warm_subscription_path, settings.topic_path,
                                             settings.warm_lifetime_s, settings.max_warm_vms)
             max_run_s = max(settings.warm_lifetime_s, spec.time_limit_s)

@@ -24,6 +24,7 @@ from google.api_core import exceptions
 from . import clients, localfiles
 from .protocol import (
     PACK_METADATA_KEY,
+    Claim,
     ErrorRecord,
     JobEvent,
     JobSpec,
@@ -86,7 +87,20 @@ class TaskStore:
         except exceptions.PreconditionFailed:
             pass
 
+    def ask_for_job(self, objects: TaskObjects) -> None:
+        """The cold object (its upload makes the function create the electron's own job): the
+        warm VM it was offered to did not claim it in time. Written once; a 412 is an earlier write."""
+        try:
+            clients.create_object(self.tasks, objects.cold, b"", content_type="text/plain", retry=self.retry())
+        except exceptions.PreconditionFailed:
+            pass
+
     # -- reads ----------------------------------------------------------------------------------
+
+    def load_claim(self, objects: TaskObjects) -> Claim | None:
+        """Who runs the electron (a warm VM or its own job's worker), if anyone claimed it yet."""
+        blob = self.data.get_blob(objects.claim, timeout=30, retry=self.retry())
+        return None if blob is None else Claim.loads(blob.download_as_bytes(timeout=30, retry=self.retry()))
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.data.get_blob(objects_of(job_id).cancelled, timeout=30, retry=self.retry()) is not None

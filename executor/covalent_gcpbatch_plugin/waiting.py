@@ -39,7 +39,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import EXIT_CODE_MEANINGS, JobEvent, JobState, exit_code_of_event
+from .protocol import EXIT_CODE_MEANINGS, JobEvent, JobState, TaskEvent, exit_code_of_event
 
 #: A retried attempt runs on a new VM. Public figures: SCHEDULED -> RUNNING 68-127 s (Nextflow
 #: #4225, Cromwell's logs, Google's sample), an image pull 1-2.5 min (Nextflow PR #6836); after the
@@ -109,6 +109,60 @@ class Outcome:
     gave_up: str = ""
     #: Where the wait gave up: the job's last state seen (None: never seen).
     phase: JobState | None = None
+    #: The warm VM that ran the electron was lost before the electron's outcome was stored (its
+    #: job's task failed or ended): an infrastructure failure Batch does not retry for it.
+    lost_runner: str = ""
+
+
+@dataclass(frozen=True)
+class RunnerEvent:
+    """A state change of the job of the warm VM running the electron (or offered it), routed to
+    the electron: its VM was lost if the job's task failed or the job ended."""
+
+    event: JobEvent | TaskEvent
+
+
+#: After an offer's take_by, this long for the claim's RUNNING message before the job is asked for.
+OFFER_GRACE_S = 2.0
+
+
+@dataclass
+class WarmWatch:
+    """Who runs a warm-eligible electron, as the messages about it say: the VM it was offered to
+    (and until when), and the runner that claimed it. A runner other than the electron's own job
+    makes that job's events meaningless for it (its worker lost the claim and idles)."""
+
+    offered_to: str = ""
+    runner: str = ""
+    #: Loop time at which an offer not yet claimed is given up for the electron's own job.
+    cold_at: float | None = None
+    cold_sent: bool = False
+    #: The runner lost while it held the electron (its job's task failed or its job ended).
+    lost: str = ""
+
+    def offered(self, runner: str, take_by: float, *, wall: float, now: float) -> None:
+        if self.runner or self.cold_sent:
+            return
+        self.offered_to = runner
+        self.cold_at = now + max(0.0, take_by - wall) + OFFER_GRACE_S
+
+    def claimed(self, runner: str) -> None:
+        self.runner, self.cold_at = runner, None
+
+    def cold_due(self, now: float) -> bool:
+        return self.cold_at is not None and not self.runner and now >= self.cold_at
+
+    def timeout(self, now: float, wait_timeout: float) -> float:
+        if self.cold_at is None or self.runner:
+            return wait_timeout
+        return max(0.0, min(wait_timeout, self.cold_at - now))
+
+    def sent_cold(self) -> None:
+        self.cold_sent, self.cold_at = True, None
+
+    def elsewhere(self, job_id: str) -> bool:
+        """Whether the electron runs on another job's VM than its own ``job_id``."""
+        return bool(self.runner) and self.runner != job_id
 
 
 @dataclass(frozen=True)

@@ -278,3 +278,26 @@ def test_secrets_are_secret_variables_of_the_task_environment():
     wire = wire_task_spec(job)["environment"]
     assert wire["secretVariables"] == {"API_KEY": version}
     assert "secretVariables" not in wire_task_spec(build())["environment"]
+
+
+def test_a_lone_job_kept_warm_lives_for_its_vm_and_tells_its_task_states():
+    """keep_warm: the job's max run duration is the deployment's warm lifetime (its worker bounds
+    each electron by its own time limit), its worker learns where offers come from, and its task
+    state changes are notified (an electron lent its VM hears the VM's task fail)."""
+    settings = deployment(warm_lifetime_s=7200)
+    warm = spec(options=p.JobOptions(keep_warm=60))
+    job = jobs.build_job(warm, bucket="b", job_id="cov-abc-1-x", settings=settings)
+    task = job.task_groups[0].task_spec
+    assert task.max_run_duration.seconds == 7200
+    env = dict(task.environment.variables)
+    assert env[p.ENV_WARM_SUBSCRIPTION] == settings.warm_subscription_path
+    assert env[p.ENV_TOPIC] == settings.topic_path and env[p.ENV_WARM_LIFETIME_S] == "7200"
+    kinds = {n.message.type_ for n in job.notifications}
+    assert batch_v1.JobNotification.Type.TASK_STATE_CHANGED in kinds
+    for cold in (jobs.build_job(spec(), bucket="b", job_id="cov-abc-1-x", settings=settings),
+                 jobs.build_job(warm, bucket="b", job_id="cov-abc-1-x", settings=deployment(max_keep_warm_s=0)),
+                 jobs.build_job(warm, bucket="b", job_id="cov-abc-pack-x", settings=settings,
+                                pack=p.PackManifest(members=("cov-abc-1-x", "cov-abc-2-x")))):
+        task = cold.task_groups[0].task_spec
+        assert p.ENV_WARM_SUBSCRIPTION not in dict(task.environment.variables)
+        assert task.max_run_duration.seconds == 300

@@ -1,0 +1,205 @@
+"""Warm VMs end to end through Covalent on the local stack: a chain's electrons run on the VM of
+its first electron's job, each with its own result, error, isolation, time limit and cancel; a
+warm VM killed mid-electron costs that electron one more attempt, never its result. The contract
+is protocol/warm.py; the routing is tests/stack/test_function.py's."""
+
+from __future__ import annotations
+
+import sys
+
+import cloudpickle
+import covalent as ct
+import pytest
+from workflow_helpers import (
+    batch_admin,
+    jobs_of_dispatch,
+    no_active_job_left,
+    nodes_by_name,
+    run_flow,
+    wait_for,
+    wait_until,
+)
+
+from covalent_gcpbatch_plugin import clients, protocol
+from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.stack
+
+#: A bound for a machine three times slower than ours (speed is bench/'s to measure).
+SETTLE_S = 120
+#: Long enough to bridge Covalent's own gap between two electrons of a chain on a slow machine.
+KEEP_WARM_S = 30
+
+
+@pytest.fixture(autouse=True)
+def clean_faults(local_stack):
+    batch_admin(local_stack, "reset", {})
+    yield
+    batch_admin(local_stack, "reset", {})
+
+
+def warm_executor(**options) -> GCPBatchExecutor:
+    return GCPBatchExecutor(**{"keep_warm": KEEP_WARM_S, "pack_window": 0, "time_limit": 60, "retries": 1, **options})
+
+
+def claimed(stack, node_id: int, dispatch_id: str) -> list[str]:
+    """The claims of a node's attempts (one per attempt that something ran)."""
+    storage = clients.storage_client(stack.project_id, stack.storage_emulator_host)
+    prefix = protocol.dispatch_prefix(dispatch_id, node_id)
+    return [blob.name for blob in storage.list_blobs(stack.bucket_name, prefix=prefix) if blob.name.endswith("/claim.json")]
+
+
+def test_a_chain_runs_on_one_warm_vm_each_electron_in_a_fresh_process(covalent_server, local_stack):
+    """Three electrons, each taking the one before's result: one Batch job (one VM boot) runs
+    them all. What one electron leaves in its environment, its directory or its modules, the next
+    does not see; each has its own result."""
+    executor = warm_executor()
+
+    @ct.electron(executor=executor)
+    def leave_traces() -> int:
+        import os as _os
+        import types as _types
+
+        _os.environ["LEFT_BY_FIRST"] = "1"
+        open("left-by-first.txt", "w").write("x")
+        sys.modules["left_by_first"] = _types.ModuleType("left_by_first")
+        return _os.getpid()
+
+    @ct.electron(executor=executor)
+    def look(first_pid: int) -> dict:
+        import os as _os
+
+        return {"env": "LEFT_BY_FIRST" in _os.environ, "file": _os.path.exists("left-by-first.txt"),
+                "module": "left_by_first" in sys.modules, "same_process": _os.getpid() == first_pid,
+                "pid": _os.getpid()}
+
+    @ct.electron(executor=executor)
+    def last(seen: dict) -> dict:
+        return seen
+
+    @ct.lattice
+    def chain():
+        return last(look(leave_traces()))
+
+    dispatch_id, result, _ = run_flow(chain, timeout_s=SETTLE_S)
+    nodes = nodes_by_name(result)
+    assert str(result.status) == "COMPLETED", {name: node["stderr"] for name, node in nodes.items()}
+    assert {k: v for k, v in result.result.items() if k != "pid"} == {
+        "env": False, "file": False, "module": False, "same_process": False}
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    first = protocol.job_id_of_job_name(job.name)
+    for name in ("look", "last"):
+        assert f"runs on the warm VM of Batch job {first}" in nodes[name]["stderr"], nodes[name]["stderr"]
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)  # the VM exits when none comes
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert job.status.state.name == "SUCCEEDED"
+
+
+def test_a_warm_electron_keeps_its_own_error_time_limit_and_cancel(covalent_server, local_stack):
+    """On a warm VM: an electron that raises fails with its own error; one over its time limit is
+    stopped (just it: the VM waits again and takes the next); the VM's job is never cancelled for
+    its electrons."""
+    executor = warm_executor(time_limit=10)
+
+    @ct.electron(executor=executor)
+    def first() -> int:
+        return 1
+
+    @ct.electron(executor=executor)
+    def too_long(x: int) -> int:
+        import time as _time
+
+        _time.sleep(120)
+        return x
+
+    @ct.electron(executor=executor)
+    def raises(x: int) -> int:
+        raise ValueError(f"bad input {x}")
+
+    @ct.lattice
+    def flow():
+        one = first()
+        return too_long(one), raises(one)
+
+    dispatch_id = ct.dispatch(flow)()
+    result = wait_for(dispatch_id, timeout_s=SETTLE_S)
+    nodes = nodes_by_name(result)
+    assert str(nodes["first"]["status"]) == "COMPLETED"
+    assert str(nodes["raises"]["status"]) == "FAILED" and "bad input 1" in nodes["raises"]["stderr"], nodes["raises"]
+    assert str(nodes["too_long"]["status"]) == "FAILED"
+    assert "longer than its time_limit of 10 s" in nodes["too_long"]["stderr"], nodes["too_long"]["stderr"]
+    jobs = jobs_of_dispatch(local_stack, dispatch_id)
+    assert any("warm VM" in node["stderr"] for node in (nodes["too_long"], nodes["raises"])), "one of them ran warm"
+    assert len(jobs) <= 2, "two electrons at once: one warm VM, at most one new job"
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
+    assert {job.status.state.name for job in jobs_of_dispatch(local_stack, dispatch_id)} == {"SUCCEEDED"}
+
+
+def test_a_cancelled_warm_electron_stops_alone(covalent_server, local_stack):
+    """Cancelling the workflow while its second electron runs on the first's warm VM: that
+    electron ends CANCELLED (its marker; Batch cannot cancel one electron of a VM), and the VM's
+    job is not cancelled for it."""
+    executor = warm_executor()
+
+    @ct.electron(executor=executor)
+    def first() -> int:
+        return 1
+
+    @ct.electron(executor=executor)
+    def sleeps(x: int) -> int:
+        import time as _time
+
+        _time.sleep(120)
+        return x
+
+    @ct.lattice
+    def flow():
+        return sleeps(first())
+
+    dispatch_id = ct.dispatch(flow)()
+    wait_until(lambda: claimed(local_stack, 1, dispatch_id), SETTLE_S, "the second electron claimed")
+    ct.cancel(dispatch_id)
+    result = wait_for(dispatch_id, timeout_s=SETTLE_S)
+    nodes = nodes_by_name(result)
+    assert str(nodes["sleeps"]["status"]) == "CANCELLED", nodes["sleeps"]["stderr"]
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    assert job.status.state.name != "CANCELLED"
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
+
+
+def test_a_warm_vm_killed_mid_electron_runs_the_electron_again(covalent_server, local_stack, tmp_path):
+    """The warm VM dies (SIGKILL of its worker) while it runs the chain's second electron, whose
+    outcome is not stored yet: the electron's executor hears the VM's task fail and runs the
+    electron again as a new attempt (it spends `retries`); the first electron's result stands."""
+    runs = tmp_path / "runs"
+    executor = warm_executor(retries=1)
+
+    @ct.electron(executor=executor)
+    def first() -> int:
+        return 20
+
+    @ct.electron(executor=executor)
+    def slow(x: int, path: str) -> int:
+        import time as _time
+
+        with open(path, "a") as f:
+            f.write("ran\n")
+        if open(path).read().count("ran") == 1:
+            _time.sleep(120)
+        return x + 1
+
+    @ct.lattice
+    def flow(path: str):
+        return slow(first(), path)
+
+    dispatch_id = ct.dispatch(flow)(str(runs))
+    wait_until(lambda: runs.exists(), SETTLE_S, "the second electron running on the warm VM")
+    batch_admin(local_stack, "faults", {"kill_running": 1})
+    result = wait_for(dispatch_id, timeout_s=SETTLE_S)
+    nodes = nodes_by_name(result)
+    assert str(result.status) == "COMPLETED" and result.result == 21, nodes["slow"]["stderr"]
+    assert runs.read_text() == "ran\nran\n"
+    assert "was lost while it ran the electron" in nodes["slow"]["stderr"], nodes["slow"]["stderr"]
+    assert len(claimed(local_stack, 1, dispatch_id)) == 2, "two attempts, each claimed once"
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
