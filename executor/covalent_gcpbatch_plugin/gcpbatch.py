@@ -717,6 +717,8 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         if record is not None:
             if record.traceback:
                 print(record.traceback, end="", file=self.task_stderr)
+            else:  # a record the worker wrote for an electron it stopped: its message is all there is
+                print(f"GCPBatchExecutor: {record.type}: {record.message}", file=self.task_stderr)
             step.delivered = objects
             raise TaskRuntimeError(f"{record.type}: {record.message}")
         if store.is_cancelled(job_id):

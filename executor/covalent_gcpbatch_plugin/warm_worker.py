@@ -25,8 +25,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -201,12 +203,21 @@ def tell(publisher, job_id: str, me: Runner, state: JobState, detail: str) -> No
 
 def child_main(job_id: str, environment: dict[str, str]) -> None:
     """In the fork server's fresh child: one electron, as a job's worker runs it."""
-    os.environ.update(environment)
     signal.signal(signal.SIGTERM, worker._raise_terminated)
-    client = clients.storage_client(project=None)
-    bucket = client.bucket(os.environ[worker.ENV_BUCKET])
-    task_bucket = client.bucket(os.environ.get(worker.ENV_TASK_BUCKET) or os.environ[worker.ENV_BUCKET])
-    worker.exit_now(worker.run_electron(bucket, task_bucket, TaskObjects(job_id), watch_cancel=True))
+    home = tempfile.mkdtemp(prefix=f"electron-{job_id}-")
+    # A directory of its own, as a fresh container's: its working directory and its temporary files.
+    os.environ.update(environment, TMPDIR=home)
+    tempfile.tempdir = None
+    os.chdir(home)
+    try:
+        client = clients.storage_client(project=None)
+        bucket = client.bucket(os.environ[worker.ENV_BUCKET])
+        task_bucket = client.bucket(os.environ.get(worker.ENV_TASK_BUCKET) or os.environ[worker.ENV_BUCKET])
+        code = worker.run_electron(bucket, task_bucket, TaskObjects(job_id), watch_cancel=True)
+    finally:
+        os.chdir("/")
+        shutil.rmtree(home, ignore_errors=True)
+    worker.exit_now(code)
 
 
 def waiting_vms(bucket, now: float) -> int:
