@@ -313,6 +313,12 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             )
             return False
         current = _electrons.current(task_metadata.get("dispatch_id"), task_metadata.get("node_id"))
+        if current is None and task_metadata.get("dispatch_id") is not None:
+            # Covalent cancels a workflow's finished electrons too: their run() is over, their jobs
+            # ended, or kept warm for other electrons, which a cancel of this one must not stop.
+            app_log.info(f"gcpbatch: nothing to cancel for {task_metadata.get('dispatch_id')}:"
+                         f"{task_metadata.get('node_id')}: its run is over (Batch job {job_id})")
+            return False
         for attempt in dict.fromkeys(filter(None, (job_id, current))):
             await asyncio.to_thread(self._store().mark_cancelled, attempt)
             await asyncio.to_thread(self._cancel_job, attempt)
