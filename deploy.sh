@@ -85,6 +85,9 @@ Options (environment fallbacks in parentheses):
   --max-boot-disk-size-gb N, --max-scratch-disk-gb N, --max-parallel-vcpus N,
   --allowed-machine-types T1,T2
                            caps the function enforces on every task (defaults: deployment.py)
+  --max-keep-warm-s N, --max-warm-vms N, --warm-lifetime-s N
+                           warm VMs (keep_warm): longest wait for another electron (0: none), most
+                           VMs waiting at once, longest life of a warm VM's job (defaults: deployment.py)
   --allowed-mount-buckets B1,B2, --allowed-writable-mount-buckets B1,B2
                            buckets tasks may mount (gcs_volumes) read-only, or read-write; the
                            jobs' account gets objectViewer, or objectUser, on these buckets only
@@ -224,6 +227,7 @@ parse_args() {
   FUNCTION_RUNTIME=python311
   MAX_VCPUS="" MAX_MEMORY_MB="" MAX_TIME_LIMIT_S="" MAX_ACCELERATOR_COUNT="" ALLOWED_MACHINE_TYPES=""
   MAX_BOOT_DISK_SIZE_GB="" MAX_SCRATCH_DISK_GB="" MAX_PARALLEL_VCPUS=""
+  MAX_KEEP_WARM_S="" MAX_WARM_VMS="" WARM_LIFETIME_S=""
   ALLOWED_MOUNT_BUCKETS="" ALLOWED_WRITABLE_MOUNT_BUCKETS="" ALLOWED_SECRETS=""
   ALLOWED_IMAGES="" IMAGE_SUFFIX="" REQUIREMENTS="" COVALENT_CONF=""
   ONLY=""
@@ -253,6 +257,9 @@ parse_args() {
       --max-scratch-disk-gb) MAX_SCRATCH_DISK_GB=$value ;;
       --max-parallel-vcpus) MAX_PARALLEL_VCPUS=$value ;;
       --allowed-machine-types) ALLOWED_MACHINE_TYPES=$value ;;
+      --max-keep-warm-s) MAX_KEEP_WARM_S=$value ;;
+      --max-warm-vms) MAX_WARM_VMS=$value ;;
+      --warm-lifetime-s) WARM_LIFETIME_S=$value ;;
       --allowed-mount-buckets) ALLOWED_MOUNT_BUCKETS=$value ;;
       --allowed-writable-mount-buckets) ALLOWED_WRITABLE_MOUNT_BUCKETS=$value ;;
       --allowed-secrets) ALLOWED_SECRETS=$value ;;
@@ -303,6 +310,11 @@ derive_names() {
   [ "$TASK_BUCKET" != "$BUCKET" ] || die "--task-bucket must differ from --bucket: outputs in the trigger's bucket would each fire the function"
   REPO=$PREFIX
   TOPIC=$PREFIX-jobs
+  # Warm VMs (protocol/warm.py): the function publishes offers to WARM_TOPIC, and every warm VM
+  # pulls them from the one shared WARM_SUBSCRIPTION. The function's defaults for its topic
+  # (deployment.py warm_topic_path, warm_subscription_path), so they are not passed to it.
+  WARM_TOPIC=$TOPIC-warm
+  WARM_SUBSCRIPTION=$TOPIC-warm-offers
   FUNCTION=$PREFIX-submit
   # Cloud Build's source uploads (the worker image's and the function's), deleted after a day.
   STAGING_BUCKET=$PREFIX-build-$PROJECT
@@ -412,13 +424,35 @@ ensure_repository() {
     --project="$PROJECT" --description="covalent-gcpbatch worker images"
 }
 
+# ensure_topic T: the Pub/Sub topic T.
 ensure_topic() {
-  section "Pub/Sub topic $TOPIC"
-  if lookup gcloud pubsub topics describe "$TOPIC" --project="$PROJECT" --format='value(name)'; then
-    present "projects/$PROJECT/topics/$TOPIC"
+  local topic=$1
+  section "Pub/Sub topic $topic"
+  if lookup gcloud pubsub topics describe "$topic" --project="$PROJECT" --format='value(name)'; then
+    present "projects/$PROJECT/topics/$topic"
     return
   fi
-  run gcloud pubsub topics create "$TOPIC" --project="$PROJECT"
+  run gcloud pubsub topics create "$topic" --project="$PROJECT"
+}
+
+# The warm VMs' offers: one pull subscription that they all share (each offer names its VM).
+# An offer is worth nothing after seconds (protocol/warm.py OFFER_TAKE_S), so: the shortest
+# retention Pub/Sub allows (10 minutes), and the shortest ack deadline (10 s); and it never
+# expires, or a deployment unused for 31 days (the default) would lose it.
+ensure_warm_subscription() {
+  section "Pub/Sub subscription $WARM_SUBSCRIPTION"
+  if lookup gcloud pubsub subscriptions describe "$WARM_SUBSCRIPTION" --project="$PROJECT" --format='value(name)'; then
+    present "projects/$PROJECT/subscriptions/$WARM_SUBSCRIPTION (of $WARM_TOPIC)"
+    return
+  fi
+  run gcloud pubsub subscriptions create "$WARM_SUBSCRIPTION" --project="$PROJECT" --topic="$WARM_TOPIC" \
+    --ack-deadline=10 --message-retention-duration=10m --expiration-period=never
+}
+
+ensure_topics() {
+  ensure_topic "$TOPIC"
+  ensure_topic "$WARM_TOPIC"
+  ensure_warm_subscription
 }
 
 ensure_service_account() {
@@ -472,6 +506,7 @@ iam_target() {
       if [ -n "${2:-}" ]; then IAM_BIND=(--condition="expression=$2,title=$PREFIX-scope"); else IAM_BIND=(--condition=None); fi ;;
     bucket) IAM_GROUP=(storage buckets) ;;
     topic) IAM_GROUP=(pubsub topics) ;;
+    subscription) IAM_GROUP=(pubsub subscriptions) ;;
     repo) IAM_GROUP=(artifacts repositories); IAM_WHERE+=(--location="$REGION") ;;
     account) IAM_GROUP=(iam service-accounts) ;;
     service) IAM_GROUP=(run services); IAM_WHERE+=(--region="$REGION") ;;
@@ -523,6 +558,9 @@ each_binding() {
   "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$runner"
   "$action" repo "$REPO" roles/artifactregistry.reader "$runner"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$runner"
+  # A warm VM (protocol/warm.py) pulls its offers from THIS subscription only (its idle records and
+  # claims are objects it creates in BUCKET; its electrons' states go to TOPIC).
+  "$action" subscription "$WARM_SUBSCRIPTION" roles/pubsub.subscriber "$runner"
   # What tasks may reach, each bucket or secret by name (deployment.py's allowlists, which the
   # function enforces): mounted buckets (gcsfuse reads as the VM's account: objectViewer read-only,
   # objectUser to write; https://cloud.google.com/storage/docs/cloud-storage-fuse/quickstart-mount-bucket),
@@ -545,6 +583,9 @@ each_binding() {
   "$action" bucket "gs://$BUCKET" roles/storage.objectViewer "$fn"
   "$action" bucket "gs://$BUCKET" roles/storage.objectCreator "$fn"
   "$action" topic "$TOPIC" roles/pubsub.publisher "$fn"
+  # ...and offer electrons to warm VMs on THIS topic (their idle records it reads in BUCKET, and
+  # creates the .taken records there).
+  "$action" topic "$WARM_TOPIC" roles/pubsub.publisher "$fn"
   # The builds (worker image, function): write build logs, push to THIS repository, read the
   # sources staged in THIS staging bucket (the documented minimum for a custom build account).
   "$action" project "$PROJECT" roles/logging.logWriter "$build"
@@ -585,6 +626,7 @@ plan_function() {
     --max-accelerator-count "$MAX_ACCELERATOR_COUNT" --allowed-machine-types "$ALLOWED_MACHINE_TYPES" \
     --max-boot-disk-size-gb "$MAX_BOOT_DISK_SIZE_GB" --max-scratch-disk-gb "$MAX_SCRATCH_DISK_GB" \
     --max-parallel-vcpus "$MAX_PARALLEL_VCPUS" \
+    --max-keep-warm-s "$MAX_KEEP_WARM_S" --max-warm-vms "$MAX_WARM_VMS" --warm-lifetime-s "$WARM_LIFETIME_S" \
     --allowed-mount-buckets "$ALLOWED_MOUNT_BUCKETS" --allowed-writable-mount-buckets "$ALLOWED_WRITABLE_MOUNT_BUCKETS" \
     --allowed-secrets "$ALLOWED_SECRETS" >"$WORK/function-env.yaml"
   # As many gunicorn threads as requests an instance is sent (the Cloud Run functions docs' advice).
@@ -654,7 +696,7 @@ cmd_up() {
       apis) ensure_apis ;;
       bucket) ensure_bucket "$BUCKET" Bucket; ensure_bucket "$TASK_BUCKET" "Task bucket"; ensure_staging_bucket ;;
       repo) ensure_repository ;;
-      topic) ensure_topic ;;
+      topic) ensure_topics ;;
       accounts) ensure_accounts ;;
       image) ensure_image ;;
       iam) ensure_bindings ;;
@@ -734,13 +776,27 @@ delete_accounts() {
   delete_service_account "$BUILD_SA"
 }
 
+# delete_topic T: the Pub/Sub topic T.
 delete_topic() {
-  section "Pub/Sub topic $TOPIC"
-  if lookup gcloud pubsub topics describe "$TOPIC" --project="$PROJECT" --format='value(name)'; then
-    run gcloud pubsub topics delete "$TOPIC" --project="$PROJECT"
+  local topic=$1
+  section "Pub/Sub topic $topic"
+  if lookup gcloud pubsub topics describe "$topic" --project="$PROJECT" --format='value(name)'; then
+    run gcloud pubsub topics delete "$topic" --project="$PROJECT"
   else
-    printf '   absent: %s\n' "$TOPIC"
+    printf '   absent: %s\n' "$topic"
   fi
+}
+
+# The subscription before its topic: a topic's deletion leaves its subscriptions behind.
+delete_topics() {
+  section "Pub/Sub subscription $WARM_SUBSCRIPTION"
+  if lookup gcloud pubsub subscriptions describe "$WARM_SUBSCRIPTION" --project="$PROJECT" --format='value(name)'; then
+    run gcloud pubsub subscriptions delete "$WARM_SUBSCRIPTION" --project="$PROJECT"
+  else
+    printf '   absent: %s\n' "$WARM_SUBSCRIPTION"
+  fi
+  delete_topic "$WARM_TOPIC"
+  delete_topic "$TOPIC"
 }
 
 delete_repository() {
@@ -774,7 +830,7 @@ cmd_down() {
       function) delete_function ;;
       iam) remove_bindings ;;
       accounts) delete_accounts ;;
-      topic) delete_topic ;;
+      topic) delete_topics ;;
       repo) delete_repository ;;
       bucket) delete_bucket ;;
     esac
@@ -823,6 +879,8 @@ cmd_status() {
   report "repository $REPO" gcloud artifacts repositories describe "$REPO" --location="$REGION" --project="$PROJECT" --format='value(name)'
   report "image $IMAGE" gcloud artifacts docker images describe "$IMAGE" --project="$PROJECT" --format='value(image_summary.digest)'
   report "topic $TOPIC" gcloud pubsub topics describe "$TOPIC" --project="$PROJECT" --format='value(name)'
+  report "topic $WARM_TOPIC" gcloud pubsub topics describe "$WARM_TOPIC" --project="$PROJECT" --format='value(name)'
+  report "subscription $WARM_SUBSCRIPTION" gcloud pubsub subscriptions describe "$WARM_SUBSCRIPTION" --project="$PROJECT" --format='value(name)'
   report "account $RUNNER_SA" gcloud iam service-accounts describe "$RUNNER_SA" --project="$PROJECT" --format='value(email)'
   report "account $FUNCTION_SA" gcloud iam service-accounts describe "$FUNCTION_SA" --project="$PROJECT" --format='value(email)'
   report "account $BUILD_SA" gcloud iam service-accounts describe "$BUILD_SA" --project="$PROJECT" --format='value(email)'

@@ -32,6 +32,8 @@ PROJECT, REGION, PREFIX = "my-project-42", "europe-west4", "cgb-test"
 BUCKET = f"{PREFIX}-{PROJECT}"
 TASK_BUCKET = f"{PREFIX}-tasks-{PROJECT}"
 TOPIC = f"{PREFIX}-jobs"
+# Warm VMs' offers (protocol/warm.py): the function's defaults, which deploy.sh creates.
+WARM_TOPIC, WARM_SUBSCRIPTION = f"{TOPIC}-warm", f"{TOPIC}-warm-offers"
 REPOSITORY = PREFIX
 FUNCTION = f"{PREFIX}-submit"
 RUNNER = f"{PREFIX}-runner@{PROJECT}.iam.gserviceaccount.com"
@@ -66,16 +68,26 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         "bucket": find(all_calls, "storage", "buckets", "create"),
         "repository": find(all_calls, "artifacts", "repositories", "create"),
         "topic": find(all_calls, "pubsub", "topics", "create"),
+        "subscription": find(all_calls, "pubsub", "subscriptions", "create"),
         "accounts": find(all_calls, "iam", "service-accounts", "create"),
         "image build": find(all_calls, "builds", "submit"),
         "function": find(all_calls, "functions", "deploy"),
         "apis": find(all_calls, "services", "enable"),
     }
     assert {name: len(calls) for name, calls in creations.items()} == {
-        "bucket": 3, "repository": 1, "topic": 1, "accounts": 3, "image build": 1, "function": 1, "apis": 1,
+        "bucket": 3, "repository": 1, "topic": 2, "subscription": 1, "accounts": 3, "image build": 1, "function": 1,
+        "apis": 1,
     }  # fmt: skip
     assert [c["argv"][3] for c in creations["accounts"]] == [f"{PREFIX}-runner", f"{PREFIX}-fn", f"{PREFIX}-build"]
-    assert creations["topic"][0]["argv"][3] == TOPIC
+    assert [c["argv"][3] for c in creations["topic"]] == [TOPIC, WARM_TOPIC]
+    # One pull subscription all warm VMs share; an offer is worthless after seconds (OFFER_TAKE_S):
+    # the shortest retention and ack deadline Pub/Sub allows, and it never expires while unused.
+    (subscription,) = creations["subscription"]
+    assert subscription["argv"][3] == WARM_SUBSCRIPTION
+    assert [flag_values(subscription, flag) for flag in
+            ("--topic", "--ack-deadline", "--message-retention-duration", "--expiration-period")] == [
+        [WARM_TOPIC], ["10"], ["10m"], ["never"]]  # fmt: skip
+    assert not [a for a in subscription["argv"] if a.startswith("--push-endpoint")], "a pull subscription"
     assert set(creations["apis"][0]["argv"][2:-1]) == {
         f"{api}.googleapis.com"
         for api in ("batch", "compute", "storage", "pubsub", "cloudfunctions", "run", "eventarc", "cloudbuild",
@@ -89,7 +101,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert [c["argv"] for c in calls_second if verb_of(c) in MUTATING] == []
     assert "+ gcloud" not in second.stdout
     # Every change is echoed before it runs.
-    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 32
+    assert first.stdout.count("+ gcloud") == len([c for c in calls_first if verb_of(c) in MUTATING]) == 36
 
     # -- the bucket: region, uniform access, no public access, task objects expire ------------------
     bucket_create, task_bucket_create, staging_create = creations["bucket"]
@@ -172,6 +184,9 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert not settings.image_allowed(f"{REGION}-docker.pkg.dev/{PROJECT}/{REPOSITORY}/{FUNCTION}:latest")
     assert settings.batch_api_endpoint is None
     assert (settings.task_bucket, settings.bucket) == (TASK_BUCKET, BUCKET)
+    # The function offers on the topic and names the subscription deploy.sh made (its defaults).
+    assert settings.warm_topic_path == f"projects/{PROJECT}/topics/{WARM_TOPIC}"
+    assert settings.warm_subscription_path == f"projects/{PROJECT}/subscriptions/{WARM_SUBSCRIPTION}"
 
     # -- roles: each to the right account, at the right level ----------------------------------------
     runner, fn, builder = f"serviceAccount:{RUNNER}", f"serviceAccount:{FN}", f"serviceAccount:{BUILDER}"
@@ -203,6 +218,8 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     }, "read only: only the dispatching user writes task objects"
     assert recorder.bindings(f"storage buckets/gs://{STAGING}") == {("roles/storage.objectAdmin", builder)}
     assert recorder.bindings(f"pubsub topics/{TOPIC}") == {("roles/pubsub.publisher", runner), ("roles/pubsub.publisher", fn)}
+    assert recorder.bindings(f"pubsub topics/{WARM_TOPIC}") == {("roles/pubsub.publisher", fn)}
+    assert recorder.bindings(f"pubsub subscriptions/{WARM_SUBSCRIPTION}") == {("roles/pubsub.subscriber", runner)}
     assert recorder.bindings(f"artifacts repositories/{REPOSITORY}@{REGION}") == {
         ("roles/artifactregistry.reader", runner),
         ("roles/artifactregistry.writer", builder),
@@ -235,7 +252,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     status_start = len(recorder.calls())
     status = check(recorder.deploy("status", *ARGS))
     assert "MISSING" not in status.stdout
-    assert status.stdout.count("present") == 10 + 21, "10 resources, 21 role grants"
+    assert status.stdout.count("present") == 12 + 23, "12 resources, 23 role grants"
     assert [c["argv"] for c in recorder.calls()[status_start:] if verb_of(c) in MUTATING] == []
 
     # -- down: refuses without --yes when nobody can be asked ----------------------------------------
@@ -258,6 +275,8 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
         ["iam", "service-accounts", "delete", FN],
         ["iam", "service-accounts", "delete", RUNNER],
         ["iam", "service-accounts", "delete", BUILDER],
+        ["pubsub", "subscriptions", "delete", WARM_SUBSCRIPTION],
+        ["pubsub", "topics", "delete", WARM_TOPIC],
         ["pubsub", "topics", "delete", TOPIC],
         ["artifacts", "repositories", "delete", REPOSITORY],
         ["storage", "rm", "--recursive", f"gs://{BUCKET}"],
@@ -267,7 +286,7 @@ def test_up_up_status_down_with_a_recording_gcloud(recorder, monkeypatch):
     assert recorder.config_section() == {"vcpus": 4}, "down takes out the keys up wrote, and only those"
 
     status_after = recorder.deploy("status", *ARGS)
-    assert status_after.returncode == 1 and status_after.stdout.count("MISSING") == 10
+    assert status_after.returncode == 1 and status_after.stdout.count("MISSING") == 12
 
     # A second down has nothing left to delete and still succeeds.
     again_start = len(recorder.calls())
@@ -320,6 +339,42 @@ def test_mount_buckets_and_secrets_are_granted_to_the_runner_alone_and_only_thos
     for resource in ("storage buckets/gs://shared-data", "storage buckets/gs://results-rw", f"secrets/{secret}"):
         assert resource in recorder.state["resources"], "the user's bucket or secret stays"
         assert recorder.bindings(resource) == set(), f"the runner's grant on {resource} is gone"
+
+
+def test_warm_vms_pubsub_roles_are_on_the_warm_topic_and_subscription_only(recorder):
+    """Issue 27: the jobs' account (a warm VM) pulls offers from the one warm subscription, and the
+    function publishes them to the warm topic: each role granted on that resource alone, never
+    project-wide, and nobody else holds a role there. The warm caps reach the function."""
+    flags = ["--max-keep-warm-s", "120", "--max-warm-vms", "3", "--warm-lifetime-s", "7200"]
+    check(recorder.deploy("up", *ARGS, *flags))
+    runner, fn = f"serviceAccount:{RUNNER}", f"serviceAccount:{FN}"
+    policies = recorder.state["policies"]
+    granted = {(resource, role, member) for resource in policies for role, member in recorder.bindings(resource)}
+    assert {(res, m) for res, role, m in granted if role == "roles/pubsub.subscriber"} == {
+        (f"pubsub subscriptions/{WARM_SUBSCRIPTION}", runner)}, "subscriber: the runner, on the warm subscription only"
+    assert {(res, m) for res, role, m in granted if role == "roles/pubsub.publisher" and m == fn} == {
+        (f"pubsub topics/{TOPIC}", fn), (f"pubsub topics/{WARM_TOPIC}", fn)}  # fmt: skip
+    assert recorder.bindings(f"pubsub topics/{WARM_TOPIC}") == {("roles/pubsub.publisher", fn)}, \
+        "the runner publishes electron states on the notification topic, never offers"
+    assert recorder.bindings(f"pubsub subscriptions/{WARM_SUBSCRIPTION}") == {("roles/pubsub.subscriber", runner)}, \
+        "the function only publishes offers"
+    (grant,) = find(recorder.calls(), "pubsub", "subscriptions", "add-iam-policy-binding")
+    assert grant["argv"][3] == WARM_SUBSCRIPTION and f"--project={PROJECT}" in grant["argv"]
+    assert not [r for r, m in recorder.bindings(f"projects/{PROJECT}") if r.startswith("roles/pubsub.") and m in (runner, fn)]
+    (deploy,) = find(recorder.calls(), "functions", "deploy")
+    env = deploy["files"]["--env-vars-file"]
+    for line in ('GCPBATCH_MAX_KEEP_WARM_S: "120"', 'GCPBATCH_MAX_WARM_VMS: "3"', 'GCPBATCH_WARM_LIFETIME_S: "7200"'):
+        assert line in env
+
+    status = check(recorder.deploy("status", *ARGS, *flags)).stdout
+    assert f"present  roles/pubsub.subscriber -> {RUNNER} on subscription {WARM_SUBSCRIPTION}" in status
+    assert f"present  roles/pubsub.publisher -> {FN} on topic {WARM_TOPIC}" in status
+    # A subscription left behind by a deleted topic would outlive it: down deletes it first.
+    check(recorder.deploy("down", *ARGS, *flags, "--yes"))
+    deleted = [c["argv"][:4] for c in recorder.calls() if verb_of(c) == "delete" and c["argv"][0] == "pubsub"]
+    assert deleted == [["pubsub", "subscriptions", "delete", WARM_SUBSCRIPTION],
+                       ["pubsub", "topics", "delete", WARM_TOPIC], ["pubsub", "topics", "delete", TOPIC]]
+    assert not [k for k in recorder.state["policies"] if k.startswith("pubsub ")]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -475,7 +530,9 @@ def test_bad_arguments_are_refused_before_any_call(recorder, args, message):
 def test_environment_fallbacks(recorder):
     recorder.env.update(GCPBATCH_PROJECT=PROJECT, GCPBATCH_REGION=REGION, GCPBATCH_PREFIX=PREFIX, GCPBATCH_PYTHON=sys.executable)
     check(recorder.deploy("up", "--only", "topic"))
-    assert [c["argv"][:4] for c in recorder.calls() if verb_of(c) == "create"] == [["pubsub", "topics", "create", TOPIC]]
+    assert [c["argv"][:4] for c in recorder.calls() if verb_of(c) == "create"] == [
+        ["pubsub", "topics", "create", TOPIC], ["pubsub", "topics", "create", WARM_TOPIC],
+        ["pubsub", "subscriptions", "create", WARM_SUBSCRIPTION]]  # fmt: skip
 
 
 def test_shellcheck_is_clean():
