@@ -62,13 +62,6 @@ WARM_TIMEOUT_S = 30.0
 MAX_WARM_LISTING = 1000
 #: An idle record's body is an IdleVM's JSON, a few hundred bytes; anything larger is not one.
 MAX_IDLE_BYTES = 4096
-#: The function's own record of the offer it made for an electron (the Offer, at generation 0,
-#: under the electron's prefix in the data bucket): a redelivered upload event finds it and offers
-#: nothing a second time, one read instead of taking a second idle VM. While the offer is live the
-#: redelivery publishes the same offer again (the first delivery may have failed before its
-#: publishes); once it is past its ``take_by`` unclaimed, the redelivery creates the job itself (the
-#: executor may never have heard of the offer). Disposable with the task's other objects.
-OFFERED_OBJECT = "offered.json"
 
 
 
@@ -280,10 +273,6 @@ def claimed(buckets: Buckets, objects: protocol.TaskObjects) -> bool:
     return storage().bucket(buckets.data).blob(objects.claim).exists(retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
 
 
-def offered_name(objects: protocol.TaskObjects) -> str:
-    return objects.prefix + OFFERED_OBJECT
-
-
 def route_to_warm_vm(buckets: Buckets, objects: protocol.TaskObjects, spec: protocol.JobSpec) -> bool:
     """Offer the electron to a warm VM instead of creating its job; True if that settles it (a
     runner has it, or it was offered), False if it needs its job."""
@@ -306,7 +295,7 @@ def route_to_warm_vm(buckets: Buckets, objects: protocol.TaskObjects, spec: prot
     if offer is None:
         return False
     try:
-        clients.create_object(storage().bucket(buckets.data), offered_name(objects), offer.dumps(),
+        clients.create_object(storage().bucket(buckets.data), objects.offered, offer.dumps(),
                               content_type="application/json", retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
     except exceptions.PreconditionFailed:
         # A concurrent delivery of the same upload offered it first: its offer stands (the VM this
@@ -323,7 +312,7 @@ def earlier_offer(buckets: Buckets, objects: protocol.TaskObjects,
     """Whether an earlier delivery of this upload recorded an offer (``offered.json``), and that
     offer if it is one of this electron and spec (None for anything else: never offered on its word,
     so the job is created)."""
-    blob = storage().bucket(buckets.data).blob(offered_name(objects))
+    blob = storage().bucket(buckets.data).blob(objects.offered)
     try:
         payload = blob.download_as_bytes(retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)
     except exceptions.NotFound:

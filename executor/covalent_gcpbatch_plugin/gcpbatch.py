@@ -26,6 +26,7 @@ Its settings are declared once, in settings.py; its errors in errors.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import threading
 from dataclasses import dataclass, replace
@@ -313,7 +314,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             )
             return False
         current = _electrons.current(task_metadata.get("dispatch_id"), task_metadata.get("node_id"))
-        if current is None and task_metadata.get("dispatch_id") is not None:
+        if current is None and _electrons.finished(task_metadata.get("dispatch_id"), task_metadata.get("node_id")):
             # Covalent cancels a workflow's finished electrons too: their run() is over, their jobs
             # ended, or kept warm for other electrons, which a cancel of this one must not stop.
             app_log.info(f"gcpbatch: nothing to cancel for {task_metadata.get('dispatch_id')}:"
@@ -811,25 +812,42 @@ class _Electrons:
     """Each running electron's current attempt (its job id), by (dispatch id, node id): Covalent
     holds one job handle per electron, which may be an earlier attempt's when cancel() comes."""
 
+    #: Finished electrons remembered (cancel() of one is a no-op): a bound on the process's memory.
+    FINISHED_KEPT = 100_000
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: dict[tuple[str, int], str] = {}
+        self._finished: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
 
     def begin(self, electron: tuple[str, int], job_id: str) -> None:
         with self._lock:
             self._current[electron] = job_id
+            self._finished.pop(electron, None)
 
     def end(self, electron: tuple[str, int]) -> None:
         with self._lock:
             self._current.pop(electron, None)
+            self._finished[electron] = None
+            while len(self._finished) > self.FINISHED_KEPT:
+                self._finished.popitem(last=False)
 
-    def current(self, dispatch_id: Any, node_id: Any) -> str | None:
+    @staticmethod
+    def _key(dispatch_id: Any, node_id: Any) -> tuple[str, int] | None:
         try:
-            key = (str(dispatch_id), int(node_id))
+            return (str(dispatch_id), int(node_id))
         except (TypeError, ValueError):
             return None
+
+    def current(self, dispatch_id: Any, node_id: Any) -> str | None:
         with self._lock:
-            return self._current.get(key)
+            return self._current.get(self._key(dispatch_id, node_id))
+
+    def finished(self, dispatch_id: Any, node_id: Any) -> bool:
+        """Whether the electron's run() ended in this process (and none runs now)."""
+        with self._lock:
+            key = self._key(dispatch_id, node_id)
+            return key in self._finished and key not in self._current
 
 
 _electrons = _Electrons()

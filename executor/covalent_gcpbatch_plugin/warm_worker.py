@@ -105,10 +105,15 @@ def serve(bucket, task_bucket, first: TaskObjects) -> int:
         electron: TaskObjects | None = first
         attempt = os.environ.get(ENV_RETRY_ATTEMPT, "0")
         while electron is not None:
-            run_claimed(context, publisher, bucket, task_bucket, me, electron, attempt)
+            ended = run_claimed(context, bucket, task_bucket, me, electron, attempt, publisher)
             me.seq += 1
             attempt = "0"  # an offered electron's first run: its own job id, its own attempt-0 objects
-            electron = next_electron(bucket, task_bucket, me, offers)
+            # Waiting before the end is told: the next electron of a chain is uploaded only once its
+            # executor has heard it, and must find this VM's idle record then.
+            idle = go_idle(bucket, me)
+            if ended is not None:
+                tell(publisher, electron.job_id, me, *ended)
+            electron = None if idle is None else next_electron(task_bucket, me, offers, idle)
         return 0
     finally:
         offers.close()
@@ -138,11 +143,13 @@ def claim(bucket, me: Runner, objects: TaskObjects) -> bool:
         return held is not None and held.runner == me.runner and held.job_uid == me.job_uid
 
 
-def run_claimed(context, publisher, bucket, task_bucket, me: Runner, objects: TaskObjects, attempt: str) -> None:
-    """Claim the electron, run it in a fresh child within its time limit, tell its states."""
+def run_claimed(context, bucket, task_bucket, me: Runner, objects: TaskObjects, attempt: str,
+                publisher) -> tuple[JobState, str] | None:
+    """Claim the electron and run it in a fresh child within its time limit: its end (state,
+    detail), still to be told; None if another runner has it."""
     if not claim(bucket, me, objects):
         log(f"{objects.job_id} is another runner's (its claim): not run here")
-        return
+        return None
     spec = read_spec(task_bucket, objects)
     time_limit = spec.time_limit_s if spec is not None else 60
     tell(publisher, objects.job_id, me, JobState.RUNNING, f"running on warm VM {me.runner}")
@@ -160,7 +167,7 @@ def run_claimed(context, publisher, bucket, task_bucket, me: Runner, objects: Ta
     state, detail = state_of_exit(child.exitcode, stopped, time_limit, me)
     if state is not JobState.SUCCEEDED and state is not JobState.CANCELLED:
         store_error(bucket, objects, detail, me)
-    tell(publisher, objects.job_id, me, state, detail)
+    return state, detail
 
 
 def state_of_exit(code: int | None, stopped: bool, time_limit: int, me: Runner) -> tuple[JobState, str]:
@@ -227,21 +234,32 @@ def waiting_vms(bucket, now: float) -> int:
     return sum(1 for name in names if idle_of_name(name) and name not in taken)
 
 
-def next_electron(bucket, task_bucket, me: Runner, offers: Offers) -> TaskObjects | None:
-    """Wait (an idle record, then the offer queue) for an electron offered to this VM; None when
-    none may come: no time left in the job's life, enough VMs waiting already, or none offered."""
+def go_idle(bucket, me: Runner) -> IdleVM | None:
+    """This VM's idle record, written; None if it may not wait: no time left in its job's life,
+    or ``max_warm_vms`` VMs wait already."""
     now = time.time()
     until = min(now + me.keep_warm, me.ends - OFFER_MARGIN_S)
     if until - now <= 2 * OFFER_MARGIN_S:
         return None
-    if waiting_vms(bucket, now) >= me.max_vms:
-        log(f"{me.max_vms} warm VMs wait already (max_warm_vms): exiting")
+    try:
+        if waiting_vms(bucket, now) >= me.max_vms:
+            log(f"{me.max_vms} warm VMs wait already (max_warm_vms): exiting")
+            return None
+        idle = IdleVM(key=me.key, runner=me.runner, seq=me.seq, until=until, ends=me.ends)
+        clients.create_object(bucket, idle.name, idle.model_dump_json().encode(), content_type="application/json",
+                              retry=clients.transient_retry(worker.STORE_TIMEOUT_S))
+    except Exception as err:  # noqa: BLE001 - the electron's end is told all the same; the VM just leaves
+        log(f"cannot wait for another electron: {type(err).__name__}: {err}")
         return None
-    idle = IdleVM(key=me.key, runner=me.runner, seq=me.seq, until=until, ends=me.ends)
-    clients.create_object(bucket, idle.name, idle.model_dump_json().encode(), content_type="application/json",
-                          retry=clients.transient_retry(worker.STORE_TIMEOUT_S))
+    return idle
+
+
+def next_electron(task_bucket, me: Runner, offers: Offers, idle: IdleVM) -> TaskObjects | None:
+    """Wait on the offer queue until the idle record's time is up, for an electron offered to
+    this VM; None if none came."""
+    until = idle.until
     offers.open()
-    log(f"waiting up to {until - now:.0f} s for the next electron ({idle.name})")
+    log(f"waiting up to {until - time.time():.0f} s for the next electron ({idle.name})")
     while (left := until - time.time()) > 0:
         try:
             offer = offers.queue.get(timeout=left)

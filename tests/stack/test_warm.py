@@ -131,7 +131,7 @@ def test_a_warm_electron_keeps_its_own_error_time_limit_and_cancel(covalent_serv
     assert "longer than its time_limit of 10 s" in nodes["too_long"]["stderr"], nodes["too_long"]["stderr"]
     jobs = jobs_of_dispatch(local_stack, dispatch_id)
     assert any("warm VM" in node["stderr"] for node in (nodes["too_long"], nodes["raises"])), "one of them ran warm"
-    assert len(jobs) <= 2, "two electrons at once: one warm VM, at most one new job"
+    assert 2 <= len(jobs), "two electrons at once, one warm VM: the other electron had a job of its own"
     no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
     assert {job.status.state.name for job in jobs_of_dispatch(local_stack, dispatch_id)} == {"SUCCEEDED"}
 
@@ -202,4 +202,56 @@ def test_a_warm_vm_killed_mid_electron_runs_the_electron_again(covalent_server, 
     assert runs.read_text() == "ran\nran\n"
     assert "was lost while it ran the electron" in nodes["slow"]["stderr"], nodes["slow"]["stderr"]
     assert len(claimed(local_stack, 1, dispatch_id)) == 2, "two attempts, each claimed once"
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
+
+
+def idle_records_of(stack, runner: str) -> list[str]:
+    storage = clients.storage_client(stack.project_id, stack.storage_emulator_host)
+    return [blob.name for blob in storage.list_blobs(stack.bucket_name, prefix=protocol.WARM_PREFIX)
+            if (protocol.idle_of_name(blob.name) or ("", "", 0))[1] == runner]
+
+
+def test_an_offer_to_a_warm_vm_that_died_idle_gets_the_electrons_own_job(covalent_server, local_stack, tmp_path):
+    """The warm VM dies while it waits (its idle record still live): the next electron is offered
+    to it, nobody claims it, and at the offer's take_by its executor asks for the electron's own
+    job (the cold object), which runs it. Bounded by seconds, not by submit_timeout."""
+    gate_file = tmp_path / "go"
+    executor = warm_executor()
+
+    @ct.electron(executor=executor)
+    def first() -> int:
+        return 1
+
+    @ct.electron(executor="local")
+    def gate(x: int, path: str) -> int:
+        import os as _os
+        import time as _time
+
+        deadline = _time.monotonic() + 120
+        while not _os.path.exists(path) and _time.monotonic() < deadline:
+            _time.sleep(0.1)
+        return x
+
+    @ct.electron(executor=executor)
+    def second(x: int) -> int:
+        return x + 1
+
+    @ct.lattice
+    def flow(path: str):
+        return second(gate(first(), path))
+
+    dispatch_id = ct.dispatch(flow)(str(gate_file))
+    wait_until(lambda: len(jobs_of_dispatch(local_stack, dispatch_id)) == 1, SETTLE_S, "the first electron's job")
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    runner = protocol.job_id_of_job_name(job.name)
+    wait_until(lambda: idle_records_of(local_stack, runner), SETTLE_S, "the first electron's VM waiting")
+    batch_admin(local_stack, "faults", {"kill_running": 1})
+    wait_until(lambda: jobs_of_dispatch(local_stack, dispatch_id)[0].status.state.name == "FAILED", SETTLE_S,
+               "the warm VM dead")
+    gate_file.write_text("go")
+    result = wait_for(dispatch_id, timeout_s=SETTLE_S)
+    nodes = nodes_by_name(result)
+    assert str(result.status) == "COMPLETED" and result.result == 2, nodes["second"]["stderr"]
+    assert "warm VM" not in nodes["second"]["stderr"]
+    assert len(jobs_of_dispatch(local_stack, dispatch_id)) == 2, "the second electron's own job"
     no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)

@@ -27,6 +27,12 @@ CANCEL_OBJECT = "cancelled"
 #: own job, or a warm VM. The loser of that race runs nothing. Never deleted by the executor: a late
 #: offer must find it (the bucket's lifecycle rule removes it).
 CLAIM_OBJECT = "claim.json"
+#: The function's record of the offer it made for an electron (the Offer, generation 0): a
+#: redelivered upload event finds it and takes no second idle VM. While the offer is live the
+#: redelivery publishes the same offer again (the first delivery may have failed before its
+#: publishes); past its ``take_by`` unclaimed, it creates the job (the executor may never have heard
+#: of the offer). Disposable with the task's other objects.
+OFFERED_OBJECT = "offered.json"
 #: Written by the executor in the task bucket when a warm VM did not claim its offer in time: the
 #: function then creates the electron's job, as for the task object's own upload.
 COLD_OBJECT = "cold"
@@ -93,6 +99,10 @@ class TaskObjects(_Prefix):
     @property
     def claim(self) -> str:
         return self.prefix + CLAIM_OBJECT
+
+    @property
+    def offered(self) -> str:
+        return self.prefix + OFFERED_OBJECT
 
     @property
     def cold(self) -> str:
