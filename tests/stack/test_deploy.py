@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -599,7 +600,10 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
 
     storage = clients.storage_client(project, local_stack.storage_emulator_host)
     publisher = clients.publisher_client(local_stack.pubsub_emulator_host)
+    subscriber = clients.subscriber_client(local_stack.pubsub_emulator_host)
     topic_path = f"projects/{project}/topics/{topic}"
+    warm_topic_path = f"projects/{project}/topics/{topic}-warm"
+    warm_subscription_path = f"projects/{project}/subscriptions/{topic}-warm-offers"
     try:
         first = deploy("up", "--only", "bucket,topic")
         assert storage.lookup_bucket(bucket) is not None
@@ -611,7 +615,15 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
         assert body["name"] == bucket and body["location"] == local_stack.region
         assert body["iamConfiguration"] == {"publicAccessPrevention": "enforced", "uniformBucketLevelAccess": {"enabled": True}}
         assert body["lifecycle"] == {"rule": [{"action": {"type": "Delete"}, "condition": {"age": 7, "matchesPrefix": [TASKS_PREFIX]}}]}
-        assert [r[0] for r in sent if f"/topics/{topic}" in r[1]][-1] == "PUT", "the topic was created"
+        assert [r[0] for r in sent if r[1].split("?")[0].endswith(f"/topics/{topic}")][-1] == "PUT", "the topic was created"
+        # The warm VMs' offers: their topic and the one pull subscription they share.
+        assert publisher.get_topic(topic=warm_topic_path).name == warm_topic_path
+        offers = subscriber.get_subscription(subscription=warm_subscription_path)
+        assert (offers.topic, offers.ack_deadline_seconds) == (warm_topic_path, 10)
+        (created,) = [json.loads(r[2]) for r in sent if r[0] == "PUT" and "/subscriptions/" in r[1]]
+        assert {k: created[k] for k in ("ackDeadlineSeconds", "messageRetentionDuration", "expirationPolicy")} == {
+            "ackDeadlineSeconds": 10, "messageRetentionDuration": "600s", "expirationPolicy": {}}, \
+            "an empty expiration policy: it never expires"
 
         # Second up: found, nothing created. (fake-gcs-server keeps neither the lifecycle nor the
         # iamConfiguration of a bucket, so deploy.sh re-applies them with a PATCH each time here.)
@@ -625,16 +637,19 @@ def test_topic_and_bucket_steps_run_for_real_against_the_emulators(local_stack, 
         # Down (topic only: fake-gcs-server cannot serve `gcloud storage rm -r`, see the report).
         deploy("down", "--yes", "--only", "topic")
         topics = [t.name for t in publisher.list_topics(project=f"projects/{project}")]
-        assert topic_path not in topics
+        assert topic_path not in topics and warm_topic_path not in topics
+        assert warm_subscription_path not in [s.name for s in subscriber.list_subscriptions(project=f"projects/{project}")]
     finally:
         for name in (bucket, task_bucket, staging):
             with_bucket = storage.lookup_bucket(name)
             if with_bucket is not None:
                 with_bucket.delete(force=True)
-        try:
-            publisher.delete_topic(topic=topic_path)
-        except Exception:  # noqa: BLE001 - already deleted by down
-            pass
+        for delete in (partial(subscriber.delete_subscription, subscription=warm_subscription_path),
+                       partial(publisher.delete_topic, topic=warm_topic_path), partial(publisher.delete_topic, topic=topic_path)):
+            try:
+                delete()
+            except Exception:  # noqa: BLE001 - already deleted by down
+                pass
 
 
 def test_deploy_writes_exactly_the_deployment_keys():
