@@ -32,6 +32,10 @@ TARGETS = {
     "packing_mutations_per_electron": 0.05,
     "overhead_gcpbatch_p50_s": 0.3,
     "worker_overhead_s": 0.3,
+    # Warm VMs (issue 27): a chain with keep_warm against keep_warm = 0, Batch's latency modelled.
+    # Boots: one for the whole chain against one per electron; VM-seconds: no more than the cold run's.
+    "warm_chain_wall_ratio": 0.25,
+    "warm_chain_vm_seconds_ratio": 1.0,
 }
 #: Worker phases, in order (timed_worker.py marks; the Batch service's RUNNING and terminal times).
 WORKER_PHASES = ("spawn", "imports", "client", "download", "call", "upload", "exit")
@@ -277,6 +281,41 @@ def packing_figures(packing: dict | None) -> dict[str, Any] | None:
             "mutations_per_electron": round(packed["batch_mutations"] / max(1, packing["tasks"]), 4)}
 
 
+def warm_chain_figures(warm: dict, cold: dict, electrons: int) -> dict[str, Any]:
+    """The warm chain against the cold one: ratios (warm / cold) and the issue's goals, each None
+    when a figure is missing (a run cut or failed): boots 1 against one per electron, wall time
+    at most 0.25 of the cold run's, VM-seconds at most the cold run's."""
+    def ratio(key: str) -> float | None:  # unrounded: the goals are checked on it, the figure is rounded
+        a, b = warm.get(key), cold.get(key)
+        return None if a is None or not b else a / b
+
+    wall, vm_seconds = ratio("wall_s"), ratio("vm_seconds")
+    boots = warm.get("vm_boots"), cold.get("vm_boots")
+    return {
+        "wall_ratio": _r(wall, 3), "vm_seconds_ratio": _r(vm_seconds, 3),
+        "boots_one_against_each": None if None in boots else boots == (1, electrons),
+        "wall_le_025": None if wall is None else wall <= TARGETS["warm_chain_wall_ratio"],
+        "vm_seconds_le_cold": None if vm_seconds is None else vm_seconds <= TARGETS["warm_chain_vm_seconds_ratio"],
+    }
+
+
+def warm_figures(warm: dict | None) -> dict[str, Any] | None:
+    """bench/warm.py's runs as ``chain`` (warm, cold, their ratios and goals) and ``stages``
+    (packed with the defaults, and with pack_window 0), with the runs' common settings."""
+    if not warm:
+        return warm
+    common = {k: v for k, v in warm.items() if k not in ("warm", "cold", "stages_packed", "stages_warm")}
+    out: dict[str, Any] = dict(common)
+    if "warm" in warm or "cold" in warm:
+        chain = {k: warm[k] for k in ("warm", "cold") if k in warm}
+        if len(chain) == 2:
+            chain.update(warm_chain_figures(chain["warm"], chain["cold"], warm["electrons"]))
+        out["chain"] = chain
+    if "stages_packed" in warm or "stages_warm" in warm:
+        out["stages"] = {short: warm[k] for short, k in (("packed", "stages_packed"), ("warm", "stages_warm")) if k in warm}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # What ran: each phase's status
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +346,18 @@ def mode_status(driver: dict | None, ended: dict) -> tuple[str, str]:
 
 
 def child_status(name: str, data: dict | None, ended: dict) -> tuple[str, str]:
-    """(status, reason) of the packing or overhead process from what it wrote and how it ended."""
+    """(status, reason) of the packing, overhead or warm process from what it wrote and how it ended."""
     cut = (data or {}).get("cut") or {}
     if name == "packing" and data:
         bad = [k for k in ("unpacked", "packed") if k in data and data[k].get("status") != "COMPLETED"]
         if bad:
             return "failed", "; ".join(f"{k}: {data[k]['status']} {data[k].get('failures')}" for k in bad)[:500]
+    if name == "warm" and data:
+        bad = [k for k in data.get("runs", ()) if k in data
+               and (data[k].get("status") != "COMPLETED" or not data[k].get("result_ok"))]
+        if bad:
+            return "failed", "; ".join(f"{k}: {data[k]['status']}, result {'right' if data[k].get('result_ok') else 'wrong'} "
+                                       f"{data[k].get('failures')}" for k in bad)[:500]
     if ended["stopped"]:
         return "cut", "stopped at its bound" + (f" ({', '.join(cut)} cut)" if cut else "")
     if ended["exit"] != 0:
@@ -326,7 +371,8 @@ def child_status(name: str, data: dict | None, ended: dict) -> tuple[str, str]:
 
 def analyse(drivers: dict[str, dict | None], stats: dict, timings: dict[str, dict], *, config: dict,
             machine: dict, started: float, ended: float, packing: dict | None = None,
-            overhead: dict | None = None, phases: dict[str, dict] | None = None) -> dict[str, Any]:
+            overhead: dict | None = None, warm: dict | None = None,
+            phases: dict[str, dict] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine, "config": config, "started": started,
                                "duration_s": round(ended - started, 1)}
     # Per phase: status (STATUSES), reason, its share and bound, the time it used; the machine's CPU
@@ -341,6 +387,8 @@ def analyse(drivers: dict[str, dict | None], stats: dict, timings: dict[str, dic
         results["overhead"] = overhead or {"error": why("overhead", "the overhead comparison failed or overran")}
     if config.get("packing_electrons"):
         results["packing"] = packing_figures(packing) or {"error": why("packing", "the packing comparison failed or overran")}
+    if config.get("warm_electrons") or config.get("warm_stage_electrons"):
+        results["warm"] = warm_figures(warm) or {"error": why("warm", "the warm VMs' runs failed or overran")}
     for key, driver in drivers.items():
         if driver is None:
             results[key] = {**{k: None for k in REQUIRED_KEYS}, "error": why(key, "the executor process failed or overran")}
@@ -371,13 +419,22 @@ def analyse(drivers: dict[str, dict | None], stats: dict, timings: dict[str, dic
 
     packed_ok = (not config.get("packing_electrons")
                  or all((results["packing"].get(k) or {}).get("status") == "COMPLETED" for k in ("packed", "unpacked")))
-    results["complete"] = set(drivers) == {"event", "poll"} and all(complete(key) for key in drivers) and packed_ok
+    warm_ok = "warm" not in results or (bool(warm) and all(
+        (warm.get(k) or {}).get("status") == "COMPLETED" and warm[k].get("result_ok") for k in warm.get("runs", ())))
+    only = [name for name in (config.get("only") or "").split(",") if name]
+    wanted = {key for key in config["modes"].split(",") if key and (not only or key in only)}
+    if only:  # a phase left out by --only is not missing from the run
+        packed_ok = packed_ok or "packing" not in only
+        warm_ok = warm_ok or "warm" not in only
+    results["complete"] = (set(drivers) == wanted and all(complete(key) for key in drivers)
+                           and packed_ok and warm_ok)
     return results
 
 
 def targets(results: dict) -> dict[str, Any]:
     e, p = results.get("event", {}), results.get("poll", {})
     ratio = (p["p1_p50_s"] / e["p1_p50_s"]) if e.get("p1_p50_s") and p.get("p1_p50_s") else None
+    chain = (results.get("warm") or {}).get("chain") or {}
 
     def le(value, bound):
         return None if value is None else value <= bound
@@ -399,6 +456,9 @@ def targets(results: dict) -> dict[str, Any]:
                                         TARGETS["packing_vm_seconds_ratio"]),
         "packing_mutations_per_electron_le_005": le((results.get("packing") or {}).get("mutations_per_electron"),
                                                     TARGETS["packing_mutations_per_electron"]),
+        "warm_chain_boots_1_against_n": chain.get("boots_one_against_each"),
+        "warm_chain_wall_le_025": chain.get("wall_le_025"),
+        "warm_chain_vm_seconds_le_cold": chain.get("vm_seconds_le_cold"),
     }
 
 
@@ -475,6 +535,9 @@ def table(results: dict) -> str:
         worker.append(f"| {name} | {_ms((e.get('worker_p50_s') or {}).get(name))} | {_ms((p.get('worker_p50_s') or {}).get(name))} |")
     worker.append(f"| total (RUNNING -> terminal) | {_ms(e.get('worker_total_p50_s'))} | {_ms(p.get('worker_total_p50_s'))} |")
     worker.append(f"| overhead (total - call) | {_ms(e.get('worker_overhead_p50_s'))} | {_ms(p.get('worker_overhead_p50_s'))} |")
+    modes_ran = "event" in results or "poll" in results
+    if not modes_ran:  # --only left the modes out: their tables would be all dashes
+        lines, worker = [], []
     overhead, t = results.get("overhead") or {}, results["targets"]
     if overhead.get("gcpbatch_p50_s") is not None and overhead.get("local_p50_s") is not None:
         worker += ["", f"Per-electron overhead through Covalent on {cpu} (a trivial electron, dispatch -> node end, p50 of "
@@ -506,13 +569,66 @@ def table(results: dict) -> str:
                    f"{_num(round(up['batch_reads'] / max(1, packing['tasks']), 3))} | | | |"]
     elif packing:
         worker += ["", f"Packing on {cpu}: {packing.get('error') or (results.get('phases') or {}).get('packing', {}).get('reason') or 'incomplete'}"]
+    worker += warm_table(results)
     worker += phase_table(results)
     m = results["machine"]
-    footer = ["", f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['os']}.",
-              f"P1-P3: {c['tasks']} tasks per mode, {c['concurrency']} in flight; P4: {c['p4_tasks']['event']} (event) / "
-              f"{c['p4_tasks']['poll']} (poll) in flight from one process; local Batch service --max-running "
-              f"{c['batch_max_running']}; run took {results['duration_s']:.0f} s.", *[f"Note: {n}" for n in results["notes"]]]
+    footer = ["", f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['os']}."]
+    if modes_ran:
+        footer += [f"P1-P3: {c['tasks']} tasks per mode, {c['concurrency']} in flight; P4: {c['p4_tasks']['event']} (event) / "
+                   f"{c['p4_tasks']['poll']} (poll) in flight from one process; local Batch service --max-running "
+                   f"{c['batch_max_running']}; run took {results['duration_s']:.0f} s.", *[f"Note: {n}" for n in results["notes"]]]
+    else:
+        footer.append(f"Run took {results['duration_s']:.0f} s.")
     return "\n".join(lines + worker + footer)
+
+
+def _pair(a, b) -> str:
+    return f"{_num(a)} / {_num(b)}"
+
+
+def warm_table(results: dict) -> list[str]:
+    """The warm VMs' chain and stages (bench/warm.py), model seconds, with the scale and the CPU."""
+    warm = results.get("warm") or {}
+    cpu, t = results["machine"]["cpu_model"], results["targets"]
+    if not warm or "error" in warm:
+        return ["", f"Warm VMs on {cpu}: {warm.get('error') or 'not run'}"] if warm else []
+    scale = (f"Batch's latency modelled at time scale {warm['time_scale']:g} (model seconds; Covalent's and the workers' "
+             f"real CPU time count 1 / {warm['time_scale']:g} times over), through a Covalent server, keep_warm "
+             f"{warm['keep_warm_real_s']} s real ({warm['keep_warm_real_s'] / warm['time_scale']:g} model s)")
+    lines: list[str] = []
+    chain = warm.get("chain") or {}
+    if chain.get("warm") and chain.get("cold"):
+        w, c = chain["warm"], chain["cold"]
+        lines += ["", f"Warm VMs on {cpu}: a chain of {warm['electrons']} electrons of {warm['task_model_s']:g} s, each taking "
+                  f"the one before's output, pack_window 0; {scale}:", "",
+                  "| figure | keep_warm | keep_warm = 0 | ratio | goal | |", "|---|---|---|---|---|---|",
+                  f"| wall time, dispatch -> COMPLETED (model s) | {w['wall_s']:g} | {c['wall_s']:g} | {_num(chain['wall_ratio'])} | "
+                  f"<= 0.25 | {_yes(t['warm_chain_wall_le_025'])} |",
+                  f"| wall time (real s) | {w['wall_real_s']:g} | {c['wall_real_s']:g} | | | |",
+                  f"| VM boots | {w['vm_boots']} | {c['vm_boots']} | | 1 against {warm['electrons']} | "
+                  f"{_yes(t['warm_chain_boots_1_against_n'])} |",
+                  f"| VM-seconds billed (model s) | {w['vm_seconds']:g} | {c['vm_seconds']:g} | {_num(chain['vm_seconds_ratio'])} | "
+                  f"<= 1 | {_yes(t['warm_chain_vm_seconds_le_cold'])} |",
+                  f"| Batch jobs of the dispatch | {w['dispatch_jobs']} | {c['dispatch_jobs']} | | | |",
+                  f"| electrons run on a warm VM | {w['warm_electrons']} | {c['warm_electrons']} | | | |"]
+    elif chain:
+        lines += ["", f"Warm VMs' chain on {cpu}: " + ", ".join(
+            f"{k} wall {r['wall_s']:g} model s, {r['vm_boots']} boots, {r['vm_seconds']:g} VM-s" for k, r in chain.items())
+            + f"; {'; '.join(f'{k}: {why}' for k, why in (warm.get('cut') or {}).items()) or 'incomplete'}"]
+    stages = warm.get("stages") or {}
+    if stages:
+        keys = [k for k in ("packed", "warm") if k in stages]
+        label = {"packed": "default packing", "warm": "pack_window 0"}
+        lines += ["", f"Warm VMs on {cpu}: a fan-out of {warm['stage_electrons']} electrons of {warm['task_model_s']:g} s, then "
+                  f"a fan-out of {warm['stage_electrons']} each taking one of their outputs; {scale}:", "",
+                  "| figure | " + " | ".join(label[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        rows = [("wall time, dispatch -> COMPLETED (model s)", lambda r: _num(r["wall_s"])),
+                ("VM boots: all / stage 2's", lambda r: _pair(r["vm_boots"], r.get("stage2_vm_boots"))),
+                ("Batch jobs: all / stage 2's", lambda r: _pair(r["dispatch_jobs"], r.get("stage2_jobs"))),
+                ("stage-2 electrons run on a warm VM", lambda r: _num(r.get("stage2_warm_electrons"))),
+                ("VM-seconds billed (model s)", lambda r: _num(r["vm_seconds"]))]
+        lines += [f"| {name} | " + " | ".join(cell(stages[k]) for k in keys) + " |" for name, cell in rows]
+    return lines
 
 
 def phase_table(results: dict) -> list[str]:
@@ -548,6 +664,12 @@ def plot(results: dict, path: Path) -> Path | None:
     except ImportError:
         print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
         return None
+    packing, m = results.get("packing") or {}, results["machine"]
+    packing_path = None
+    if packing.get("packed") and packing.get("unpacked"):
+        packing_path = plot_packing({**packing, "cpu_model": m["cpu_model"]}, path.with_name(path.stem + "-packing.png"), plt)
+    if "event" not in results and "poll" not in results:  # no mode ran (--only): no figure of theirs
+        return packing_path
     e, p, c = results.get("event", {}), results.get("poll", {}), results["config"]
     labels = {"event": "event", "poll": f"poll ({c['poll_freq_s']:g} s)"}
     colours = {"event": "tab:blue", "poll": "tab:orange"}
@@ -611,9 +733,6 @@ def plot(results: dict, path: Path) -> Path | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    packing = results.get("packing") or {}
-    if packing.get("packed") and packing.get("unpacked"):
-        plot_packing({**packing, "cpu_model": m["cpu_model"]}, path.with_name(path.stem + "-packing.png"), plt)
     return path
 
 

@@ -1,8 +1,9 @@
 """`make bench` in miniature, so that the benchmark harness does not rot: the same code path
 (bench/harness.py on its own local stack, one executor process per mode), a few tasks per mode,
 poll_freq 0.5 s, P4 with 4 tasks, P5 with 1 MiB, and the packing comparison with 6 electrons through
-a Covalent server (Batch's latency modelled 20x faster), and the per-electron overhead through Covalent
-(two trivial electrons per executor). Checks the results' shape, not the numbers."""
+a Covalent server (Batch's latency modelled 20x faster), the per-electron overhead through Covalent
+(two trivial electrons per executor), and warm VMs (a chain of two electrons with keep_warm and
+without, the model 20x faster: about 50 s of the run). Checks the results' shape, not the numbers."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     require_emulators()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out-dir", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=360, stdin=subprocess.DEVNULL,
+        cwd=REPO, capture_output=True, text=True, timeout=450, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
 
@@ -63,9 +64,22 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert 0 < overhead["local_p50_s"] and 0 < overhead["gcpbatch_p50_s"], overhead
     assert results["worker_overhead_s"] > 0 and "worker_overhead_le_03s" in results["targets"]
     assert "Per-electron overhead through Covalent" in proc.stdout
+    warm = results["warm"]
+    chain = warm["chain"]
+    for key in ("warm", "cold"):
+        run = chain[key]
+        assert run["status"] == "COMPLETED" and run["result_ok"] and run["settled"], (key, run)
+        assert set(run) >= {"wall_s", "wall_real_s", "vm_boots", "vm_seconds", "dispatch_jobs", "warm_electrons"}, run
+    assert chain["cold"]["vm_boots"] == chain["cold"]["dispatch_jobs"] == 2 and chain["cold"]["warm_electrons"] == 0
+    # The second electron runs on the first one's VM (one boot), unless the machine was too slow for it.
+    assert chain["warm"]["vm_boots"] + chain["warm"]["warm_electrons"] == 2, chain["warm"]
+    assert chain["wall_ratio"] is not None and chain["vm_seconds_ratio"] is not None
+    assert {"warm_chain_boots_1_against_n", "warm_chain_wall_le_025", "warm_chain_vm_seconds_le_cold"} <= set(results["targets"])
+    assert f"Warm VMs on {results['machine']['cpu_model']}: a chain of 2 electrons" in proc.stdout
+    assert f"time scale {warm['time_scale']:g}" in proc.stdout
     # What ran: every phase has its record, with its bound, the time it used and the machine's CPU.
     phases = results["phases"]
-    assert list(phases) == ["setup", "event", "poll", "packing", "overhead"]
+    assert list(phases) == ["setup", "event", "poll", "packing", "overhead", "warm"]
     for name, record in phases.items():
         assert record["status"] == "ran", (name, record)
         assert set(record) >= set(PHASE_KEYS), (name, record)

@@ -13,11 +13,15 @@ ALL = list(PHASES)
 
 def test_the_declared_shares_leave_a_reserve_and_fill_the_default_budget_in_order():
     assert 0.9 <= sum(PHASES.values()) < 1 and 0.9 <= sum(MODE_PHASES.values()) < 1
-    assert ALL == ["setup", "event", "poll", "packing", "overhead"]
+    assert ALL == ["setup", "event", "poll", "packing", "overhead", "warm"]
     assert list(MODE_PHASES) == ["warmup", "p1", "p4", "p5"]
-    shares = bounds.shares(2700, PHASES, ALL)
-    assert shares == pytest.approx({name: 2700 * f for name, f in PHASES.items()})
-    assert sum(shares.values()) == pytest.approx(2700 * sum(PHASES.values()))
+    shares = bounds.shares(3375, PHASES, ALL)
+    assert shares == pytest.approx({name: 3375 * f for name, f in PHASES.items()})
+    assert sum(shares.values()) == pytest.approx(3375 * sum(PHASES.values()))
+    # The warm phase came with seconds of its own: the earlier phases kept theirs of the 2700 s
+    # budget before it (setup 135, each mode 594, packing 1080, overhead 189, the reserve 108).
+    assert shares == pytest.approx({"setup": 135, "event": 594, "poll": 594, "packing": 1080, "overhead": 189, "warm": 675})
+    assert 3375 * (1 - sum(PHASES.values())) == pytest.approx(108)
 
 
 def test_phases_that_do_not_run_give_their_share_to_those_that_do_and_the_reserve_stays():
@@ -30,7 +34,7 @@ def test_phases_that_do_not_run_give_their_share_to_those_that_do_and_the_reserv
 
 
 def test_a_phase_gets_its_share_however_slow_the_phases_before_it_were():
-    shares = bounds.shares(2700, PHASES, ALL)
+    shares = bounds.shares(3375, PHASES, ALL)
     total = sum(shares.values())
     # On schedule: each phase's bound is its share.
     elapsed = 0.0
@@ -44,16 +48,16 @@ def test_a_phase_gets_its_share_however_slow_the_phases_before_it_were():
         assert bounds.bound(name, shares, left) == pytest.approx(shares[name])
         left -= shares[name]
     # Time past the budget already: still the share (the run is bounded by the sum of the bounds).
-    assert bounds.bound("overhead", shares, -50) == pytest.approx(shares["overhead"])
+    assert bounds.bound("warm", shares, -50) == pytest.approx(shares["warm"])
 
 
 def test_time_an_earlier_phase_left_over_goes_to_the_next_without_touching_later_shares():
-    shares = bounds.shares(2700, PHASES, ALL)
+    shares = bounds.shares(3375, PHASES, ALL)
     total = sum(shares.values())
     # Setup and event took 10 s each: poll may use everything the later phases' shares do not need.
     left = total - 20
     poll = bounds.bound("poll", shares, left)
-    assert poll == pytest.approx(left - shares["packing"] - shares["overhead"])
+    assert poll == pytest.approx(left - shares["packing"] - shares["overhead"] - shares["warm"])
     assert poll > shares["poll"]
     assert bounds.bound("packing", shares, left - poll) == pytest.approx(shares["packing"])
 
