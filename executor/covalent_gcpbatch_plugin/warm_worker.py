@@ -113,7 +113,7 @@ def serve(bucket, task_bucket, first: TaskObjects) -> int:
             idle = go_idle(bucket, me)
             if ended is not None:
                 tell(publisher, electron.job_id, me, *ended)
-            electron = None if idle is None else next_electron(task_bucket, me, offers, idle)
+            electron = None if idle is None else next_electron(bucket, task_bucket, me, offers, idle)
         return 0
     finally:
         offers.close()
@@ -254,27 +254,42 @@ def go_idle(bucket, me: Runner) -> IdleVM | None:
     return idle
 
 
-def next_electron(task_bucket, me: Runner, offers: Offers, idle: IdleVM) -> TaskObjects | None:
+def next_electron(bucket, task_bucket, me: Runner, offers: Offers, idle: IdleVM) -> TaskObjects | None:
     """Wait on the offer queue until the idle record's time is up, for an electron offered to
-    this VM; None if none came."""
-    until = idle.until
+    this VM; None if none came (or the one offered is not this VM's to run)."""
     offers.open()
-    log(f"waiting up to {until - time.time():.0f} s for the next electron ({idle.name})")
-    while (left := until - time.time()) > 0:
+    log(f"waiting up to {idle.until - time.time():.0f} s for the next electron ({idle.name})")
+    offer = None
+    while offer is None and (left := idle.until - time.time()) > 0:
         try:
             offer = offers.queue.get(timeout=left)
         except queue.Empty:
             break
         if offer.seq != me.seq or offer.key != me.key:
             log(f"ignored an offer of {offer.job_id} for another idle period or spec")
-            continue
-        spec = read_spec(task_bucket, TaskObjects(offer.job_id))
-        if spec is None or warm_key(spec) != me.key or time.time() + spec.time_limit_s + OFFER_MARGIN_S > me.ends:
-            log(f"offer of {offer.job_id} refused: its task is gone, of another spec, or longer than this VM's life")
-            return None  # its executor creates its job at the offer's take_by; this idle period is spent
-        return TaskObjects(offer.job_id)
-    log("no electron came: exiting")
-    return None
+            offer = None
+    if offer is None:
+        # The offer's message may be late or lost; its record is not: the take of this idle period.
+        offer = taken_offer(bucket, idle, me)
+    if offer is None:
+        log("no electron came: exiting")
+        return None
+    spec = read_spec(task_bucket, TaskObjects(offer.job_id))
+    if spec is None or warm_key(spec) != me.key or time.time() + spec.time_limit_s + OFFER_MARGIN_S > me.ends:
+        log(f"offer of {offer.job_id} refused: its task is gone, of another spec, or longer than this VM's life")
+        return None  # its executor asks for its job at the offer's take_by
+    return TaskObjects(offer.job_id)
+
+
+def taken_offer(bucket, idle: IdleVM, me: Runner) -> Offer | None:
+    """The offer recorded on this idle period's ``taken`` object, if an upload took it."""
+    try:
+        blob = bucket.get_blob(idle.taken, timeout=30)
+        offer = None if blob is None else Offer.loads(blob.download_as_bytes(timeout=30))
+    except Exception as err:  # noqa: BLE001 - then none: its executor asks for its job at take_by
+        log(f"cannot read {idle.taken}: {type(err).__name__}: {err}")
+        return None
+    return offer if offer is not None and offer.runner == me.runner and offer.key == me.key else None
 
 
 class Offers:

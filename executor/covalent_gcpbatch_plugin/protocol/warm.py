@@ -34,7 +34,9 @@ from .spec import JobSpec
 WARM_PREFIX = f"{TASKS_PREFIX}warm/"
 TAKEN_SUFFIX = ".taken"
 #: Seconds an offered electron waits for its warm VM to claim it; then its executor writes ``cold``.
-OFFER_TAKE_S = 10.0
+#: More than two ack deadlines of the offer subscription (10 s): an offer that went to a stream as
+#: its VM left (or, on the Pub/Sub emulator, to a stream it failed to close) is redelivered in time.
+OFFER_TAKE_S = 25.0
 #: An idle VM is offered an electron only if it still waits this long, and only if the electron's
 #: time limit ends this long before the VM's own end (its job's max run duration).
 OFFER_MARGIN_S = 5.0
