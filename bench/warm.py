@@ -71,7 +71,8 @@ def expected_real_s(key: str, n: int, task_s: float, scale: float, keep_real: fl
     """About how long run ``key`` of ``n`` electrons takes in real seconds, its VMs' tail included:
     each run's part of what is left before --deadline is in proportion to it (a cold chain of 10
     boots ten VMs one after another, ~1,000 model seconds; the warm chain one, and waits out its
-    keep_warm). Measured at time scale 0.25 on a 2-core AMD EPYC: within 15 % of each run's time."""
+    keep_warm). Measured at time scale 0.25 on a 2-core AMD EPYC (bench/results/2026-12-07.json,
+    tails included): 59, 263, 73 and 75 s against 67, 266, 82 and 62 expected."""
     model = LatencyModel.realistic(scale)
     first = model.create_to_scheduled_s + model.boot_s + task_s  # a lone electron's own job, model seconds
     if key == "warm":
