@@ -215,8 +215,9 @@ class JobEvents:
         if electron is not None:
             self._routes.put(electron.job_id, electron)
             return
-        for watcher in self._runner_watchers((task or event).job_id if (task or event) else ""):
-            self._routes.put(watcher, RunnerEvent(task or event))
+        about = task or event
+        for watcher in self._runner_watchers(about.job_id) if about is not None else ():
+            self._routes.put(watcher, RunnerEvent(about))
         if task is not None:
             members = self._packs.get(task.job_id, ())
             if task.task_index < len(members):

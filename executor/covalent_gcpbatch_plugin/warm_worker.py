@@ -56,9 +56,9 @@ from .protocol import (
     TaskObjects,
     dumps_error,
     electron_state_message,
-    idle_of_name,
     live_from,
     parse_offer,
+    untaken_idle,
     warm_key,
 )
 
@@ -102,10 +102,11 @@ def serve(bucket, task_bucket, first: TaskObjects) -> int:
     publisher = clients.publisher_client()
     offers = Offers(me.runner)
     try:
-        electron: TaskObjects | None = first
+        offered: tuple[TaskObjects, JobSpec] | None = (first, spec)
         attempt = os.environ.get(ENV_RETRY_ATTEMPT, "0")
-        while electron is not None:
-            ended = run_claimed(context, bucket, task_bucket, me, electron, attempt, publisher)
+        while offered is not None:
+            electron, electron_spec = offered
+            ended = run_claimed(context, bucket, me, electron, electron_spec, attempt, publisher)
             me.seq += 1
             attempt = "0"  # an offered electron's first run: its own job id, its own attempt-0 objects
             # Waiting before the end is told: the next electron of a chain is uploaded only once its
@@ -113,7 +114,7 @@ def serve(bucket, task_bucket, first: TaskObjects) -> int:
             idle = go_idle(bucket, me)
             if ended is not None:
                 tell(publisher, electron.job_id, me, *ended)
-            electron = None if idle is None else next_electron(bucket, task_bucket, me, offers, idle)
+            offered = None if idle is None else next_electron(bucket, task_bucket, me, offers, idle)
         return 0
     finally:
         offers.close()
@@ -143,15 +144,14 @@ def claim(bucket, me: Runner, objects: TaskObjects) -> bool:
         return held is not None and held.runner == me.runner and held.job_uid == me.job_uid
 
 
-def run_claimed(context, bucket, task_bucket, me: Runner, objects: TaskObjects, attempt: str,
+def run_claimed(context, bucket, me: Runner, objects: TaskObjects, spec: JobSpec, attempt: str,
                 publisher) -> tuple[JobState, str] | None:
     """Claim the electron and run it in a fresh child within its time limit: its end (state,
     detail), still to be told; None if another runner has it."""
     if not claim(bucket, me, objects):
         log(f"{objects.job_id} is another runner's (its claim): not run here")
         return None
-    spec = read_spec(task_bucket, objects)
-    time_limit = spec.time_limit_s if spec is not None else 60
+    time_limit = spec.time_limit_s
     tell(publisher, objects.job_id, me, JobState.RUNNING, f"running on warm VM {me.runner}")
     child = context.Process(target=child_main, args=(objects.job_id, {ENV_JOB_ID: objects.job_id, ENV_RETRY_ATTEMPT: attempt}),
                             name=f"electron-{objects.job_id}")
@@ -230,8 +230,7 @@ def child_main(job_id: str, environment: dict[str, str]) -> None:
 def waiting_vms(bucket, now: float) -> int:
     """How many VMs of the deployment wait for an electron now (their idle records not taken)."""
     names = [blob.name for blob in bucket.list_blobs(prefix=WARM_PREFIX, start_offset=live_from(now), timeout=60)]
-    taken = {name.removesuffix(".taken") for name in names if name.endswith(".taken")}
-    return sum(1 for name in names if idle_of_name(name) and name not in taken)
+    return len(untaken_idle(names))
 
 
 def go_idle(bucket, me: Runner) -> IdleVM | None:
@@ -254,7 +253,7 @@ def go_idle(bucket, me: Runner) -> IdleVM | None:
     return idle
 
 
-def next_electron(bucket, task_bucket, me: Runner, offers: Offers, idle: IdleVM) -> TaskObjects | None:
+def next_electron(bucket, task_bucket, me: Runner, offers: Offers, idle: IdleVM) -> tuple[TaskObjects, JobSpec] | None:
     """Wait on the offer queue until the idle record's time is up, for an electron offered to
     this VM; None if none came (or the one offered is not this VM's to run)."""
     offers.open()
@@ -278,7 +277,7 @@ def next_electron(bucket, task_bucket, me: Runner, offers: Offers, idle: IdleVM)
     if spec is None or warm_key(spec) != me.key or time.time() + spec.time_limit_s + OFFER_MARGIN_S > me.ends:
         log(f"offer of {offer.job_id} refused: its task is gone, of another spec, or longer than this VM's life")
         return None  # its executor asks for its job at the offer's take_by
-    return TaskObjects(offer.job_id)
+    return TaskObjects(offer.job_id), spec
 
 
 def taken_offer(bucket, idle: IdleVM, me: Runner) -> Offer | None:

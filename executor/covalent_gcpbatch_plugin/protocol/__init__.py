@@ -140,6 +140,7 @@ from .warm import (  # noqa: F401
     IdleVM,
     live_from,
     idle_of_name,
+    untaken_idle,
     Offer,
     Claim,
     ElectronEvent,
