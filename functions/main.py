@@ -332,10 +332,8 @@ def idle_candidates(buckets: Buckets, key: str, now: float) -> Iterator[str]:
     names = [blob.name for blob in storage().bucket(buckets.data).list_blobs(
         prefix=protocol.WARM_PREFIX, start_offset=protocol.live_from(now), max_results=MAX_WARM_LISTING,
         retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)]
-    taken = {name.removesuffix(protocol.warm.TAKEN_SUFFIX) for name in names if name.endswith(protocol.warm.TAKEN_SUFFIX)}
-    for name in names:
-        parsed = protocol.idle_of_name(name)
-        if parsed is not None and parsed[0] == key and name not in taken:
+    for name, of_key in protocol.untaken_idle(names):
+        if of_key == key:
             yield name
 
 
@@ -369,7 +367,7 @@ def take_idle_vm(buckets: Buckets, objects: protocol.TaskObjects, spec: protocol
         if idle is None or not idle.takes(spec, now):
             continue
         offer = protocol.Offer(job_id=objects.job_id, key=key, runner=idle.runner, seq=idle.seq,
-                               take_by=now + protocol.OFFER_TAKE_S)
+                               take_by=idle.take_by(now))
         try:
             clients.create_object(storage().bucket(buckets.data), idle.taken, offer.dumps(),
                                   content_type="application/json", retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)

@@ -105,3 +105,16 @@ def test_a_lost_warm_vm_runs_the_electron_again_within_its_retries():
     assert isinstance(decide(lost, terms, [lost], Policy(retries=1)), Settle), "retries spent"
     assert isinstance(decide(AttemptEnd(JobState.FAILED, lost_runner=RUNNER, has_result=True), terms, [], Policy(retries=1)),
                       Settle), "a stored result is the electron's"
+
+
+def test_untaken_idle_records_are_the_vms_that_still_wait():
+    spec = warm_spec()
+    first, second = idle(spec, until=NOW + 20), idle(spec, until=NOW + 40, seq=1)
+    names = sorted([first.name, first.taken, second.name, "covalent-gcpbatch/warm/not-a-record"])
+    assert protocol.untaken_idle(names) == [(second.name, protocol.warm_key(spec))]
+
+
+def test_an_offer_stands_until_its_vm_has_read_its_taken_record():
+    spec = warm_spec()
+    assert idle(spec, until=NOW + 3).take_by(NOW) == NOW + protocol.OFFER_TAKE_S
+    assert idle(spec, until=NOW + 60).take_by(NOW) == NOW + 60 + protocol.OFFER_MARGIN_S

@@ -81,6 +81,13 @@ class IdleVM(BaseModel):
     def taken(self) -> str:
         return self.name + TAKEN_SUFFIX
 
+    def take_by(self, now: float) -> float:
+        """By when an offer made to this VM at ``now`` must be claimed: ``OFFER_TAKE_S``, and never
+        before the VM's wait ends plus the margin, since the VM reads its ``taken`` record then: an
+        offer whose message is lost (or, on the emulator, stuck on a departed VM's stream) is still
+        claimed by a live VM, and a dead VM's costs the electron at most its ``keep_warm``."""
+        return max(now + OFFER_TAKE_S, self.until + OFFER_MARGIN_S)
+
     def takes(self, spec: JobSpec, now: float) -> bool:
         """Whether this VM may be offered ``spec``'s electron at ``now``: same key, still waiting
         long enough to claim it, and its job lives long enough for the electron's time limit."""
@@ -97,6 +104,14 @@ def idle_of_name(name: str) -> tuple[str, str, int] | None:
     """(key, runner, seq) of an idle record's name (None for anything else, a ``.taken`` too)."""
     found = _IDLE_NAME.fullmatch(name)
     return None if found is None else (found["key"], found["runner"], int(found["seq"]))
+
+
+def untaken_idle(names: list[str]) -> list[tuple[str, str]]:
+    """(name, key) of the idle records among ``names`` (a listing from ``live_from``) whose
+    ``taken`` mark is not listed too, in listing order: the VMs that still wait for an offer."""
+    taken = {name.removesuffix(TAKEN_SUFFIX) for name in names if name.endswith(TAKEN_SUFFIX)}
+    return [(name, parsed[0]) for name in names
+            if (parsed := idle_of_name(name)) is not None and name not in taken]
 
 
 class Offer(BaseModel):
