@@ -50,8 +50,8 @@ def test_deploy_status_reaches_deploy_sh_with_the_same_arguments(tmp_path):
     done = run([CLI, "deploy", "status", *args], environment(by_cli))
     assert argvs(by_cli) == argvs(by_script) and argvs(by_cli)
     assert all(f"--project={PROJECT}" in argv or argv[:1] == ["projects"] for argv in argvs(by_cli))
-    # Nothing deployed: status says so, and exits as deploy.sh does.
-    assert done.returncode == reference.returncode != 0 and "10 missing" in done.stdout
+    # Nothing deployed: status says so (every resource missing, the warm topic and its subscription too), and exits as deploy.sh does.
+    assert done.returncode == reference.returncode != 0 and "12 missing" in done.stdout
     assert comparable(done.stdout, by_cli) == comparable(reference.stdout, by_script)
 
 
