@@ -75,7 +75,7 @@ class IdleVM(BaseModel):
 
     @property
     def name(self) -> str:
-        return f"{WARM_PREFIX}{int(self.until * 1000):015d}-{self.key}-{self.runner}-{self.seq}"
+        return f"{idle_offset(self.until)}-{self.key}-{self.runner}-{self.seq}"
 
     @property
     def taken(self) -> str:
@@ -95,15 +95,28 @@ class IdleVM(BaseModel):
                 and now + spec.time_limit_s + OFFER_MARGIN_S <= self.ends)
 
 
+def idle_offset(until: float) -> str:
+    """Where the idle records of VMs that stop waiting at ``until`` (epoch seconds) or later start
+    in a listing (``start_offset``; as an ``end_offset``, those that stop before)."""
+    return f"{WARM_PREFIX}{int(until * 1000):015d}"
+
+
 def live_from(now: float) -> str:
     """``start_offset`` of a listing of the idle records still waiting at ``now`` + the margin."""
-    return f"{WARM_PREFIX}{int((now + OFFER_MARGIN_S) * 1000):015d}"
+    return idle_offset(now + OFFER_MARGIN_S)
 
 
 def idle_of_name(name: str) -> tuple[str, str, int] | None:
     """(key, runner, seq) of an idle record's name (None for anything else, a ``.taken`` too)."""
     found = _IDLE_NAME.fullmatch(name)
     return None if found is None else (found["key"], found["runner"], int(found["seq"]))
+
+
+def taken_of(names: list[str], runner: str) -> list[str]:
+    """The ``taken`` marks among ``names`` of ``runner``'s idle records: one per electron offered
+    to its VM (an Offer each; the VM may still have missed it)."""
+    return [name for name in names if name.endswith(TAKEN_SUFFIX)
+            and (idle := idle_of_name(name.removesuffix(TAKEN_SUFFIX))) is not None and idle[1] == runner]
 
 
 def untaken_idle(names: list[str]) -> list[tuple[str, str]]:
