@@ -164,25 +164,35 @@ def _print_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def electrons_cell(row: dict) -> str:
+    """The nodes of the dispatch that ran on a job (``3, 5, 7``), and how many of other dispatches."""
+    nodes = ", ".join(row.get("nodes") or []) or "-"
+    others = row.get("other_dispatches")
+    return nodes + (f" +{others} of other dispatches" if others else "")
+
+
 def show_jobs(rows: list[dict]) -> None:
+    electrons = any(row.get("nodes") is not None for row in rows)  # of a dispatch: who ran on each job
     table = _table(("JOB", "left"), ("STATE", "left"), ("DISPATCH", "left"), ("NODE", "right"), ("AGE", "right"),
-                   ("VM", "right"))  # fmt: skip
+                   ("VM", "right"), *([("ELECTRONS", "left")] if electrons else []))  # fmt: skip
     for row in rows:
-        table.add_row(row["job"], row["state"], row["dispatch_id"], row["node_id"], row["age"], f"{row['vm_s']:.0f}s")
+        table.add_row(row["job"], row["state"], row["dispatch_id"], row["node_id"], row["age"], f"{row['vm_s']:.0f}s",
+                      *([electrons_cell(row)] if electrons else []))  # fmt: skip
     _console().print(table)
 
 
 def show_cost(report: dict) -> None:
     gpus = any(row["gpus"] for row in report["jobs"])
     columns = [("JOB", "left"), ("STATE", "left"), ("MACHINE", "left"), ("VM", "right"), ("BILLED", "right"),
-               ("vCPU-h", "right"), ("GiB-h", "right"), *([("GPU-h", "right")] if gpus else []), ("USD", "right")]
+               ("vCPU-h", "right"), ("GiB-h", "right"), *([("GPU-h", "right")] if gpus else []), ("USD", "right"),
+               ("ELECTRONS", "left")]
     table = _table(*columns)
     for row in report["jobs"]:
         machine = " ".join(filter(None, (row["machine_family"], f"{row['vcpus']:g} vCPU {row['memory_gib']:g} GiB",
                                          f"{row['gpus']}x {row['gpu_type']}" if row["gpus"] else "")))
         table.add_row(row["job"], row["state"], machine, f"{row['vm_s']:.1f}s", f"{row['billed_s']:.0f}s",
                       f"{row['vcpu_hours']:.4f}", f"{row['memory_gib_hours']:.4f}",
-                      *([f"{row['gpu_hours']:.4f}"] if gpus else []), f"${row['usd']:.4f}")  # fmt: skip
+                      *([f"{row['gpu_hours']:.4f}"] if gpus else []), f"${row['usd']:.4f}", electrons_cell(row))  # fmt: skip
     console = _console()
     console.print(table)
     console.print(f"dispatch {report['dispatch_id']}: {len(report['jobs'])} job(s), VM-seconds {report['vm_s']:.1f} "
@@ -370,7 +380,7 @@ def logs(dispatch_id: str, node_id: int | None, follow: bool) -> None:
 @click.option("--yes", "-y", is_flag=True, help="With --cancel: do not ask (without a terminal to ask on, --cancel needs it).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output: a JSON list of the jobs (not with --cancel).")
 def jobs(dispatch_id: str | None, cancel: bool, force: bool, yes: bool, as_json: bool) -> None:
-    """This deployment's Batch jobs (of DISPATCH_ID if given), with state, node, age and VM time."""
+    """This deployment's Batch jobs (of DISPATCH_ID if given, with the electrons that ran on each), with state, node, age and VM time."""
     from . import watch
 
     if (force or yes) and not cancel:
@@ -390,7 +400,7 @@ def jobs(dispatch_id: str | None, cancel: bool, force: bool, yes: bool, as_json:
               help="JSON file overriding usage.DEFAULT_PRICES (USD per hour).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output: the jobs, their usage and the totals.")
 def cost(dispatch_id: str, prices: str | None, as_json: bool) -> None:
-    """VM time and an on-demand price estimate of DISPATCH_ID's jobs (exit 1 if it has none)."""
+    """VM time and an on-demand price estimate of DISPATCH_ID's jobs, each VM once with the electrons it ran (exit 1 if it has none)."""
     from . import watch
 
     report = watch.cost_report(dispatch_id, prices)

@@ -5,7 +5,8 @@ Everything comes from the deployment the Covalent config points at (``[executors
 the executor reads it): the task objects in its bucket (a task's job id starts
 ``cov-<dispatch id's first 8>-<node id>-``, protocol.dispatch_prefix) and its Batch jobs (their
 ``created-by`` and ``covalent-deployment`` labels, the latter naming the deployment's bucket, and
-their ``covalent-dispatch-id`` and ``covalent-node-id`` labels). On the local stack and on Google
+their ``covalent-dispatch-id`` and ``covalent-node-id`` labels, a job's first electron's), and the
+electrons' claims, which name the job that ran each (a warm VM runs several). On the local stack and on Google
 Cloud alike. ``jobs --cancel`` cancels only what no Covalent server waits for: a job whose dispatch
 a server says has ended; one whose dispatch is unknown, or whose server does not answer, only with
 ``--force``; and it asks first (``--yes`` does not), as ``deploy.sh down`` does.
@@ -17,7 +18,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TextIO
@@ -237,11 +238,13 @@ def logs(dispatch_id: str, node_id: int | None, follow: bool, out: TextIO = sys.
         print(f"--follow needs one task: dispatch {dispatch_id} has {len(job_ids)} "
               f"(nodes {', '.join(node_of(j) for j in job_ids)}): pass NODE_ID", file=out)
         return 2
+    runners = runners_of(job_ids, {job_id: read_claim(bucket, job_id) for job_id in claimed_job_ids(names)})
     for job_id in job_ids:
-        print(f"== node {node_of(job_id)} (Batch job {job_id})", file=out)
-        print(links(deployment, _job(deployment, job_id), job_id), file=out, flush=True)
+        runner = runners.get(job_id, job_id)
+        print(heading(job_id, runner), file=out)
+        print(links(deployment, _job(deployment, runner), runner), file=out, flush=True)
         if follow:
-            return _follow(deployment, bucket, job_id, out, stop or threading.Event())
+            return _follow(deployment, bucket, job_id, out, stop or threading.Event(), runner)
         for stream in protocol.STREAMS:
             text, final = TaskOutput(bucket, job_id, stream).read()
             if text:
@@ -250,8 +253,20 @@ def logs(dispatch_id: str, node_id: int | None, follow: bool, out: TextIO = sys.
     return 0
 
 
-def _follow(deployment: Deployment, bucket, job_id: str, out: TextIO, stop: threading.Event) -> int:
-    """Print stdout as it arrives until the task's final log is written or its job has ended."""
+def heading(job_id: str, runner: str) -> str:
+    """The line ``logs`` prints above a task's output: its node and the Batch job that ran it (a
+    warm VM's, for an electron that ran on another electron's job: its output is still its own)."""
+    if runner == job_id:
+        return f"== node {node_of(job_id)} (Batch job {job_id})"
+    return (f"== node {node_of(job_id)} (ran on the warm VM of Batch job {runner}; "
+            f"its own objects: {protocol.TaskObjects(job_id).prefix})")
+
+
+def _follow(deployment: Deployment, bucket, job_id: str, out: TextIO, stop: threading.Event,
+            runner: str | None = None) -> int:
+    """Print stdout as it arrives until the task's final log is written or the job that runs it
+    (``runner``: a warm VM's, if not its own) has ended."""
+    runner = runner or job_id
     output = TaskOutput(bucket, job_id, "stdout")
     shown, deadline = 0, time.monotonic() + FOLLOW_LIMIT_S
     while True:
@@ -262,12 +277,12 @@ def _follow(deployment: Deployment, bucket, job_id: str, out: TextIO, stop: thre
             shown = len(text)
         if final:
             return 0
-        job = _job(deployment, job_id)
+        job = _job(deployment, runner)
         state = usage.state_name(job.status.state) if job else "gone"
         if job is None or state in TERMINAL:
             text, _ = output.read()  # what came between the two reads
             out.write(text[shown:])
-            print(f"-- job {job_id}: {state}", file=out, flush=True)
+            print(f"-- job {runner}: {state}", file=out, flush=True)
             return 0
         if stop.wait(FOLLOW_INTERVAL_S) or time.monotonic() > deadline:
             return 0
@@ -341,26 +356,177 @@ def ask_on_terminal(prompt: str) -> str | None:
         return None
 
 
-def job_rows(found: Iterable[batch_v1.Job]) -> list[dict]:
-    """What ``jobs`` lists of each job (the CLI draws it as a table, or prints it as JSON)."""
+# -- Who ran each electron: its claim (warm VMs, protocol/warm.py) -----------------------------
+#
+# A warm VM's job carries the labels of its first electron only: the electrons it ran after that
+# have no job of their own, and their claim (TaskObjects.claim, kept with the outcome) is the one
+# record of where they ran. An electron with no claim (not warm: a job of its own, a pack's task)
+# ran on its own job, if it ran.
+
+
+def claimed_job_ids(names: Iterable[str]) -> list[str]:
+    """The job ids among ``names`` (a listing of task prefixes) whose claim is listed."""
+    listed = set(names)
+    return [job_id for job_id in job_ids_in(listed) if protocol.TaskObjects(job_id).claim in listed]
+
+
+def runners_of(job_ids: Iterable[str], claims: Mapping[str, protocol.Claim | None]) -> dict[str, str]:
+    """Electron job id -> the Batch job that ran it: its claim's runner, else its own job. Ids
+    that are no electron's (a pack's) are left out."""
+    return {job_id: claim.runner if (claim := claims.get(job_id)) is not None else job_id
+            for job_id in job_ids if protocol.node_id_of_job_id(job_id) is not None}
+
+
+def nodes_by_runner(runners: Mapping[str, str]) -> dict[str, list[str]]:
+    """Runner job id -> the nodes (of the electrons in ``runners``) that ran on it, in node order."""
+    ran: dict[str, set[int]] = {}
+    for job_id, runner in runners.items():
+        ran.setdefault(runner, set()).add(protocol.node_id_of_job_id(job_id) or 0)
+    return {runner: [str(node) for node in sorted(nodes)] for runner, nodes in ran.items()}
+
+
+def nodes_on(job: batch_v1.Job, runners: Mapping[str, str]) -> list[str]:
+    """The nodes of ``runners``' dispatch that ran on ``job``. A job that is no electron's own and
+    no claim's runner (a pack, or a job whose objects are gone): its node label, as before."""
+    job_id = protocol.job_id_of_job_name(job.name)
+    ran = nodes_by_runner(runners).get(job_id)
+    if ran is not None:
+        return ran
+    if job_id in runners:  # its own electron's claim names another runner: it ran none of them
+        return []
+    node = job.labels.get(NODE_LABEL, "")
+    return [node] if node else []
+
+
+def warm_runners(runners: Mapping[str, str]) -> set[str]:
+    """The jobs that ran an electron not their own (warm VMs)."""
+    return {runner for job_id, runner in runners.items() if runner != job_id}
+
+
+def foreign_candidates(runner: str, dispatch_id: str, offers: Iterable[protocol.Offer]) -> list[str]:
+    """The electrons of other dispatches than ``dispatch_id`` that may have run on ``runner``'s
+    VM: its job's own, and those offered to it (its idle records' ``taken`` bodies)."""
+    own = protocol.dispatch_prefix(dispatch_id)
+    ids = {runner} | {offer.job_id for offer in offers if offer.runner == runner}
+    return sorted(i for i in ids if not protocol.TaskObjects(i).prefix.startswith(own))
+
+
+def ran_on(runner: str, candidates: Iterable[str], claims: Mapping[str, protocol.Claim | None]) -> list[str]:
+    """Those of ``candidates`` whose claim names ``runner`` (an offer not claimed in time ran elsewhere)."""
+    return [i for i in candidates if (claim := claims.get(i)) is not None and claim.runner == runner]
+
+
+def idle_window(job: batch_v1.Job) -> tuple[str, str | None]:
+    """(start_offset, end_offset) of a listing that holds every idle record of ``job``'s VM: their
+    names start with the time the VM stops waiting, which falls between the job's creation and its
+    end plus the longest wait (no end while it has not ended)."""
+    start = protocol.idle_offset(job.create_time.timestamp())
+    if usage.state_name(job.status.state) not in TERMINAL or "update_time" not in job:
+        return start, None
+    ended = max(job.update_time.timestamp(), job.create_time.timestamp()) + protocol.MAX_KEEP_WARM_S
+    return start, protocol.idle_offset(ended)
+
+
+@dataclass(frozen=True)
+class DispatchRuns:
+    """A dispatch's jobs (its labelled ones and every VM that ran one of its electrons, each once,
+    newest first), which job ran each electron, and the electrons of other dispatches each warm
+    VM ran (read for the VMs that ran one of this dispatch's electrons warm only)."""
+
+    jobs: list[batch_v1.Job]
+    runners: dict[str, str]
+    others: dict[str, list[str]]
+
+    def nodes(self, job: batch_v1.Job) -> list[str]:
+        return nodes_on(job, self.runners)
+
+    def other_count(self, job: batch_v1.Job) -> int | None:
+        """How many electrons of other dispatches ran on the job's VM (None: not read, not warm)."""
+        found = self.others.get(protocol.job_id_of_job_name(job.name))
+        return None if found is None else len(found)
+
+
+def read_claim(bucket, job_id: str) -> protocol.Claim | None:
+    """An electron's claim, read as the executor reads it (TaskObjectStore.load_claim)."""
+    blob = bucket.get_blob(protocol.TaskObjects(job_id).claim, timeout=30)
+    return None if blob is None else protocol.Claim.loads(blob.download_as_bytes(timeout=30))
+
+
+def electron_runners(bucket, dispatch_id: str, node_id: int | None = None) -> dict[str, str]:
+    """Each electron of the dispatch (or node) whose objects are in the bucket -> the job that ran it."""
+    names = [b.name for b in bucket.list_blobs(prefix=protocol.dispatch_prefix(dispatch_id, node_id), timeout=30)]
+    claims = {job_id: read_claim(bucket, job_id) for job_id in claimed_job_ids(names)}
+    return runners_of(job_ids_in(names), claims)
+
+
+def offers_to(bucket, job: batch_v1.Job) -> list[protocol.Offer]:
+    """The offers made to ``job``'s VM: the bodies of its idle records' ``taken`` marks."""
+    runner = protocol.job_id_of_job_name(job.name)
+    start, end = idle_window(job)
+    names = [b.name for b in bucket.list_blobs(prefix=protocol.WARM_PREFIX, start_offset=start, end_offset=end, timeout=60)]
+    offers = []
+    for name in protocol.taken_of(names, runner):
+        blob = bucket.get_blob(name, timeout=30)
+        offer = None if blob is None else protocol.Offer.loads(blob.download_as_bytes(timeout=30))
+        if offer is not None:
+            offers.append(offer)
+    return offers
+
+
+def dispatch_runs(deployment: Deployment, dispatch_id: str) -> DispatchRuns:
+    """The dispatch's labelled jobs, plus the warm VMs its electrons ran on (their claims) that
+    carry another dispatch's labels, fetched by id; for each warm VM, the electrons of other
+    dispatches it ran."""
+    bucket = deployment.bucket()
+    found = dispatch_jobs(deployment, dispatch_id)
+    runners = electron_runners(bucket, dispatch_id)
+    warm = warm_runners(runners)
+    listed = {protocol.job_id_of_job_name(j.name) for j in found}
+    extra = [job for runner in sorted(warm - listed) if (job := _job(deployment, runner)) is not None]
+    if extra:  # dispatch_jobs' are newest first already
+        found = sorted(found + extra, key=lambda j: j.create_time, reverse=True)
+    others = {}
+    for job in found:
+        runner = protocol.job_id_of_job_name(job.name)
+        if runner in warm:
+            candidates = foreign_candidates(runner, dispatch_id, offers_to(bucket, job))
+            others[runner] = ran_on(runner, candidates, {i: read_claim(bucket, i) for i in candidates})
+    return DispatchRuns(found, runners, others)
+
+
+def job_rows(found: Iterable[batch_v1.Job], runs: DispatchRuns | None = None) -> list[dict]:
+    """What ``jobs`` lists of each job (the CLI draws it as a table, or prints it as JSON). With a
+    dispatch's ``runs``: ``nodes``, the nodes of that dispatch that ran on the job (a warm VM runs
+    several), and ``other_dispatches``, how many electrons of other dispatches it ran (None if
+    not read: no warm electron of the dispatch ran on it); both None without ``runs``. The
+    ``dispatch_id`` and ``node_id`` are the job's labels: its first electron's."""
     now = datetime.now(timezone.utc)
     return [{"job": job.name.rsplit("/", 1)[-1], "state": usage.state_name(job.status.state),
              "dispatch_id": job.labels.get(DISPATCH_LABEL, ""), "node_id": job.labels.get(NODE_LABEL, ""),
              "age_s": round((now - job.create_time).total_seconds(), 1), "age": _age(job),
-             "vm_s": round(usage.vm_seconds(job), 1)} for job in found]  # fmt: skip
+             "vm_s": round(usage.vm_seconds(job), 1),
+             "nodes": None if runs is None else runs.nodes(job),
+             "other_dispatches": None if runs is None else runs.other_count(job)} for job in found]  # fmt: skip
 
 
 def jobs(dispatch_id: str | None, cancel: bool, out: TextIO = sys.stdout,
          status_of: Callable[[str], tuple[str, str]] = dispatch_status, *, force: bool = False, yes: bool = False,
          ask: Callable[[str], str | None] = ask_on_terminal, show: Callable[[list[dict]], object] | None = None) -> int:
-    """List this deployment's jobs (``show`` gets their job_rows); with ``cancel``, cancel the
-    active ones no Covalent server waits for (cancel_orphans)."""
+    """List this deployment's jobs (``show`` gets their job_rows): of a dispatch, its labelled
+    jobs and the warm VMs its electrons ran on (dispatch_runs); with ``cancel``, cancel the active
+    labelled ones no Covalent server waits for (cancel_orphans)."""
     deployment = Deployment.from_config()
-    found = dispatch_jobs(deployment, dispatch_id)
+    if dispatch_id is None:
+        found, runs = dispatch_jobs(deployment, None), None
+    else:
+        runs = dispatch_runs(deployment, dispatch_id)
+        found = runs.jobs
     if show is not None:
-        show(job_rows(found))
+        show(job_rows(found, runs))
     if not cancel:
         return 0
+    if dispatch_id is not None:  # another dispatch's warm VM: not this one's to cancel
+        found = [j for j in found if j.labels.get(DISPATCH_LABEL) == sanitize_label_value(dispatch_id)]
     return cancel_orphans(deployment, found, out, status_of, force=force, yes=yes, ask=ask)
 
 
@@ -412,14 +578,22 @@ def cancel_orphans(deployment: Deployment, found: list[batch_v1.Job], out: TextI
 
 
 def cost_report(dispatch_id: str, prices_file: str | None) -> dict:
-    """VM time and an on-demand estimate of a dispatch's jobs (the CLI draws it as a table, or
-    prints it as JSON); ``jobs`` is empty when Batch has none of the dispatch. ``price_table``
+    """VM time and an on-demand estimate of a dispatch's jobs, its labelled ones and the warm VMs
+    its electrons ran on, each once (the CLI draws it as a table, or prints it as JSON); ``jobs`` is empty when Batch has none of the dispatch. ``price_table``
     (and ``note``, which the table's last line prints) names the prices' date and source."""
     deployment = Deployment.from_config()
     prices = usage.load_prices(prices_file)
     table = usage.price_table_of(prices_file)
+    runs = dispatch_runs(deployment, dispatch_id)
+    return cost_of_runs(deployment, dispatch_id, runs, prices, table)
+
+
+def cost_of_runs(deployment: Deployment, dispatch_id: str, runs: DispatchRuns, prices: dict, table: dict) -> dict:
+    """cost_report's translation (pure): one row per VM (Batch job) of ``runs``, each once, with
+    the nodes of the dispatch that ran on it; a warm VM that also ran other dispatches' electrons
+    is counted whole (``shared_vms``, and the note says so)."""
     rows = []
-    for job in dispatch_jobs(deployment, dispatch_id):
+    for job in runs.jobs:
         used = usage.usage_of(job)
         h = used.hours()
         rows.append({"job": used.job_id, "state": used.state, "machine_family": used.machine_family,
@@ -429,9 +603,13 @@ def cost_report(dispatch_id: str, prices_file: str | None) -> dict:
                      "vm_s": round(used.vm_seconds, 1), "time_source": used.time_source, "billed_s": round(used.billed_seconds),
                      "vcpu_hours": round(h["vcpu_hours"], 6), "memory_gib_hours": round(h["memory_gib_hours"], 6),
                      "gpu_hours": round(h.get("gpu_hours", 0.0), 6), "usd": round(usage.estimate(used, prices), 6),
-                     "summary": usage.summary(used, prices)})  # fmt: skip
+                     "summary": usage.summary(used, prices),
+                     "nodes": runs.nodes(job), "other_dispatches": runs.other_count(job)})  # fmt: skip
+    shared = [r["job"] for r in rows if r["other_dispatches"]]
     return {"dispatch_id": dispatch_id, "project_id": deployment.project_id, "region": deployment.region,
             "jobs": rows, "vm_s": round(sum(r["vm_s"] for r in rows), 1), "billed_s": sum(r["billed_s"] for r in rows),
-            "usd": round(sum(r["usd"] for r in rows), 6), "price_table": table,
+            "usd": round(sum(r["usd"] for r in rows), 6), "price_table": table, "vms": len(rows), "shared_vms": shared,
             "note": (f"estimate: list prices as of {table['as_of']} ({table['source']}); no discounts, disks or network; "
-                     "VM time is Batch's run duration (boot and image pull before RUNNING not included)")}  # fmt: skip
+                     "VM time is Batch's run duration (boot and image pull before RUNNING not included)"
+                     + (f"; {len(shared)} warm VM(s) also ran electrons of other dispatches and are counted whole"
+                        if shared else ""))}  # fmt: skip

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
+from fake_bucket import FakeBucket
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_plugin import cli, watch
@@ -157,6 +158,7 @@ def deployment(monkeypatch):
     here = watch.Deployment("my-project", "us-east1", "my-bucket", "", "")
     monkeypatch.setattr(watch.Deployment, "from_config", classmethod(lambda cls: here))
     monkeypatch.setattr(watch, "dispatch_jobs", lambda deployment, dispatch_id: found)
+    monkeypatch.setattr(watch.Deployment, "bucket", lambda self: FakeBucket({}))  # no claims: no warm VM
     return found
 
 
@@ -167,7 +169,8 @@ def test_jobs_json(deployment):
     assert [(r["job"], r["state"], r["dispatch_id"], r["node_id"]) for r in rows] == [
         ("cov-5f1c0d2e-1-abcdef", "RUNNING", DISPATCH, "1"), ("cov-5f1c0d2e-0-123456", "SUCCEEDED", DISPATCH, "0")]
     assert rows[1]["vm_s"] == 42.0 and 290 < rows[1]["age_s"] < 400
-    assert set(rows[0]) == {"job", "state", "dispatch_id", "node_id", "age_s", "age", "vm_s"}
+    assert set(rows[0]) == {"job", "state", "dispatch_id", "node_id", "age_s", "age", "vm_s", "nodes", "other_dispatches"}
+    assert [r["nodes"] for r in rows] == [["1"], ["0"]] and rows[0]["other_dispatches"] is None
 
 
 def test_jobs_table_keeps_its_columns_one_job_a_line(deployment):
@@ -193,8 +196,9 @@ def test_cost_json_and_table(deployment):
     table = invoke("cost", DISPATCH)
     assert table.exit_code == 0
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["JOB", "STATE", "MACHINE", "VM", "BILLED", "vCPU-h", "GiB-h", "USD"]
-    assert lines[3].split()[:2] == ["cov-5f1c0d2e-0-123456", "SUCCEEDED"] and lines[3].split()[-5:-3] == ["42.0s", "60s"]
+    assert lines[0].split() == ["JOB", "STATE", "MACHINE", "VM", "BILLED", "vCPU-h", "GiB-h", "USD", "ELECTRONS"]
+    assert lines[3].split()[:2] == ["cov-5f1c0d2e-0-123456", "SUCCEEDED"] and lines[3].split()[-6:-4] == ["42.0s", "60s"]
+    assert lines[3].split()[-1] == "0"
     assert f"dispatch {DISPATCH}: 2 job(s), VM-seconds 42.0 (billed 60)" in table.stdout and "on demand" in table.stdout
 
 

@@ -7,6 +7,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from click.testing import CliRunner
+from fake_bucket import FakeBucket
 from google.cloud import batch_v1
 
 from covalent_gcpbatch_plugin import cli, usage, watch
@@ -76,6 +77,7 @@ def test_cost_names_the_price_tables_date_and_source(monkeypatch, tmp_path):
     deployment = watch.Deployment("p", "us-central1", "bucket", "", "")
     monkeypatch.setattr(watch.Deployment, "from_config", classmethod(lambda cls: deployment))
     monkeypatch.setattr(watch, "dispatch_jobs", lambda d, dispatch: [job(run_s=61.5, instance="e2-standard-4")])
+    monkeypatch.setattr(watch.Deployment, "bucket", lambda self: FakeBucket({}))  # no claims: no warm VM
     drawn = CliRunner().invoke(cli.app, ["cost", "5f1c0d2e"])
     assert drawn.exit_code == 0, drawn.output
     assert f"list prices as of {usage.PRICE_TABLE['as_of']}" in drawn.output
