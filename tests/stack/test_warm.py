@@ -12,8 +12,10 @@ import covalent as ct
 import pytest
 from workflow_helpers import (
     batch_admin,
+    failure_details,
     jobs_of_dispatch,
     no_active_job_left,
+    node_results,
     nodes_by_name,
     run_flow,
     wait_for,
@@ -259,3 +261,68 @@ def test_an_offer_to_a_warm_vm_that_died_idle_gets_the_electrons_own_job(covalen
     assert "warm VM" not in (nodes["second"]["stderr"] or "")
     assert len(jobs_of_dispatch(local_stack, dispatch_id)) == 2, "the second electron's own job"
     no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
+
+
+def test_jobs_cost_and_logs_show_a_chains_electrons_on_its_one_warm_vm(covalent_server, local_stack):
+    """`jobs`, `cost` and `logs` of a chain that ran on one warm VM: the one job lists every node
+    that ran on it, its VM is counted once, and each electron's output is its own, headed with
+    the VM it ran on (the electrons after the first have no job of their own: their claims say where)."""
+    import io
+
+    from click.testing import CliRunner
+
+    from covalent_gcpbatch_plugin import cli, watch
+
+    executor = warm_executor(keep_artifacts=True)  # their output stays in their objects
+
+    @ct.electron(executor=executor)
+    def first() -> int:
+        print("printed by the first", flush=True)
+        return 1
+
+    @ct.electron(executor=executor)
+    def then(x: int) -> int:
+        print(f"printed by the electron of {x}", flush=True)
+        return x + 1
+
+    @ct.lattice
+    def chain():
+        return then(then(first()))
+
+    dispatch_id, result, _ = run_flow(chain, timeout_s=SETTLE_S)
+    assert str(result.status) == "COMPLETED" and result.result == 3, failure_details(result)
+    electrons = sorted(node["node_id"] for node in node_results(result) if node["node_name"] in ("first", "then"))
+    assert len(electrons) == 3, node_results(result)
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)  # the VM's whole life, ended
+    (job,) = jobs_of_dispatch(local_stack, dispatch_id)
+    vm = protocol.job_id_of_job_name(job.name)
+
+    rows: list[dict] = []
+    assert watch.jobs(dispatch_id, cancel=False, out=io.StringIO(), show=rows.extend) == 0
+    assert [(row["job"], row["nodes"], row["other_dispatches"]) for row in rows] == [
+        (vm, [str(n) for n in electrons], 0)], rows
+
+    report = watch.cost_report(dispatch_id, None)
+    (used,) = report["jobs"]
+    assert used["job"] == vm and used["nodes"] == [str(n) for n in electrons] and report["vms"] == 1
+    assert report["vm_s"] == used["vm_s"] and report["usd"] == used["usd"] and report["shared_vms"] == []
+    ran = batch_admin(local_stack, "stats")["jobs"][vm]
+    assert abs(used["vm_s"] - (ran["SUCCEEDED"] - ran["SCHEDULED"])) <= 0.1 * used["vm_s"], (used, ran)
+
+    out = io.StringIO()
+    assert watch.logs(dispatch_id, None, follow=False, out=out) == 0
+    text = out.getvalue()
+    own, *warm = electrons
+    assert f"== node {own} (Batch job {vm})\n" in text, text
+    for node in warm:
+        assert f"== node {node} (ran on the warm VM of Batch job {vm}; its own objects: " in text, text
+    sections = text.split("== node ")[1:]
+    assert [s.count("printed by") for s in sections] == [1] * len(electrons), text
+    assert "printed by the electron of 2" in sections[-1], "each electron's own output under its own heading"
+
+    for args in (("jobs", dispatch_id), ("cost", dispatch_id)):
+        drawn = CliRunner().invoke(cli.app, list(args))
+        assert drawn.exit_code == 0, drawn.output
+        print(drawn.stdout)  # the report's example (pytest -s)
+        (line,) = [line for line in drawn.stdout.splitlines() if line.startswith(vm)]
+        assert line.rstrip().endswith(", ".join(str(n) for n in electrons)), drawn.stdout
