@@ -398,9 +398,10 @@ def nodes_on(job: batch_v1.Job, runners: Mapping[str, str]) -> list[str]:
     return [node] if node else []
 
 
-def warm_runners(runners: Mapping[str, str]) -> set[str]:
-    """The jobs that ran an electron not their own (warm VMs)."""
-    return {runner for job_id, runner in runners.items() if runner != job_id}
+def warm_runners(claims: Mapping[str, protocol.Claim | None]) -> set[str]:
+    """The jobs that claims name: kept warm, they may have run other electrons, of any dispatch
+    (a job that ran only its own electron and then waited is one too)."""
+    return {claim.runner for claim in claims.values() if claim is not None}
 
 
 def foreign_candidates(runner: str, dispatch_id: str, offers: Iterable[protocol.Offer]) -> list[str]:
@@ -431,7 +432,7 @@ def idle_window(job: batch_v1.Job) -> tuple[str, str | None]:
 class DispatchRuns:
     """A dispatch's jobs (its labelled ones and every VM that ran one of its electrons, each once,
     newest first), which job ran each electron, and the electrons of other dispatches each warm
-    VM ran (read for the VMs that ran one of this dispatch's electrons warm only)."""
+    VM ran (read for the jobs this dispatch's claims name only)."""
 
     jobs: list[batch_v1.Job]
     runners: dict[str, str]
@@ -452,11 +453,12 @@ def read_claim(bucket, job_id: str) -> protocol.Claim | None:
     return None if blob is None else protocol.Claim.loads(blob.download_as_bytes(timeout=30))
 
 
-def electron_runners(bucket, dispatch_id: str, node_id: int | None = None) -> dict[str, str]:
-    """Each electron of the dispatch (or node) whose objects are in the bucket -> the job that ran it."""
-    names = [b.name for b in bucket.list_blobs(prefix=protocol.dispatch_prefix(dispatch_id, node_id), timeout=30)]
+def electron_runners(bucket, dispatch_id: str) -> tuple[dict[str, str], set[str]]:
+    """Each electron of the dispatch whose objects are in the bucket -> the job that ran it; and
+    the jobs its claims name (warm_runners)."""
+    names = [b.name for b in bucket.list_blobs(prefix=protocol.dispatch_prefix(dispatch_id), timeout=30)]
     claims = {job_id: read_claim(bucket, job_id) for job_id in claimed_job_ids(names)}
-    return runners_of(job_ids_in(names), claims)
+    return runners_of(job_ids_in(names), claims), warm_runners(claims)
 
 
 def offers_to(bucket, job: batch_v1.Job) -> list[protocol.Offer]:
@@ -479,8 +481,7 @@ def dispatch_runs(deployment: Deployment, dispatch_id: str) -> DispatchRuns:
     dispatches it ran."""
     bucket = deployment.bucket()
     found = dispatch_jobs(deployment, dispatch_id)
-    runners = electron_runners(bucket, dispatch_id)
-    warm = warm_runners(runners)
+    runners, warm = electron_runners(bucket, dispatch_id)
     listed = {protocol.job_id_of_job_name(j.name) for j in found}
     extra = [job for runner in sorted(warm - listed) if (job := _job(deployment, runner)) is not None]
     if extra:  # dispatch_jobs' are newest first already
@@ -498,7 +499,7 @@ def job_rows(found: Iterable[batch_v1.Job], runs: DispatchRuns | None = None) ->
     """What ``jobs`` lists of each job (the CLI draws it as a table, or prints it as JSON). With a
     dispatch's ``runs``: ``nodes``, the nodes of that dispatch that ran on the job (a warm VM runs
     several), and ``other_dispatches``, how many electrons of other dispatches it ran (None if
-    not read: no warm electron of the dispatch ran on it); both None without ``runs``. The
+    not read: no claim of the dispatch names it, it was not kept warm); both None without ``runs``. The
     ``dispatch_id`` and ``node_id`` are the job's labels: its first electron's."""
     now = datetime.now(timezone.utc)
     return [{"job": job.name.rsplit("/", 1)[-1], "state": usage.state_name(job.status.state),

@@ -20,6 +20,7 @@ DISPATCH = "5f1c0d2e-8a7b-4c3d-9e0f-123456789abc"
 OTHER = "aaaa1111-2222-3333-4444-555555555555"
 VM = "cov-5f1c0d2e-0-aaaa"  # node 0's job, kept warm: it ran nodes 0, 1 and 2
 OWN = "cov-5f1c0d2e-3-bbbb"  # node 3: not warm, its own job, no claim
+ALONE = "cov-5f1c0d2e-5-kkkk"  # node 5: kept warm, it ran only itself of this dispatch, then one of OTHER
 FOREIGN_VM = "cov-aaaa1111-0-cccc"  # another dispatch's warm VM: it ran node 4 of this one, and 2 of its own
 NOW = datetime.now(timezone.utc)
 
@@ -58,7 +59,8 @@ def batch_job(job_id: str, dispatch: str, node: str, ran_s: float, created: date
 def stored(monkeypatch):
     """Nodes 0-2 ran on VM, node 3 on its own job, node 4 on FOREIGN_VM, which also ran two
     electrons of OTHER (its own first one, and one offered) and was offered one more that it did
-    not claim in time (its claim names another runner)."""
+    not claim in time (its claim names another runner); node 5 on its own job ALONE, whose VM
+    then ran one electron of OTHER."""
     vm_created, foreign_created = NOW - timedelta(seconds=600), NOW - timedelta(seconds=900)
     objects = {
         **electron(VM, VM, "zero\n"), **electron("cov-5f1c0d2e-1-dddd", VM, "one\n"),
@@ -70,8 +72,11 @@ def stored(monkeypatch):
         **taken(FOREIGN_VM, "cov-aaaa1111-1-gggg", 1, foreign_created),
         **taken(FOREIGN_VM, "cov-5f1c0d2e-4-ffff", 2, foreign_created),
         **taken(FOREIGN_VM, "cov-aaaa1111-2-hhhh", 3, foreign_created),
+        **electron(ALONE, ALONE, "five\n"), **electron("cov-aaaa1111-3-llll", ALONE),
+        **taken(ALONE, "cov-aaaa1111-3-llll", 1, NOW - timedelta(seconds=200)),
     }
-    labelled = [batch_job(OWN, DISPATCH, "3", 20.0, NOW - timedelta(seconds=300)),
+    labelled = [batch_job(ALONE, DISPATCH, "5", 80.0, NOW - timedelta(seconds=200)),
+                batch_job(OWN, DISPATCH, "3", 20.0, NOW - timedelta(seconds=300)),
                 batch_job(VM, DISPATCH, "0", 150.0, vm_created)]  # fmt: skip
     by_id = {protocol.job_id_of_job_name(j.name): j for j in labelled}
     by_id[FOREIGN_VM] = batch_job(FOREIGN_VM, OTHER, "0", 200.0, foreign_created)
@@ -97,7 +102,7 @@ def test_claims_map_each_electron_to_its_runner():
     runners = watch.runners_of(watch.job_ids_in(names), claims)
     assert runners == {VM: VM, "cov-5f1c0d2e-1-dddd": VM, OWN: OWN}, "a pack's id is no electron"
     assert watch.nodes_by_runner(runners) == {VM: ["0", "1"], OWN: ["3"]}
-    assert watch.warm_runners(runners) == {VM}
+    assert watch.warm_runners(claims) == {VM}
 
 
 def test_a_job_no_claim_names_keeps_its_label_and_one_that_lost_its_claim_ran_nothing():
@@ -132,7 +137,7 @@ def test_jobs_lists_every_vm_once_with_the_nodes_it_ran(stored):
     rows = []
     assert watch.jobs(DISPATCH, cancel=False, out=io.StringIO(), show=rows.extend) == 0
     assert [(r["job"], r["nodes"], r["other_dispatches"]) for r in rows] == [
-        (OWN, ["3"], None), (VM, ["0", "1", "2"], 0), (FOREIGN_VM, ["4"], 2)]
+        (ALONE, ["5"], 1), (OWN, ["3"], None), (VM, ["0", "1", "2"], 0), (FOREIGN_VM, ["4"], 2)]
     assert stored == [FOREIGN_VM], "only the runner no label query found is fetched"
     table = CliRunner().invoke(cli.app, ["jobs", DISPATCH])
     assert table.exit_code == 0, table.output
@@ -143,7 +148,7 @@ def test_jobs_lists_every_vm_once_with_the_nodes_it_ran(stored):
     (foreign_line,) = [line for line in lines if line.startswith(FOREIGN_VM)]
     assert foreign_line.rstrip().endswith("4 +2 of other dispatches")
     listed = json.loads(CliRunner().invoke(cli.app, ["jobs", DISPATCH, "--json"]).stdout)
-    assert listed[1]["nodes"] == ["0", "1", "2"]
+    assert listed[2]["nodes"] == ["0", "1", "2"]
 
 
 def test_jobs_cancel_leaves_another_dispatchs_vm_alone(stored, monkeypatch):
@@ -155,22 +160,22 @@ def test_jobs_cancel_leaves_another_dispatchs_vm_alone(stored, monkeypatch):
 
     monkeypatch.setattr(watch, "cancel_orphans", cancel)
     assert watch.jobs(DISPATCH, cancel=True, out=io.StringIO()) == 0
-    assert seen == [OWN, VM]
+    assert seen == [ALONE, OWN, VM]
 
 
 def test_cost_counts_each_vm_once_and_names_a_shared_one(stored):
     report = watch.cost_report(DISPATCH, None)
     rows = {r["job"]: r for r in report["jobs"]}
-    assert list(rows) == [OWN, VM, FOREIGN_VM] and report["vms"] == 3
+    assert list(rows) == [ALONE, OWN, VM, FOREIGN_VM] and report["vms"] == 4
     assert rows[VM]["nodes"] == ["0", "1", "2"] and rows[VM]["vm_s"] == 150.0 and rows[VM]["other_dispatches"] == 0
     assert rows[FOREIGN_VM]["nodes"] == ["4"] and rows[FOREIGN_VM]["vm_s"] == 200.0
-    assert report["vm_s"] == 20.0 + 150.0 + 200.0 and report["billed_s"] == 60 + 150 + 200
+    assert report["vm_s"] == 80.0 + 20.0 + 150.0 + 200.0 and report["billed_s"] == 80 + 60 + 150 + 200
     assert report["usd"] == pytest.approx(sum(r["usd"] for r in rows.values()))
-    assert report["shared_vms"] == [FOREIGN_VM] and "counted whole" in report["note"]
+    assert report["shared_vms"] == [ALONE, FOREIGN_VM] and "counted whole" in report["note"]
     vm = usage.usage_of(batch_job(VM, DISPATCH, "0", 150.0, NOW))
     assert rows[VM]["usd"] == pytest.approx(usage.estimate(vm), abs=1e-6), "the VM once, not once per electron"
     drawn = CliRunner().invoke(cli.app, ["cost", DISPATCH])
-    assert drawn.exit_code == 0 and "1 warm VM(s) also ran electrons of other dispatches" in drawn.stdout
+    assert drawn.exit_code == 0 and "2 warm VM(s) also ran electrons of other dispatches" in drawn.stdout
     (vm_line,) = [line for line in drawn.stdout.splitlines() if line.startswith(VM)]
     assert vm_line.rstrip().endswith("0, 1, 2")
 
