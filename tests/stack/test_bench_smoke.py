@@ -64,6 +64,14 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert 0 < overhead["local_p50_s"] and 0 < overhead["gcpbatch_p50_s"], overhead
     assert results["worker_overhead_s"] > 0 and "worker_overhead_le_03s" in results["targets"]
     assert "Per-electron overhead through Covalent" in proc.stdout
+    # Both warm executors' rounds each ran on the VM the round before left, or are named as cold.
+    warm_rounds = [len(overhead["samples_s"][key]) for key in ("gcpbatch_warm", "gcpbatch_warm_unpacked")]
+    assert sum(warm_rounds) + len(overhead["cold_rounds"]) == 4 and overhead["warm_rounds"] == sum(warm_rounds), overhead
+    assert len(overhead["warm_worker_samples_s"]) == overhead["warm_rounds"], "every warm round has its claim and result"
+    if overhead["warm_rounds"]:
+        assert 0 < overhead["warm_worker_overhead_p50_s"], overhead
+        assert "On a warm VM (keep_warm" in proc.stdout
+    assert {"overhead_gcpbatch_warm_p50_le_03s", "warm_worker_overhead_le_005s"} <= set(results["targets"])
     warm = results["warm"]
     chain = warm["chain"]
     for key in ("warm", "cold"):
