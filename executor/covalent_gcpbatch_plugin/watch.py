@@ -475,6 +475,30 @@ def offers_to(bucket, job: batch_v1.Job) -> list[protocol.Offer]:
     return offers
 
 
+def running_electron(runner: str, offers: Iterable[protocol.Offer], claims: Mapping[str, protocol.Claim | None],
+                     ended: Iterable[str]) -> str | None:
+    """The electron ``runner``'s warm VM runs now, if any: one offered to it whose claim is its
+    own and whose outcome is not stored (``ended``: those whose result, error record or cancel
+    marker is). Its own first electron is its job's labelled one, which its dispatch's status covers."""
+    done = set(ended)
+    held = [o.job_id for o in sorted(offers, key=lambda o: o.seq)
+            if (claim := claims.get(o.job_id)) is not None and claim.runner == runner and o.job_id not in done]
+    return held[-1] if held else None
+
+
+def electron_on_vm(bucket, job: batch_v1.Job) -> str | None:
+    """running_electron of ``job``'s VM, read from the bucket (nothing for a job never kept warm:
+    it has no idle record)."""
+    runner = protocol.job_id_of_job_name(job.name)
+    offers = [o for o in offers_to(bucket, job) if o.runner == runner]
+    claims = {o.job_id: read_claim(bucket, o.job_id) for o in offers}
+    def has_outcome(objects: protocol.TaskObjects) -> bool:
+        return any(bucket.get_blob(name, timeout=30) is not None for name in (objects.result, objects.error, objects.cancelled))
+
+    ended = [o.job_id for o in offers if has_outcome(protocol.TaskObjects(o.job_id))]
+    return running_electron(runner, offers, claims, ended)
+
+
 def dispatch_runs(deployment: Deployment, dispatch_id: str) -> DispatchRuns:
     """The dispatch's labelled jobs, plus the warm VMs its electrons ran on (their claims) that
     carry another dispatch's labels, fetched by id; for each warm VM, the electrons of other
@@ -550,6 +574,10 @@ def cancel_orphans(deployment: Deployment, found: list[batch_v1.Job], out: TextI
         verdict, said = statuses.setdefault(dispatch, status_of(dispatch) if dispatch else (UNKNOWN, "the job has no dispatch label"))
         if verdict == RUNS:
             print(f"kept {name}: Covalent still runs dispatch {dispatch} (cancel it there: ct.cancel)", file=out)
+        elif (running := electron_on_vm(deployment.bucket(), job)) is not None:
+            # A warm VM outlives its first electron's dispatch: cancelling it would stop another's.
+            print(f"kept {name}: its warm VM runs electron {running} (of a dispatch its labels do not name); "
+                  "it exits by itself keep_warm seconds after its last electron", file=out)
         elif verdict in (UNKNOWN, UNREACHABLE) and not force:
             print(f"kept {name}: dispatch {dispatch}: {said}, so a server may still wait for it "
                   "(--force cancels it anyway)", file=out)

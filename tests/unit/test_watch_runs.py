@@ -193,3 +193,49 @@ def test_logs_of_a_warm_electron_are_its_own_headed_with_its_vm(stored):
     out = io.StringIO()
     assert watch.logs(DISPATCH, 0, follow=False, out=out) == 0
     assert out.getvalue().startswith(f"== node 0 (Batch job {VM})\n"), "the VM's own electron ran on its own job"
+
+
+class CancelRecorder:
+    """Batch's cancel_job, as `jobs --cancel` calls it: the names it was asked to cancel."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    def cancel_job(self, name: str, **_) -> None:
+        self.cancelled.append(protocol.job_id_of_job_name(name))
+
+
+def test_jobs_cancel_keeps_a_warm_vm_that_runs_another_dispatchs_electron(monkeypatch):
+    """A warm VM's labels name its first electron's dispatch, which may have ended while the VM
+    runs an electron of another: `jobs --cancel` (even --force) keeps it until that electron's
+    outcome is stored, then cancels it like any job left behind."""
+    created = NOW - timedelta(seconds=120)
+    running = "cov-aaaa1111-1-gggg"
+    objects = {**electron(VM, VM), **taken(VM, "cov-5f1c0d2e-1-dddd", 1, created), **electron("cov-5f1c0d2e-1-dddd", VM),
+               **taken(VM, running, 2, created), protocol.TaskObjects(running).claim: claim(VM)}
+    job = batch_job(VM, DISPATCH, "0", 100.0, created)
+    job.status.state = batch_v1.JobStatus.State.RUNNING
+    batch = CancelRecorder()
+    here = watch.Deployment("my-project", "us-east1", "my-bucket", "", "batch.local:1")
+    monkeypatch.setattr(watch.Deployment, "bucket", lambda self: FakeBucket(objects))
+    monkeypatch.setattr(watch.Deployment, "batch", lambda self: batch)
+    ended = lambda dispatch: (watch.ENDED, "COMPLETED")  # noqa: E731 - the first electron's dispatch
+
+    out = io.StringIO()
+    assert watch.cancel_orphans(here, [job], out, ended, force=True, yes=True) == 0
+    assert batch.cancelled == [] and f"kept {VM}: its warm VM runs electron {running}" in out.getvalue(), out.getvalue()
+    objects[protocol.TaskObjects(running).result] = b"r"
+    out = io.StringIO()
+    assert watch.cancel_orphans(here, [job], out, ended, yes=True) == 0
+    assert batch.cancelled == [VM], out.getvalue()
+
+
+def test_the_electron_a_warm_vm_runs_is_its_last_claimed_one_with_no_outcome():
+    offers = [protocol.Offer(job_id=j, key="0" * KEY_LENGTH, runner=VM, seq=seq, take_by=1.0)
+              for seq, j in enumerate(("cov-5f1c0d2e-1-dddd", "cov-aaaa1111-1-gggg", "cov-aaaa1111-2-hhhh"), 1)]
+    claims = {"cov-5f1c0d2e-1-dddd": protocol.Claim(runner=VM), "cov-aaaa1111-1-gggg": protocol.Claim(runner=VM),
+              "cov-aaaa1111-2-hhhh": protocol.Claim(runner="cov-aaaa1111-2-iiii")}
+    assert watch.running_electron(VM, offers, claims, ended=["cov-5f1c0d2e-1-dddd"]) == "cov-aaaa1111-1-gggg"
+    assert watch.running_electron(VM, offers, claims, ended=["cov-5f1c0d2e-1-dddd", "cov-aaaa1111-1-gggg"]) is None, \
+        "an offer claimed by another runner is not this VM's"
+    assert watch.running_electron(VM, [], {}, ended=[]) is None
