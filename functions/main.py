@@ -57,9 +57,6 @@ MAX_MANIFEST_BYTES = 128 * 1024
 WARM_RETRY_S = 20.0
 WARM_RETRY = clients.transient_retry(WARM_RETRY_S)
 WARM_TIMEOUT_S = 30.0
-#: Names one listing of the live idle records returns at most (one page): records still waiting
-#: and their ``taken`` marks, a few per warm VM (``max_warm_vms``); more than this is not a deployment's.
-MAX_WARM_LISTING = 1000
 #: An idle record's body is an IdleVM's JSON, a few hundred bytes; anything larger is not one.
 MAX_IDLE_BYTES = 4096
 
@@ -330,11 +327,9 @@ def idle_candidates(buckets: Buckets, key: str, now: float) -> Iterator[str]:
     the listing starts at ``protocol.live_from(now)`` (names sort by that time), so it holds only
     records still waiting, with their ``taken`` marks right after them."""
     names = [blob.name for blob in storage().bucket(buckets.data).list_blobs(
-        prefix=protocol.WARM_PREFIX, start_offset=protocol.live_from(now), max_results=MAX_WARM_LISTING,
+        prefix=protocol.WARM_PREFIX, start_offset=protocol.live_from(now), max_results=protocol.MAX_WARM_LISTING,
         retry=WARM_RETRY, timeout=WARM_TIMEOUT_S)]
-    for name, of_key in protocol.untaken_idle(names):
-        if of_key == key:
-            yield name
+    yield from protocol.waiting_of_key(names, key)
 
 
 def read_idle(buckets: Buckets, name: str, job_id: str) -> protocol.IdleVM | None:

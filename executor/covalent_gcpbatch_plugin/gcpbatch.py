@@ -39,6 +39,7 @@ from covalent._shared_files.exceptions import TaskCancelledError, TaskRuntimeErr
 from covalent._shared_files.util_classes import RESULT_STATUS
 from covalent.executor.base import AsyncBaseExecutor
 from covalent.executor.schemas import TaskUpdate
+from google.api_core import exceptions as api_exceptions
 
 from . import attempts as attempt_rules
 from . import clients, localfiles, packing, settings
@@ -59,6 +60,7 @@ from .protocol import (
     make_job_id,
     make_pack_id,
     new_attempt_token,
+    warm_key,
 )
 from .task_objects import TaskStore, pickle_task
 from .waiting import (
@@ -101,6 +103,10 @@ _waiting = Inboxes()
 #: The packs of this process: which run() calls share one (per event loop), and who is in which.
 _packer: packing.Packer[PackMember] = packing.Packer()
 _packs = packing.PackRegistry()
+_warm_takers = packing.WarmTakers()
+#: Seconds the listing of waiting warm VMs may take, retries included: a hint, not worth a wait
+#: longer than the pack window it may save.
+WARM_HINT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
             _waiting.register(job_id, asyncio.get_running_loop(), inbox)
             step.now = f"uploading the task to gs://{self._task_bucket().name}/{objects.task}"
-            if self.pack_window > 0 and packable:
+            if self.pack_window > 0 and packable and not await self._goes_to_warm_vm(spec):
                 pickle = await asyncio.to_thread(pickle_task, workdir, task)
                 placement = await _packer.join(packing.pack_key(spec, self.__dict__), PackMember(job_id, spec, pickle),
                                                window=self.pack_window,
@@ -284,6 +290,19 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             _waiting.unregister(job_id)
             if events is not None:
                 events.unregister(job_id)
+
+    async def _goes_to_warm_vm(self, spec: JobSpec) -> bool:
+        """Whether a ``keep_warm`` electron skips the pack window: a warm VM of its spec waits
+        (packing.WarmTakers). The listing is a hint: if it fails, the electron packs as usual."""
+        if spec.options.keep_warm <= 0:
+            return False
+        key = warm_key(spec)
+        try:
+            waiting = await asyncio.to_thread(self._store().vms_waiting, key, time.time(), WARM_HINT_S)
+        except api_exceptions.GoogleAPIError as err:
+            app_log.debug(f"gcpbatch: could not list the waiting warm VMs ({err}): packing as usual")
+            return False
+        return _warm_takers.take(key, waiting)
 
     async def receive(self, task_group_metadata: dict, data: Any) -> list[TaskUpdate]:
         """Covalent's runner calls this with ``data`` None for tasks cancelled before they were

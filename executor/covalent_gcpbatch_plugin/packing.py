@@ -16,13 +16,15 @@ executor's (gcpbatch.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .protocol import MAX_PACK_TASKS, JobSpec
+from .protocol import MAX_PACK_TASKS, OFFER_TAKE_S, JobSpec
 
 #: A pack closes at the latest this long after its first electron, however steady the arrivals: a
 #: third of one VM boot on Batch. (A Covalent server handed a 200-electron fan-out to its executors
@@ -99,6 +101,29 @@ def pack_key(spec: JobSpec, settings: Mapping[str, Any]) -> str:
     executors' ``PACK_SETTING_KEYS`` are equal too (``settings``: an executor's attributes)."""
     shared = json.dumps({key: settings[key] for key in PACK_SETTING_KEYS}, sort_keys=True)
     return f"{spec.model_copy(update={'node_id': 0}).model_dump_json()} {shared}"
+
+
+class WarmTakers:
+    """Which lone electrons skip the pack window for a warm VM: a ``keep_warm`` electron whose
+    spec a waiting VM may run is better off there at once than packed onto new VMs. The function
+    routes it (the executor only counts): a VM an electron of this process went for still lists
+    as waiting until the function has routed that upload, so each key's goers of the last
+    ``window_s`` are counted against the waiting VMs; more electrons than VMs are packed as usual."""
+
+    def __init__(self, window_s: float = OFFER_TAKE_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self.clock = window_s, clock
+        self._gone: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+
+    def take(self, key: str, waiting: int) -> bool:
+        """Whether one more electron of warm key ``key`` goes to a warm VM alone, ``waiting``
+        VMs of that key listed as waiting (it is counted if so)."""
+        now, gone = self.clock(), self._gone[key]
+        while gone and gone[0] <= now - self.window_s:
+            gone.popleft()
+        if len(gone) >= waiting:
+            return False
+        gone.append(now)
+        return True
 
 
 @dataclass

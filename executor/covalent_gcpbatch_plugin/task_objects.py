@@ -23,7 +23,9 @@ from google.api_core import exceptions
 
 from . import clients, localfiles
 from .protocol import (
+    MAX_WARM_LISTING,
     PACK_METADATA_KEY,
+    WARM_PREFIX,
     Claim,
     ErrorRecord,
     JobEvent,
@@ -32,8 +34,10 @@ from .protocol import (
     PackObjects,
     TaskObjects,
     loads_error,
+    live_from,
     loads_not_created,
     objects_of,
+    waiting_of_key,
 )
 
 app_log = logger.app_log
@@ -101,6 +105,14 @@ class TaskStore:
         """Who runs the electron (a warm VM or its own job's worker), if anyone claimed it yet."""
         blob = self.data.get_blob(objects.claim, timeout=30, retry=self.retry())
         return None if blob is None else Claim.loads(blob.download_as_bytes(timeout=30, retry=self.retry()))
+
+    def vms_waiting(self, key: str, now: float, within: float) -> int:
+        """How many warm VMs of warm key ``key`` wait for an offer now, as the function's routing
+        lists them (their idle records, untaken); transient errors retried ``within`` seconds."""
+        names = [blob.name for blob in self.data.list_blobs(prefix=WARM_PREFIX, start_offset=live_from(now),
+                                                            max_results=MAX_WARM_LISTING, timeout=within,
+                                                            retry=self.retry(within))]
+        return len(waiting_of_key(names, key))
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.data.get_blob(objects_of(job_id).cancelled, timeout=30, retry=self.retry()) is not None

@@ -24,6 +24,7 @@ from workflow_helpers import (
 
 from covalent_gcpbatch_plugin import clients, protocol
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
+from covalent_gcpbatch_plugin.jobs import NODE_LABEL
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.stack
@@ -99,6 +100,40 @@ def test_a_chain_runs_on_one_warm_vm_each_electron_in_a_fresh_process(covalent_s
     no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)  # the VM exits when none comes
     (job,) = jobs_of_dispatch(local_stack, dispatch_id)
     assert job.status.state.name == "SUCCEEDED"
+
+
+def test_with_packing_on_a_fan_out_takes_the_waiting_vm_and_packs_the_rest(covalent_server, local_stack):
+    """Packing on: of two electrons that reach run() together once a warm VM of their spec
+    waits, one skips the pack window and runs on that VM; the other, with no VM left for it, packs
+    as usual, alone: when its window closes it runs on the VM if that waits again, else on a job of
+    its own. Neither is held in a pack the waiting VM could not run (before: one pack of both)."""
+    executor = warm_executor(pack_window=2.0)
+
+    @ct.electron(executor=executor)
+    def first() -> int:
+        return 1
+
+    @ct.electron(executor=executor)
+    def then(x: int, i: int) -> int:
+        return x + i
+
+    @ct.lattice
+    def fan_out():
+        x = first()
+        return [then(x, 1), then(x, 2)]
+
+    dispatch_id, result, _ = run_flow(fan_out, timeout_s=SETTLE_S)
+    assert str(result.status) == "COMPLETED" and result.result == [2, 3], failure_details(result)
+    first_job = [j for j in jobs_of_dispatch(local_stack, dispatch_id)
+                 if j.labels.get(NODE_LABEL) == str(nodes_by_name(result)["first"]["node_id"])]
+    runner = protocol.job_id_of_job_name(first_job[0].name)
+    thens = [n for n in node_results(result) if n["node_name"] == "then"]
+    on_vm = [n for n in thens if f"runs on the warm VM of Batch job {runner}" in (n["stderr"] or "")]
+    assert on_vm, [n["stderr"] for n in thens]
+    jobs = [protocol.job_id_of_job_name(j.name) for j in jobs_of_dispatch(local_stack, dispatch_id)]
+    assert not any(protocol.is_pack_id(j) for j in jobs), jobs
+    assert len(jobs) == 1 + len(thens) - len(on_vm), "each electron on the VM or on a job of its own"
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
 
 
 def test_a_cancelled_warm_electron_stops_alone(covalent_server, local_stack):

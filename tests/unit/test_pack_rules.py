@@ -212,3 +212,25 @@ def test_docs_state_the_packing_facts_as_declared():
             f"{pacing.max_tasks:,} electrons)") in section
     assert f"a pack waits at least {pacing.follow_min_s:g} s after its last electron" in section
     assert settings.PLUGIN_DEFAULTS["pack_window"] == 0.5
+
+
+class MonotonicClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_no_more_electrons_skip_the_pack_window_than_warm_vms_wait():
+    """A keep_warm electron goes alone (no pack window) while a warm VM of its spec waits; the
+    VMs this process's electrons went for still list as waiting until the function routes them,
+    so they are counted for OFFER_TAKE_S: a fan-out larger than the waiting VMs still packs."""
+    clock = MonotonicClock()
+    takers = packing.WarmTakers(clock=clock)
+    assert takers.window_s == p.OFFER_TAKE_S
+    assert [takers.take("k", waiting=2) for _ in range(4)] == [True, True, False, False]
+    assert takers.take("other", waiting=1) and not takers.take("other", waiting=1), "each key on its own"
+    assert not takers.take("none", waiting=0), "no VM waits: pack as usual"
+    clock.now += p.OFFER_TAKE_S
+    assert takers.take("k", waiting=1), "the goers of the last OFFER_TAKE_S only"

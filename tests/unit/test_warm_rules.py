@@ -114,6 +114,16 @@ def test_untaken_idle_records_are_the_vms_that_still_wait():
     assert protocol.untaken_idle(names) == [(second.name, protocol.warm_key(spec))]
 
 
+def test_the_vms_waiting_for_a_key_are_its_untaken_idle_records():
+    spec, other = warm_spec(), warm_spec(vcpus=4)
+    first, second = idle(spec, until=NOW + 20), idle(spec, until=NOW + 40, seq=1)
+    elsewhere = idle(other, until=NOW + 30, runner="cov-other-0-x")
+    names = sorted([first.name, first.taken, second.name, elsewhere.name])
+    assert protocol.waiting_of_key(names, protocol.warm_key(spec)) == [second.name]
+    assert protocol.waiting_of_key(names, protocol.warm_key(other)) == [elsewhere.name]
+    assert protocol.waiting_of_key([first.name, first.taken], protocol.warm_key(spec)) == []
+
+
 def test_an_offer_stands_until_its_vm_has_read_its_taken_record():
     spec = warm_spec()
     assert idle(spec, until=NOW + 3).take_by(NOW) == NOW + protocol.OFFER_TAKE_S

@@ -132,6 +132,7 @@ from .messages import (  # noqa: F401
 )
 from .warm import (  # noqa: F401
     WARM_PREFIX,
+    MAX_WARM_LISTING,
     OFFER_TAKE_S,
     OFFER_MARGIN_S,
     WARM_OFFER,
@@ -143,6 +144,7 @@ from .warm import (  # noqa: F401
     idle_of_name,
     taken_of,
     untaken_idle,
+    waiting_of_key,
     Offer,
     Claim,
     ElectronEvent,

@@ -256,7 +256,8 @@ class JobOptions(BaseModel):
     keep_warm: int = Field(
         default=0, ge=0, le=MAX_KEEP_WARM_S,
         description="Seconds a lone electron's VM waits, its electron done, for the next electron of the same job spec "
-                    "(but for the node): that electron then starts on it at once, with no VM boot (README, \"Warm VMs\"). "
+                    "(but for the node): that electron then starts on it at once, with no VM boot and no `pack_window` "
+                    "wait (README, \"Warm VMs\"). "
                     "A VM is billed for one minute at least: waiting 60 s costs at most what the next electron's own new "
                     "VM would. `0`: off, every electron boots its own VM. Capped by the deployment.")
     gcs_volumes: dict[str, GcsVolume] = Field(

@@ -32,6 +32,9 @@ from .spec import JobSpec
 
 #: Idle records and what took them: ``covalent-gcpbatch/warm/<until ms>-<key>-<runner>-<seq>``.
 WARM_PREFIX = f"{TASKS_PREFIX}warm/"
+#: Names one listing of the live idle records returns at most (one page): records still waiting
+#: and their ``taken`` marks, a few per warm VM (``max_warm_vms``); more than this is not a deployment's.
+MAX_WARM_LISTING = 1000
 TAKEN_SUFFIX = ".taken"
 #: Seconds an offered electron waits for its warm VM to claim it; then its executor writes ``cold``.
 #: More than two ack deadlines of the offer subscription (10 s): an offer that went to a stream as
@@ -125,6 +128,12 @@ def untaken_idle(names: list[str]) -> list[tuple[str, str]]:
     taken = {name.removesuffix(TAKEN_SUFFIX) for name in names if name.endswith(TAKEN_SUFFIX)}
     return [(name, parsed[0]) for name in names
             if (parsed := idle_of_name(name)) is not None and name not in taken]
+
+
+def waiting_of_key(names: list[str], key: str) -> list[str]:
+    """The idle records among ``names`` (a listing from ``live_from``) of VMs that still wait for
+    an offer and may run electrons of warm key ``key``, in listing order (soonest to stop first)."""
+    return [name for name, of_key in untaken_idle(names) if of_key == key]
 
 
 class Offer(BaseModel):
