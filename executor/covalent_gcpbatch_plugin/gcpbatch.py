@@ -270,7 +270,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
                 inbox = await asyncio.to_thread(events.register, job_id, asyncio.get_running_loop())
             _waiting.register(job_id, asyncio.get_running_loop(), inbox)
             step.now = f"uploading the task to gs://{self._task_bucket().name}/{objects.task}"
-            if self.pack_window > 0 and packable and not await self._goes_to_warm_vm(spec):
+            if self.pack_window > 0 and packable and not await self._goes_to_warm_vm(job_id, spec):
                 pickle = await asyncio.to_thread(pickle_task, workdir, task)
                 placement = await _packer.join(packing.pack_key(spec, self.__dict__), PackMember(job_id, spec, pickle),
                                                window=self.pack_window,
@@ -287,11 +287,12 @@ class GCPBatchExecutor(AsyncBaseExecutor):
             plan = self._wait_plan(spec, placement, queue_timeout=queue_timeout)
             return await self._wait(job_id, inbox, listening=events is not None, plan=plan, spec=spec)
         finally:
+            _warm_takers.release(job_id)
             _waiting.unregister(job_id)
             if events is not None:
                 events.unregister(job_id)
 
-    async def _goes_to_warm_vm(self, spec: JobSpec) -> bool:
+    async def _goes_to_warm_vm(self, job_id: str, spec: JobSpec) -> bool:
         """Whether a ``keep_warm`` electron skips the pack window: a warm VM of its spec waits
         (packing.WarmTakers). The listing is a hint: if it fails, the electron packs as usual."""
         if spec.options.keep_warm <= 0:
@@ -302,7 +303,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
         except api_exceptions.GoogleAPIError as err:
             app_log.debug(f"gcpbatch: could not list the waiting warm VMs ({err}): packing as usual")
             return False
-        return _warm_takers.take(key, waiting)
+        return _warm_takers.take(key, job_id, waiting)
 
     async def receive(self, task_group_metadata: dict, data: Any) -> list[TaskUpdate]:
         """Covalent's runner calls this with ``data`` None for tasks cancelled before they were
@@ -578,6 +579,7 @@ class GCPBatchExecutor(AsyncBaseExecutor):
     async def _electron_event(self, job_id: str, event: ElectronEvent, warm: WarmWatch) -> JobEvent | None:
         """A message about the electron from whoever routes or runs it: offered to a warm VM (the
         function), running, ended (its runner). An end is confirmed before it settles anything."""
+        _warm_takers.release(job_id)  # routed: the VM it went for is no longer listed as waiting
         if event.state is JobState.QUEUED:
             warm.offered(event.runner, event.take_by, wall=time.time(), now=asyncio.get_running_loop().time())
             app_log.info(f"gcpbatch: {job_id} offered to the warm VM of Batch job {event.runner}")

@@ -107,23 +107,29 @@ class WarmTakers:
     """Which lone electrons skip the pack window for a warm VM: a ``keep_warm`` electron whose
     spec a waiting VM may run is better off there at once than packed onto new VMs. The function
     routes it (the executor only counts): a VM an electron of this process went for still lists
-    as waiting until the function has routed that upload, so each key's goers of the last
-    ``window_s`` are counted against the waiting VMs; more electrons than VMs are packed as usual."""
+    as waiting until the function has routed that upload, so each key's goers not yet routed (not
+    ``release``d, and for ``window_s`` at most) are counted against the waiting VMs; more electrons
+    than VMs are packed as usual."""
 
     def __init__(self, window_s: float = OFFER_TAKE_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s, self.clock = window_s, clock
-        self._gone: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._going: dict[str, dict[str, float]] = collections.defaultdict(dict)
 
-    def take(self, key: str, waiting: int) -> bool:
-        """Whether one more electron of warm key ``key`` goes to a warm VM alone, ``waiting``
-        VMs of that key listed as waiting (it is counted if so)."""
-        now, gone = self.clock(), self._gone[key]
-        while gone and gone[0] <= now - self.window_s:
-            gone.popleft()
-        if len(gone) >= waiting:
+    def take(self, key: str, job_id: str, waiting: int) -> bool:
+        """Whether electron ``job_id`` of warm key ``key`` goes to a warm VM alone, ``waiting``
+        VMs of that key listed as waiting (it is counted until released, if so)."""
+        now, going = self.clock(), self._going[key]
+        for stale in [j for j, since in going.items() if since <= now - self.window_s]:
+            del going[stale]
+        if len(going) >= waiting:
             return False
-        gone.append(now)
+        going[job_id] = now
         return True
+
+    def release(self, job_id: str) -> None:
+        """The electron was routed (offered to a VM, or given a job of its own), or its run ended."""
+        for going in self._going.values():
+            going.pop(job_id, None)
 
 
 @dataclass

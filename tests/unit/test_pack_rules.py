@@ -225,12 +225,16 @@ class MonotonicClock:
 def test_no_more_electrons_skip_the_pack_window_than_warm_vms_wait():
     """A keep_warm electron goes alone (no pack window) while a warm VM of its spec waits; the
     VMs this process's electrons went for still list as waiting until the function routes them,
-    so they are counted for OFFER_TAKE_S: a fan-out larger than the waiting VMs still packs."""
+    so they are counted until released (routed, or their run ended) or for OFFER_TAKE_S: a fan-out
+    larger than the waiting VMs still packs, and a chain's next electron finds its VM free again."""
     clock = MonotonicClock()
     takers = packing.WarmTakers(clock=clock)
     assert takers.window_s == p.OFFER_TAKE_S
-    assert [takers.take("k", waiting=2) for _ in range(4)] == [True, True, False, False]
-    assert takers.take("other", waiting=1) and not takers.take("other", waiting=1), "each key on its own"
-    assert not takers.take("none", waiting=0), "no VM waits: pack as usual"
+    assert [takers.take("k", f"e{i}", waiting=2) for i in range(4)] == [True, True, False, False]
+    assert takers.take("other", "o1", waiting=1) and not takers.take("other", "o2", waiting=1), "each key on its own"
+    assert not takers.take("none", "n1", waiting=0), "no VM waits: pack as usual"
+    takers.release("e0")
+    assert takers.take("k", "e4", waiting=2), "e0 was routed: its VM is not counted twice"
+    assert not takers.take("k", "e5", waiting=2)
     clock.now += p.OFFER_TAKE_S
-    assert takers.take("k", waiting=1), "the goers of the last OFFER_TAKE_S only"
+    assert takers.take("k", "e6", waiting=1), "never routed (a lost offer): counted OFFER_TAKE_S at most"
