@@ -27,8 +27,8 @@ test: $(STAMP)
 faults: $(STAMP)
 	PYTHONPATH=tests/support $(PY) -m pytest -p faults_report tests/stack/test_faults.py tests/stack/test_worker.py -q
 
-# Event-driven against polling on the local stack, then packing and per-electron overhead through
-# Covalent (docs/performance.md): 27 minutes on a 2-core machine, bounded by --budget-s;
+# Event-driven against polling on the local stack, then packing, per-electron overhead and warm VMs
+# through Covalent (docs/performance.md): 42 minutes on a 2-core AMD EPYC, bounded by --budget-s;
 # writes bench/results/<date>.json and .png files and prints the tables. Not part of `make test`.
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--smoke` (python -m bench --help).
 BENCH_ARGS ?=
