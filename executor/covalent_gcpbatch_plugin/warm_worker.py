@@ -166,7 +166,7 @@ def run_claimed(context, bucket, me: Runner, objects: TaskObjects, spec: JobSpec
             child.join()
     state, detail = state_of_exit(child.exitcode, stopped, time_limit, me)
     if state is not JobState.SUCCEEDED and state is not JobState.CANCELLED:
-        store_error(bucket, objects, detail, me)
+        store_error(bucket, objects, detail, me, error_type_of_exit(child.exitcode, stopped))
     return state, detail
 
 
@@ -184,10 +184,24 @@ def state_of_exit(code: int | None, stopped: bool, time_limit: int, me: Runner) 
     return JobState.FAILED, f"exit code {code}"
 
 
-def store_error(bucket, objects: TaskObjects, detail: str, me: Runner) -> None:
+#: The error record's type for an electron this VM stopped, or whose process died of anything but SIGKILL.
+STOPPED_TYPE = "covalent_gcpbatch_plugin.WarmRunStopped"
+
+
+def error_type_of_exit(code: int | None, stopped: bool) -> str:
+    """The error record's type for a child that stored no outcome: killed by a SIGKILL this VM
+    did not send, it ran out of memory as far as anyone can tell (on Batch, the kernel's OOM
+    killer), like a job's worker that exits 137 (attempts.out_of_memory), so memory_retry_factor
+    follows it; anything else is STOPPED_TYPE."""
+    if not stopped and code == -signal.SIGKILL:
+        return MemoryError.__name__
+    return STOPPED_TYPE
+
+
+def store_error(bucket, objects: TaskObjects, detail: str, me: Runner, error_type: str) -> None:
     """The electron's error record, unless its child stored its outcome itself (the usual case: a
     task that raised): a record this VM writes for a child it stopped or that died."""
-    record = ErrorRecord(type="covalent_gcpbatch_plugin.WarmRunStopped", message=detail, phase="worker")
+    record = ErrorRecord(type=error_type, message=detail, phase="worker")
     try:
         clients.create_object(bucket, objects.error, dumps_error(record), content_type="application/json",
                               retry=clients.transient_retry(worker.STORE_TIMEOUT_S),

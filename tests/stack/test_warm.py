@@ -25,6 +25,7 @@ from workflow_helpers import (
 from covalent_gcpbatch_plugin import clients, protocol
 from covalent_gcpbatch_plugin.gcpbatch import GCPBatchExecutor
 from covalent_gcpbatch_plugin.jobs import NODE_LABEL
+from covalent_gcpbatch_plugin.local.batch.runner import MEMORY_ALLOWANCE_MIB
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.stack
@@ -163,6 +164,44 @@ def test_with_packing_on_each_electron_of_a_chain_goes_to_the_waiting_vm_at_once
                     if blob.name.endswith("/" + protocol.CLAIM_OBJECT)]
         started = node["start_time"].replace(tzinfo=claim.time_created.tzinfo)
         assert (claim.time_created - started).total_seconds() < window / 2, (node["node_id"], claim.time_created, started)
+    no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
+
+
+def test_an_electron_killed_on_a_warm_vm_runs_again_with_more_memory(covalent_server, local_stack, tmp_path):
+    """memory_retry_factor on a warm VM: the electron's process is SIGKILLed there (what the
+    kernel's OOM killer does), the VM's error record calls it out of memory as a job's exit 137
+    is, and the next attempt runs on a job of its own with twice the memory, and returns."""
+    runs = tmp_path / "runs"
+    executor = warm_executor(memory=256, memory_retry_factor=2, retries=2)
+
+    @ct.electron(executor=executor)
+    def first() -> int:
+        return 1
+
+    @ct.electron(executor=executor)
+    def greedy(x: int, path: str) -> int:
+        import os as _os
+        import resource as _resource
+        import signal as _signal
+
+        with open(path, "a") as f:
+            f.write("ran\n")
+        if open(path).read().count("ran") == 1:
+            _os.kill(_os.getpid(), _signal.SIGKILL)
+        return _resource.getrlimit(_resource.RLIMIT_AS)[0]
+
+    @ct.lattice
+    def flow(path: str):
+        return greedy(first(), path)
+
+    dispatch_id, result, _ = run_flow(flow, str(runs), timeout_s=SETTLE_S)
+    stderr = nodes_by_name(result)["greedy"]["stderr"] or ""
+    assert str(result.status) == "COMPLETED", failure_details(result)
+    assert result.result == (512 + MEMORY_ALLOWANCE_MIB) * 1024 * 1024
+    assert "runs on the warm VM of Batch job" in stderr and "out of memory with memory=256 MiB" in stderr, stderr
+    assert runs.read_text() == "ran\nran\n"
+    memories = sorted(j.task_groups[0].task_spec.compute_resource.memory_mib for j in jobs_of_dispatch(local_stack, dispatch_id))
+    assert memories == [256, 512], "first's VM (which ran greedy's first attempt), then greedy's own job"
     no_active_job_left(local_stack, within_s=KEEP_WARM_S + SETTLE_S)
 
 

@@ -128,3 +128,15 @@ def test_an_offer_stands_until_its_vm_has_read_its_taken_record():
     spec = warm_spec()
     assert idle(spec, until=NOW + 3).take_by(NOW) == NOW + protocol.OFFER_TAKE_S
     assert idle(spec, until=NOW + 60).take_by(NOW) == NOW + 60 + protocol.OFFER_MARGIN_S
+
+
+def test_a_sigkill_the_vm_did_not_send_is_out_of_memory_as_exit_137_is():
+    import signal
+
+    from covalent_gcpbatch_plugin import warm_worker
+    from covalent_gcpbatch_plugin.attempts import MEMORY_ERROR
+
+    assert warm_worker.error_type_of_exit(-signal.SIGKILL, stopped=False) == MEMORY_ERROR
+    assert warm_worker.error_type_of_exit(-signal.SIGKILL, stopped=True) == warm_worker.STOPPED_TYPE, "its time limit"
+    for code in (-signal.SIGSEGV, -signal.SIGTERM, 1, None):
+        assert warm_worker.error_type_of_exit(code, stopped=False) == warm_worker.STOPPED_TYPE
